@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs (if missing) and starts ClickHouse and tansu as plain processes on project-local state,
+# then creates the topics. Idempotent: running services are left alone.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+"$ROOT/scripts/install.sh"
+
+ch_up() { curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping"; }
+kafka_up() { "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT"); }
+
+# --- ClickHouse --------------------------------------------------------------------------------
+CH="$STATE/clickhouse"
+if ! ch_up >/dev/null 2>&1; then
+  mkdir -p "$CH/data" "$CH/tmp" "$CH/user_files" "$CH/format_schemas" "$CH/log"
+  sed -e "s|/var/lib/clickhouse/|$CH/data/|g; s|$CH/data/tmp/|$CH/tmp/|; s|$CH/data/user_files/|$CH/user_files/|; s|$CH/data/format_schemas/|$CH/format_schemas/|" \
+      -e "s|/var/log/clickhouse-server/|$CH/log/|g" \
+      -e "s|<http_port>8123</http_port>|<http_port>$CH_HTTP_PORT</http_port>|" \
+      -e "s|<tcp_port>9000</tcp_port>|<tcp_port>$CH_TCP_PORT</tcp_port>|" \
+      -e "s|<interserver_http_port>9009</interserver_http_port>||" \
+      -e "s|<listen_host>::1</listen_host>||" \
+      -e "s|<!-- <timezone>Europe/Moscow</timezone> -->|<timezone>UTC</timezone>|" \
+      /etc/clickhouse-server/config.xml > "$CH/config.xml"
+  cp /etc/clickhouse-server/users.xml "$CH/users.xml"
+  log "starting clickhouse-server (data in $CH)"
+  (cd "$CH" && nohup clickhouse-server --config-file="$CH/config.xml" >"$CH/log/stdout.log" 2>&1 & echo $! >"$CH/pid")
+  wait_for clickhouse 60 ch_up
+fi
+log "clickhouse up on 127.0.0.1:$CH_HTTP_PORT"
+
+# --- tansu (Kafka protocol) --------------------------------------------------------------------
+K="$STATE/tansu"
+mkdir -p "$K"
+if ! pid_alive "$K/pid"; then
+  log "starting tansu broker (memory storage)"
+  nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$K/broker.log" 2>&1 &
+  echo $! >"$K/pid"
+  wait_for tansu 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
+fi
+log "tansu up on 127.0.0.1:$KAFKA_PORT"
+
+# create_topic NAME PARTITIONS: idempotent.
+create_topic() {
+  if ! "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null | grep -q "\"name\":\"$1\""; then
+    "$TANSU" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions "$2" "$1" >/dev/null 2>&1 || true
+  fi
+}
+for t in ${TALLY_TOPICS:-trace-events trace-events.rejected}; do create_topic "$t" 6; done

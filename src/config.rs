@@ -1,0 +1,331 @@
+//! Configuration of `tally-ingest`: one TOML file, every key overridable by `TALLY_<SECTION>_<KEY>`.
+//!
+//! Unknown keys (in the file or in a `TALLY_<SECTION>_*` variable of a known section) are errors that
+//! name the key. Defaults live in named functions; `validate()` is pure and separate from building
+//! clients.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors from loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole configuration of the ingest worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub meters: MetersConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub ingest: IngestLimits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// Raw librdkafka properties, passed through to the consumer and the dead-letter producer.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    #[serde(default = "default_ch_url")]
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_ch_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    /// Per-request timeout; a request that times out is retried after re-checking what landed.
+    #[serde(default = "default_ch_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default = "default_jwks_path")]
+    pub jwks_path: PathBuf,
+    #[serde(default = "default_api_keys_path")]
+    pub api_keys_path: PathBuf,
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    #[serde(default = "default_reload_interval_secs")]
+    pub reload_interval_secs: u64,
+    /// Upper bound of the verified-credential cache (entries).
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+    /// Bloom filter bytes per assigned partition. Memory = this x assigned partitions; a fuller
+    /// filter costs more ClickHouse look-ups, never exactness.
+    #[serde(default = "default_bloom_bytes")]
+    pub bloom_bytes_per_partition: usize,
+    /// Exact recently-seen keys kept per assigned partition (16 bytes each, plus table overhead).
+    #[serde(default = "default_recent_keys")]
+    pub recent_keys_per_partition: usize,
+    /// Kafka retention to cover when loading a partition's filter: keys of events older than
+    /// `now - window - this` are not loaded, and such (replayed) events are always checked in ClickHouse.
+    #[serde(default = "default_replay_slack_secs")]
+    pub replay_slack_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetersConfig {
+    #[serde(default = "default_meters_path")]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestLimits {
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_max_future_secs")]
+    pub max_future_secs: u64,
+    /// A batch closes at this many events ...
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// ... or after this long, whichever comes first.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// Longest pause between retries of a failing ClickHouse or broker call.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_brokers() -> String { "127.0.0.1:9092".into() }
+fn default_topic() -> String { "trace-events".into() }
+fn default_group_id() -> String { "tally-ingest".into() }
+fn default_dlq_topic() -> String { "trace-events.rejected".into() }
+fn default_ch_url() -> String { "http://127.0.0.1:8123".into() }
+fn default_database() -> String { "tally".into() }
+fn default_ch_user() -> String { "default".into() }
+fn default_ch_timeout_secs() -> u64 { 60 }
+fn default_jwks_path() -> PathBuf { "config/dev/jwks.json".into() }
+fn default_api_keys_path() -> PathBuf { "config/dev/api_keys.json".into() }
+fn default_issuer() -> String { "https://auth.tally.local".into() }
+fn default_audience() -> String { "tally-ingest".into() }
+fn default_leeway_secs() -> u64 { 60 }
+fn default_reload_interval_secs() -> u64 { 10 }
+fn default_cache_entries() -> usize { 100_000 }
+fn default_window_secs() -> u64 { 30 * 24 * 3600 }
+fn default_bloom_bytes() -> usize { 16 << 20 }
+fn default_recent_keys() -> usize { 262_144 }
+fn default_replay_slack_secs() -> u64 { 7 * 24 * 3600 }
+fn default_meters_path() -> PathBuf { "config/meters.toml".into() }
+fn default_metrics_listen() -> String { "127.0.0.1:9464".into() }
+fn default_max_message_bytes() -> usize { 1 << 20 }
+fn default_max_future_secs() -> u64 { 300 }
+fn default_batch_max_events() -> usize { 50_000 }
+fn default_batch_max_wait_ms() -> u64 { 250 }
+fn default_max_backoff_ms() -> u64 { 30_000 }
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("defaults deserialize from an empty table")
+            }
+        }
+    )*};
+}
+default_from_serde!(KafkaConfig, ClickHouseConfig, AuthConfig, DedupeConfig, MetersConfig, MetricsConfig, IngestLimits);
+
+/// Sections of the ingest config; `TALLY_<SECTION>_<KEY>` variables of these sections are applied.
+pub const INGEST_SECTIONS: &[&str] =
+    &["kafka", "clickhouse", "auth", "dedupe", "meters", "metrics", "ingest"];
+
+impl IngestConfig {
+    /// Reads `path` (if given), applies `TALLY_*` overrides from `env`, deserializes and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let table = load_table(path, env, INGEST_SECTIONS)?;
+        let cfg: IngestConfig = table.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Parse(e.message().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Pure checks of values that would otherwise fail late.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.kafka.topic.is_empty() { return bad("kafka.topic", "must not be empty"); }
+        if self.kafka.topic == self.kafka.dlq_topic {
+            return bad("kafka.dlq_topic", "must differ from kafka.topic");
+        }
+        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
+            return bad("clickhouse.url", "must start with http:// or https://");
+        }
+        if !self.clickhouse.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || self.clickhouse.database.is_empty()
+        {
+            return bad("clickhouse.database", "must be a plain identifier [A-Za-z0-9_]");
+        }
+        if self.dedupe.window_secs == 0 { return bad("dedupe.window_secs", "must be > 0"); }
+        if self.dedupe.bloom_bytes_per_partition < 1024 {
+            return bad("dedupe.bloom_bytes_per_partition", "must be at least 1024");
+        }
+        if self.ingest.batch_max_events == 0 || self.ingest.batch_max_events > 500_000 {
+            return bad("ingest.batch_max_events", "must be within 1..=500000");
+        }
+        if self.ingest.max_message_bytes == 0 { return bad("ingest.max_message_bytes", "must be > 0"); }
+        Ok(())
+    }
+}
+
+/// Loads a TOML table from `path` and applies `TALLY_<SECTION>_<KEY>` overrides for `sections`.
+pub fn load_table(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    sections: &[&str],
+) -> Result<toml::Table, ConfigError> {
+    let mut table: toml::Table = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.message())))?
+        }
+        None => toml::Table::new(),
+    };
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("TALLY_") else { continue };
+        let rest = rest.to_ascii_lowercase();
+        let Some(section) = sections.iter().find(|s| {
+            rest.len() > s.len() + 1 && rest.starts_with(**s) && rest.as_bytes()[s.len()] == b'_'
+        }) else {
+            continue;
+        };
+        let key = rest[section.len() + 1..].to_string();
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sec) = entry else {
+            return Err(ConfigError::Parse(format!("[{section}] must be a table")));
+        };
+        sec.insert(key, env_value(&value));
+    }
+    Ok(table)
+}
+
+/// An environment value as TOML: integers and booleans keep their type, everything else is a string.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = IngestConfig::load(None, env(&[])).unwrap();
+        assert_eq!(c.kafka.topic, "trace-events");
+        assert_eq!(c.kafka.group_id, "tally-ingest");
+        assert_eq!(c.kafka.dlq_topic, "trace-events.rejected");
+        assert_eq!(c.clickhouse.database, "tally");
+        assert_eq!(c.auth.audience, "tally-ingest");
+        assert_eq!(c.auth.leeway_secs, 60);
+        assert_eq!(c.auth.reload_interval_secs, 10);
+        assert_eq!(c.dedupe.window_secs, 30 * 24 * 3600);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9464");
+        assert_eq!(c.ingest.max_message_bytes, 1 << 20);
+        assert_eq!(c.ingest.max_future_secs, 300);
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_types() {
+        let dir = std::env::temp_dir().join(format!("tally-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "[kafka]\ntopic = \"a\"\n[dedupe]\nwindow_secs = 5\n").unwrap();
+        let c = IngestConfig::load(
+            Some(&p),
+            env(&[("TALLY_KAFKA_TOPIC", "b"), ("TALLY_DEDUPE_WINDOW_SECS", "7"), ("TALLY_OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.topic, "b");
+        assert_eq!(c.dedupe.window_secs, 7);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = IngestConfig::load(None, env(&[("TALLY_KAFKA_TOPICS", "x")])).unwrap_err();
+        assert!(err.to_string().contains("topics"), "{err}");
+        let dir = std::env::temp_dir().join(format!("tally-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "[clickhouse]\nurll = \"x\"\n").unwrap();
+        let err = IngestConfig::load(Some(&p), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_same_topic_for_dlq() {
+        let err = IngestConfig::load(None, env(&[("TALLY_KAFKA_DLQ_TOPIC", "trace-events")])).unwrap_err();
+        assert!(err.to_string().contains("kafka.dlq_topic"));
+    }
+}

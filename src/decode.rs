@@ -1,0 +1,409 @@
+//! Decoding of Kafka message values (§1): one event object or `{"batch": [...]}`.
+//!
+//! Only the fields something reads are extracted: a [`PathTree`] lists them (`id`, `type`,
+//! `timestamp` and every meter's path) and the decoder walks the JSON once, borrowing strings from
+//! the message where they have no escapes and skipping every other field without building a DOM.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Slot of `id` in the capture array.
+pub const SLOT_ID: usize = 0;
+/// Slot of `type`.
+pub const SLOT_TYPE: usize = 1;
+/// Slot of `timestamp`.
+pub const SLOT_TIMESTAMP: usize = 2;
+
+/// A value found at a path of interest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Captured<'a> {
+    /// Absent (or JSON `null`).
+    #[default]
+    Missing,
+    /// A non-negative integer.
+    U64(u64),
+    /// A string, borrowed from the message when it has no escapes.
+    Str(Cow<'a, str>),
+    /// Present with another type (negative or fractional number, bool, object, array).
+    Other,
+}
+
+/// The set of JSON paths to extract, as a tree of object keys.
+#[derive(Debug, Clone, Default)]
+pub struct PathTree {
+    root: Node,
+    slots: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    children: Vec<(Box<str>, Node)>,
+    slot: Option<usize>,
+}
+
+impl Node {
+    fn child(&self, key: &str) -> Option<&Node> {
+        self.children.iter().find(|(k, _)| &**k == key).map(|(_, n)| n)
+    }
+
+    fn mark_other(&self, caps: &mut [Captured<'_>]) {
+        if let Some(s) = self.slot {
+            caps[s] = Captured::Other;
+        }
+        for (_, c) in &self.children {
+            c.mark_other(caps);
+        }
+    }
+}
+
+/// Why a path cannot be added.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("path {path:?}: {reason}")]
+pub struct PathError {
+    pub path: String,
+    pub reason: &'static str,
+}
+
+impl PathTree {
+    /// A tree holding `id`, `type` and `timestamp` at slots 0, 1, 2.
+    pub fn new() -> Self {
+        let mut t = PathTree::default();
+        for p in ["id", "type", "timestamp"] {
+            t.add(p).expect("fixed paths are valid");
+        }
+        t
+    }
+
+    /// Adds a dotted path (`body.usage.input`) and returns its slot; adding a path twice returns
+    /// the same slot. A path may not be a prefix of another one.
+    pub fn add(&mut self, path: &str) -> Result<usize, PathError> {
+        let err = |reason| PathError { path: path.to_string(), reason };
+        if path.is_empty() || path.split('.').any(str::is_empty) {
+            return Err(err("must be dot-separated non-empty keys"));
+        }
+        let mut node = &mut self.root;
+        for key in path.split('.') {
+            if node.slot.is_some() {
+                return Err(err("a prefix of it is already a leaf path"));
+            }
+            let i = match node.children.iter().position(|(k, _)| &**k == key) {
+                Some(i) => i,
+                None => {
+                    node.children.push((key.into(), Node::default()));
+                    node.children.len() - 1
+                }
+            };
+            node = &mut node.children[i].1;
+        }
+        if let Some(s) = node.slot {
+            return Ok(s);
+        }
+        if !node.children.is_empty() {
+            return Err(err("it is a prefix of another path"));
+        }
+        node.slot = Some(self.slots);
+        self.slots += 1;
+        Ok(self.slots - 1)
+    }
+
+    /// Number of slots a capture array needs.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+}
+
+/// What the top level of a message value is.
+pub enum Message<'a> {
+    /// One event; its captures are in the array passed to [`decode_message`].
+    Single,
+    /// `{"batch": [...]}`: the raw events, to decode one by one with [`decode_event`].
+    Batch(Vec<&'a RawValue>),
+}
+
+/// The value is not JSON, or not of the shape §1 describes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed;
+
+/// Decodes a message value. For a single event, `caps` (length [`PathTree::slots`], reset by the
+/// caller) receives its fields.
+pub fn decode_message<'a>(
+    value: &'a [u8],
+    tree: &PathTree,
+    caps: &mut [Captured<'a>],
+) -> Result<Message<'a>, Malformed> {
+    let mut de = serde_json::Deserializer::from_slice(value);
+    let out = TopSeed { node: &tree.root, caps }.deserialize(&mut de).map_err(|_| Malformed)?;
+    de.end().map_err(|_| Malformed)?;
+    match out {
+        Top::Batch(b) => Ok(Message::Batch(b)),
+        Top::Object => Ok(Message::Single),
+        Top::NotObject => Err(Malformed),
+    }
+}
+
+/// Decodes one event of a batch into `caps` (reset by the caller).
+pub fn decode_event<'a>(raw: &'a RawValue, tree: &PathTree, caps: &mut [Captured<'a>]) -> Result<(), Malformed> {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let is_object = NodeSeed { node: &tree.root, caps }.deserialize(&mut de).map_err(|_| Malformed)?;
+    if is_object { Ok(()) } else { Err(Malformed) }
+}
+
+/// An object key, borrowed when possible.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+enum Top<'a> {
+    Object,
+    NotObject,
+    Batch(Vec<&'a RawValue>),
+}
+
+struct TopSeed<'t, 'c, 'a> {
+    node: &'t Node,
+    caps: &'c mut [Captured<'a>],
+}
+
+impl<'de, 't, 'c> DeserializeSeed<'de> for TopSeed<'t, 'c, 'de> {
+    type Value = Top<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Top<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 't, 'c> Visitor<'de> for TopSeed<'t, 'c, 'de> {
+    type Value = Top<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event object or {\"batch\": [...]}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+        let mut batch = None;
+        while let Some(Key(key)) = map.next_key()? {
+            if key == "batch" {
+                batch = Some(map.next_value::<Vec<&'de RawValue>>()?);
+            } else {
+                visit_entry(&mut map, self.node, &key, self.caps)?;
+            }
+        }
+        Ok(batch.map_or(Top::Object, Top::Batch))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Top::NotObject)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_unit<E>(self) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+}
+
+fn visit_entry<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    node: &Node,
+    key: &str,
+    caps: &mut [Captured<'de>],
+) -> Result<(), A::Error> {
+    match node.child(key) {
+        Some(child) => match child.slot {
+            Some(slot) => caps[slot] = map.next_value_seed(LeafSeed)?,
+            None => {
+                map.next_value_seed(NodeSeed { node: child, caps })?;
+            }
+        },
+        None => {
+            map.next_value::<IgnoredAny>()?;
+        }
+    }
+    Ok(())
+}
+
+/// Walks an object along the tree; returns whether the value was an object.
+struct NodeSeed<'t, 'c, 'a> {
+    node: &'t Node,
+    caps: &'c mut [Captured<'a>],
+}
+
+impl<'de, 't, 'c> DeserializeSeed<'de> for NodeSeed<'t, 'c, 'de> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 't, 'c> NodeSeed<'t, 'c, 'de> {
+    fn not_object<E>(self) -> Result<bool, E> {
+        self.node.mark_other(self.caps);
+        Ok(false)
+    }
+}
+
+impl<'de, 't, 'c> Visitor<'de> for NodeSeed<'t, 'c, 'de> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while let Some(Key(key)) = map.next_key()? {
+            visit_entry(&mut map, self.node, &key, self.caps)?;
+        }
+        Ok(true)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.not_object()
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> { Ok(false) }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> { self.not_object() }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> { self.not_object() }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> { self.not_object() }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> { self.not_object() }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> { self.not_object() }
+}
+
+struct LeafSeed;
+
+impl<'de> DeserializeSeed<'de> for LeafSeed {
+    type Value = Captured<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Captured<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LeafSeed {
+    type Value = Captured<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Captured<'de>, E> { Ok(Captured::U64(v)) }
+    fn visit_i64<E>(self, v: i64) -> Result<Captured<'de>, E> {
+        Ok(if v >= 0 { Captured::U64(v as u64) } else { Captured::Other })
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Captured<'de>, E> { Ok(Captured::Other) }
+    fn visit_bool<E>(self, _: bool) -> Result<Captured<'de>, E> { Ok(Captured::Other) }
+    fn visit_unit<E>(self) -> Result<Captured<'de>, E> { Ok(Captured::Missing) }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Captured<'de>, E> {
+        Ok(Captured::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Captured<'de>, E> {
+        Ok(Captured::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Captured<'de>, E> {
+        Ok(Captured::Str(Cow::Owned(v)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Captured<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Captured::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Captured<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Captured::Other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (PathTree, usize, usize) {
+        let mut t = PathTree::new();
+        let input = t.add("body.usage.input").unwrap();
+        let user = t.add("body.userId").unwrap();
+        (t, input, user)
+    }
+
+    #[test]
+    fn single_event_fields_are_borrowed() {
+        let (t, input, user) = tree();
+        let v = br#"{"id":"e1","type":"generation-create","extra":{"a":[1,2]},"timestamp":"2026-11-28T10:15:02Z",
+                     "body":{"userId":"u-42","usage":{"input":812,"output":96}}}"#;
+        let mut caps = vec![Captured::Missing; t.slots()];
+        assert!(matches!(decode_message(v, &t, &mut caps), Ok(Message::Single)));
+        assert!(matches!(&caps[SLOT_ID], Captured::Str(Cow::Borrowed("e1"))));
+        assert_eq!(caps[SLOT_TYPE], Captured::Str("generation-create".into()));
+        assert_eq!(caps[input], Captured::U64(812));
+        assert_eq!(caps[user], Captured::Str("u-42".into()));
+    }
+
+    #[test]
+    fn batch_yields_raw_events() {
+        let (t, input, _) = tree();
+        let v = br#"{"batch":[{"id":"a","type":"x","timestamp":"t","body":{"usage":{"input":-1}}}, 7, {"id":"b"}]}"#;
+        let mut caps = vec![Captured::Missing; t.slots()];
+        let Ok(Message::Batch(events)) = decode_message(v, &t, &mut caps) else { panic!("batch expected") };
+        assert_eq!(events.len(), 3);
+        let mut c = vec![Captured::Missing; t.slots()];
+        decode_event(events[0], &t, &mut c).unwrap();
+        assert_eq!(c[input], Captured::Other);
+        assert_eq!(decode_event(events[1], &t, &mut vec![Captured::Missing; t.slots()]), Err(Malformed));
+    }
+
+    #[test]
+    fn wrong_types_are_marked() {
+        let (t, input, user) = tree();
+        for (body, want_input, want_user) in [
+            (r#"{"usage":{"input":1.5},"userId":3}"#, Captured::Other, Captured::U64(3)),
+            (r#"{"usage":"lots"}"#, Captured::Other, Captured::Missing),
+            (r#"{"usage":{"input":null}}"#, Captured::Missing, Captured::Missing),
+            (r#"null"#, Captured::Missing, Captured::Missing),
+            (r#"{"usage":{"input":18446744073709551615}}"#, Captured::U64(u64::MAX), Captured::Missing),
+        ] {
+            let v = format!(r#"{{"id":"e","type":"t","timestamp":"x","body":{body}}}"#);
+            let mut caps = vec![Captured::Missing; t.slots()];
+            decode_message(v.as_bytes(), &t, &mut caps).unwrap();
+            assert_eq!((&caps[input], &caps[user]), (&want_input, &want_user), "{body}");
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let (t, ..) = tree();
+        let v = br#"{"id":"a\"b\u00e9","type":"t"}"#;
+        let mut caps = vec![Captured::Missing; t.slots()];
+        decode_message(v, &t, &mut caps).unwrap();
+        assert_eq!(caps[SLOT_ID], Captured::Str("a\"b\u{e9}".into()));
+    }
+
+    #[test]
+    fn invalid_json_and_non_objects_are_malformed() {
+        let (t, ..) = tree();
+        for v in [&b"{"[..], b"[]", b"42", b"\"x\"", b"{\"id\":\"a\"} trailing", b"{\"batch\": 5}", b"\xff"] {
+            let mut caps = vec![Captured::Missing; t.slots()];
+            assert!(decode_message(v, &t, &mut caps).is_err(), "{:?}", String::from_utf8_lossy(v));
+        }
+    }
+
+    #[test]
+    fn paths_must_not_nest_in_leaves() {
+        let mut t = PathTree::new();
+        t.add("body.usage").unwrap();
+        assert!(t.add("body.usage.input").is_err());
+        assert!(t.add("body").is_err());
+        assert!(t.add("a..b").is_err());
+        assert_eq!(t.add("body.usage").unwrap(), 3);
+    }
+}

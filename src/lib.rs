@@ -1,0 +1,13 @@
+//! tally: exact usage metering.
+//!
+//! Data flow of `tally-ingest`: [`source`] (Kafka) → [`decode`] → [`verify`] → [`dedupe`] →
+//! [`meter`] → [`sink`] (ClickHouse), with rejections going to [`dlq`]. [`pipeline`] is the pure
+//! step between source and sink.
+
+pub mod config;
+pub mod decode;
+pub mod devkeys;
+pub mod meter;
+pub mod reject;
+pub mod timestamp;
+pub mod verify;

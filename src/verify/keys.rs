@@ -1,0 +1,153 @@
+//! Key material: the JWKS file (RFC 7517) and the API key file, loaded into lookup tables.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Deserialize;
+
+/// A verification key selected by `kid`. The key type fixes the only algorithm it accepts.
+pub enum JwtKey {
+    /// `kty: OKP, crv: Ed25519` → `alg: EdDSA`.
+    Ed25519(ed25519_dalek::VerifyingKey),
+    /// `kty: oct` → `alg: HS256`.
+    Hs256(Vec<u8>),
+}
+
+/// One API key pair's stored record (the secret itself is never stored, only its SHA-256).
+pub struct ApiKey {
+    pub secret_sha256: [u8; 32],
+    pub org_id: Arc<str>,
+    pub project_id: Arc<str>,
+    pub expires_at: Option<i64>,
+    pub revoked: bool,
+}
+
+/// Everything the verifier checks credentials against.
+#[derive(Default)]
+pub struct KeySet {
+    pub jwt: HashMap<String, JwtKey>,
+    pub api: HashMap<String, ApiKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("failed to read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid key file {path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+#[derive(Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    kid: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    k: Option<String>,
+    alg: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ApiKeyFile {
+    keys: Vec<ApiKeyEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyEntry {
+    public_key: String,
+    secret_sha256: String,
+    org_id: String,
+    project_id: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    revoked: bool,
+}
+
+fn read(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })
+}
+
+impl KeySet {
+    /// Loads both files. Either path may be absent from the config by pointing at a missing file:
+    /// that is an error, so that a typo never silently disables a credential type.
+    pub fn load(jwks_path: &Path, api_keys_path: &Path) -> Result<Self, KeyError> {
+        let mut set = KeySet::default();
+        set.jwt = parse_jwks(&read(jwks_path)?)
+            .map_err(|reason| KeyError::Invalid { path: jwks_path.display().to_string(), reason })?;
+        set.api = parse_api_keys(&read(api_keys_path)?)
+            .map_err(|reason| KeyError::Invalid { path: api_keys_path.display().to_string(), reason })?;
+        Ok(set)
+    }
+}
+
+pub fn parse_jwks(text: &str) -> Result<HashMap<String, JwtKey>, String> {
+    let jwks: Jwks = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    for (i, k) in jwks.keys.into_iter().enumerate() {
+        let kid = k.kid.ok_or_else(|| format!("keys[{i}]: missing kid"))?;
+        let b64 = |v: Option<String>, what: &str| -> Result<Vec<u8>, String> {
+            let v = v.ok_or_else(|| format!("key {kid:?}: missing {what}"))?;
+            URL_SAFE_NO_PAD.decode(v.trim_end_matches('=')).map_err(|e| format!("key {kid:?}: {what}: {e}"))
+        };
+        let key = match (k.kty.as_str(), k.crv.as_deref(), k.alg.as_deref()) {
+            ("OKP", Some("Ed25519"), None | Some("EdDSA")) => {
+                let x: [u8; 32] = b64(k.x, "x")?.try_into().map_err(|_| format!("key {kid:?}: x must be 32 bytes"))?;
+                JwtKey::Ed25519(ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| format!("key {kid:?}: {e}"))?)
+            }
+            ("oct", _, None | Some("HS256")) => {
+                let secret = b64(k.k, "k")?;
+                if secret.len() < 32 {
+                    return Err(format!("key {kid:?}: HS256 secret must be at least 32 bytes"));
+                }
+                JwtKey::Hs256(secret)
+            }
+            (kty, crv, alg) => return Err(format!("key {kid:?}: unsupported kty/crv/alg {kty}/{crv:?}/{alg:?}")),
+        };
+        if out.insert(kid.clone(), key).is_some() {
+            return Err(format!("kid {kid:?} appears twice"));
+        }
+    }
+    Ok(out)
+}
+
+pub fn parse_api_keys(text: &str) -> Result<HashMap<String, ApiKey>, String> {
+    let file: ApiKeyFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    for e in file.keys {
+        let pk = e.public_key;
+        let mut secret_sha256 = [0u8; 32];
+        hex::decode_to_slice(&e.secret_sha256, &mut secret_sha256)
+            .map_err(|err| format!("key {pk:?}: secret_sha256: {err}"))?;
+        let expires_at = match e.expires_at {
+            None => None,
+            Some(s) => Some(
+                crate::timestamp::parse_rfc3339(&s).ok_or_else(|| format!("key {pk:?}: expires_at {s:?} is not RFC 3339"))?,
+            ),
+        };
+        if e.org_id.is_empty() || e.project_id.is_empty() {
+            return Err(format!("key {pk:?}: org_id and project_id must not be empty"));
+        }
+        let rec = ApiKey {
+            secret_sha256,
+            org_id: e.org_id.into(),
+            project_id: e.project_id.into(),
+            expires_at,
+            revoked: e.revoked,
+        };
+        if out.insert(pk.clone(), rec).is_some() {
+            return Err(format!("public_key {pk:?} appears twice"));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,171 @@
+//! Credential verification (§2): attribution comes only from a verified credential.
+//!
+//! Verification of a credential string is cached (keyed by the full header value, so a hash
+//! collision can never attribute one tenant's events to another). What the cache holds does not
+//! depend on time: expiry, not-before and revocation are checked on every use against the
+//! message's own timestamp, so a cached entry is never honoured past `exp`. Key files are re-read
+//! every `reload_interval`; a change clears the cache, so a revocation takes effect within it.
+
+pub mod api_key;
+pub mod jwt;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::AuthConfig;
+use crate::reject::Reason;
+use keys::{KeyError, KeySet};
+
+/// The tenant a credential proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub org_id: Arc<str>,
+    pub project_id: Arc<str>,
+}
+
+/// A credential whose signature/secret verified, with the time-dependent checks still to apply.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub principal: Principal,
+    pub not_before: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// Whether the configured clock-skew leeway applies to the time checks (JWTs, not API keys).
+    pub leeway: bool,
+    pub scope_ok: bool,
+    pub revoked: bool,
+}
+
+/// A credential rejected for a reason that does not depend on time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied(pub Reason);
+
+/// Verifies `authorization` header values, with a cache and hot reload of key files.
+pub struct Verifier {
+    keys: KeySet,
+    issuer: String,
+    audience: String,
+    leeway: i64,
+    cache: HashMap<Box<[u8]>, Result<Checked, Denied>>,
+    cache_entries: usize,
+    paths: (PathBuf, PathBuf),
+    fingerprint: u64,
+    reload_every: Duration,
+    last_reload_check: Instant,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+impl Verifier {
+    pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
+        let keys = KeySet::load(&cfg.jwks_path, &cfg.api_keys_path)?;
+        let paths = (cfg.jwks_path.clone(), cfg.api_keys_path.clone());
+        Ok(Verifier {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway_secs as i64,
+            cache: HashMap::new(),
+            cache_entries: cfg.cache_entries.max(1),
+            fingerprint: fingerprint(&paths),
+            paths,
+            reload_every: Duration::from_secs(cfg.reload_interval_secs),
+            last_reload_check: Instant::now(),
+            cache_hits: 0,
+            cache_misses: 0,
+        })
+    }
+
+    /// Re-reads the key files if `reload_interval` has passed and they changed. On a bad file the
+    /// old keys stay in force and the error is returned for logging.
+    pub fn maybe_reload(&mut self, now: Instant) -> Result<bool, KeyError> {
+        if now.duration_since(self.last_reload_check) < self.reload_every {
+            return Ok(false);
+        }
+        self.last_reload_check = now;
+        let fp = fingerprint(&self.paths);
+        if fp == self.fingerprint {
+            return Ok(false);
+        }
+        let keys = KeySet::load(&self.paths.0, &self.paths.1)?;
+        self.keys = keys;
+        self.fingerprint = fp;
+        self.cache.clear();
+        Ok(true)
+    }
+
+    /// Verifies one message's credential as of `at` (Unix seconds; the message's timestamp).
+    pub fn verify(&mut self, authorization: Option<&[u8]>, at: i64) -> Result<Principal, Reason> {
+        let Some(value) = authorization else { return Err(Reason::MissingCredentials) };
+        if value.iter().all(u8::is_ascii_whitespace) {
+            return Err(Reason::MissingCredentials);
+        }
+        let checked = match self.cache.get(value) {
+            Some(c) => {
+                self.cache_hits += 1;
+                c
+            }
+            None => {
+                self.cache_misses += 1;
+                let result = self.verify_uncached(value);
+                if self.cache.len() >= self.cache_entries {
+                    self.cache.clear();
+                }
+                self.cache.entry(value.into()).or_insert(result)
+            }
+        };
+        let c = checked.as_ref().map_err(|d| d.0)?;
+        if c.revoked {
+            return Err(Reason::RevokedCredentials);
+        }
+        let leeway = if c.leeway { self.leeway } else { 0 };
+        if let Some(exp) = c.expires_at {
+            let expired = if c.leeway { at >= exp + leeway } else { at > exp };
+            if expired {
+                return Err(Reason::ExpiredCredentials);
+            }
+        }
+        if c.not_before.is_some_and(|nbf| at + leeway < nbf) {
+            return Err(Reason::InvalidCredentials);
+        }
+        if !c.scope_ok {
+            return Err(Reason::ForbiddenScope);
+        }
+        Ok(c.principal.clone())
+    }
+
+    fn verify_uncached(&self, value: &[u8]) -> Result<Checked, Denied> {
+        let invalid = Denied(Reason::InvalidCredentials);
+        let value = std::str::from_utf8(value).map_err(|_| invalid)?.trim();
+        let (scheme, rest) = value.split_once(' ').ok_or(invalid)?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let policy = jwt::JwtPolicy { issuer: &self.issuer, audience: &self.audience };
+            jwt::verify(rest.trim(), &self.keys.jwt, &policy)
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            api_key::verify(rest, &self.keys.api)
+        } else {
+            Err(invalid)
+        }
+    }
+
+    /// Entries in the credential cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+fn fingerprint(paths: &(PathBuf, PathBuf)) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in [&paths.0, &paths.1] {
+        match std::fs::read(p) {
+            Ok(b) => h.update(&b),
+            Err(_) => h.update(b"\0missing\0"),
+        }
+    }
+    h.digest()
+}
+
+#[cfg(test)]
+mod tests;
