@@ -11,3 +11,6 @@ pub mod meter;
 pub mod reject;
 pub mod timestamp;
 pub mod verify;
+pub mod dedupe;
+pub mod pipeline;
+pub mod sink;

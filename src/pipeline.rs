@@ -1,0 +1,307 @@
+//! The pure step between source and sink: messages in, RowBinary rows and rejections out.
+//!
+//! `stage` decodes, verifies, validates, meters and deduplicates in memory; the events it cannot
+//! decide on are listed by `unknown_keys` for one batched ClickHouse look-up, whose answer goes to
+//! `resolve`; `encode` then writes the rows of the new events. No I/O happens here.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use crate::decode::{decode_event, decode_message, Captured, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE};
+use crate::dedupe::{EventKey, PartitionState, Verdict};
+use crate::meter::{Contribution, Meters};
+use crate::reject::Reason;
+use crate::sink::rowbinary::RowWriter;
+use crate::timestamp::parse_rfc3339;
+use crate::verify::{Principal, Verifier};
+
+/// Most events a `{"batch": [...]}` message may hold (§1).
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Longest event id, in bytes (§1).
+pub const MAX_ID_BYTES: usize = 128;
+
+/// A Kafka message as the pipeline sees it (borrowed from the consumer's buffers).
+#[derive(Debug, Clone, Copy)]
+pub struct InMessage<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    /// The message timestamp (Unix seconds). Credential expiry and event-time limits are judged
+    /// against it, so that a redelivery decides exactly as the first delivery did.
+    pub timestamp_secs: Option<i64>,
+    pub value: Option<&'a [u8]>,
+    pub authorization: Option<&'a [u8]>,
+}
+
+/// Limits of §3.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_future_secs: i64,
+    pub window_secs: i64,
+}
+
+/// One dead-letter record to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Index of the message in the staged slice.
+    pub msg: usize,
+    /// Position in `{"batch": [...]}`, for a single bad event of a batch.
+    pub batch_index: Option<u32>,
+    pub reason: Reason,
+    /// Byte range of the bad event inside the message value (batch events only).
+    pub span: Option<Range<usize>>,
+}
+
+struct StagedEvent<'a> {
+    partition: i32,
+    offset: i64,
+    principal: u32,
+    batch_index: i32,
+    id: Cow<'a, str>,
+    ty: Cow<'a, str>,
+    ts: i64,
+    key: EventKey,
+    additive: Range<u32>,
+    unique: Range<u32>,
+    verdict: Verdict,
+}
+
+/// The outcome of [`Processor::stage`].
+#[derive(Default)]
+pub struct Staged<'a> {
+    events: Vec<StagedEvent<'a>>,
+    principals: Vec<Principal>,
+    additive: Vec<(u16, u64)>,
+    unique: Vec<(u16, u64)>,
+    pub rejections: Vec<Rejection>,
+    /// Duplicates found so far (in memory, then by [`Staged::resolve`]).
+    pub duplicates: u64,
+}
+
+/// Holds what staging needs besides the messages.
+pub struct Processor {
+    pub meters: Meters,
+    pub verifier: Verifier,
+    pub limits: Limits,
+}
+
+/// A message names a partition whose dedupe state was not loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("no dedupe state for partition {0}")]
+pub struct MissingState(pub i32);
+
+impl Processor {
+    /// Stages `msgs`; `now` (Unix seconds) stands in for messages without a timestamp.
+    pub fn stage<'a>(
+        &mut self,
+        msgs: &[InMessage<'a>],
+        states: &mut HashMap<i32, PartitionState>,
+        now: i64,
+    ) -> Result<Staged<'a>, MissingState> {
+        let mut out = Staged::default();
+        let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
+        let mut contribution = Contribution::default();
+        for (i, m) in msgs.iter().enumerate() {
+            let at = m.timestamp_secs.unwrap_or(now);
+            let reject = |out: &mut Staged<'a>, reason| out.rejections.push(Rejection { msg: i, batch_index: None, reason, span: None });
+            let Some(value) = m.value else {
+                reject(&mut out, Reason::Malformed);
+                continue;
+            };
+            if value.len() > self.limits.max_message_bytes {
+                reject(&mut out, Reason::TooLarge);
+                continue;
+            }
+            let principal = match self.verifier.verify(m.authorization, at) {
+                Ok(p) => p,
+                Err(reason) => {
+                    reject(&mut out, reason);
+                    continue;
+                }
+            };
+            caps.fill(Captured::Missing);
+            let state = states.get_mut(&m.partition).ok_or(MissingState(m.partition))?;
+            match decode_message(value, self.meters.tree(), &mut caps) {
+                Err(_) => reject(&mut out, Reason::Malformed),
+                Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => reject(&mut out, Reason::TooLarge),
+                Ok(Message::Single) => {
+                    let p = out.push_principal(principal);
+                    let ev = EventCtx { msg: i, m, principal: p, batch_index: -1, at };
+                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, state, ev) {
+                        reject(&mut out, reason);
+                    }
+                }
+                Ok(Message::Batch(events)) => {
+                    let p = out.push_principal(principal);
+                    for (j, raw) in events.iter().enumerate() {
+                        caps.fill(Captured::Missing);
+                        let ev = EventCtx { msg: i, m, principal: p, batch_index: j as i32, at };
+                        let result = match decode_event(raw, self.meters.tree(), &mut caps) {
+                            Ok(()) => self.stage_event(&mut out, &caps, &mut contribution, state, ev),
+                            Err(_) => Err(Reason::Malformed),
+                        };
+                        if let Err(reason) = result {
+                            let start = raw.get().as_ptr() as usize - value.as_ptr() as usize;
+                            out.rejections.push(Rejection {
+                                msg: i,
+                                batch_index: Some(j as u32),
+                                reason,
+                                span: Some(start..start + raw.get().len()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn stage_event<'a>(
+        &self,
+        out: &mut Staged<'a>,
+        caps: &[Captured<'a>],
+        contribution: &mut Contribution,
+        state: &mut PartitionState,
+        ev: EventCtx<'_, 'a>,
+    ) -> Result<(), Reason> {
+        let (Captured::Str(id), Captured::Str(ty), Captured::Str(ts)) = (&caps[SLOT_ID], &caps[SLOT_TYPE], &caps[SLOT_TIMESTAMP])
+        else {
+            return Err(Reason::Malformed);
+        };
+        if id.is_empty() || id.len() > MAX_ID_BYTES || ty.is_empty() {
+            return Err(Reason::Malformed);
+        }
+        let ts = parse_rfc3339(ts).ok_or(Reason::Malformed)?;
+        contribution.clear();
+        self.meters.apply(ty, caps, contribution).map_err(|_| Reason::Malformed)?;
+        if ts < ev.at - self.limits.window_secs {
+            return Err(Reason::TooOld);
+        }
+        if ts > ev.at + self.limits.max_future_secs {
+            return Err(Reason::FutureTimestamp);
+        }
+        let principal = &out.principals[ev.principal as usize];
+        let key = EventKey::new(&principal.org_id, &principal.project_id, id);
+        let verdict = state.check(key, ts);
+        if verdict == Verdict::Duplicate {
+            out.duplicates += 1;
+            return Ok(());
+        }
+        state.remember(key);
+        let a0 = out.additive.len() as u32;
+        out.additive.extend_from_slice(&contribution.additive);
+        let u0 = out.unique.len() as u32;
+        out.unique.extend_from_slice(&contribution.unique);
+        out.events.push(StagedEvent {
+            partition: ev.m.partition,
+            offset: ev.m.offset,
+            principal: ev.principal,
+            batch_index: ev.batch_index,
+            id: id.clone(),
+            ty: ty.clone(),
+            ts,
+            key,
+            additive: a0..out.additive.len() as u32,
+            unique: u0..out.unique.len() as u32,
+            verdict,
+        });
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct EventCtx<'m, 'a> {
+    #[allow(dead_code)]
+    msg: usize,
+    m: &'m InMessage<'a>,
+    principal: u32,
+    batch_index: i32,
+    at: i64,
+}
+
+impl<'a> Staged<'a> {
+    fn push_principal(&mut self, p: Principal) -> u32 {
+        self.principals.push(p);
+        (self.principals.len() - 1) as u32
+    }
+
+    /// Keys the in-memory state could not decide on: look them up in ClickHouse.
+    pub fn unknown_keys(&self) -> Vec<(&str, &str, &str)> {
+        self.events
+            .iter()
+            .filter(|e| e.verdict == Verdict::Unknown)
+            .map(|e| {
+                let p = &self.principals[e.principal as usize];
+                (&*p.org_id, &*p.project_id, &*e.id)
+            })
+            .collect()
+    }
+
+    /// Applies the look-up: the unknown events found in storage are duplicates.
+    pub fn resolve(&mut self, found: &HashSet<EventKey>) {
+        for e in &mut self.events {
+            if e.verdict == Verdict::Unknown {
+                if found.contains(&e.key) {
+                    e.verdict = Verdict::Duplicate;
+                    self.duplicates += 1;
+                } else {
+                    e.verdict = Verdict::New;
+                }
+            }
+        }
+    }
+
+    /// Drops everything of the partitions in `revoked` (their new owner will redo it).
+    pub fn retain_partitions(&mut self, owned: impl Fn(i32) -> bool) {
+        self.events.retain(|e| owned(e.partition));
+    }
+
+    /// Events that will be inserted (new, or not yet resolved).
+    pub fn accepted(&self) -> usize {
+        self.events.iter().filter(|e| e.verdict != Verdict::Duplicate).count()
+    }
+
+    /// Writes the rows of the accepted events; returns how many.
+    pub fn encode(&self, w: &mut RowWriter, meters: &Meters, topic: &str, ingested_at: i64) -> usize {
+        let mut n = 0;
+        for e in self.events.iter().filter(|e| e.verdict != Verdict::Duplicate) {
+            let p = &self.principals[e.principal as usize];
+            w.string(&p.org_id);
+            w.string(&p.project_id);
+            w.string(&e.id);
+            w.string(&e.ty);
+            w.datetime(e.ts);
+            w.datetime(e.ts - e.ts.rem_euclid(3600));
+            w.u64(e.key.short());
+            let add = &self.additive[e.additive.start as usize..e.additive.end as usize];
+            w.varint(add.len() as u64);
+            for (m, _) in add {
+                w.string(meters.name(*m));
+            }
+            w.varint(add.len() as u64);
+            for (_, v) in add {
+                w.u64(*v);
+            }
+            let uniq = &self.unique[e.unique.start as usize..e.unique.end as usize];
+            w.varint(uniq.len() as u64);
+            for (m, _) in uniq {
+                w.string(meters.name(*m));
+            }
+            w.varint(uniq.len() as u64);
+            for (_, h) in uniq {
+                w.u64(*h);
+            }
+            w.string(topic);
+            w.u32(e.partition as u32);
+            w.u64(e.offset as u64);
+            w.i32(e.batch_index);
+            w.datetime(ingested_at);
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests;

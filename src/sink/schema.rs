@@ -1,0 +1,108 @@
+//! `tally-ingest migrate`: applies `schemas/*.sql` in name order, each file once, idempotently.
+
+use std::path::Path;
+
+use super::clickhouse::{quote, ChError, ClickHouse};
+
+/// The migrations compiled into the binary, so that `migrate` works from any directory.
+pub const BUILTIN: &[(&str, &str)] = &[("001_events.sql", include_str!("../../schemas/001_events.sql"))];
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    #[error("failed to read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("migration {file}: {source}")]
+    Apply { file: String, source: ChError },
+}
+
+/// Splits a SQL file into statements (on `;` at the end of a line; `--` comments dropped).
+pub fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let l = line.trim_end();
+        if l.trim_start().starts_with("--") {
+            continue;
+        }
+        cur.push_str(l);
+        cur.push('\n');
+        if l.ends_with(';') {
+            let s = cur.trim().trim_end_matches(';').trim().to_string();
+            if !s.is_empty() {
+                out.push(s);
+            }
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+/// Reads migrations from `dir` if given, else the built-in ones.
+pub fn load(dir: Option<&Path>) -> Result<Vec<(String, String)>, MigrateError> {
+    let Some(dir) = dir else {
+        return Ok(BUILTIN.iter().map(|(n, s)| (n.to_string(), s.to_string())).collect());
+    };
+    let read_err = |e| MigrateError::Read { path: dir.display().to_string(), source: e };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|source| MigrateError::Read { path: p.display().to_string(), source })?;
+            Ok((p.file_name().expect("file").to_string_lossy().into_owned(), text))
+        })
+        .collect()
+}
+
+/// Applies the migrations not yet recorded in `<db>.schema_migrations`; returns the applied names.
+pub fn migrate(ch: &ClickHouse, migrations: &[(String, String)]) -> Result<Vec<String>, MigrateError> {
+    let db = ch.database().to_string();
+    let apply = |file: &str, sql: &str| -> Result<(), MigrateError> {
+        ch.execute(sql, false).map_err(|source| MigrateError::Apply { file: file.to_string(), source })
+    };
+    apply("(bootstrap)", &format!("CREATE DATABASE IF NOT EXISTS {db}"))?;
+    apply(
+        "(bootstrap)",
+        &format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (name String, applied_at DateTime) \
+             ENGINE = MergeTree() ORDER BY name"
+        ),
+    )?;
+    let done = ch
+        .query(&format!("SELECT name FROM {db}.schema_migrations FORMAT TabSeparated"))
+        .map_err(|source| MigrateError::Apply { file: "(bootstrap)".into(), source })?;
+    let done = String::from_utf8_lossy(&done);
+    let done: Vec<&str> = done.lines().collect();
+    let mut applied = Vec::new();
+    for (name, sql) in migrations {
+        if done.contains(&name.as_str()) {
+            continue;
+        }
+        for stmt in statements(&sql.replace("${database}", &db)) {
+            apply(name, &stmt)?;
+        }
+        apply(name, &format!("INSERT INTO {db}.schema_migrations VALUES ({}, now())", quote(name)))?;
+        applied.push(name.clone());
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn builtin_migration_splits_into_statements() {
+        let s = super::statements(super::BUILTIN[0].1);
+        assert_eq!(s.len(), 7);
+        assert!(s.iter().all(|x| !x.ends_with(';') && !x.contains("--")));
+    }
+}
