@@ -252,7 +252,32 @@ impl<'a> Staged<'a> {
         }
     }
 
-    /// Drops everything of the partitions in `revoked` (their new owner will redo it).
+    /// Keys of the rows still to insert.
+    pub fn pending_keys(&self) -> Vec<(&str, &str, &str)> {
+        self.events
+            .iter()
+            .filter(|e| e.verdict == Verdict::New)
+            .map(|e| {
+                let p = &self.principals[e.principal as usize];
+                (&*p.org_id, &*p.project_id, &*e.id)
+            })
+            .collect()
+    }
+
+    /// After a failed insert: rows found in storage did land; they are not sent again (and are
+    /// not duplicates). Returns how many.
+    pub fn mark_written(&mut self, found: &HashSet<EventKey>) -> usize {
+        let mut n = 0;
+        for e in &mut self.events {
+            if e.verdict == Verdict::New && found.contains(&e.key) {
+                e.verdict = Verdict::Duplicate;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops the events of partitions for which `owned` is false (their new owner redoes them).
     pub fn retain_partitions(&mut self, owned: impl Fn(i32) -> bool) {
         self.events.retain(|e| owned(e.partition));
     }

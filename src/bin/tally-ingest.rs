@@ -1,1 +1,163 @@
-fn main(){}
+//! `tally-ingest`: the exact ingest worker and its operator tools.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tally::config::IngestConfig;
+
+#[derive(Parser)]
+#[command(name = "tally-ingest", version, about = "Exact usage metering: Kafka → verify → dedupe → meter → ClickHouse")]
+struct Cli {
+    /// Config file (TOML); every key can also be set as TALLY_<SECTION>_<KEY>.
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the ClickHouse schema (idempotent).
+    Migrate {
+        /// Read migrations from this directory instead of the built-in ones.
+        #[arg(long)]
+        schemas: Option<PathBuf>,
+    },
+    /// Join the consumer group and ingest until SIGTERM/SIGINT.
+    Run,
+    /// Produce synthetic traffic and write the expected totals as JSON.
+    Generate {
+        /// Directory with the development keys (see `keygen`).
+        #[arg(long, default_value = "config/dev")]
+        keys_dir: PathBuf,
+        /// Events to produce (accepted, duplicate and rejected together).
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// Events per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Share of duplicate copies.
+        #[arg(long, default_value_t = 0.06)]
+        dup_ratio: f64,
+        /// Share of messages rejected as a whole.
+        #[arg(long, default_value_t = 0.03)]
+        bad_message_ratio: f64,
+        /// Share of bad events inside batch messages.
+        #[arg(long, default_value_t = 0.02)]
+        bad_event_ratio: f64,
+        /// Share of messages that are batches.
+        #[arg(long, default_value_t = 0.3)]
+        batch_ratio: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where to write the expected outcome.
+        #[arg(long, default_value = "expected.json")]
+        expected: PathBuf,
+    },
+    /// Write development key material (JWKS, API keys, and the generator's private side).
+    Keygen {
+        #[arg(long, default_value = "config/dev")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        orgs: usize,
+        #[arg(long, default_value_t = 6)]
+        projects_per_org: usize,
+    },
+    /// Show, wait for, or reset the group's committed offsets.
+    Offsets {
+        /// Wait until the offsets reach the `end_offsets` of this expected-outcome file.
+        #[arg(long)]
+        wait_for: Option<PathBuf>,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+        /// Reset every partition to the earliest offset (stop the workers first).
+        #[arg(long)]
+        reset_to_earliest: bool,
+    },
+    /// Summarise the dead-letter topic by reason.
+    DeadLetters,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = IngestConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;
+    match cli.command {
+        Command::Migrate { schemas } => {
+            let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
+            let migrations = tally::sink::schema::load(schemas.as_deref())?;
+            let applied = tally::sink::schema::migrate(&ch, &migrations)?;
+            eprintln!("migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+        }
+        Command::Run => {
+            tally::metrics::install(&cfg.metrics.listen)?;
+            let shutdown = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, shutdown.clone()).context("failed to install signal handler")?;
+            }
+            tally::source::worker::run(cfg, shutdown)?;
+        }
+        Command::Generate { keys_dir, events, rate, dup_ratio, bad_message_ratio, bad_event_ratio, batch_ratio, seed, expected } => {
+            let keys = tally::devkeys::DevKeys::read(&keys_dir)
+                .with_context(|| format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display()))?;
+            let meters: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg.meters.path)?)?;
+            let defs: Vec<tally::meter::MeterDef> = meters["meter"].clone().try_into()?;
+            let gen = tally::loadgen::GenConfig {
+                events,
+                rate,
+                dup_ratio,
+                bad_message_ratio,
+                bad_event_ratio,
+                batch_ratio,
+                seed,
+                max_message_bytes: cfg.ingest.max_message_bytes,
+                window_secs: cfg.dedupe.window_secs,
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let out = tally::loadgen::generate(&gen, &keys, defs, &tally::source::client_config(&cfg.kafka), &cfg.kafka.topic, |_| {})?;
+            std::fs::write(&expected, serde_json::to_string(&out)?)?;
+            eprintln!(
+                "produced {} messages / {} events in {:.1}s: {} accepted, {} duplicates, {} rejected; expected outcome in {}",
+                out.messages, out.events, t.elapsed().as_secs_f64(), out.accepted, out.duplicates, out.rejected_events, expected.display()
+            );
+        }
+        Command::Keygen { dir, orgs, projects_per_org } => {
+            let keys = tally::devkeys::DevKeys::generate(orgs, projects_per_org, &cfg.auth.issuer, &cfg.auth.audience);
+            keys.write(&dir)?;
+            eprintln!("wrote {} projects' keys to {}", keys.tenants.len(), dir.display());
+        }
+        Command::Offsets { wait_for, timeout_secs, reset_to_earliest } => {
+            if reset_to_earliest {
+                tally::admin::reset(&cfg.kafka, 0)?;
+            }
+            if let Some(path) = wait_for {
+                let e: tally::loadgen::expected::Expected = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                tally::admin::wait_committed(&cfg.kafka, &e.end_offsets, Duration::from_secs(timeout_secs))?;
+            }
+            println!("{}", serde_json::to_string(&tally::admin::committed(&cfg.kafka)?)?);
+        }
+        Command::DeadLetters => {
+            let records = tally::admin::read_dead_letters(&cfg.kafka, None, Duration::from_secs(3))?;
+            let mut by_reason = std::collections::BTreeMap::<String, (u64, std::collections::BTreeSet<_>)>::new();
+            for r in records {
+                let e = by_reason.entry(r.reason.clone()).or_default();
+                e.0 += 1;
+                e.1.insert((r.source_partition, r.source_offset, r.batch_index));
+            }
+            println!("{:<22} {:>8} {:>8}", "reason", "records", "distinct");
+            for (reason, (n, distinct)) in by_reason {
+                println!("{reason:<22} {n:>8} {:>8}", distinct.len());
+            }
+        }
+    }
+    Ok(())
+}

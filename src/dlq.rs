@@ -1,0 +1,122 @@
+//! The dead-letter topic (§3): every unbillable message or batch event, with its original key,
+//! value and headers plus `tally-reject-reason`, `tally-source-topic`, `tally-source-partition`,
+//! `tally-source-offset` (and `tally-batch-index` for one event of a batch).
+//!
+//! Writes are acknowledged (`acks=all`) before the source offset is committed. A record may be
+//! written twice if the worker dies between the write and the commit; the source coordinates
+//! (topic, partition, offset, batch index) identify it, and readers of the topic dedupe on them.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+
+use crate::reject::Reason;
+
+pub const H_REASON: &str = "tally-reject-reason";
+pub const H_TOPIC: &str = "tally-source-topic";
+pub const H_PARTITION: &str = "tally-source-partition";
+pub const H_OFFSET: &str = "tally-source-offset";
+pub const H_BATCH_INDEX: &str = "tally-batch-index";
+
+/// One record to dead-letter.
+pub struct DlqRecord<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    /// The original message's headers, copied as they were.
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub reason: Reason,
+    pub partition: i32,
+    pub offset: i64,
+    pub batch_index: Option<u32>,
+}
+
+#[derive(Default)]
+struct Ctx {
+    failed: Mutex<Vec<(usize, String)>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = Box<usize>;
+    fn delivery(&self, result: &DeliveryResult<'_>, index: Box<usize>) {
+        if let Err((e, _)) = result {
+            self.failed.lock().expect("lock").push((*index, e.to_string()));
+        }
+    }
+}
+
+pub struct DeadLetters {
+    producer: BaseProducer<Ctx>,
+    topic: String,
+    source_topic: String,
+}
+
+impl DeadLetters {
+    pub fn new(base: &ClientConfig, topic: &str, source_topic: &str) -> anyhow::Result<Self> {
+        let mut cfg = base.clone();
+        // A rejected message is as large as the source topic allowed (`too_large` ones exceed
+        // `ingest.max_message_bytes`, not the broker's limit): let the broker be the judge.
+        cfg.set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "5")
+            .set("message.max.bytes", "1000000000");
+        let producer = cfg.create_with_context(Ctx::default())?;
+        Ok(DeadLetters { producer, topic: topic.to_string(), source_topic: source_topic.to_string() })
+    }
+
+    /// Sends `records[i]` for each `i` in `which` and waits for every acknowledgement.
+    /// Returns the indices that failed, with the error (to retry them).
+    pub fn send(&self, records: &[DlqRecord<'_>], which: &[usize], timeout: Duration) -> Vec<(usize, String)> {
+        let mut failed = Vec::new();
+        for &i in which {
+            let r = &records[i];
+            let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
+            let index = r.batch_index.map(|b| b.to_string());
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 5);
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header { key: k, value: *v });
+            }
+            headers = headers
+                .insert(Header { key: H_REASON, value: Some(r.reason.as_str()) })
+                .insert(Header { key: H_TOPIC, value: Some(self.source_topic.as_str()) })
+                .insert(Header { key: H_PARTITION, value: Some(partition.as_str()) })
+                .insert(Header { key: H_OFFSET, value: Some(offset.as_str()) });
+            if let Some(b) = &index {
+                headers = headers.insert(Header { key: H_BATCH_INDEX, value: Some(b.as_str()) });
+            }
+            let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(i)).payload(r.value).headers(headers);
+            if let Some(k) = r.key {
+                record = record.key(k);
+            }
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, rec)) if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
+                        self.producer.poll(Duration::from_millis(50));
+                        record = rec;
+                    }
+                    Err((e, _)) => {
+                        failed.push((i, e.to_string()));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.producer.flush(timeout) {
+            // Not all acknowledged in time: drop what is still queued (so it is not sent later,
+            // behind the retried copies' backs) and retry all of them. Some may have been
+            // written; their copies carry the same source coordinates.
+            self.producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            self.producer.poll(Duration::ZERO);
+            self.producer.context().failed.lock().expect("lock").clear();
+            return which.iter().map(|&i| (i, format!("not acknowledged: {e}"))).collect();
+        }
+        failed.extend(std::mem::take(&mut *self.producer.context().failed.lock().expect("lock")));
+        failed
+    }
+}

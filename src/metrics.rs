@@ -1,0 +1,95 @@
+//! Every metric `tally-ingest` exports (§8), defined in one place. Label sets are bounded:
+//! `outcome` (3 values), `reason` (9), `partition` (the topic's partitions), `op` (a few).
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+use crate::reject::Reason;
+
+pub const EVENTS: &str = "tally_events_total";
+pub const MESSAGES: &str = "tally_messages_total";
+pub const BATCHES: &str = "tally_batches_total";
+pub const BATCH_EVENTS: &str = "tally_batch_events";
+pub const CH_INSERT_SECONDS: &str = "tally_clickhouse_insert_seconds";
+pub const CH_ERRORS: &str = "tally_clickhouse_errors_total";
+pub const DEDUPE_LOOKUPS: &str = "tally_dedupe_lookups_total";
+pub const DEDUPE_KEYS: &str = "tally_dedupe_state_keys";
+pub const DEDUPE_BYTES: &str = "tally_dedupe_state_bytes";
+pub const DEDUPE_LOAD_SECONDS: &str = "tally_dedupe_load_seconds";
+pub const CRED_CACHE_HITS: &str = "tally_credential_cache_hits_total";
+pub const CRED_CACHE_MISSES: &str = "tally_credential_cache_misses_total";
+pub const CRED_CACHE_HIT_RATIO: &str = "tally_credential_cache_hit_ratio";
+pub const KEY_RELOADS: &str = "tally_key_reloads_total";
+pub const DLQ_RECORDS: &str = "tally_dlq_records_total";
+pub const DLQ_ERRORS: &str = "tally_dlq_errors_total";
+pub const CONSUMER_LAG: &str = "tally_consumer_lag";
+pub const COMMITTED_OFFSET: &str = "tally_committed_offset";
+pub const COMMITS: &str = "tally_commits_total";
+pub const COMMIT_ERRORS: &str = "tally_commit_errors_total";
+pub const BROKER_ERRORS: &str = "tally_broker_errors_total";
+pub const WAITING: &str = "tally_waiting";
+pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
+pub const PARTITIONS: &str = "tally_partitions_assigned";
+pub const REBALANCES: &str = "tally_rebalances_total";
+
+/// Registers descriptions (shown as `# HELP`).
+pub fn describe() {
+    describe_counter!(EVENTS, "Events by outcome: accepted, duplicate, rejected (with reason).");
+    describe_counter!(MESSAGES, "Kafka messages consumed.");
+    describe_counter!(BATCHES, "Batches written to ClickHouse and committed.");
+    describe_histogram!(BATCH_EVENTS, "Events per batch.");
+    describe_histogram!(CH_INSERT_SECONDS, Unit::Seconds, "Latency of a successful ClickHouse insert.");
+    describe_counter!(CH_ERRORS, "Failed ClickHouse requests, by op.");
+    describe_counter!(DEDUPE_LOOKUPS, "Event keys looked up in ClickHouse (the in-memory state could not decide).");
+    describe_gauge!(DEDUPE_KEYS, "Keys in the dedupe filters of the assigned partitions.");
+    describe_gauge!(DEDUPE_BYTES, Unit::Bytes, "Memory held by dedupe state.");
+    describe_histogram!(DEDUPE_LOAD_SECONDS, Unit::Seconds, "Time to rebuild a partition's dedupe state.");
+    describe_counter!(CRED_CACHE_HITS, "Credential verifications answered from the cache.");
+    describe_counter!(CRED_CACHE_MISSES, "Credential verifications computed.");
+    describe_gauge!(CRED_CACHE_HIT_RATIO, "Credential cache hits / lookups since start.");
+    describe_counter!(KEY_RELOADS, "Key file reloads, by result.");
+    describe_counter!(DLQ_RECORDS, "Records written to the dead-letter topic, by reason.");
+    describe_counter!(DLQ_ERRORS, "Failed dead-letter writes (retried).");
+    describe_gauge!(CONSUMER_LAG, "Messages behind the high watermark, per partition.");
+    describe_gauge!(COMMITTED_OFFSET, "Last committed offset, per partition.");
+    describe_counter!(COMMITS, "Offset commits.");
+    describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
+    describe_counter!(BROKER_ERRORS, "Errors reported by the Kafka client.");
+    describe_gauge!(WAITING, "1 while the worker waits for a dependency (label on=clickhouse|broker).");
+    describe_counter!(RETRY_SECONDS, "Seconds spent backing off, by dependency.");
+    describe_gauge!(PARTITIONS, "Partitions currently assigned.");
+    describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");
+}
+
+pub fn accepted(n: u64) {
+    counter!(EVENTS, "outcome" => "accepted").increment(n);
+}
+
+pub fn duplicates(n: u64) {
+    counter!(EVENTS, "outcome" => "duplicate").increment(n);
+}
+
+pub fn rejected(reason: Reason) {
+    counter!(EVENTS, "outcome" => "rejected", "reason" => reason.as_str()).increment(1);
+}
+
+pub fn waiting(on: &'static str, yes: bool) {
+    gauge!(WAITING, "on" => on).set(if yes { 1.0 } else { 0.0 });
+}
+
+pub fn insert_latency(secs: f64, events: usize) {
+    histogram!(CH_INSERT_SECONDS).record(secs);
+    histogram!(BATCH_EVENTS).record(events as f64);
+    counter!(BATCHES).increment(1);
+}
+
+/// Installs the Prometheus exporter on `listen` (its own thread and runtime).
+pub fn install(listen: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("invalid metrics.listen {listen:?}"))?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("failed to serve metrics on {listen}"))?;
+    describe();
+    Ok(())
+}

@@ -1,0 +1,561 @@
+//! The ingest loop: gather a batch → stage it (pure) → resolve unknown keys in ClickHouse →
+//! dead-letter the rejections → insert the rows → commit the offsets. Every dependency call is
+//! retried with backoff while the consumer keeps polling (partitions paused), so the group keeps
+//! us, rebalances are served, and nothing is committed past data that is not written.
+//! docs/exactly-once.md walks through every crash point of this loop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use metrics::{counter, gauge, histogram};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use super::rebalance::{Change, Context};
+use crate::config::IngestConfig;
+use crate::dedupe::PartitionState;
+use crate::dlq::{DeadLetters, DlqRecord};
+use crate::metrics as m;
+use crate::pipeline::{InMessage, Processor, Staged};
+use crate::retry::Backoff;
+use crate::sink::rowbinary::RowWriter;
+use crate::sink::EventStore;
+
+/// Poll slice: how long one `poll` may block, so shutdown and batch deadlines are noticed.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+/// A batch also closes at this many value bytes.
+const BATCH_MAX_BYTES: usize = 64 << 20;
+/// First retry delay of a failing dependency call.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// After SIGTERM, how long an unfinished batch may keep waiting for ClickHouse before the worker
+/// exits without committing it (it will be redelivered and deduplicated).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long to wait for dead-letter acknowledgements per attempt.
+const DLQ_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The batch was given up (shutdown grace passed); nothing of it was committed.
+#[derive(Debug)]
+pub struct Abandoned;
+
+type Held<'c> = Vec<(BorrowedMessage<'c>, u64)>;
+
+pub struct Worker<'c, S: EventStore> {
+    consumer: &'c BaseConsumer<Context>,
+    dlq: DeadLetters,
+    store: S,
+    processor: Processor,
+    cfg: IngestConfig,
+    shutdown: Arc<AtomicBool>,
+    shutdown_since: Option<Instant>,
+    /// Owned partitions and the epoch of their current assignment.
+    owned: HashMap<i32, u64>,
+    next_epoch: u64,
+    states: HashMap<i32, PartitionState>,
+    /// Messages that arrived while waiting on a dependency: the next batch starts with them.
+    stash: Held<'c>,
+}
+
+impl<'c, S: EventStore> Worker<'c, S> {
+    pub fn new(
+        consumer: &'c BaseConsumer<Context>,
+        dlq: DeadLetters,
+        store: S,
+        processor: Processor,
+        cfg: IngestConfig,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        Worker {
+            consumer,
+            dlq,
+            store,
+            processor,
+            cfg,
+            shutdown,
+            shutdown_since: None,
+            owned: HashMap::new(),
+            next_epoch: 1,
+            states: HashMap::new(),
+            stash: Vec::new(),
+        }
+    }
+
+    fn stopping(&mut self) -> bool {
+        let s = self.shutdown.load(Ordering::Relaxed);
+        if s && self.shutdown_since.is_none() {
+            self.shutdown_since = Some(Instant::now());
+            info!("shutdown requested: finishing the current batch");
+        }
+        s
+    }
+
+    /// Runs until SIGTERM/SIGINT; returns after the last batch is written and committed.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        loop {
+            let mut held = std::mem::take(&mut self.stash);
+            let stop = self.gather(&mut held);
+            if !held.is_empty() {
+                if self.process(&held).is_err() {
+                    warn!("batch abandoned at shutdown; it will be redelivered");
+                    break;
+                }
+            }
+            drop(held);
+            if stop && self.stash.is_empty() {
+                break;
+            }
+        }
+        info!("stopped: last batch committed");
+        Ok(())
+    }
+
+    /// Applies rebalance changes; drops held messages of partitions no longer owned.
+    fn apply_changes(&mut self, held: Option<&mut Held<'c>>) {
+        let changes = self.consumer.context().take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        for c in changes {
+            match c {
+                Change::Revoked(ps) => {
+                    for p in ps {
+                        self.owned.remove(&p);
+                        self.states.remove(&p);
+                    }
+                }
+                Change::Assigned(ps) => {
+                    for p in ps {
+                        self.owned.insert(p, self.next_epoch);
+                        self.next_epoch += 1;
+                    }
+                }
+            }
+        }
+        let owned = &self.owned;
+        let keep = |(msg, epoch): &(BorrowedMessage<'c>, u64)| owned.get(&msg.partition()) == Some(epoch);
+        self.stash.retain(keep);
+        if let Some(h) = held {
+            h.retain(keep);
+        }
+        gauge!(m::PARTITIONS).set(self.owned.len() as f64);
+    }
+
+    fn epoch_of(&self, partition: i32) -> u64 {
+        self.owned.get(&partition).copied().unwrap_or(0)
+    }
+
+    fn owns(&self, partition: i32, epoch: u64) -> bool {
+        self.owned.get(&partition) == Some(&epoch)
+    }
+
+    /// Polls until the batch is full or its time is up; returns whether shutdown was requested.
+    fn gather(&mut self, held: &mut Held<'c>) -> bool {
+        let max_events = self.cfg.ingest.batch_max_events;
+        let max_wait = Duration::from_millis(self.cfg.ingest.batch_max_wait_ms);
+        let mut started: Option<Instant> = (!held.is_empty()).then(Instant::now);
+        let mut bytes: usize = held.iter().map(|(m, _)| m.payload_len()).sum();
+        loop {
+            if self.stopping() {
+                return true;
+            }
+            self.housekeeping();
+            if held.len() >= max_events || bytes >= BATCH_MAX_BYTES {
+                return false;
+            }
+            let slice = match started {
+                Some(t) => match max_wait.checked_sub(t.elapsed()) {
+                    Some(left) if !left.is_zero() => left.min(POLL_SLICE),
+                    _ => return false,
+                },
+                None => POLL_SLICE,
+            };
+            match self.consumer.poll(slice) {
+                Some(Ok(msg)) => {
+                    let epoch = self.epoch_of(msg.partition());
+                    bytes += msg.payload_len();
+                    held.push((msg, epoch));
+                    started.get_or_insert_with(Instant::now);
+                }
+                Some(Err(e)) => {
+                    counter!(m::BROKER_ERRORS).increment(1);
+                    warn!(error = %e, "poll failed");
+                }
+                None => {}
+            }
+            self.apply_changes(Some(held));
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let v = &mut self.processor.verifier;
+        match v.maybe_reload(Instant::now()) {
+            Ok(true) => {
+                counter!(m::KEY_RELOADS, "result" => "changed").increment(1);
+                info!("key material reloaded");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                counter!(m::KEY_RELOADS, "result" => "error").increment(1);
+                error!(error = %e, "key reload failed; keeping the previous keys");
+            }
+        }
+    }
+
+    /// Waits `delay` while serving the group: partitions paused, messages that still arrive are
+    /// stashed for the next batch, rebalances applied. Err once the shutdown grace is over.
+    fn wait(&mut self, delay: Duration, on: &'static str) -> Result<(), Abandoned> {
+        m::waiting(on, true);
+        counter!(m::RETRY_SECONDS, "on" => on).increment(delay.as_secs());
+        if let Ok(a) = self.consumer.assignment() {
+            let _ = self.consumer.pause(&a);
+        }
+        let until = Instant::now() + delay;
+        while Instant::now() < until {
+            if let Some(r) = self.consumer.poll(until.saturating_duration_since(Instant::now()).min(POLL_SLICE)) {
+                match r {
+                    Ok(msg) => {
+                        let epoch = self.epoch_of(msg.partition());
+                        self.stash.push((msg, epoch));
+                    }
+                    Err(e) => {
+                        counter!(m::BROKER_ERRORS).increment(1);
+                        debug!(error = %e, "poll failed while waiting");
+                    }
+                }
+            }
+            self.apply_changes(None);
+            self.stopping();
+        }
+        if let Ok(a) = self.consumer.assignment() {
+            let _ = self.consumer.resume(&a);
+        }
+        m::waiting(on, false);
+        match self.shutdown_since {
+            Some(t) if t.elapsed() > SHUTDOWN_GRACE => Err(Abandoned),
+            _ => Ok(()),
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(BACKOFF_BASE, Duration::from_millis(self.cfg.ingest.max_backoff_ms))
+    }
+
+    /// Loads the dedupe state of every partition in `held` that has none.
+    fn ensure_states(&mut self, held: &Held<'c>) -> Result<(), Abandoned> {
+        let need: Vec<(i32, u64)> = {
+            let mut v: Vec<_> = held
+                .iter()
+                .map(|(m, e)| (m.partition(), *e))
+                .filter(|(p, e)| self.owns(*p, *e) && !self.states.contains_key(p))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let d = self.cfg.dedupe.clone();
+        let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
+        for (p, epoch) in need {
+            let mut backoff = self.backoff();
+            loop {
+                if !self.owns(p, epoch) {
+                    break;
+                }
+                let t = Instant::now();
+                let mut state = PartitionState::new(d.bloom_bytes_per_partition, d.recent_keys_per_partition, horizon);
+                match self.store.load_partition(&self.cfg.kafka.topic, p, horizon, &mut state) {
+                    Ok(keys) => {
+                        histogram!(m::DEDUPE_LOAD_SECONDS).record(t.elapsed().as_secs_f64());
+                        info!(partition = p, keys, ms = t.elapsed().as_millis() as u64, "dedupe state loaded");
+                        if self.owns(p, epoch) {
+                            self.states.insert(p, state);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        counter!(m::CH_ERRORS, "op" => "load").increment(1);
+                        let delay = backoff.next_delay();
+                        warn!(partition = p, error = %e, retry_ms = delay.as_millis() as u64, "loading dedupe state failed");
+                        self.wait(delay, "clickhouse")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, held: &Held<'c>) -> Result<(), Abandoned> {
+        self.ensure_states(held)?;
+        // The messages of this batch still owned (with state), in poll order.
+        let idx: Vec<usize> = (0..held.len())
+            .filter(|&i| {
+                let (m, e) = &held[i];
+                self.owns(m.partition(), *e) && self.states.contains_key(&m.partition())
+            })
+            .collect();
+        let epochs: BTreeMap<i32, u64> = idx.iter().map(|&i| (held[i].0.partition(), held[i].1)).collect();
+        let msgs: Vec<InMessage<'_>> = idx.iter().map(|&i| in_message(&held[i].0)).collect();
+        counter!(m::MESSAGES).increment(msgs.len() as u64);
+
+        let (hits0, misses0) = (self.processor.verifier.cache_hits, self.processor.verifier.cache_misses);
+        let mut staged = self.processor.stage(&msgs, &mut self.states, now_secs()).expect("states ensured above");
+        self.cache_metrics(hits0, misses0);
+
+        self.resolve_unknown(&mut staged, &epochs)?;
+        self.dead_letter(held, &idx, &staged, &epochs)?;
+        let accepted = self.insert(&mut staged, &epochs)?;
+
+        // Offsets: every message of the batch is accounted for (written, duplicate or
+        // dead-lettered) — commit the next offset of each partition we still own.
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        for &i in &idx {
+            let msg = &held[i].0;
+            let e = next.entry(msg.partition()).or_insert(0);
+            *e = (*e).max(msg.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, off) in &next {
+            if self.owns(*p, epochs[p]) {
+                tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(*off)).expect("valid offset");
+            }
+        }
+        if tpl.count() > 0 {
+            match self.consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => counter!(m::COMMITS).increment(1),
+                Err(e) => {
+                    counter!(m::COMMIT_ERRORS).increment(1);
+                    warn!(error = %e, "offset commit failed; the batch is written and will be deduplicated on redelivery");
+                }
+            }
+        }
+        m::accepted(accepted as u64);
+        m::duplicates(staged.duplicates);
+        for r in &staged.rejections {
+            m::rejected(r.reason);
+        }
+        let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
+        gauge!(m::DEDUPE_KEYS).set(keys as f64);
+        gauge!(m::DEDUPE_BYTES).set(bytes as f64);
+        debug!(messages = msgs.len(), accepted, duplicates = staged.duplicates, rejected = staged.rejections.len(), "batch committed");
+        Ok(())
+    }
+
+    fn cache_metrics(&self, hits0: u64, misses0: u64) {
+        let v = &self.processor.verifier;
+        counter!(m::CRED_CACHE_HITS).increment(v.cache_hits - hits0);
+        counter!(m::CRED_CACHE_MISSES).increment(v.cache_misses - misses0);
+        let total = v.cache_hits + v.cache_misses;
+        if total > 0 {
+            gauge!(m::CRED_CACHE_HIT_RATIO).set(v.cache_hits as f64 / total as f64);
+        }
+    }
+
+    fn keep_owned(&self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) {
+        staged.retain_partitions(|p| self.owns(p, epochs[&p]));
+    }
+
+    /// Looks up the keys the in-memory state could not decide on.
+    fn resolve_unknown(&mut self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<(), Abandoned> {
+        let mut backoff = self.backoff();
+        loop {
+            self.keep_owned(staged, epochs);
+            let keys = staged.unknown_keys();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            match self.store.existing(&keys) {
+                Ok(found) => {
+                    counter!(m::DEDUPE_LOOKUPS).increment(keys.len() as u64);
+                    drop(keys);
+                    staged.resolve(&found);
+                    return Ok(());
+                }
+                Err(e) => {
+                    counter!(m::CH_ERRORS, "op" => "lookup").increment(1);
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_ms = delay.as_millis() as u64, "dedupe look-up failed");
+                    drop(keys);
+                    self.wait(delay, "clickhouse")?;
+                }
+            }
+        }
+    }
+
+    /// Writes the batch's rejections to the dead-letter topic, retrying until all are acknowledged.
+    fn dead_letter(&mut self, held: &Held<'c>, idx: &[usize], staged: &Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<(), Abandoned> {
+        if staged.rejections.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<DlqRecord<'_>> = staged
+            .rejections
+            .iter()
+            .map(|r| {
+                let msg = &held[idx[r.msg]].0;
+                let value = msg.payload().unwrap_or_default();
+                let value = match &r.span {
+                    Some(s) => &value[s.clone()],
+                    None => value,
+                };
+                let headers = msg
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                    .unwrap_or_default();
+                DlqRecord {
+                    key: msg.key(),
+                    value,
+                    headers,
+                    reason: r.reason,
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    batch_index: r.batch_index,
+                }
+            })
+            .collect();
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut backoff = self.backoff();
+        loop {
+            pending.retain(|&i| self.owns(records[i].partition, epochs[&records[i].partition]));
+            if pending.is_empty() {
+                break;
+            }
+            let failed = self.dlq.send(&records, &pending, DLQ_ACK_TIMEOUT);
+            for &i in &pending {
+                if !failed.iter().any(|(j, _)| *j == i) {
+                    counter!(m::DLQ_RECORDS, "reason" => records[i].reason.as_str()).increment(1);
+                }
+            }
+            if failed.is_empty() {
+                break;
+            }
+            counter!(m::DLQ_ERRORS).increment(failed.len() as u64);
+            let delay = backoff.next_delay();
+            warn!(failed = failed.len(), error = %failed[0].1, retry_ms = delay.as_millis() as u64, "dead-letter write failed");
+            pending = failed.into_iter().map(|(i, _)| i).collect();
+            self.wait(delay, "broker")?;
+        }
+        Ok(())
+    }
+
+    /// Inserts the accepted rows. After a failed attempt, the rows that did land (an attempt may
+    /// fail after the server wrote it, or write some months' parts only) are found by key and
+    /// not sent again.
+    fn insert(&mut self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<usize, Abandoned> {
+        let mut backoff = self.backoff();
+        let mut buf = RowWriter::default();
+        let mut written_before_retry = 0;
+        loop {
+            self.keep_owned(staged, epochs);
+            buf.buf.clear();
+            let n = staged.encode(&mut buf, &self.processor.meters, &self.cfg.kafka.topic, now_secs());
+            if n == 0 {
+                return Ok(written_before_retry);
+            }
+            let t = Instant::now();
+            match self.store.insert_events(&buf.buf) {
+                Ok(()) => {
+                    m::insert_latency(t.elapsed().as_secs_f64(), n);
+                    return Ok(n + written_before_retry);
+                }
+                Err(e) => {
+                    counter!(m::CH_ERRORS, "op" => "insert").increment(1);
+                    let delay = backoff.next_delay();
+                    if e.is_transient() {
+                        warn!(error = %e, rows = n, retry_ms = delay.as_millis() as u64, "insert failed; retrying");
+                    } else {
+                        error!(error = %e, rows = n, retry_ms = delay.as_millis() as u64, "insert rejected; retrying (check the schema: tally-ingest migrate)");
+                    }
+                    self.wait(delay, "clickhouse")?;
+                    written_before_retry += self.drop_landed(staged, epochs)?;
+                }
+            }
+        }
+    }
+
+    /// Marks the staged rows already present in ClickHouse as written; returns how many.
+    fn drop_landed(&mut self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<usize, Abandoned> {
+        let mut backoff = self.backoff();
+        loop {
+            self.keep_owned(staged, epochs);
+            let keys = staged.pending_keys();
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            match self.store.existing(&keys) {
+                Ok(found) => {
+                    drop(keys);
+                    let n = staged.mark_written(&found);
+                    if n > 0 {
+                        info!(rows = n, "rows of the failed attempt had landed; not sending them again");
+                    }
+                    return Ok(n);
+                }
+                Err(e) => {
+                    counter!(m::CH_ERRORS, "op" => "lookup").increment(1);
+                    let delay = backoff.next_delay();
+                    debug!(error = %e, "re-check after failed insert failed");
+                    drop(keys);
+                    self.wait(delay, "clickhouse")?;
+                }
+            }
+        }
+    }
+}
+
+fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
+    let authorization = msg.headers().and_then(|h| {
+        h.iter().find(|h| h.key.eq_ignore_ascii_case("authorization")).and_then(|h| h.value)
+    });
+    InMessage {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp_secs: msg.timestamp().to_millis().map(|ms| ms.div_euclid(1000)),
+        value: msg.payload(),
+        authorization,
+    }
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Builds the worker's clients and runs it until shutdown.
+pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    use crate::sink::clickhouse::ClickHouse;
+    let meters = crate::meter::Meters::load(&cfg.meters.path).context("failed to load meters")?;
+    let verifier = crate::verify::Verifier::from_config(&cfg.auth).context("failed to load key material")?;
+    let processor = Processor {
+        meters,
+        verifier,
+        limits: crate::pipeline::Limits {
+            max_message_bytes: cfg.ingest.max_message_bytes,
+            max_future_secs: cfg.ingest.max_future_secs as i64,
+            window_secs: cfg.dedupe.window_secs as i64,
+        },
+    };
+    let store = ClickHouse::new(&cfg.clickhouse);
+    let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
+    while let Err(e) = store.ping() {
+        if shutdown.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let delay = backoff.next_delay();
+        m::waiting("clickhouse", true);
+        warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
+        std::thread::sleep(delay);
+    }
+    m::waiting("clickhouse", false);
+    let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
+        .create_with_context(Context::new(&cfg.kafka.topic))
+        .context("failed to create the kafka consumer")?;
+    consumer.subscribe(&[&cfg.kafka.topic]).context("failed to subscribe")?;
+    let dlq = DeadLetters::new(&super::client_config(&cfg.kafka), &cfg.kafka.dlq_topic, &cfg.kafka.topic)
+        .context("failed to create the dead-letter producer")?;
+    info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, "consuming");
+    let result = Worker::new(&consumer, dlq, store, processor, cfg, shutdown).run();
+    consumer.unsubscribe();
+    result
+}
+
