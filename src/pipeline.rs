@@ -75,6 +75,9 @@ pub struct Staged<'a> {
     additive: Vec<(u16, u64)>,
     unique: Vec<(u16, u64)>,
     pub rejections: Vec<Rejection>,
+    /// Keys staged in this batch: exact, whatever the bound of the partition's recent set, so
+    /// two copies in one batch are never both sent (the store cannot know about either yet).
+    batch_keys: HashSet<EventKey>,
     /// Duplicates found so far (in memory, then by [`Staged::resolve`]).
     pub duplicates: u64,
 }
@@ -183,12 +186,13 @@ impl Processor {
         }
         let principal = &out.principals[ev.principal as usize];
         let key = EventKey::new(&principal.org_id, &principal.project_id, id);
-        let verdict = state.check(key, ts);
+        let verdict = if out.batch_keys.contains(&key) { Verdict::Duplicate } else { state.check(key, ts) };
         if verdict == Verdict::Duplicate {
             out.duplicates += 1;
             return Ok(());
         }
         state.remember(key);
+        out.batch_keys.insert(key);
         let a0 = out.additive.len() as u32;
         out.additive.extend_from_slice(&contribution.additive);
         let u0 = out.unique.len() as u32;

@@ -143,6 +143,20 @@ fn duplicates_are_dropped_and_the_first_valid_copy_wins() {
 }
 
 #[test]
+fn copies_in_one_batch_are_caught_even_with_no_recent_set() {
+    let mut f = fx("nobound");
+    f.states.insert(0, PartitionState::new(1024, 0, 0));
+    let good = f.auth();
+    let fillers: Vec<String> = (0..3000).map(|i| ev(&format!("f{i}"), "trace-create", NOW, "{}")).collect();
+    let dup = ev("twice", "trace-create", NOW, "{}");
+    let mut values: Vec<(Option<&str>, &str)> = vec![(Some(&good), &dup)];
+    values.extend(fillers.iter().map(|v| (Some(good.as_str()), v.as_str())));
+    values.push((Some(&good), &dup));
+    let (_, dups, n, _) = f.run(&values);
+    assert_eq!((dups, n), (1, 3001));
+}
+
+#[test]
 fn unknown_events_are_resolved_by_the_store() {
     let mut f = fx("unknown");
     // A state whose horizon is after the events: every event must be checked in the store.

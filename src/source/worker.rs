@@ -173,7 +173,11 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 },
                 None => POLL_SLICE,
             };
-            match self.consumer.poll(slice) {
+            let polled = self.consumer.poll(slice);
+            // Rebalance callbacks ran inside `poll`: apply them before tagging the message, which
+            // belongs to the assignment in force after them.
+            self.apply_changes(Some(held));
+            match polled {
                 Some(Ok(msg)) => {
                     let epoch = self.epoch_of(msg.partition());
                     bytes += msg.payload_len();
@@ -186,7 +190,6 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 }
                 None => {}
             }
-            self.apply_changes(Some(held));
         }
     }
 
@@ -215,7 +218,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
         }
         let until = Instant::now() + delay;
         while Instant::now() < until {
-            if let Some(r) = self.consumer.poll(until.saturating_duration_since(Instant::now()).min(POLL_SLICE)) {
+            let polled = self.consumer.poll(until.saturating_duration_since(Instant::now()).min(POLL_SLICE));
+            self.apply_changes(None);
+            if let Some(r) = polled {
                 match r {
                     Ok(msg) => {
                         let epoch = self.epoch_of(msg.partition());
@@ -227,7 +232,6 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     }
                 }
             }
-            self.apply_changes(None);
             self.stopping();
         }
         if let Ok(a) = self.consumer.assignment() {

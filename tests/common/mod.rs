@@ -1,0 +1,272 @@
+//! Harness for end-to-end tests on the real services (started by scripts/start.sh): unique
+//! topics, database and group per test; addresses from env vars with localhost defaults.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+
+use tally::config::KafkaConfig;
+use tally::devkeys::DevKeys;
+use tally::loadgen::expected::Expected;
+use tally::loadgen::{GenConfig, H_LOADGEN_ID};
+use tally::meter::{MeterDef, DEFAULT_METERS_TOML};
+use tally::sink::clickhouse::ClickHouse;
+
+pub const PARTITIONS: i32 = 6;
+
+pub fn brokers() -> String {
+    std::env::var("TALLY_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TALLY_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// One test's isolated world: topics, group, database, keys and config file.
+pub struct World {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub keys: DevKeys,
+    pub kafka: KafkaConfig,
+    pub ch: ClickHouse,
+}
+
+impl World {
+    pub fn new(name: &str) -> World {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
+        let name = format!("{name}_{}_{stamp}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("tally-it-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = DevKeys::generate(10, 6, "https://auth.tally.test", "tally-ingest");
+        keys.write(&dir).unwrap();
+        std::fs::write(dir.join("meters.toml"), DEFAULT_METERS_TOML).unwrap();
+        let topic = format!("events-{name}");
+        let dlq = format!("rejected-{name}");
+        let config = dir.join("ingest.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+dlq_topic = "{dlq}"
+group_id = "group-{name}"
+[kafka.options]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "2000"
+[clickhouse]
+url = "{ch}"
+database = "it_{name}"
+timeout_secs = 30
+[auth]
+jwks_path = "{dir}/jwks.json"
+api_keys_path = "{dir}/api_keys.json"
+issuer = "https://auth.tally.test"
+[dedupe]
+window_secs = 604800
+bloom_bytes_per_partition = 65536
+recent_keys_per_partition = 2000
+[meters]
+path = "{dir}/meters.toml"
+[metrics]
+listen = "127.0.0.1:0"
+[ingest]
+max_message_bytes = 65536
+batch_max_events = 5000
+batch_max_wait_ms = 200
+max_backoff_ms = 2000
+"#,
+                brokers = brokers(),
+                ch = clickhouse_url(),
+                dir = dir.display(),
+            ),
+        )
+        .unwrap();
+        let cfg = tally::config::IngestConfig::load(Some(&config), Vec::new()).unwrap();
+        create_topics(&[&topic, &dlq]);
+        let w = World { name, dir, config, keys, kafka: cfg.kafka.clone(), ch: ClickHouse::new(&cfg.clickhouse) };
+        let status = w.cli(&["migrate"]).status().unwrap();
+        assert!(status.success(), "migrate failed");
+        w
+    }
+
+    /// `tally-ingest --config <world> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tally-ingest"));
+        c.arg("--config").arg(&self.config).args(args).env("RUST_LOG", "info,librdkafka=error");
+        c
+    }
+
+    /// Starts a worker, logging to `<dir>/worker-<n>.log`.
+    pub fn worker(&self, n: usize) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("worker-{n}.log"))).unwrap();
+        self.cli(&["run"]).stderr(log).spawn().unwrap()
+    }
+
+    pub fn gen_config(&self, events: u64, seed: u64) -> GenConfig {
+        GenConfig { events, seed, max_message_bytes: 65536, window_secs: 604_800, ..GenConfig::default() }
+    }
+
+    pub fn generate(&self, cfg: &GenConfig) -> Expected {
+        let defs: toml::Table = toml::from_str(DEFAULT_METERS_TOML).unwrap();
+        let defs: Vec<MeterDef> = defs["meter"].clone().try_into().unwrap();
+        let mut pc = ClientConfig::new();
+        pc.set("bootstrap.servers", brokers());
+        tally::loadgen::generate(cfg, &self.keys, defs, &pc, &self.kafka.topic, |_| {}).unwrap()
+    }
+
+    pub fn wait_caught_up(&self, e: &Expected) {
+        tally::admin::wait_committed(&self.kafka, &e.end_offsets, Duration::from_secs(600)).unwrap();
+    }
+
+    fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        let body = self.ch.query(&format!("{sql} FORMAT TabSeparated")).unwrap();
+        String::from_utf8(body).unwrap().lines().map(|l| l.split('\t').map(str::to_string).collect()).collect()
+    }
+
+    /// `usage_hourly` as (org, project, meter, hour) → value.
+    pub fn usage_hourly(&self) -> BTreeMap<(String, String, String, i64), u64> {
+        self.rows("SELECT org_id, project_id, meter, toUInt32(hour), value FROM usage_hourly")
+            .into_iter()
+            .map(|r| ((r[0].clone(), r[1].clone(), r[2].clone(), r[3].parse().unwrap()), r[4].parse().unwrap()))
+            .collect()
+    }
+
+    /// Unique meters per (org, project, meter, hour) from the sketches.
+    pub fn unique_hourly(&self) -> BTreeMap<(String, String, String, i64), u64> {
+        self.rows("SELECT org_id, project_id, meter, toUInt32(hour), uniqCombinedMerge(state) FROM usage_unique_hourly GROUP BY org_id, project_id, meter, hour")
+            .into_iter()
+            .map(|r| ((r[0].clone(), r[1].clone(), r[2].clone(), r[3].parse().unwrap()), r[4].parse().unwrap()))
+            .collect()
+    }
+
+    /// Unique meters per (org, project, meter), merged across all hours.
+    pub fn unique_overall(&self) -> BTreeMap<(String, String, String), u64> {
+        self.rows("SELECT org_id, project_id, meter, uniqCombinedMerge(state) FROM usage_unique_hourly GROUP BY org_id, project_id, meter")
+            .into_iter()
+            .map(|r| ((r[0].clone(), r[1].clone(), r[2].clone()), r[3].parse().unwrap()))
+            .collect()
+    }
+
+    pub fn scalar(&self, sql: &str) -> u64 {
+        self.rows(sql)[0][0].parse().unwrap()
+    }
+
+    /// The dead-letter topic as (loadgen id, batch index, reason) records.
+    pub fn dead_letters(&self) -> Vec<(u64, Option<u32>, String)> {
+        tally::admin::read_dead_letters(&self.kafka, Some(H_LOADGEN_ID), Duration::from_secs(4))
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.tag.expect("loadgen id header copied").parse().unwrap(), d.batch_index, d.reason))
+            .collect()
+    }
+
+    /// Asserts every aggregate and the narrow table against the expectation.
+    pub fn assert_totals(&self, e: &Expected) {
+        let want: BTreeMap<_, _> = e.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
+        let got = self.usage_hourly();
+        if got != want {
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k:?}: want {v} got {:?}", got.get(k)))
+                .chain(got.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| format!("{k:?}: unexpected {v}")))
+                .take(20)
+                .collect();
+            panic!("usage_hourly differs from the expected totals in {} keys, e.g.:\n{}", diff.len(), diff.join("\n"));
+        }
+        // No duplicate row ever reached the narrow table.
+        assert_eq!(self.scalar("SELECT count() FROM events"), e.accepted, "narrow rows");
+        assert_eq!(self.scalar("SELECT count() FROM (SELECT DISTINCT org_id, project_id, event_id FROM events)"), e.accepted);
+        // Unique meters within 2 % (exact below the sketch's exact-mode size).
+        let uh = self.unique_hourly();
+        for (o, p, m, h, n) in &e.unique_hourly {
+            let g = uh.get(&(o.clone(), p.clone(), m.clone(), *h)).copied().unwrap_or(0);
+            assert!((g as f64 - *n as f64).abs() <= (*n as f64 * 0.02).max(0.0), "{o}/{p}/{m}@{h}: unique {g} vs {n}");
+        }
+        assert_eq!(uh.len(), e.unique_hourly.len());
+        let uo = self.unique_overall();
+        for (o, p, m, n) in &e.unique_overall {
+            let g = uo[&(o.clone(), p.clone(), m.clone())];
+            assert!((g as f64 - *n as f64).abs() <= *n as f64 * 0.02, "{o}/{p}/{m}: unique {g} vs {n}");
+        }
+    }
+
+    /// Asserts the dead-letter topic holds exactly the expected rejections (as a set; with
+    /// `exact_count`, also with no repeated record).
+    pub fn assert_dead_letters(&self, e: &Expected, exact_count: bool) {
+        let got = self.dead_letters();
+        let want: BTreeSet<_> = e.rejected.iter().cloned().collect();
+        let got_set: BTreeSet<_> = got.iter().cloned().collect();
+        let missing: Vec<_> = want.difference(&got_set).take(10).collect();
+        let extra: Vec<_> = got_set.difference(&want).take(10).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "dead letters differ: missing {missing:?}, unexpected {extra:?}");
+        if exact_count {
+            assert_eq!(got.len(), want.len(), "each rejection dead-lettered exactly once");
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test world kept for inspection: {} (database it_{})", self.dir.display(), self.name);
+        }
+    }
+}
+
+pub fn create_topics(names: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    let rt = tokio_block_on(admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))));
+    for r in rt.unwrap() {
+        r.unwrap();
+    }
+}
+
+fn tokio_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+pub fn sigterm(child: &Child) {
+    unsafe_kill(child.id(), "TERM");
+}
+
+pub fn sigkill(child: &mut Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// Sends SIGTERM and asserts a clean exit (status 0) within a minute.
+pub fn stop(mut child: Child) {
+    sigterm(&child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "worker exited with {status}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
