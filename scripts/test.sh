@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: installs and starts the services (idempotent), then runs every test.
+# Usage: scripts/test.sh   (what .ci/run calls)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/start.sh
+scripts/check-chdb.sh
+# Integration tests spawn workers and use real topics; run them one at a time on 2 cores.
+cargo test --release --locked -- --test-threads=1
