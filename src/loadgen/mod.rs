@@ -68,6 +68,8 @@ pub struct GenConfig {
     pub window_secs: u64,
     /// Distinct user ids per project.
     pub users_per_project: u32,
+    /// `x-loadgen-id` of the first message (runs into one topic use disjoint ranges).
+    pub first_message_id: u64,
 }
 
 impl Default for GenConfig {
@@ -84,6 +86,7 @@ impl Default for GenConfig {
             max_message_bytes: 1 << 20,
             window_secs: 30 * 24 * 3600,
             users_per_project: 50,
+            first_message_id: 0,
         }
     }
 }
@@ -335,6 +338,7 @@ pub fn generate(
     };
     let start = Instant::now();
     let (mut events, mut messages) = (0u64, 0u64);
+    let id = |messages: u64| cfg.first_message_id + messages;
     while events < cfg.events || !g.owed.is_empty() {
         if events >= cfg.events {
             // Pay the owed valid copies.
@@ -342,7 +346,7 @@ pub fn generate(
             let t = keys.tenants[tenant].clone();
             g.tracker.valid(&t.org_id, &t.project_id, &e);
             let auth = g.valid_auth(tenant);
-            send(&producer, topic, messages, &Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 })?;
+            send(&producer, topic, id(messages), &Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 })?;
             messages += 1;
             events += 1;
             continue;
@@ -351,8 +355,8 @@ pub fn generate(
             g.now = crate::source::worker::now_secs();
             progress(events);
         }
-        let out = g.message(messages);
-        send(&producer, topic, messages, &out)?;
+        let out = g.message(id(messages));
+        send(&producer, topic, id(messages), &out)?;
         messages += 1;
         events += out.events;
         if cfg.rate > 0 {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -41,6 +43,11 @@ pub struct World {
 
 impl World {
     pub fn new(name: &str) -> World {
+        World::with(name, &clickhouse_url(), "127.0.0.1:0")
+    }
+
+    /// A world whose workers reach ClickHouse at `ch_url` and serve metrics on `metrics`.
+    pub fn with(name: &str, ch_url: &str, metrics: &str) -> World {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
         let name = format!("{name}_{}_{stamp}", std::process::id());
         let dir = std::env::temp_dir().join(format!("tally-it-{name}"));
@@ -65,7 +72,7 @@ group_id = "group-{name}"
 "heartbeat.interval.ms" = "500"
 "topic.metadata.refresh.interval.ms" = "2000"
 [clickhouse]
-url = "{ch}"
+url = "{ch_url}"
 database = "it_{name}"
 timeout_secs = 30
 [auth]
@@ -79,7 +86,7 @@ recent_keys_per_partition = 2000
 [meters]
 path = "{dir}/meters.toml"
 [metrics]
-listen = "127.0.0.1:0"
+listen = "{metrics}"
 [ingest]
 max_message_bytes = 65536
 batch_max_events = 5000
@@ -87,15 +94,15 @@ batch_max_wait_ms = 200
 max_backoff_ms = 2000
 "#,
                 brokers = brokers(),
-                ch = clickhouse_url(),
                 dir = dir.display(),
             ),
         )
         .unwrap();
         let cfg = tally::config::IngestConfig::load(Some(&config), Vec::new()).unwrap();
         create_topics(&[&topic, &dlq]);
-        let w = World { name, dir, config, keys, kafka: cfg.kafka.clone(), ch: ClickHouse::new(&cfg.clickhouse) };
-        let status = w.cli(&["migrate"]).status().unwrap();
+        let direct = tally::config::ClickHouseConfig { url: clickhouse_url(), ..cfg.clickhouse.clone() };
+        let w = World { name, dir, config, keys, kafka: cfg.kafka.clone(), ch: ClickHouse::new(&direct) };
+        let status = w.cli(&["migrate"]).env("TALLY_CLICKHOUSE_URL", clickhouse_url()).status().unwrap();
         assert!(status.success(), "migrate failed");
         w
     }
@@ -211,7 +218,9 @@ max_backoff_ms = 2000
             let g = uh.get(&(o.clone(), p.clone(), m.clone(), *h)).copied().unwrap_or(0);
             assert!((g as f64 - *n as f64).abs() <= (*n as f64 * 0.02).max(0.0), "{o}/{p}/{m}@{h}: unique {g} vs {n}");
         }
-        assert_eq!(uh.len(), e.unique_hourly.len());
+        if !e.unique_hourly.is_empty() {
+            assert_eq!(uh.len(), e.unique_hourly.len());
+        }
         let uo = self.unique_overall();
         for (o, p, m, n) in &e.unique_overall {
             let g = uo[&(o.clone(), p.clone(), m.clone())];
@@ -293,4 +302,21 @@ pub fn stop_all(children: Vec<Child>) {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// A free local port (bound, then released).
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// GET http://<addr>/metrics.
+pub fn scrape(addr: &str) -> String {
+    ureq::get(&format!("http://{addr}/metrics")).call().map(|r| r.into_string().unwrap()).unwrap_or_default()
+}
+
+/// The value of the first sample of `metric` whose line contains `labels`.
+pub fn sample(text: &str, metric: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(labels))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
