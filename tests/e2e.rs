@@ -14,20 +14,28 @@ use rand::Rng;
 #[test]
 fn two_workers_count_exactly() {
     let w = World::new("exact");
-    let workers = [w.worker("1"), w.worker("2")];
     let t = Instant::now();
     let e = w.generate(&w.gen_config(100_000, 7));
+    let produced = t.elapsed().as_secs_f64();
     assert!(e.events >= 100_000);
     assert!(e.duplicates as f64 >= 0.05 * e.events as f64, "duplicates {} of {}", e.duplicates, e.events);
     let reasons: std::collections::BTreeSet<_> = e.rejected.iter().map(|r| r.2.clone()).collect();
     assert_eq!(reasons.len(), 9, "every reason is exercised: {reasons:?}");
+    assert!(e.totals.iter().map(|t| (&t.0, &t.1)).collect::<std::collections::BTreeSet<_>>().len() >= 50, "≥ 50 projects");
+
+    let t = Instant::now();
+    let workers = vec![w.worker("1"), w.worker("2")];
+    assert!(w.wait_assigned("1", Duration::from_secs(60)) && w.wait_assigned("2", Duration::from_secs(60)));
+    let joined = t.elapsed().as_secs_f64();
     w.wait_caught_up(&e);
-    let secs = t.elapsed().as_secs_f64();
+    let total = t.elapsed().as_secs_f64();
     eprintln!(
-        "[measure] {} events ({} messages) produced and ingested by 2 workers in {secs:.1}s = {:.0} events/s (accepted {}, duplicates {}, rejected {})",
-        e.events, e.messages, e.events as f64 / secs, e.accepted, e.duplicates, e.rejected_events
+        "[measure] {} events in {} messages (accepted {}, duplicates {}, rejected {}): produced in {produced:.1}s; \
+         2 workers caught up {total:.1}s after start ({joined:.1}s of it joining the group) = {:.0} events/s end to end, {:.0} events/s after the join",
+        e.events, e.messages, e.accepted, e.duplicates, e.rejected_events,
+        e.events as f64 / total, e.events as f64 / (total - joined).max(0.001)
     );
-    stop_all(workers.into());
+    stop_all(workers);
     w.assert_totals(&e);
     w.assert_dead_letters(&e, true);
 }

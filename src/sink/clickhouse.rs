@@ -86,7 +86,8 @@ impl ClickHouse {
                 let body = resp.into_string().unwrap_or_default();
                 Err(ChError::Server { status, body: body.trim().chars().take(2000).collect() })
             }
-            Err(ureq::Error::Transport(t)) => Err(ChError::Transport(t.to_string())),
+            // Not `t.to_string()`: that repeats the URL, i.e. the whole INSERT statement.
+            Err(ureq::Error::Transport(t)) => Err(ChError::Transport(format!("{}: {}", t.kind(), t.message().unwrap_or("")))),
         }
     }
 

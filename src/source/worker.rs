@@ -499,7 +499,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 Err(e) => {
                     counter!(m::CH_ERRORS, "op" => "lookup").increment(1);
                     let delay = backoff.next_delay();
-                    debug!(error = %e, "re-check after failed insert failed");
+                    warn!(error = %e, retry_ms = delay.as_millis() as u64, "re-checking a failed insert's rows failed");
                     drop(keys);
                     self.wait(delay, "clickhouse")?;
                 }
