@@ -4,7 +4,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 "$ROOT/scripts/install.sh"
 
-ch_up() { curl -sf "http://127.0.0.1:$CH_HTTP_PORT/ping"; }
+ch_up() { python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$CH_HTTP_PORT/ping', timeout=2)"; }
 kafka_up() { "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT"); }
 
 # --- ClickHouse --------------------------------------------------------------------------------

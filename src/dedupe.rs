@@ -16,8 +16,17 @@
 use std::collections::{HashSet, VecDeque};
 
 /// The identity of an event: a 128-bit hash of (org_id, project_id, id).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventKey(pub u128);
+
+impl std::hash::Hash for EventKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.0);
+    }
+}
+
+/// A set of event keys that does not hash them again.
+pub type KeySet = HashSet<EventKey, BuildXxh>;
 
 impl EventKey {
     pub fn new(org_id: &str, project_id: &str, id: &str) -> Self {
@@ -46,47 +55,63 @@ pub enum Verdict {
     Unknown,
 }
 
-/// A Bloom filter over 64-bit key hashes (double hashing).
+/// A blocked Bloom filter over 64-bit key hashes: the high bits pick one 512-bit block (one
+/// cache line), [`HASHES`] bits are set inside it. One cache miss per check instead of one per
+/// hash, for a false-positive rate slightly above a classic filter's of the same size.
 #[derive(Debug, Clone)]
 pub struct Bloom {
-    words: Vec<u64>,
-    mask: u64,
-    hashes: u32,
+    blocks: Vec<[u64; 8]>,
+    block_mask: u64,
     inserted: u64,
 }
+
+/// Bits set per key.
+const HASHES: u32 = 8;
 
 impl Bloom {
     /// A filter of at most `bytes` bytes (rounded down to a power of two, at least 1 KiB).
     pub fn with_bytes(bytes: usize) -> Self {
-        let budget_bits = bytes.max(1024) * 8;
-        let bits = 1usize << (usize::BITS - 1 - budget_bits.leading_zeros());
-        Bloom { words: vec![0; bits / 64], mask: bits as u64 - 1, hashes: 7, inserted: 0 }
+        let budget = bytes.max(1024) / 64;
+        let blocks = 1usize << (usize::BITS - 1 - budget.leading_zeros());
+        Bloom { blocks: vec![[0u64; 8]; blocks], block_mask: blocks as u64 - 1, inserted: 0 }
     }
 
+    /// The block and, for each of the [`HASHES`] bits, (word, bit) inside it.
     #[inline]
-    fn positions(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
-        let h2 = (h.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        (0..u64::from(self.hashes)).map(move |i| h.wrapping_add(i.wrapping_mul(h2)) & self.mask)
+    fn locate(&self, h: u64) -> (usize, u64) {
+        // Block from the high bits (the low ones feed the in-block positions).
+        let block = ((h >> 32) ^ (h >> 17)) & self.block_mask;
+        (block as usize, h.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
     #[inline]
     pub fn insert(&mut self, h: u64) {
-        let mask = self.mask;
-        let h2 = (h.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        for i in 0..u64::from(self.hashes) {
-            let bit = h.wrapping_add(i.wrapping_mul(h2)) & mask;
-            self.words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        let (b, mut x) = self.locate(h);
+        let block = &mut self.blocks[b];
+        for _ in 0..HASHES {
+            let bit = (x >> 55) as usize; // 9 bits: 0..512
+            block[bit >> 6] |= 1 << (bit & 63);
+            x = x.rotate_left(9).wrapping_mul(0xff51_afd7_ed55_8ccd) | 1;
         }
         self.inserted += 1;
     }
 
     #[inline]
     pub fn may_contain(&self, h: u64) -> bool {
-        self.positions(h).all(|bit| self.words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0)
+        let (b, mut x) = self.locate(h);
+        let block = &self.blocks[b];
+        for _ in 0..HASHES {
+            let bit = (x >> 55) as usize;
+            if block[bit >> 6] & (1 << (bit & 63)) == 0 {
+                return false;
+            }
+            x = x.rotate_left(9).wrapping_mul(0xff51_afd7_ed55_8ccd) | 1;
+        }
+        true
     }
 
     pub fn bytes(&self) -> usize {
-        self.words.len() * 8
+        self.blocks.len() * 64
     }
 
     pub fn inserted(&self) -> u64 {
@@ -102,9 +127,10 @@ struct Recent {
     cap: usize,
 }
 
-/// Keys are already uniform hashes: hashing them again is wasted work.
-#[derive(Debug, Clone, Default)]
-struct BuildXxh;
+/// Keys are already uniform hashes: hashing them again is wasted work. Use for sets of
+/// [`EventKey`] and of their `u128`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildXxh;
 
 impl std::hash::BuildHasher for BuildXxh {
     type Hasher = PassThrough;
@@ -114,7 +140,7 @@ impl std::hash::BuildHasher for BuildXxh {
 }
 
 #[derive(Debug, Clone, Default)]
-struct PassThrough(u64);
+pub struct PassThrough(u64);
 
 impl std::hash::Hasher for PassThrough {
     fn finish(&self) -> u64 {
@@ -220,7 +246,7 @@ mod tests {
 
     #[test]
     fn bloom_false_positive_rate_is_near_design() {
-        // 1 MiB = 8 Mbit for 800k keys: ~10 bits/key, 7 hashes → ~0.8 % expected.
+        // 1 MiB = 8 Mbit for 800k keys: ~10 bits/key → ~1 % for a blocked filter.
         let mut b = Bloom::with_bytes(1 << 20);
         for i in 0..800_000u64 {
             b.insert(EventKey::new("o", "p", &i.to_string()).short());

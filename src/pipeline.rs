@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use crate::decode::{decode_event, decode_message, Captured, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE};
-use crate::dedupe::{EventKey, PartitionState, Verdict};
+use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
 use crate::sink::rowbinary::RowWriter;
@@ -77,7 +77,7 @@ pub struct Staged<'a> {
     pub rejections: Vec<Rejection>,
     /// Keys staged in this batch: exact, whatever the bound of the partition's recent set, so
     /// two copies in one batch are never both sent (the store cannot know about either yet).
-    batch_keys: HashSet<EventKey>,
+    batch_keys: KeySet,
     /// Duplicates found so far (in memory, then by [`Staged::resolve`]).
     pub duplicates: u64,
 }

@@ -58,6 +58,9 @@ enum Command {
         /// Where to write the expected outcome.
         #[arg(long, default_value = "expected.json")]
         expected: PathBuf,
+        /// Also print the expected totals per (org, project, meter) to stdout.
+        #[arg(long)]
+        print_totals: bool,
     },
     /// Write development key material (JWKS, API keys, and the generator's private side).
     Keygen {
@@ -105,7 +108,18 @@ fn main() -> anyhow::Result<()> {
             }
             tally::source::worker::run(cfg, shutdown)?;
         }
-        Command::Generate { keys_dir, events, rate, dup_ratio, bad_message_ratio, bad_event_ratio, batch_ratio, seed, expected } => {
+        Command::Generate {
+            keys_dir,
+            events,
+            rate,
+            dup_ratio,
+            bad_message_ratio,
+            bad_event_ratio,
+            batch_ratio,
+            seed,
+            expected,
+            print_totals,
+        } => {
             let keys = tally::devkeys::DevKeys::read(&keys_dir)
                 .with_context(|| format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display()))?;
             let meters: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg.meters.path)?)?;
@@ -125,6 +139,19 @@ fn main() -> anyhow::Result<()> {
             let t = std::time::Instant::now();
             let out = tally::loadgen::generate(&gen, &keys, defs, &tally::source::client_config(&cfg.kafka), &cfg.kafka.topic, |_| {})?;
             std::fs::write(&expected, serde_json::to_string(&out)?)?;
+            if print_totals {
+                let mut totals = std::collections::BTreeMap::<(&str, &str, &str), u64>::new();
+                for (o, p, m, _, v) in &out.totals {
+                    *totals.entry((o, p, m)).or_default() += v;
+                }
+                for (o, p, m, n) in &out.unique_overall {
+                    totals.insert((o, p, m), *n);
+                }
+                println!("org_id\tproject_id\tmeter\tvalue");
+                for ((o, p, m), v) in totals {
+                    println!("{o}\t{p}\t{m}\t{v}");
+                }
+            }
             eprintln!(
                 "produced {} messages / {} events in {:.1}s: {} accepted, {} duplicates, {} rejected; expected outcome in {}",
                 out.messages, out.events, t.elapsed().as_secs_f64(), out.accepted, out.duplicates, out.rejected_events, expected.display()
