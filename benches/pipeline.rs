@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use tally::config::AuthConfig;
 use tally::dedupe::PartitionState;
 use tally::devkeys::{basic, bearer, DevKeys};
 use tally::meter::{Meters, DEFAULT_METERS_TOML};
@@ -26,12 +25,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
     let keys = DevKeys::generate(10, 6, "https://issuer.bench", "tally-ingest");
     keys.write(&dir).unwrap();
-    let auth = AuthConfig {
-        jwks_path: dir.join("jwks.json"),
-        api_keys_path: dir.join("api_keys.json"),
-        issuer: "https://issuer.bench".into(),
-        ..AuthConfig::default()
-    };
+    let auth = keys.auth_config(&dir);
     let creds: Vec<String> = keys
         .tenants
         .iter()

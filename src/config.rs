@@ -71,6 +71,10 @@ pub struct ClickHouseConfig {
     /// Per-request timeout; a request that times out is retried after re-checking what landed.
     #[serde(default = "default_ch_timeout_secs")]
     pub timeout_secs: u64,
+    /// `tally-ingest prune` drops months of narrow rows older than this. The narrow table is the
+    /// dedupe authority: it must cover `dedupe.window_secs + dedupe.replay_slack_secs`.
+    #[serde(default = "default_events_retention_days")]
+    pub events_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +155,7 @@ fn default_ch_url() -> String { "http://127.0.0.1:8123".into() }
 fn default_database() -> String { "tally".into() }
 fn default_ch_user() -> String { "default".into() }
 fn default_ch_timeout_secs() -> u64 { 60 }
+fn default_events_retention_days() -> u64 { 400 }
 fn default_jwks_path() -> PathBuf { "config/dev/jwks.json".into() }
 fn default_api_keys_path() -> PathBuf { "config/dev/api_keys.json".into() }
 fn default_issuer() -> String { "https://auth.tally.local".into() }
@@ -215,6 +220,9 @@ impl IngestConfig {
             return bad("clickhouse.database", "must be a plain identifier [A-Za-z0-9_]");
         }
         if self.dedupe.window_secs == 0 { return bad("dedupe.window_secs", "must be > 0"); }
+        if self.clickhouse.events_retention_days * 86_400 < self.dedupe.window_secs + self.dedupe.replay_slack_secs {
+            return bad("clickhouse.events_retention_days", "must cover dedupe.window_secs + dedupe.replay_slack_secs");
+        }
         if self.dedupe.bloom_bytes_per_partition < 1024 {
             return bad("dedupe.bloom_bytes_per_partition", "must be at least 1024");
         }
@@ -222,6 +230,18 @@ impl IngestConfig {
             return bad("ingest.batch_max_events", "must be within 1..=500000");
         }
         if self.ingest.max_message_bytes == 0 { return bad("ingest.max_message_bytes", "must be > 0"); }
+        // A worker must never be expelled from the group while one ClickHouse request is in
+        // flight (it does not poll then): see docs/exactly-once.md, "Zombie writer".
+        let max_poll_ms: u64 = match self.kafka.options.get("max.poll.interval.ms") {
+            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                key: "kafka.options",
+                reason: format!("max.poll.interval.ms {v:?} is not a number"),
+            })?,
+            None => 300_000,
+        };
+        if self.clickhouse.timeout_secs == 0 || self.clickhouse.timeout_secs * 1000 * 2 > max_poll_ms {
+            return bad("clickhouse.timeout_secs", "must be > 0 and at most half of kafka max.poll.interval.ms");
+        }
         Ok(())
     }
 }
@@ -321,6 +341,13 @@ mod tests {
         std::fs::write(&p, "[clickhouse]\nurll = \"x\"\n").unwrap();
         let err = IngestConfig::load(Some(&p), env(&[])).unwrap_err();
         assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn request_timeout_must_stay_below_the_poll_interval() {
+        let err = IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "200")])).unwrap_err();
+        assert!(err.to_string().contains("clickhouse.timeout_secs"), "{err}");
+        assert!(IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "150")])).is_ok());
     }
 
     #[test]

@@ -134,6 +134,17 @@ impl DevKeys {
         std::fs::write(dir.join(PRIVATE_FILE), serde_json::to_string_pretty(self).expect("json"))
     }
 
+    /// The `[auth]` section for key files written to `dir` by [`DevKeys::write`].
+    pub fn auth_config(&self, dir: &Path) -> crate::config::AuthConfig {
+        crate::config::AuthConfig {
+            jwks_path: dir.join(JWKS_FILE),
+            api_keys_path: dir.join(API_KEYS_FILE),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            ..crate::config::AuthConfig::default()
+        }
+    }
+
     pub fn read(dir: &Path) -> std::io::Result<Self> {
         let text = std::fs::read_to_string(dir.join(PRIVATE_FILE))?;
         serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))

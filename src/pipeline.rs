@@ -232,9 +232,13 @@ impl<'a> Staged<'a> {
 
     /// Keys the in-memory state could not decide on: look them up in ClickHouse.
     pub fn unknown_keys(&self) -> Vec<(&str, &str, &str)> {
+        self.keys_with(Verdict::Unknown)
+    }
+
+    fn keys_with(&self, verdict: Verdict) -> Vec<(&str, &str, &str)> {
         self.events
             .iter()
-            .filter(|e| e.verdict == Verdict::Unknown)
+            .filter(|e| e.verdict == verdict)
             .map(|e| {
                 let p = &self.principals[e.principal as usize];
                 (&*p.org_id, &*p.project_id, &*e.id)
@@ -256,16 +260,9 @@ impl<'a> Staged<'a> {
         }
     }
 
-    /// Keys of the rows still to insert.
+    /// Keys of the rows still to insert (after [`Staged::resolve`]).
     pub fn pending_keys(&self) -> Vec<(&str, &str, &str)> {
-        self.events
-            .iter()
-            .filter(|e| e.verdict == Verdict::New)
-            .map(|e| {
-                let p = &self.principals[e.principal as usize];
-                (&*p.org_id, &*p.project_id, &*e.id)
-            })
-            .collect()
+        self.keys_with(Verdict::New)
     }
 
     /// After a failed insert: rows found in storage did land; they are not sent again (and are

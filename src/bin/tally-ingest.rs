@@ -31,37 +31,7 @@ enum Command {
     /// Join the consumer group and ingest until SIGTERM/SIGINT.
     Run,
     /// Produce synthetic traffic and write the expected totals as JSON.
-    Generate {
-        /// Directory with the development keys (see `keygen`).
-        #[arg(long, default_value = "config/dev")]
-        keys_dir: PathBuf,
-        /// Events to produce (accepted, duplicate and rejected together).
-        #[arg(long, default_value_t = 10_000)]
-        events: u64,
-        /// Events per second; 0 = as fast as possible.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Share of duplicate copies.
-        #[arg(long, default_value_t = 0.06)]
-        dup_ratio: f64,
-        /// Share of messages rejected as a whole.
-        #[arg(long, default_value_t = 0.03)]
-        bad_message_ratio: f64,
-        /// Share of bad events inside batch messages.
-        #[arg(long, default_value_t = 0.02)]
-        bad_event_ratio: f64,
-        /// Share of messages that are batches.
-        #[arg(long, default_value_t = 0.3)]
-        batch_ratio: f64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Where to write the expected outcome.
-        #[arg(long, default_value = "expected.json")]
-        expected: PathBuf,
-        /// Also print the expected totals per (org, project, meter) to stdout.
-        #[arg(long)]
-        print_totals: bool,
-    },
+    Generate(GenerateArgs),
     /// Write development key material (JWKS, API keys, and the generator's private side).
     Keygen {
         #[arg(long, default_value = "config/dev")]
@@ -84,6 +54,45 @@ enum Command {
     },
     /// Summarise the dead-letter topic by reason.
     DeadLetters,
+    /// Drop months of narrow rows older than clickhouse.events_retention_days.
+    Prune {
+        /// Only list what would be dropped.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Directory with the development keys (see `keygen`).
+    #[arg(long, default_value = "config/dev")]
+    keys_dir: PathBuf,
+    /// Events to produce (accepted, duplicate and rejected together).
+    #[arg(long, default_value_t = 10_000)]
+    events: u64,
+    /// Events per second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Share of duplicate copies.
+    #[arg(long, default_value_t = 0.06)]
+    dup_ratio: f64,
+    /// Share of messages rejected as a whole.
+    #[arg(long, default_value_t = 0.03)]
+    bad_message_ratio: f64,
+    /// Share of bad events inside batch messages.
+    #[arg(long, default_value_t = 0.02)]
+    bad_event_ratio: f64,
+    /// Share of messages that are batches.
+    #[arg(long, default_value_t = 0.3)]
+    batch_ratio: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to write the expected outcome.
+    #[arg(long, default_value = "expected.json")]
+    expected: PathBuf,
+    /// Also print the expected totals per (org, project, meter) to stdout.
+    #[arg(long)]
+    print_totals: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,18 +117,8 @@ fn main() -> anyhow::Result<()> {
             }
             tally::source::worker::run(cfg, shutdown)?;
         }
-        Command::Generate {
-            keys_dir,
-            events,
-            rate,
-            dup_ratio,
-            bad_message_ratio,
-            bad_event_ratio,
-            batch_ratio,
-            seed,
-            expected,
-            print_totals,
-        } => {
+        Command::Generate(a) => {
+            let GenerateArgs { keys_dir, events, rate, dup_ratio, bad_message_ratio, bad_event_ratio, batch_ratio, seed, expected, print_totals } = a;
             let keys = tally::devkeys::DevKeys::read(&keys_dir)
                 .with_context(|| format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display()))?;
             let meters: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg.meters.path)?)?;
@@ -171,6 +170,13 @@ fn main() -> anyhow::Result<()> {
                 tally::admin::wait_committed(&cfg.kafka, &e.end_offsets, Duration::from_secs(timeout_secs))?;
             }
             println!("{}", serde_json::to_string(&tally::admin::committed(&cfg.kafka)?)?);
+        }
+        Command::Prune { dry_run } => {
+            let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
+            let now = tally::source::worker::now_secs();
+            let dropped = tally::sink::retention::prune(&ch, cfg.clickhouse.events_retention_days, now, dry_run)?;
+            let verb = if dry_run { "would drop" } else { "dropped" };
+            eprintln!("{verb} {} month partition(s) of events: {dropped:?}", dropped.len());
         }
         Command::DeadLetters => {
             let records = tally::admin::read_dead_letters(&cfg.kafka, None, Duration::from_secs(3))?;

@@ -1,5 +1,4 @@
 use super::*;
-use crate::config::AuthConfig;
 use crate::devkeys::{basic, bearer, DevKeys};
 use crate::meter::DEFAULT_METERS_TOML;
 
@@ -15,12 +14,7 @@ fn fx(name: &str) -> Fx {
     let dir = std::env::temp_dir().join(format!("tally-pipeline-{name}-{}", std::process::id()));
     let keys = DevKeys::generate(2, 2, "https://issuer.test", "tally-ingest");
     keys.write(&dir).unwrap();
-    let auth = AuthConfig {
-        jwks_path: dir.join(crate::devkeys::JWKS_FILE),
-        api_keys_path: dir.join(crate::devkeys::API_KEYS_FILE),
-        issuer: "https://issuer.test".into(),
-        ..AuthConfig::default()
-    };
+    let auth = keys.auth_config(&dir);
     let p = Processor {
         meters: Meters::parse(DEFAULT_METERS_TOML).unwrap(),
         verifier: Verifier::from_config(&auth).unwrap(),

@@ -2,6 +2,7 @@
 //! deduplication. The hourly aggregates follow from it through materialized views.
 
 pub mod clickhouse;
+pub mod retention;
 pub mod rowbinary;
 pub mod schema;
 

@@ -15,13 +15,7 @@ fn fixture(name: &str) -> Fixture {
     let dir = std::env::temp_dir().join(format!("tally-verify-{name}-{}", std::process::id()));
     let keys = DevKeys::generate(2, 2, "https://issuer.test", "tally-ingest");
     keys.write(&dir).unwrap();
-    let cfg = AuthConfig {
-        jwks_path: dir.join(crate::devkeys::JWKS_FILE),
-        api_keys_path: dir.join(crate::devkeys::API_KEYS_FILE),
-        issuer: "https://issuer.test".into(),
-        reload_interval_secs: 0,
-        ..AuthConfig::default()
-    };
+    let cfg = AuthConfig { reload_interval_secs: 0, ..keys.auth_config(&dir) };
     let verifier = Verifier::from_config(&cfg).unwrap();
     Fixture { dir, keys, verifier }
 }
