@@ -21,7 +21,9 @@ if ! ch_up >/dev/null 2>&1; then
       /etc/clickhouse-server/config.xml > "$CH/config.xml"
   cp /etc/clickhouse-server/users.xml "$CH/users.xml"
   log "starting clickhouse-server (data in $CH)"
-  (cd "$CH" && nohup clickhouse-server --config-file="$CH/config.xml" >"$CH/log/stdout.log" 2>&1 & echo $! >"$CH/pid")
+  # Detached (setsid, no inherited stdio): nothing of it may hold the caller's pipes open.
+  (cd "$CH" && exec setsid clickhouse-server --config-file="$CH/config.xml" </dev/null >"$CH/log/stdout.log" 2>&1) &
+  echo $! >"$CH/pid"
   wait_for clickhouse 60 ch_up
 fi
 log "clickhouse up on 127.0.0.1:$CH_HTTP_PORT"
@@ -31,9 +33,9 @@ K="$STATE/tansu"
 mkdir -p "$K"
 if ! pid_alive "$K/pid"; then
   log "starting tansu broker (memory storage)"
-  nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  setsid "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine memory://tansu/ >"$K/broker.log" 2>&1 &
+    --storage-engine memory://tansu/ </dev/null >"$K/broker.log" 2>&1 &
   echo $! >"$K/pid"
   wait_for tansu 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
 fi

@@ -24,8 +24,8 @@ fn partitions(c: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
 }
 
 fn group_consumer(cfg: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
-    let mut c = crate::source::client_config(cfg);
-    c.set("group.id", &cfg.group_id).set("enable.auto.commit", "false");
+    let mut c = crate::source::consumer_config(cfg);
+    c.set("statistics.interval.ms", "0");
     c.create().context("failed to create consumer")
 }
 
@@ -83,8 +83,8 @@ pub struct DeadLetter {
 
 /// Reads the whole dead-letter topic (until no record arrived for `idle`).
 pub fn read_dead_letters(cfg: &KafkaConfig, tag_header: Option<&str>, idle: Duration) -> anyhow::Result<Vec<DeadLetter>> {
-    let mut cc = crate::source::client_config(cfg);
-    cc.set("group.id", format!("{}-dlq-reader", cfg.group_id)).set("enable.auto.commit", "false");
+    let mut cc = crate::source::consumer_config(cfg);
+    cc.set("group.id", format!("{}-dlq-reader", cfg.group_id)).set("statistics.interval.ms", "0");
     let c: BaseConsumer = cc.create().context("failed to create consumer")?;
     let mut tpl = TopicPartitionList::new();
     for p in partitions(&c, &cfg.dlq_topic)? {

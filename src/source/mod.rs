@@ -8,12 +8,29 @@ use rdkafka::config::ClientConfig;
 
 use crate::config::KafkaConfig;
 
-/// Client settings shared by the consumer and the dead-letter producer; `kafka.options` last, so
-/// operators can override anything.
+/// Properties of `kafka.options` that only a consumer understands (a producer warns about them).
+const CONSUMER_ONLY: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "partition.assignment.strategy",
+    "group.instance.id",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "fetch.wait.max.ms",
+    "max.partition.fetch.bytes",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "isolation.level",
+];
+
+/// Client settings for producers (the dead-letter producer, the load generator):
+/// `kafka.options` except the consumer-only ones, last so operators can override anything.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers).set("client.id", "tally-ingest");
-    for (k, v) in &cfg.options {
+    for (k, v) in cfg.options.iter().filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str())) {
         c.set(k, v);
     }
     c
