@@ -24,7 +24,8 @@ fn two_workers_count_exactly() {
     assert!(e.totals.iter().map(|t| (&t.0, &t.1)).collect::<std::collections::BTreeSet<_>>().len() >= 50, "≥ 50 projects");
 
     let t = Instant::now();
-    let workers = vec![w.worker("1"), w.worker("2")];
+    let metrics = [common::free_addr(), common::free_addr()];
+    let workers = vec![w.worker_with_metrics("1", &metrics[0]), w.worker_with_metrics("2", &metrics[1])];
     assert!(w.wait_assigned("1", Duration::from_secs(60)) && w.wait_assigned("2", Duration::from_secs(60)));
     let joined = t.elapsed().as_secs_f64();
     w.wait_caught_up(&e);
@@ -35,6 +36,25 @@ fn two_workers_count_exactly() {
         e.events, e.messages, e.accepted, e.duplicates, e.rejected_events,
         e.events as f64 / total, e.events as f64 / (total - joined).max(0.001)
     );
+    // The workers' own accounting (§8 metrics) agrees with the expectation too.
+    std::thread::sleep(Duration::from_secs(6)); // one statistics interval: lag and committed gauges
+    let scraped: Vec<String> = metrics.iter().map(|a| common::scrape(a)).collect();
+    let total = |metric: &str, labels: &str| -> f64 { scraped.iter().map(|m| common::sum_samples(m, metric, labels)).sum() };
+    assert_eq!(total("tally_events_total", "outcome=\"accepted\"") as u64, e.accepted);
+    assert_eq!(total("tally_events_total", "outcome=\"duplicate\"") as u64, e.duplicates);
+    assert_eq!(total("tally_events_total", "outcome=\"rejected\"") as u64, e.rejected_events);
+    for (reason, n) in e.rejected.iter().fold(std::collections::BTreeMap::<&str, u64>::new(), |mut m, r| {
+        *m.entry(r.2.as_str()).or_default() += 1;
+        m
+    }) {
+        assert_eq!(total("tally_events_total", &format!("reason=\"{reason}\"")) as u64, n, "{reason}");
+    }
+    assert!(total("tally_batches_total", "") >= 2.0);
+    assert!(total("tally_clickhouse_insert_seconds_count", "") >= 2.0);
+    assert!(total("tally_credential_cache_hit_ratio", "") > 0.0);
+    assert!(scraped.iter().all(|m| m.contains("tally_committed_offset{partition=")), "committed offset per partition");
+    assert!(scraped.iter().all(|m| m.contains("tally_consumer_lag{partition=")), "lag per partition");
+    assert!(total("tally_dedupe_state_bytes", "") > 0.0);
     stop_all(workers);
     w.assert_totals(&e);
     w.assert_dead_letters(&e, true);

@@ -120,6 +120,12 @@ max_backoff_ms = 2000
         self.cli(&["run"]).stderr(log).spawn().unwrap()
     }
 
+    /// Starts a worker serving its metrics on `metrics` (host:port).
+    pub fn worker_with_metrics(&self, label: &str, metrics: &str) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(label)).unwrap();
+        self.cli(&["run"]).env("TALLY_METRICS_LISTEN", metrics).stderr(log).spawn().unwrap()
+    }
+
     pub fn log_path(&self, label: &str) -> PathBuf {
         self.dir.join(format!("worker-{label}.log"))
     }
@@ -312,6 +318,15 @@ pub fn free_addr() -> String {
 /// GET http://<addr>/metrics.
 pub fn scrape(addr: &str) -> String {
     ureq::get(&format!("http://{addr}/metrics")).call().map(|r| r.into_string().unwrap()).unwrap_or_default()
+}
+
+/// The sum of the samples of `metric` (exact name) whose line contains `labels`.
+pub fn sum_samples(text: &str, metric: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(labels))
+        .filter(|l| l.split(|c| c == '{' || c == ' ').next() == Some(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The value of the first sample of `metric` whose line contains `labels`.
