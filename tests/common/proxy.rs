@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 pub struct Proxy {
     pub addr: String,
     up: Arc<AtomicBool>,
+    lose_responses: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -18,8 +19,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let up = Arc::new(AtomicBool::new(true));
+        let lose_responses = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (up2, live2, upstream) = (up.clone(), live.clone(), upstream.to_string());
+        let (up2, lose2, live2, upstream) = (up.clone(), lose_responses.clone(), live.clone(), upstream.to_string());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -33,13 +35,21 @@ impl Proxy {
                     l.push(client.try_clone().unwrap());
                     l.push(server.try_clone().unwrap());
                 }
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                let pairs = [(client.try_clone().unwrap(), server.try_clone().unwrap(), None), (server, client, Some(lose2.clone()))];
+                for (mut from, mut to, lose) in pairs {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 64 * 1024];
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
+                                    // A response to lose: the server did the work, the client
+                                    // only sees its connection die.
+                                    if lose.as_ref().is_some_and(|l| l.load(Ordering::SeqCst)) {
+                                        let _ = to.shutdown(Shutdown::Both);
+                                        let _ = from.shutdown(Shutdown::Both);
+                                        break;
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
@@ -51,7 +61,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, up, live }
+        Proxy { addr, up, lose_responses, live }
     }
 
     /// The outage starts: new connections are dropped, open ones are reset.
@@ -64,5 +74,12 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+        self.lose_responses.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests still reach the server, but every response is lost (the connection is reset as
+    /// it arrives): the client cannot know whether its request took effect.
+    pub fn lose_responses(&self) {
+        self.lose_responses.store(true, Ordering::SeqCst);
     }
 }
