@@ -14,10 +14,16 @@ use tally::verify::Verifier;
 const NOW: i64 = 1_795_860_000;
 
 fn event(i: u64, project: usize) -> String {
-    let ty = ["trace-create", "span-create", "generation-create", "generation-update", "event-create", "score-create"][(i % 6) as usize];
+    let ty = ["trace-create", "span-create", "generation-create", "generation-update", "event-create", "score-create"]
+        [(i % 6) as usize];
     format!(
         r#"{{"id":"evt-{i:012}","type":"{ty}","timestamp":"2026-11-28T09:{:02}:{:02}.123Z","body":{{"traceId":"t-{}","name":"llm-call","userId":"u-{project}-{}","model":"gpt-4o","usage":{{"input":{},"output":{},"unit":"TOKENS"}},"metadata":{{"env":"prod"}}}}}}"#,
-        i / 60 % 60, i % 60, i % 1000, i % 50, i % 5000, i % 700
+        i / 60 % 60,
+        i % 60,
+        i % 1000,
+        i % 50,
+        i % 5000,
+        i % 700
     )
 }
 
@@ -41,7 +47,8 @@ fn main() {
                 if per_message == 1 {
                     event(first, (m % 60) as usize)
                 } else {
-                    let evs: Vec<String> = (first..first + per_message as u64).map(|i| event(i, (m % 60) as usize)).collect();
+                    let evs: Vec<String> =
+                        (first..first + per_message as u64).map(|i| event(i, (m % 60) as usize)).collect();
                     format!(r#"{{"batch":[{}]}}"#, evs.join(","))
                 }
             })

@@ -40,7 +40,15 @@ pub fn committed(cfg: &KafkaConfig) -> anyhow::Result<BTreeMap<i32, i64>> {
     Ok(got
         .elements()
         .iter()
-        .map(|e| (e.partition(), match e.offset() { Offset::Offset(o) => o, _ => -1 }))
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => -1,
+                },
+            )
+        })
         .collect())
 }
 
@@ -82,7 +90,11 @@ pub struct DeadLetter {
 }
 
 /// Reads the whole dead-letter topic (until no record arrived for `idle`).
-pub fn read_dead_letters(cfg: &KafkaConfig, tag_header: Option<&str>, idle: Duration) -> anyhow::Result<Vec<DeadLetter>> {
+pub fn read_dead_letters(
+    cfg: &KafkaConfig,
+    tag_header: Option<&str>,
+    idle: Duration,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let mut cc = crate::source::consumer_config(cfg);
     cc.set("group.id", format!("{}-dlq-reader", cfg.group_id)).set("statistics.interval.ms", "0");
     let c: BaseConsumer = cc.create().context("failed to create consumer")?;
@@ -97,7 +109,13 @@ pub fn read_dead_letters(cfg: &KafkaConfig, tag_header: Option<&str>, idle: Dura
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last = Instant::now();
-                let mut d = DeadLetter { reason: String::new(), source_partition: -1, source_offset: -1, batch_index: None, tag: None };
+                let mut d = DeadLetter {
+                    reason: String::new(),
+                    source_partition: -1,
+                    source_offset: -1,
+                    batch_index: None,
+                    tag: None,
+                };
                 if let Some(h) = m.headers() {
                     for h in h.iter() {
                         let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();

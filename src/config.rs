@@ -147,33 +147,87 @@ pub struct IngestLimits {
     pub max_backoff_ms: u64,
 }
 
-fn default_brokers() -> String { "127.0.0.1:9092".into() }
-fn default_topic() -> String { "trace-events".into() }
-fn default_group_id() -> String { "tally-ingest".into() }
-fn default_dlq_topic() -> String { "trace-events.rejected".into() }
-fn default_ch_url() -> String { "http://127.0.0.1:8123".into() }
-fn default_database() -> String { "tally".into() }
-fn default_ch_user() -> String { "default".into() }
-fn default_ch_timeout_secs() -> u64 { 60 }
-fn default_events_retention_days() -> u64 { 400 }
-fn default_jwks_path() -> PathBuf { "config/dev/jwks.json".into() }
-fn default_api_keys_path() -> PathBuf { "config/dev/api_keys.json".into() }
-fn default_issuer() -> String { "https://auth.tally.local".into() }
-fn default_audience() -> String { "tally-ingest".into() }
-fn default_leeway_secs() -> u64 { 60 }
-fn default_reload_interval_secs() -> u64 { 10 }
-fn default_cache_entries() -> usize { 100_000 }
-fn default_window_secs() -> u64 { 30 * 24 * 3600 }
-fn default_bloom_bytes() -> usize { 16 << 20 }
-fn default_recent_keys() -> usize { 262_144 }
-fn default_replay_slack_secs() -> u64 { 7 * 24 * 3600 }
-fn default_meters_path() -> PathBuf { "config/meters.toml".into() }
-fn default_metrics_listen() -> String { "127.0.0.1:9464".into() }
-fn default_max_message_bytes() -> usize { 1 << 20 }
-fn default_max_future_secs() -> u64 { 300 }
-fn default_batch_max_events() -> usize { 50_000 }
-fn default_batch_max_wait_ms() -> u64 { 250 }
-fn default_max_backoff_ms() -> u64 { 30_000 }
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_topic() -> String {
+    "trace-events".into()
+}
+fn default_group_id() -> String {
+    "tally-ingest".into()
+}
+fn default_dlq_topic() -> String {
+    "trace-events.rejected".into()
+}
+fn default_ch_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_database() -> String {
+    "tally".into()
+}
+fn default_ch_user() -> String {
+    "default".into()
+}
+fn default_ch_timeout_secs() -> u64 {
+    60
+}
+fn default_events_retention_days() -> u64 {
+    400
+}
+fn default_jwks_path() -> PathBuf {
+    "config/dev/jwks.json".into()
+}
+fn default_api_keys_path() -> PathBuf {
+    "config/dev/api_keys.json".into()
+}
+fn default_issuer() -> String {
+    "https://auth.tally.local".into()
+}
+fn default_audience() -> String {
+    "tally-ingest".into()
+}
+fn default_leeway_secs() -> u64 {
+    60
+}
+fn default_reload_interval_secs() -> u64 {
+    10
+}
+fn default_cache_entries() -> usize {
+    100_000
+}
+fn default_window_secs() -> u64 {
+    30 * 24 * 3600
+}
+fn default_bloom_bytes() -> usize {
+    16 << 20
+}
+fn default_recent_keys() -> usize {
+    262_144
+}
+fn default_replay_slack_secs() -> u64 {
+    7 * 24 * 3600
+}
+fn default_meters_path() -> PathBuf {
+    "config/meters.toml".into()
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_max_message_bytes() -> usize {
+    1 << 20
+}
+fn default_max_future_secs() -> u64 {
+    300
+}
+fn default_batch_max_events() -> usize {
+    50_000
+}
+fn default_batch_max_wait_ms() -> u64 {
+    250
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
@@ -187,19 +241,14 @@ macro_rules! default_from_serde {
 default_from_serde!(KafkaConfig, ClickHouseConfig, AuthConfig, DedupeConfig, MetersConfig, MetricsConfig, IngestLimits);
 
 /// Sections of the ingest config; `TALLY_<SECTION>_<KEY>` variables of these sections are applied.
-pub const INGEST_SECTIONS: &[&str] =
-    &["kafka", "clickhouse", "auth", "dedupe", "meters", "metrics", "ingest"];
+pub const INGEST_SECTIONS: &[&str] = &["kafka", "clickhouse", "auth", "dedupe", "meters", "metrics", "ingest"];
 
 impl IngestConfig {
     /// Reads `path` (if given), applies `TALLY_*` overrides from `env`, deserializes and validates.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let table = load_table(path, env, INGEST_SECTIONS)?;
-        let cfg: IngestConfig = table.try_into().map_err(|e: toml::de::Error| {
-            ConfigError::Parse(e.message().to_string())
-        })?;
+        let cfg: IngestConfig =
+            table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -207,7 +256,9 @@ impl IngestConfig {
     /// Pure checks of values that would otherwise fail late.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
-        if self.kafka.topic.is_empty() { return bad("kafka.topic", "must not be empty"); }
+        if self.kafka.topic.is_empty() {
+            return bad("kafka.topic", "must not be empty");
+        }
         if self.kafka.topic == self.kafka.dlq_topic {
             return bad("kafka.dlq_topic", "must differ from kafka.topic");
         }
@@ -219,7 +270,9 @@ impl IngestConfig {
         {
             return bad("clickhouse.database", "must be a plain identifier [A-Za-z0-9_]");
         }
-        if self.dedupe.window_secs == 0 { return bad("dedupe.window_secs", "must be > 0"); }
+        if self.dedupe.window_secs == 0 {
+            return bad("dedupe.window_secs", "must be > 0");
+        }
         if self.clickhouse.events_retention_days * 86_400 < self.dedupe.window_secs + self.dedupe.replay_slack_secs {
             return bad("clickhouse.events_retention_days", "must cover dedupe.window_secs + dedupe.replay_slack_secs");
         }
@@ -229,7 +282,9 @@ impl IngestConfig {
         if self.ingest.batch_max_events == 0 || self.ingest.batch_max_events > 500_000 {
             return bad("ingest.batch_max_events", "must be within 1..=500000");
         }
-        if self.ingest.max_message_bytes == 0 { return bad("ingest.max_message_bytes", "must be > 0"); }
+        if self.ingest.max_message_bytes == 0 {
+            return bad("ingest.max_message_bytes", "must be > 0");
+        }
         // A worker must never be expelled from the group while one ClickHouse request is in
         // flight (it does not poll then): see docs/exactly-once.md, "Zombie writer".
         let max_poll_ms: u64 = match self.kafka.options.get("max.poll.interval.ms") {
@@ -254,8 +309,8 @@ pub fn load_table(
 ) -> Result<toml::Table, ConfigError> {
     let mut table: toml::Table = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+            let text =
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
             toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.message())))?
         }
         None => toml::Table::new(),
@@ -263,15 +318,14 @@ pub fn load_table(
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("TALLY_") else { continue };
         let rest = rest.to_ascii_lowercase();
-        let Some(section) = sections.iter().find(|s| {
-            rest.len() > s.len() + 1 && rest.starts_with(**s) && rest.as_bytes()[s.len()] == b'_'
-        }) else {
+        let Some(section) = sections
+            .iter()
+            .find(|s| rest.len() > s.len() + 1 && rest.starts_with(**s) && rest.as_bytes()[s.len()] == b'_')
+        else {
             continue;
         };
         let key = rest[section.len() + 1..].to_string();
-        let entry = table
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let toml::Value::Table(sec) = entry else {
             return Err(ConfigError::Parse(format!("[{section}] must be a table")));
         };

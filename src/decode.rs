@@ -151,7 +151,11 @@ pub fn decode_message<'a>(
 pub fn decode_event<'a>(raw: &'a RawValue, tree: &PathTree, caps: &mut [Captured<'a>]) -> Result<(), Malformed> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
     let is_object = NodeSeed { node: &tree.root, caps }.deserialize(&mut de).map_err(|_| Malformed)?;
-    if is_object { Ok(()) } else { Err(Malformed) }
+    if is_object {
+        Ok(())
+    } else {
+        Err(Malformed)
+    }
 }
 
 /// An object key, borrowed when possible.
@@ -217,12 +221,24 @@ impl<'de, 't, 'c> Visitor<'de> for TopSeed<'t, 'c, 'de> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Top::NotObject)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
-    fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
-    fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
-    fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
-    fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
-    fn visit_unit<E>(self) -> Result<Top<'de>, E> { Ok(Top::NotObject) }
+    fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
 }
 
 fn visit_entry<'de, A: MapAccess<'de>>(
@@ -280,12 +296,24 @@ impl<'de, 't, 'c> Visitor<'de> for NodeSeed<'t, 'c, 'de> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         self.not_object()
     }
-    fn visit_unit<E>(self) -> Result<bool, E> { Ok(false) }
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> { self.not_object() }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> { self.not_object() }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> { self.not_object() }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> { self.not_object() }
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> { self.not_object() }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        self.not_object()
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        self.not_object()
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        self.not_object()
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        self.not_object()
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        self.not_object()
+    }
 }
 
 struct LeafSeed;
@@ -302,13 +330,21 @@ impl<'de> Visitor<'de> for LeafSeed {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Captured<'de>, E> { Ok(Captured::U64(v)) }
+    fn visit_u64<E>(self, v: u64) -> Result<Captured<'de>, E> {
+        Ok(Captured::U64(v))
+    }
     fn visit_i64<E>(self, v: i64) -> Result<Captured<'de>, E> {
         Ok(if v >= 0 { Captured::U64(v as u64) } else { Captured::Other })
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Captured<'de>, E> { Ok(Captured::Other) }
-    fn visit_bool<E>(self, _: bool) -> Result<Captured<'de>, E> { Ok(Captured::Other) }
-    fn visit_unit<E>(self) -> Result<Captured<'de>, E> { Ok(Captured::Missing) }
+    fn visit_f64<E>(self, _: f64) -> Result<Captured<'de>, E> {
+        Ok(Captured::Other)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Captured<'de>, E> {
+        Ok(Captured::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Captured<'de>, E> {
+        Ok(Captured::Missing)
+    }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Captured<'de>, E> {
         Ok(Captured::Str(Cow::Borrowed(v)))
     }

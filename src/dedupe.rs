@@ -251,7 +251,8 @@ mod tests {
         for i in 0..800_000u64 {
             b.insert(EventKey::new("o", "p", &i.to_string()).short());
         }
-        let fp = (800_000..900_000u64).filter(|i| b.may_contain(EventKey::new("o", "p", &i.to_string()).short())).count();
+        let fp =
+            (800_000..900_000u64).filter(|i| b.may_contain(EventKey::new("o", "p", &i.to_string()).short())).count();
         assert!(fp < 2_000, "false positives {fp} / 100000");
     }
 

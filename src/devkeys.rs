@@ -181,11 +181,7 @@ impl DevKeys {
 }
 
 pub fn signing_input(header: &serde_json::Value, claims: &serde_json::Value) -> String {
-    format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    )
+    format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()))
 }
 
 pub fn sign_hs256_with(header: &serde_json::Value, claims: &serde_json::Value, secret: &[u8]) -> String {

@@ -96,7 +96,9 @@ impl DeadLetters {
             loop {
                 match self.producer.send(record) {
                     Ok(()) => break,
-                    Err((e, rec)) if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
+                    Err((e, rec))
+                        if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) =>
+                    {
                         self.producer.poll(Duration::from_millis(50));
                         record = rec;
                     }

@@ -4,19 +4,19 @@
 //! [`meter`] → [`sink`] (ClickHouse), with rejections going to [`dlq`]. [`pipeline`] is the pure
 //! step between source and sink.
 
+pub mod admin;
 pub mod config;
 pub mod decode;
+pub mod dedupe;
 pub mod devkeys;
+pub mod dlq;
+pub mod loadgen;
 pub mod meter;
+pub mod metrics;
+pub mod pipeline;
 pub mod reject;
+pub mod retry;
+pub mod sink;
+pub mod source;
 pub mod timestamp;
 pub mod verify;
-pub mod dedupe;
-pub mod pipeline;
-pub mod sink;
-pub mod dlq;
-pub mod metrics;
-pub mod retry;
-pub mod source;
-pub mod loadgen;
-pub mod admin;

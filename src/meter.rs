@@ -121,7 +121,9 @@ impl Meters {
         let mut tree = PathTree::new();
         let mut meters = Vec::with_capacity(defs.len());
         for d in &defs {
-            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+            if d.name.is_empty()
+                || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            {
                 return Err(invalid(d, "name must be non-empty [A-Za-z0-9_.-]"));
             }
             if meters.iter().any(|m: &Meter| m.name == d.name) {
@@ -203,12 +205,20 @@ mod tests {
     fn default_meters_follow_the_contract() {
         let m = Meters::parse(DEFAULT_METERS_TOML).unwrap();
         let names: Vec<_> = m.meters().iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["events", "traces", "observations", "scores", "input_tokens", "output_tokens", "unique_users"]);
+        assert_eq!(
+            names,
+            ["events", "traces", "observations", "scores", "input_tokens", "output_tokens", "unique_users"]
+        );
         let gen = r#"{"id":"1","type":"generation-create","body":{"userId":"u-42","usage":{"input":812,"output":96}}}"#;
         assert_eq!(
             contribution(&m, gen).unwrap(),
-            [("events".into(), 1), ("observations".into(), 1), ("input_tokens".into(), 812),
-             ("output_tokens".into(), 96), ("unique_users".into(), unique_hash("u-42"))]
+            [
+                ("events".into(), 1),
+                ("observations".into(), 1),
+                ("input_tokens".into(), 812),
+                ("output_tokens".into(), 96),
+                ("unique_users".into(), unique_hash("u-42"))
+            ]
         );
         let upd = r#"{"id":"1","type":"generation-update","body":{"usage":{"input":5}}}"#;
         assert_eq!(contribution(&m, upd).unwrap(), [("events".into(), 1), ("input_tokens".into(), 5)]);

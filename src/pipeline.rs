@@ -107,7 +107,9 @@ impl Processor {
         let mut contribution = Contribution::default();
         for (i, m) in msgs.iter().enumerate() {
             let at = m.timestamp_secs.unwrap_or(now);
-            let reject = |out: &mut Staged<'a>, reason| out.rejections.push(Rejection { msg: i, batch_index: None, reason, span: None });
+            let reject = |out: &mut Staged<'a>, reason| {
+                out.rejections.push(Rejection { msg: i, batch_index: None, reason, span: None })
+            };
             let Some(value) = m.value else {
                 reject(&mut out, Reason::Malformed);
                 continue;
@@ -130,7 +132,7 @@ impl Processor {
                 Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => reject(&mut out, Reason::TooLarge),
                 Ok(Message::Single) => {
                     let p = out.push_principal(principal);
-                    let ev = EventCtx { msg: i, m, principal: p, batch_index: -1, at };
+                    let ev = EventCtx { m, principal: p, batch_index: -1, at };
                     if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, state, ev) {
                         reject(&mut out, reason);
                     }
@@ -139,7 +141,7 @@ impl Processor {
                     let p = out.push_principal(principal);
                     for (j, raw) in events.iter().enumerate() {
                         caps.fill(Captured::Missing);
-                        let ev = EventCtx { msg: i, m, principal: p, batch_index: j as i32, at };
+                        let ev = EventCtx { m, principal: p, batch_index: j as i32, at };
                         let result = match decode_event(raw, self.meters.tree(), &mut caps) {
                             Ok(()) => self.stage_event(&mut out, &caps, &mut contribution, state, ev),
                             Err(_) => Err(Reason::Malformed),
@@ -168,7 +170,8 @@ impl Processor {
         state: &mut PartitionState,
         ev: EventCtx<'_, 'a>,
     ) -> Result<(), Reason> {
-        let (Captured::Str(id), Captured::Str(ty), Captured::Str(ts)) = (&caps[SLOT_ID], &caps[SLOT_TYPE], &caps[SLOT_TIMESTAMP])
+        let (Captured::Str(id), Captured::Str(ty), Captured::Str(ts)) =
+            (&caps[SLOT_ID], &caps[SLOT_TYPE], &caps[SLOT_TIMESTAMP])
         else {
             return Err(Reason::Malformed);
         };
@@ -214,10 +217,9 @@ impl Processor {
     }
 }
 
+/// Where an event comes from.
 #[derive(Clone, Copy)]
 struct EventCtx<'m, 'a> {
-    #[allow(dead_code)]
-    msg: usize,
     m: &'m InMessage<'a>,
     principal: u32,
     batch_index: i32,

@@ -21,7 +21,13 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     }
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut i = 19;
@@ -43,7 +49,11 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
                 return None;
             }
             let o = oh * 3600 + om * 60;
-            if *sign == b'+' { o } else { -o }
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
         }
         _ => return None,
     };
@@ -75,7 +85,12 @@ pub fn format_rfc3339(secs: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second()
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
 }
 
@@ -94,8 +109,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "2026-11-28", "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-28T10:15:02",
-                  "2026-11-28T10:15:02.Z", "2026-11-28T25:00:00Z", "2026-11-28T10:15:02+0100", "yesterday at noon!!"] {
+        for s in [
+            "",
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-11-28T10:15:02",
+            "2026-11-28T10:15:02.Z",
+            "2026-11-28T25:00:00Z",
+            "2026-11-28T10:15:02+0100",
+            "yesterday at noon!!",
+        ] {
             assert_eq!(parse_rfc3339(s), None, "{s}");
         }
     }

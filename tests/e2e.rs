@@ -21,7 +21,10 @@ fn two_workers_count_exactly() {
     assert!(e.duplicates as f64 >= 0.05 * e.events as f64, "duplicates {} of {}", e.duplicates, e.events);
     let reasons: std::collections::BTreeSet<_> = e.rejected.iter().map(|r| r.2.clone()).collect();
     assert_eq!(reasons.len(), 9, "every reason is exercised: {reasons:?}");
-    assert!(e.totals.iter().map(|t| (&t.0, &t.1)).collect::<std::collections::BTreeSet<_>>().len() >= 50, "≥ 50 projects");
+    assert!(
+        e.totals.iter().map(|t| (&t.0, &t.1)).collect::<std::collections::BTreeSet<_>>().len() >= 50,
+        "≥ 50 projects"
+    );
 
     let t = Instant::now();
     let metrics = [common::free_addr(), common::free_addr()];
@@ -39,7 +42,8 @@ fn two_workers_count_exactly() {
     // The workers' own accounting (§8 metrics) agrees with the expectation too.
     std::thread::sleep(Duration::from_secs(6)); // one statistics interval: lag and committed gauges
     let scraped: Vec<String> = metrics.iter().map(|a| common::scrape(a)).collect();
-    let total = |metric: &str, labels: &str| -> f64 { scraped.iter().map(|m| common::sum_samples(m, metric, labels)).sum() };
+    let total =
+        |metric: &str, labels: &str| -> f64 { scraped.iter().map(|m| common::sum_samples(m, metric, labels)).sum() };
     assert_eq!(total("tally_events_total", "outcome=\"accepted\"") as u64, e.accepted);
     assert_eq!(total("tally_events_total", "outcome=\"duplicate\"") as u64, e.duplicates);
     assert_eq!(total("tally_events_total", "outcome=\"rejected\"") as u64, e.rejected_events);
@@ -188,13 +192,16 @@ fn inserts_with_lost_answers_are_not_repeated() {
     let log = String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap()).into_owned();
     let landed = log.matches("had landed; not sending them again").count();
     assert!(landed >= 1, "the lost-answer path was exercised (an insert landed without its answer)");
-    eprintln!("[measure] lost answers: {landed} insert(s) landed without an answer and were not repeated; totals exact");
+    eprintln!(
+        "[measure] lost answers: {landed} insert(s) landed without an answer and were not repeated; totals exact"
+    );
 }
 
 /// The expectation of two runs into one topic (distinct seeds: no shared ids).
 fn merge(a: &mut tally::loadgen::expected::Expected, b: &tally::loadgen::expected::Expected) {
     use std::collections::BTreeMap;
-    let mut t: BTreeMap<_, u64> = a.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
+    let mut t: BTreeMap<_, u64> =
+        a.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
     for (o, p, m, h, v) in &b.totals {
         *t.entry((o.clone(), p.clone(), m.clone(), *h)).or_default() += v;
     }

@@ -107,7 +107,10 @@ fn main() -> anyhow::Result<()> {
             let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
             let migrations = tally::sink::schema::load(schemas.as_deref())?;
             let applied = tally::sink::schema::migrate(&ch, &migrations)?;
-            eprintln!("migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+            eprintln!(
+                "migrations applied: {}",
+                if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") }
+            );
         }
         Command::Run => {
             tally::metrics::install(&cfg.metrics.listen)?;
@@ -118,9 +121,21 @@ fn main() -> anyhow::Result<()> {
             tally::source::worker::run(cfg, shutdown)?;
         }
         Command::Generate(a) => {
-            let GenerateArgs { keys_dir, events, rate, dup_ratio, bad_message_ratio, bad_event_ratio, batch_ratio, seed, expected, print_totals } = a;
-            let keys = tally::devkeys::DevKeys::read(&keys_dir)
-                .with_context(|| format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display()))?;
+            let GenerateArgs {
+                keys_dir,
+                events,
+                rate,
+                dup_ratio,
+                bad_message_ratio,
+                bad_event_ratio,
+                batch_ratio,
+                seed,
+                expected,
+                print_totals,
+            } = a;
+            let keys = tally::devkeys::DevKeys::read(&keys_dir).with_context(|| {
+                format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display())
+            })?;
             let meters: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg.meters.path)?)?;
             let defs: Vec<tally::meter::MeterDef> = meters["meter"].clone().try_into()?;
             let gen = tally::loadgen::GenConfig {
@@ -136,7 +151,14 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let t = std::time::Instant::now();
-            let out = tally::loadgen::generate(&gen, &keys, defs, &tally::source::client_config(&cfg.kafka), &cfg.kafka.topic, |_| {})?;
+            let out = tally::loadgen::generate(
+                &gen,
+                &keys,
+                defs,
+                &tally::source::client_config(&cfg.kafka),
+                &cfg.kafka.topic,
+                |_| {},
+            )?;
             std::fs::write(&expected, serde_json::to_string(&out)?)?;
             if print_totals {
                 let mut totals = std::collections::BTreeMap::<(&str, &str, &str), u64>::new();

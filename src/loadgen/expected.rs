@@ -82,7 +82,10 @@ impl Tracker {
                 }
                 Aggregation::Unique => {
                     if let Some(v) = path(event, m.path.as_deref().expect("path")).and_then(|v| v.as_str()) {
-                        self.unique_hourly.entry((k.0.clone(), k.1.clone(), k.2.clone(), hour)).or_default().insert(v.into());
+                        self.unique_hourly
+                            .entry((k.0.clone(), k.1.clone(), k.2.clone(), hour))
+                            .or_default()
+                            .insert(v.into());
                         self.unique_overall.entry(k).or_default().insert(v.into());
                     }
                 }
@@ -97,7 +100,11 @@ impl Tracker {
     pub fn finish(self, end_offsets: BTreeMap<i32, i64>, messages: u64, events: u64) -> Expected {
         Expected {
             totals: self.totals.into_iter().map(|((o, p, m, h), v)| (o, p, m, h, v)).collect(),
-            unique_hourly: self.unique_hourly.into_iter().map(|((o, p, m, h), s)| (o, p, m, h, s.len() as u64)).collect(),
+            unique_hourly: self
+                .unique_hourly
+                .into_iter()
+                .map(|((o, p, m, h), s)| (o, p, m, h, s.len() as u64))
+                .collect(),
             unique_overall: self.unique_overall.into_iter().map(|((o, p, m), s)| (o, p, m, s.len() as u64)).collect(),
             rejected_events: self.rejected.len() as u64,
             rejected: self.rejected.into_iter().map(|(id, b, r)| (id, b, r.as_str().to_string())).collect(),

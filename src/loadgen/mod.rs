@@ -140,10 +140,21 @@ impl<'k> Gen<'k> {
         self.next_event += 1;
         let total: u32 = EVENT_TYPES.iter().map(|t| t.1).sum();
         let mut pick = self.rng.gen_range(0..total);
-        let ty = EVENT_TYPES.iter().find(|(_, w)| if pick < *w { true } else { pick -= w; false }).expect("weights").0;
+        let ty = EVENT_TYPES
+            .iter()
+            .find(|(_, w)| {
+                if pick < *w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+            .expect("weights")
+            .0;
         let age = match self.rng.gen_range(0..100) {
-            0..=4 => self.rng.gen_range(3600..72 * 3600),   // late
-            5 => -self.rng.gen_range(0..200),                // slightly ahead (clock skew)
+            0..=4 => self.rng.gen_range(3600..72 * 3600), // late
+            5 => -self.rng.gen_range(0..200),             // slightly ahead (clock skew)
             _ => self.rng.gen_range(0..2 * 3600),
         };
         let ts = self.now - age;
@@ -175,12 +186,32 @@ impl<'k> Gen<'k> {
     fn bad_event(&mut self, tenant: usize) -> (Value, Reason) {
         let mut e = self.event(tenant);
         let reason = match self.rng.gen_range(0..6) {
-            0 => { e.as_object_mut().expect("object").remove("id"); Reason::Malformed }
-            1 => { e["timestamp"] = "yesterday".into(); Reason::Malformed }
-            2 => { e["type"] = "generation-create".into(); e["body"]["usage"] = json!({"input": -5}); Reason::Malformed }
-            3 => { e["timestamp"] = crate::timestamp::format_rfc3339(self.now - self.cfg.window_secs as i64 - 86_400).into(); Reason::TooOld }
-            4 => { e["timestamp"] = crate::timestamp::format_rfc3339(self.now + 3600).into(); Reason::FutureTimestamp }
-            _ => { e["id"] = "".into(); Reason::Malformed }
+            0 => {
+                e.as_object_mut().expect("object").remove("id");
+                Reason::Malformed
+            }
+            1 => {
+                e["timestamp"] = "yesterday".into();
+                Reason::Malformed
+            }
+            2 => {
+                e["type"] = "generation-create".into();
+                e["body"]["usage"] = json!({"input": -5});
+                Reason::Malformed
+            }
+            3 => {
+                e["timestamp"] =
+                    crate::timestamp::format_rfc3339(self.now - self.cfg.window_secs as i64 - 86_400).into();
+                Reason::TooOld
+            }
+            4 => {
+                e["timestamp"] = crate::timestamp::format_rfc3339(self.now + 3600).into();
+                Reason::FutureTimestamp
+            }
+            _ => {
+                e["id"] = "".into();
+                Reason::Malformed
+            }
         };
         (e, reason)
     }
@@ -210,19 +241,38 @@ impl<'k> Gen<'k> {
                 // Signature of another payload.
                 let good = k.sign_eddsa(&claims);
                 let sig = good.rsplit('.').next().expect("sig").to_string();
-                let forged = signing_input(&json!({"alg":"EdDSA","kid":k.ed25519_kid}), &with("org_id", "org-evil".into()));
+                let forged =
+                    signing_input(&json!({"alg":"EdDSA","kid":k.ed25519_kid}), &with("org_id", "org-evil".into()));
                 (Some(bearer(&format!("{forged}.{sig}"))), value, Reason::InvalidCredentials)
             }
-            2 => (Some(bearer(&sign_hs256_with(&json!({"alg":"HS256","kid":"unknown"}), &claims, b"0123456789abcdef0123456789abcdef"))), value, Reason::InvalidCredentials),
-            3 => (Some(bearer(&format!("{}.", signing_input(&json!({"alg":"none","kid":k.hs256_kid}), &claims)))), value, Reason::InvalidCredentials),
-            4 => (Some(bearer(&k.sign_eddsa(&with("iss", "https://evil.example".into())))), value, Reason::InvalidCredentials),
+            2 => (
+                Some(bearer(&sign_hs256_with(
+                    &json!({"alg":"HS256","kid":"unknown"}),
+                    &claims,
+                    b"0123456789abcdef0123456789abcdef",
+                ))),
+                value,
+                Reason::InvalidCredentials,
+            ),
+            3 => (
+                Some(bearer(&format!("{}.", signing_input(&json!({"alg":"none","kid":k.hs256_kid}), &claims)))),
+                value,
+                Reason::InvalidCredentials,
+            ),
+            4 => (
+                Some(bearer(&k.sign_eddsa(&with("iss", "https://evil.example".into())))),
+                value,
+                Reason::InvalidCredentials,
+            ),
             5 => (Some(bearer(&k.sign_hs256(&with("aud", "someone-else".into())))), value, Reason::InvalidCredentials),
             6 => {
                 let mut wrong = t.clone();
                 wrong.secret_key = "sk-lf-wrong".into();
                 (Some(basic(&wrong)), value, Reason::InvalidCredentials)
             }
-            7 => (Some(bearer(&k.sign_eddsa(&with("exp", (self.now - 3600).into())))), value, Reason::ExpiredCredentials),
+            7 => {
+                (Some(bearer(&k.sign_eddsa(&with("exp", (self.now - 3600).into())))), value, Reason::ExpiredCredentials)
+            }
             8 => {
                 let org = &t.org_id;
                 let e = k.expired.iter().find(|x| &x.org_id == org).expect("expired key per org").clone();
@@ -305,7 +355,12 @@ impl<'k> Gen<'k> {
                     batch.push(e);
                 }
             }
-            return Out { key: t.project_id, value: json!({"batch": batch}).to_string().into_bytes(), auth: Some(auth), events: n as u64 };
+            return Out {
+                key: t.project_id,
+                value: json!({"batch": batch}).to_string().into_bytes(),
+                auth: Some(auth),
+                events: n as u64,
+            };
         }
         let e = self.good_event(tenant);
         self.tracker.valid(&t.org_id, &t.project_id, &e);
@@ -324,8 +379,11 @@ pub fn generate(
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Expected> {
     let mut pc = producer_cfg.clone();
-    pc.set("acks", "all").set("linger.ms", "20").set("message.max.bytes", &(cfg.max_message_bytes * 2 + 4096).to_string());
-    let producer: BaseProducer<Deliveries> = pc.create_with_context(Deliveries::default()).context("failed to create producer")?;
+    pc.set("acks", "all")
+        .set("linger.ms", "20")
+        .set("message.max.bytes", (cfg.max_message_bytes * 2 + 4096).to_string());
+    let producer: BaseProducer<Deliveries> =
+        pc.create_with_context(Deliveries::default()).context("failed to create producer")?;
     let mut g = Gen {
         cfg: cfg.clone(),
         keys,
@@ -346,7 +404,12 @@ pub fn generate(
             let t = keys.tenants[tenant].clone();
             g.tracker.valid(&t.org_id, &t.project_id, &e);
             let auth = g.valid_auth(tenant);
-            send(&producer, topic, id(messages), &Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 })?;
+            send(
+                &producer,
+                topic,
+                id(messages),
+                &Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 },
+            )?;
             messages += 1;
             events += 1;
             continue;

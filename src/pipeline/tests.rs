@@ -29,11 +29,14 @@ fn ev(id: &str, ty: &str, ts: i64, body: &str) -> String {
     format!(r#"{{"id":"{id}","type":"{ty}","timestamp":"{}","body":{body}}}"#, crate::timestamp::format_rfc3339(ts))
 }
 
+/// (rejections as (batch index, reason), duplicates, rows written, RowBinary).
+type RunResult = (Vec<(Option<u32>, Reason)>, u64, usize, Vec<u8>);
+
 impl Fx {
     fn auth(&self) -> String {
         bearer(&self.keys.sign_eddsa(&self.keys.claims(&self.keys.tenants[0], NOW, 3600)))
     }
-    fn run(&mut self, values: &[(Option<&str>, &str)]) -> (Vec<(Option<u32>, Reason)>, u64, usize, Vec<u8>) {
+    fn run(&mut self, values: &[(Option<&str>, &str)]) -> RunResult {
         let msgs: Vec<InMessage> = values
             .iter()
             .enumerate()
@@ -87,7 +90,10 @@ fn every_message_level_reason() {
         assert_eq!((rej, dups, n), (vec![(None, want)], 0, 0), "{value:.80}");
     }
     // Limits are inclusive.
-    let (rej, _, n, _) = f.run(&[(Some(&good), &ev("edge1", "t", NOW - 86_400, "{}")), (Some(&good), &ev("edge2", "t", NOW + 300, "{}"))]);
+    let (rej, _, n, _) = f.run(&[
+        (Some(&good), &ev("edge1", "t", NOW - 86_400, "{}")),
+        (Some(&good), &ev("edge2", "t", NOW + 300, "{}")),
+    ]);
     assert_eq!((rej, n), (vec![], 2));
 }
 
@@ -103,7 +109,13 @@ fn batch_events_are_judged_one_by_one() {
         ev("b3", "span-create", NOW + 3600, "{}"),
         ev("b4", "span-create", NOW, "{}"),
     );
-    let msgs = [InMessage { partition: 0, offset: 9, timestamp_secs: Some(NOW), value: Some(value.as_bytes()), authorization: Some(good.as_bytes()) }];
+    let msgs = [InMessage {
+        partition: 0,
+        offset: 9,
+        timestamp_secs: Some(NOW),
+        value: Some(value.as_bytes()),
+        authorization: Some(good.as_bytes()),
+    }];
     let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
     let rej: Vec<_> = staged.rejections.iter().map(|r| (r.batch_index, r.reason)).collect();
     assert_eq!(rej, [(Some(1), Reason::Malformed), (Some(2), Reason::FutureTimestamp), (Some(3), Reason::Malformed)]);
@@ -160,7 +172,13 @@ fn unknown_events_are_resolved_by_the_store() {
     let msgs: Vec<_> = [&a, &b]
         .iter()
         .enumerate()
-        .map(|(i, v)| InMessage { partition: 0, offset: i as i64, timestamp_secs: Some(NOW), value: Some(v.as_bytes()), authorization: Some(good.as_bytes()) })
+        .map(|(i, v)| InMessage {
+            partition: 0,
+            offset: i as i64,
+            timestamp_secs: Some(NOW),
+            value: Some(v.as_bytes()),
+            authorization: Some(good.as_bytes()),
+        })
         .collect();
     let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
     let unknown = staged.unknown_keys();
@@ -175,6 +193,12 @@ fn a_partition_without_state_is_an_error() {
     let mut f = fx("nostate");
     let good = f.auth();
     let v = ev("x", "t", NOW, "{}");
-    let msgs = [InMessage { partition: 3, offset: 0, timestamp_secs: None, value: Some(v.as_bytes()), authorization: Some(good.as_bytes()) }];
+    let msgs = [InMessage {
+        partition: 3,
+        offset: 0,
+        timestamp_secs: None,
+        value: Some(v.as_bytes()),
+        authorization: Some(good.as_bytes()),
+    }];
     assert!(f.p.stage(&msgs, &mut f.states, NOW).is_err());
 }

@@ -28,7 +28,9 @@ impl ChError {
     pub fn is_transient(&self) -> bool {
         match self {
             ChError::Transport(_) => true,
-            ChError::Server { status, body } => *status >= 500 && !body.contains("Code: 60,") && !body.contains("Code: 62,"),
+            ChError::Server { status, body } => {
+                *status >= 500 && !body.contains("Code: 60,") && !body.contains("Code: 62,")
+            }
             ChError::Response(_) => true,
         }
     }
@@ -56,7 +58,10 @@ impl ClickHouse {
             .build();
         let auth = (!cfg.user.is_empty()).then(|| {
             use base64::Engine;
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", cfg.user, cfg.password)))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", cfg.user, cfg.password))
+            )
         });
         ClickHouse { agent, url: cfg.url.trim_end_matches('/').to_string(), database: cfg.database.clone(), auth }
     }
@@ -87,7 +92,9 @@ impl ClickHouse {
                 Err(ChError::Server { status, body: body.trim().chars().take(2000).collect() })
             }
             // Not `t.to_string()`: that repeats the URL, i.e. the whole INSERT statement.
-            Err(ureq::Error::Transport(t)) => Err(ChError::Transport(format!("{}: {}", t.kind(), t.message().unwrap_or("")))),
+            Err(ureq::Error::Transport(t)) => {
+                Err(ChError::Transport(format!("{}: {}", t.kind(), t.message().unwrap_or(""))))
+            }
         }
     }
 

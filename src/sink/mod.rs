@@ -24,7 +24,13 @@ pub trait EventStore {
     /// Which of `keys` (org, project, id) already have a row.
     fn existing(&self, keys: &[(&str, &str, &str)]) -> Result<HashSet<EventKey>, ChError>;
     /// Feeds every stored key hash of `topic`/`partition` with event time ≥ `horizon` to `state`.
-    fn load_partition(&self, topic: &str, partition: i32, horizon: i64, state: &mut PartitionState) -> Result<u64, ChError>;
+    fn load_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        horizon: i64,
+        state: &mut PartitionState,
+    ) -> Result<u64, ChError>;
     /// Inserts RowBinary rows (one insert; one part per month of event time).
     fn insert_events(&self, rows: &[u8]) -> Result<(), ChError>;
 }
@@ -60,7 +66,13 @@ impl EventStore for ClickHouse {
         Ok(found)
     }
 
-    fn load_partition(&self, topic: &str, partition: i32, horizon: i64, state: &mut PartitionState) -> Result<u64, ChError> {
+    fn load_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        horizon: i64,
+        state: &mut PartitionState,
+    ) -> Result<u64, ChError> {
         let horizon = horizon.max(0);
         let sql = format!(
             "SELECT key_hash FROM events WHERE src_topic = {} AND src_partition = {partition} \

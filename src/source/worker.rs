@@ -98,11 +98,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
         loop {
             let mut held = std::mem::take(&mut self.stash);
             let stop = self.gather(&mut held);
-            if !held.is_empty() {
-                if self.process(&held).is_err() {
-                    warn!("batch abandoned at shutdown; it will be redelivered");
-                    break;
-                }
+            if !held.is_empty() && self.process(&held).is_err() {
+                warn!("batch abandoned at shutdown; it will be redelivered");
+                break;
             }
             drop(held);
             if stop && self.stash.is_empty() {
@@ -343,7 +341,13 @@ impl<'c, S: EventStore> Worker<'c, S> {
         let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
         gauge!(m::DEDUPE_KEYS).set(keys as f64);
         gauge!(m::DEDUPE_BYTES).set(bytes as f64);
-        debug!(messages = msgs.len(), accepted, duplicates = staged.duplicates, rejected = staged.rejections.len(), "batch committed");
+        debug!(
+            messages = msgs.len(),
+            accepted,
+            duplicates = staged.duplicates,
+            rejected = staged.rejections.len(),
+            "batch committed"
+        );
         Ok(())
     }
 
@@ -389,7 +393,13 @@ impl<'c, S: EventStore> Worker<'c, S> {
     }
 
     /// Writes the batch's rejections to the dead-letter topic, retrying until all are acknowledged.
-    fn dead_letter(&mut self, held: &Held<'c>, idx: &[usize], staged: &Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<(), Abandoned> {
+    fn dead_letter(
+        &mut self,
+        held: &Held<'c>,
+        idx: &[usize],
+        staged: &Staged<'_>,
+        epochs: &BTreeMap<i32, u64>,
+    ) -> Result<(), Abandoned> {
         if staged.rejections.is_empty() {
             return Ok(());
         }
@@ -403,10 +413,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     Some(s) => &value[s.clone()],
                     None => value,
                 };
-                let headers = msg
-                    .headers()
-                    .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-                    .unwrap_or_default();
+                let headers = msg.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
                 DlqRecord {
                     key: msg.key(),
                     value,
@@ -509,9 +516,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
 }
 
 fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
-    let authorization = msg.headers().and_then(|h| {
-        h.iter().find(|h| h.key.eq_ignore_ascii_case("authorization")).and_then(|h| h.value)
-    });
+    let authorization = msg
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key.eq_ignore_ascii_case("authorization")).and_then(|h| h.value));
     InMessage {
         partition: msg.partition(),
         offset: msg.offset(),
@@ -562,4 +569,3 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     consumer.unsubscribe();
     result
 }
-

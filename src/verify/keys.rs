@@ -79,15 +79,14 @@ fn read(path: &Path) -> Result<String, KeyError> {
 }
 
 impl KeySet {
-    /// Loads both files. Either path may be absent from the config by pointing at a missing file:
-    /// that is an error, so that a typo never silently disables a credential type.
+    /// Loads both files. A missing file is an error, so that a typo never silently disables a
+    /// credential type.
     pub fn load(jwks_path: &Path, api_keys_path: &Path) -> Result<Self, KeyError> {
-        let mut set = KeySet::default();
-        set.jwt = parse_jwks(&read(jwks_path)?)
+        let jwt = parse_jwks(&read(jwks_path)?)
             .map_err(|reason| KeyError::Invalid { path: jwks_path.display().to_string(), reason })?;
-        set.api = parse_api_keys(&read(api_keys_path)?)
+        let api = parse_api_keys(&read(api_keys_path)?)
             .map_err(|reason| KeyError::Invalid { path: api_keys_path.display().to_string(), reason })?;
-        Ok(set)
+        Ok(KeySet { jwt, api })
     }
 }
 
@@ -132,7 +131,8 @@ pub fn parse_api_keys(text: &str) -> Result<HashMap<String, ApiKey>, String> {
         let expires_at = match e.expires_at {
             None => None,
             Some(s) => Some(
-                crate::timestamp::parse_rfc3339(&s).ok_or_else(|| format!("key {pk:?}: expires_at {s:?} is not RFC 3339"))?,
+                crate::timestamp::parse_rfc3339(&s)
+                    .ok_or_else(|| format!("key {pk:?}: expires_at {s:?} is not RFC 3339"))?,
             ),
         };
         if e.org_id.is_empty() || e.project_id.is_empty() {

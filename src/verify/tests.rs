@@ -74,7 +74,8 @@ fn unknown_kid_alg_none_and_algorithm_confusion_are_invalid() {
     let unknown_kid = sign_hs256_with(&serde_json::json!({"alg":"HS256","kid":"nope"}), &c, &hs);
     let none = format!("{}.", crate::devkeys::signing_input(&serde_json::json!({"alg":"none","kid":"hs-1"}), &c));
     // HS256 with the Ed25519 public key as secret, naming the Ed25519 kid.
-    let confused = sign_hs256_with(&serde_json::json!({"alg":"HS256","kid":"ed-1"}), &c, &f.keys.ed25519_public_bytes());
+    let confused =
+        sign_hs256_with(&serde_json::json!({"alg":"HS256","kid":"ed-1"}), &c, &f.keys.ed25519_public_bytes());
     // HS256 header on the oct key but "EdDSA" claimed: alg must match the key type.
     let switched = sign_hs256_with(&serde_json::json!({"alg":"EdDSA","kid":"hs-1"}), &c, &hs);
     let no_kid = sign_hs256_with(&serde_json::json!({"alg":"HS256"}), &c, &hs);
@@ -89,7 +90,11 @@ fn claims_are_enforced() {
     let base = f.claims();
     let with = |k: &str, v: serde_json::Value| {
         let mut c = base.clone();
-        if v.is_null() { c.as_object_mut().unwrap().remove(k); } else { c[k] = v; }
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v;
+        }
         c
     };
     let cases = [

@@ -48,7 +48,8 @@ impl World {
 
     /// A world whose workers reach ClickHouse at `ch_url` and serve metrics on `metrics`.
     pub fn with(name: &str, ch_url: &str, metrics: &str) -> World {
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
         let name = format!("{name}_{}_{stamp}", std::process::id());
         let dir = std::env::temp_dir().join(format!("tally-it-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -203,21 +204,27 @@ max_backoff_ms = 2000
 
     /// Asserts every aggregate and the narrow table against the expectation.
     pub fn assert_totals(&self, e: &Expected) {
-        let want: BTreeMap<_, _> = e.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
+        let want: BTreeMap<_, _> =
+            e.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
         let got = self.usage_hourly();
         if got != want {
             let diff: Vec<_> = want
                 .iter()
                 .filter(|(k, v)| got.get(*k) != Some(*v))
                 .map(|(k, v)| format!("{k:?}: want {v} got {:?}", got.get(k)))
-                .chain(got.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| format!("{k:?}: unexpected {v}")))
+                .chain(
+                    got.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| format!("{k:?}: unexpected {v}")),
+                )
                 .take(20)
                 .collect();
             panic!("usage_hourly differs from the expected totals in {} keys, e.g.:\n{}", diff.len(), diff.join("\n"));
         }
         // No duplicate row ever reached the narrow table.
         assert_eq!(self.scalar("SELECT count() FROM events"), e.accepted, "narrow rows");
-        assert_eq!(self.scalar("SELECT count() FROM (SELECT DISTINCT org_id, project_id, event_id FROM events)"), e.accepted);
+        assert_eq!(
+            self.scalar("SELECT count() FROM (SELECT DISTINCT org_id, project_id, event_id FROM events)"),
+            e.accepted
+        );
         // Unique meters within 2 % (exact below the sketch's exact-mode size).
         let uh = self.unique_hourly();
         for (o, p, m, h, n) in &e.unique_hourly {
@@ -242,7 +249,10 @@ max_backoff_ms = 2000
         let got_set: BTreeSet<_> = got.iter().cloned().collect();
         let missing: Vec<_> = want.difference(&got_set).take(10).collect();
         let extra: Vec<_> = got_set.difference(&want).take(10).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "dead letters differ: missing {missing:?}, unexpected {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "dead letters differ: missing {missing:?}, unexpected {extra:?}"
+        );
         if exact_count {
             assert_eq!(got.len(), want.len(), "each rejection dead-lettered exactly once");
         }
@@ -260,8 +270,11 @@ impl Drop for World {
 pub fn create_topics(names: &[&str]) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
-    let rt = tokio_block_on(admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))));
+    let topics: Vec<NewTopic> =
+        names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    let rt = tokio_block_on(
+        admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))),
+    );
     for r in rt.unwrap() {
         r.unwrap();
     }
@@ -324,7 +337,7 @@ pub fn scrape(addr: &str) -> String {
 pub fn sum_samples(text: &str, metric: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#') && l.contains(labels))
-        .filter(|l| l.split(|c| c == '{' || c == ' ').next() == Some(metric))
+        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -35,7 +35,10 @@ impl Proxy {
                     l.push(client.try_clone().unwrap());
                     l.push(server.try_clone().unwrap());
                 }
-                let pairs = [(client.try_clone().unwrap(), server.try_clone().unwrap(), None), (server, client, Some(lose2.clone()))];
+                let pairs = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap(), None),
+                    (server, client, Some(lose2.clone())),
+                ];
                 for (mut from, mut to, lose) in pairs {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 64 * 1024];
