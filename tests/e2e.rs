@@ -197,6 +197,48 @@ fn inserts_with_lost_answers_are_not_repeated() {
     );
 }
 
+/// Revoking an API key in the key file takes effect without a restart (within
+/// `auth.reload_interval`), and other keys keep working.
+#[test]
+fn revocation_takes_effect_without_restart() {
+    let w = World::new("revoke");
+    let worker = w.worker("1");
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    let (a, b) = (w.keys.tenants[0].clone(), w.keys.tenants[1].clone());
+    let now = tally::timestamp::format_rfc3339(tally::source::worker::now_secs());
+    let event = |id: &str| format!(r#"{{"id":"{id}","type":"trace-create","timestamp":"{now}"}}"#);
+    let send = |t: &tally::devkeys::Tenant, id: &str, n: u64| {
+        common::produce_one(&w.kafka.topic, &t.project_id, &event(id), &tally::devkeys::basic(t), n)
+    };
+    send(&a, "before-revocation", 1);
+    let events_of = |t: &tally::devkeys::Tenant| {
+        w.scalar(&format!("SELECT count() FROM events WHERE project_id = '{}'", t.project_id))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events_of(&a) < 1 {
+        assert!(Instant::now() < deadline, "first event not ingested");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Revoke a's key in the file the worker reads.
+    let mut keys = w.keys.clone();
+    keys.tenants.retain(|t| t.public_key != a.public_key);
+    keys.revoked.push(a.clone());
+    keys.write(&w.dir).unwrap();
+    std::thread::sleep(Duration::from_millis(2_500)); // > reload_interval_secs (1 s) + a batch
+    send(&a, "after-revocation", 2);
+    send(&b, "other-key", 3);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut dl = Vec::new();
+    while events_of(&b) < 1 || dl.is_empty() {
+        assert!(Instant::now() < deadline, "not processed: events of b {}, dead letters {dl:?}", events_of(&b));
+        dl = w.dead_letters();
+    }
+    stop_all(vec![worker]);
+    assert_eq!(events_of(&a), 1, "nothing accepted under the revoked key");
+    assert_eq!(dl, vec![(2, None, "revoked_credentials".to_string())]);
+}
+
 /// The expectation of two runs into one topic (distinct seeds: no shared ids).
 fn merge(a: &mut tally::loadgen::expected::Expected, b: &tally::loadgen::expected::Expected) {
     use std::collections::BTreeMap;

@@ -80,6 +80,7 @@ timeout_secs = 30
 jwks_path = "{dir}/jwks.json"
 api_keys_path = "{dir}/api_keys.json"
 issuer = "https://auth.tally.test"
+reload_interval_secs = 1
 [dedupe]
 window_secs = 604800
 bloom_bytes_per_partition = 65536
@@ -321,6 +322,19 @@ pub fn stop_all(children: Vec<Child>) {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Produces one message (value, authorization header, loadgen id) and waits for its ack.
+pub fn produce_one(topic: &str, key: &str, value: &str, auth: &str, loadgen_id: u64) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let id = loadgen_id.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "authorization", value: Some(auth) })
+        .insert(Header { key: tally::loadgen::H_LOADGEN_ID, value: Some(id.as_str()) });
+    p.send(BaseRecord::to(topic).key(key).payload(value).headers(headers)).map_err(|(e, _)| e).unwrap();
+    p.flush(Duration::from_secs(30)).unwrap();
 }
 
 /// A free local port (bound, then released).
