@@ -109,8 +109,7 @@ impl Meters {
     }
 
     pub fn parse(text: &str) -> Result<Self, MeterError> {
-        let file: MetersFile = toml::from_str(text).map_err(|e| MeterError::Invalid(e.message().to_string()))?;
-        Self::compile(file.meter)
+        Self::compile(parse_defs(text)?)
     }
 
     pub fn compile(defs: Vec<MeterDef>) -> Result<Self, MeterError> {
@@ -180,6 +179,12 @@ impl Meters {
         }
         Ok(())
     }
+}
+
+/// The `[[meter]]` definitions of a meters file, as written (see [`Meters::compile`]).
+pub fn parse_defs(text: &str) -> Result<Vec<MeterDef>, MeterError> {
+    let file: MetersFile = toml::from_str(text).map_err(|e| MeterError::Invalid(e.message().to_string()))?;
+    Ok(file.meter)
 }
 
 /// The default meter set of §4, as shipped in `config/meters.toml`.

@@ -121,31 +121,18 @@ fn main() -> anyhow::Result<()> {
             tally::source::worker::run(cfg, shutdown)?;
         }
         Command::Generate(a) => {
-            let GenerateArgs {
-                keys_dir,
-                events,
-                rate,
-                dup_ratio,
-                bad_message_ratio,
-                bad_event_ratio,
-                batch_ratio,
-                seed,
-                expected,
-                print_totals,
-            } = a;
-            let keys = tally::devkeys::DevKeys::read(&keys_dir).with_context(|| {
-                format!("failed to read dev keys in {} (run `tally-ingest keygen`)", keys_dir.display())
+            let keys = tally::devkeys::DevKeys::read(&a.keys_dir).with_context(|| {
+                format!("failed to read dev keys in {} (run `tally-ingest keygen`)", a.keys_dir.display())
             })?;
-            let meters: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg.meters.path)?)?;
-            let defs: Vec<tally::meter::MeterDef> = meters["meter"].clone().try_into()?;
+            let defs = tally::meter::parse_defs(&std::fs::read_to_string(&cfg.meters.path)?)?;
             let gen = tally::loadgen::GenConfig {
-                events,
-                rate,
-                dup_ratio,
-                bad_message_ratio,
-                bad_event_ratio,
-                batch_ratio,
-                seed,
+                events: a.events,
+                rate: a.rate,
+                dup_ratio: a.dup_ratio,
+                bad_message_ratio: a.bad_message_ratio,
+                bad_event_ratio: a.bad_event_ratio,
+                batch_ratio: a.batch_ratio,
+                seed: a.seed,
                 max_message_bytes: cfg.ingest.max_message_bytes,
                 window_secs: cfg.dedupe.window_secs,
                 ..Default::default()
@@ -159,8 +146,8 @@ fn main() -> anyhow::Result<()> {
                 &cfg.kafka.topic,
                 |_| {},
             )?;
-            std::fs::write(&expected, serde_json::to_string(&out)?)?;
-            if print_totals {
+            std::fs::write(&a.expected, serde_json::to_string(&out)?)?;
+            if a.print_totals {
                 let mut totals = std::collections::BTreeMap::<(&str, &str, &str), u64>::new();
                 for (o, p, m, _, v) in &out.totals {
                     *totals.entry((o, p, m)).or_default() += v;
@@ -175,7 +162,7 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!(
                 "produced {} messages / {} events in {:.1}s: {} accepted, {} duplicates, {} rejected; expected outcome in {}",
-                out.messages, out.events, t.elapsed().as_secs_f64(), out.accepted, out.duplicates, out.rejected_events, expected.display()
+                out.messages, out.events, t.elapsed().as_secs_f64(), out.accepted, out.duplicates, out.rejected_events, a.expected.display()
             );
         }
         Command::Keygen { dir, orgs, projects_per_org } => {

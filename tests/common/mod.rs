@@ -18,7 +18,7 @@ use tally::config::KafkaConfig;
 use tally::devkeys::DevKeys;
 use tally::loadgen::expected::Expected;
 use tally::loadgen::{GenConfig, H_LOADGEN_ID};
-use tally::meter::{MeterDef, DEFAULT_METERS_TOML};
+use tally::meter::DEFAULT_METERS_TOML;
 use tally::sink::clickhouse::ClickHouse;
 
 pub const PARTITIONS: i32 = 6;
@@ -150,8 +150,7 @@ max_backoff_ms = 2000
     }
 
     pub fn generate(&self, cfg: &GenConfig) -> Expected {
-        let defs: toml::Table = toml::from_str(DEFAULT_METERS_TOML).unwrap();
-        let defs: Vec<MeterDef> = defs["meter"].clone().try_into().unwrap();
+        let defs = tally::meter::parse_defs(DEFAULT_METERS_TOML).unwrap();
         let mut pc = ClientConfig::new();
         pc.set("bootstrap.servers", brokers());
         tally::loadgen::generate(cfg, &self.keys, defs, &pc, &self.kafka.topic, |_| {}).unwrap()
