@@ -136,9 +136,9 @@ pub struct IngestLimits {
     pub max_message_bytes: usize,
     #[serde(default = "default_max_future_secs")]
     pub max_future_secs: u64,
-    /// A batch closes at this many events ...
-    #[serde(default = "default_batch_max_events")]
-    pub batch_max_events: usize,
+    /// A batch closes at this many messages (a `{"batch": [...]}` message holds up to 1,000 events) ...
+    #[serde(default = "default_batch_max_messages")]
+    pub batch_max_messages: usize,
     /// ... or after this long, whichever comes first.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
@@ -219,8 +219,8 @@ fn default_max_message_bytes() -> usize {
 fn default_max_future_secs() -> u64 {
     300
 }
-fn default_batch_max_events() -> usize {
-    50_000
+fn default_batch_max_messages() -> usize {
+    20_000
 }
 fn default_batch_max_wait_ms() -> u64 {
     250
@@ -279,8 +279,8 @@ impl IngestConfig {
         if self.dedupe.bloom_bytes_per_partition < 1024 {
             return bad("dedupe.bloom_bytes_per_partition", "must be at least 1024");
         }
-        if self.ingest.batch_max_events == 0 || self.ingest.batch_max_events > 500_000 {
-            return bad("ingest.batch_max_events", "must be within 1..=500000");
+        if self.ingest.batch_max_messages == 0 || self.ingest.batch_max_messages > 500_000 {
+            return bad("ingest.batch_max_messages", "must be within 1..=500000");
         }
         if self.ingest.max_message_bytes == 0 {
             return bad("ingest.max_message_bytes", "must be > 0");

@@ -34,9 +34,16 @@ pub struct DlqRecord<'a> {
     pub batch_index: Option<u32>,
 }
 
+/// Delivery bookkeeping: which records are still unacknowledged, which failed.
 #[derive(Default)]
 struct Ctx {
-    failed: Mutex<Vec<(usize, String)>>,
+    state: Mutex<Deliveries>,
+}
+
+#[derive(Default)]
+struct Deliveries {
+    outstanding: std::collections::HashSet<usize>,
+    failed: Vec<(usize, String)>,
 }
 
 impl ClientContext for Ctx {}
@@ -44,8 +51,10 @@ impl ClientContext for Ctx {}
 impl ProducerContext for Ctx {
     type DeliveryOpaque = Box<usize>;
     fn delivery(&self, result: &DeliveryResult<'_>, index: Box<usize>) {
+        let mut s = self.state.lock().expect("lock");
+        s.outstanding.remove(&index);
         if let Err((e, _)) = result {
-            self.failed.lock().expect("lock").push((*index, e.to_string()));
+            s.failed.push((*index, e.to_string()));
         }
     }
 }
@@ -69,9 +78,9 @@ impl DeadLetters {
         Ok(DeadLetters { producer, topic: topic.to_string(), source_topic: source_topic.to_string() })
     }
 
-    /// Sends `records[i]` for each `i` in `which` and waits for every acknowledgement.
-    /// Returns the indices that failed, with the error (to retry them).
-    pub fn send(&self, records: &[DlqRecord<'_>], which: &[usize], timeout: Duration) -> Vec<(usize, String)> {
+    /// Queues `records[i]` for each `i` in `which` without waiting; [`DeadLetters::wait_acks`]
+    /// waits for them. Records that could not even be queued are returned as failed.
+    pub fn enqueue(&self, records: &[DlqRecord<'_>], which: &[usize]) -> Vec<(usize, String)> {
         let mut failed = Vec::new();
         for &i in which {
             let r = &records[i];
@@ -93,32 +102,49 @@ impl DeadLetters {
             if let Some(k) = r.key {
                 record = record.key(k);
             }
+            self.producer.context().state.lock().expect("lock").outstanding.insert(i);
             loop {
                 match self.producer.send(record) {
                     Ok(()) => break,
                     Err((e, rec))
                         if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) =>
                     {
-                        self.producer.poll(Duration::from_millis(50));
+                        self.producer.poll(Duration::from_millis(10));
                         record = rec;
                     }
                     Err((e, _)) => {
+                        self.producer.context().state.lock().expect("lock").outstanding.remove(&i);
                         failed.push((i, e.to_string()));
                         break;
                     }
                 }
             }
         }
-        if let Err(e) = self.producer.flush(timeout) {
-            // Not all acknowledged in time: drop what is still queued (so it is not sent later,
-            // behind the retried copies' backs) and retry all of them. Some may have been
-            // written; their copies carry the same source coordinates.
-            self.producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-            self.producer.poll(Duration::ZERO);
-            self.producer.context().failed.lock().expect("lock").clear();
-            return which.iter().map(|&i| (i, format!("not acknowledged: {e}"))).collect();
-        }
-        failed.extend(std::mem::take(&mut *self.producer.context().failed.lock().expect("lock")));
+        self.producer.poll(Duration::ZERO);
         failed
+    }
+
+    /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns
+    /// the failed ones, to retry. Records not acknowledged in time are purged from the queue
+    /// (so they are not sent later, behind their retried copies) and reported failed; some may
+    /// have been written: their copies carry the same source coordinates.
+    pub fn wait_acks(&self, timeout: Duration) -> Vec<(usize, String)> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // Serves delivery reports as they arrive (flush() would wake up only every 100 ms).
+            self.producer.poll(Duration::from_millis(1));
+            if self.producer.context().state.lock().expect("lock").outstanding.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                self.producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                self.producer.poll(Duration::ZERO);
+                let mut s = self.producer.context().state.lock().expect("lock");
+                let late: Vec<usize> = s.outstanding.drain().collect();
+                s.failed.extend(late.into_iter().map(|i| (i, "not acknowledged in time".to_string())));
+                break;
+            }
+        }
+        std::mem::take(&mut self.producer.context().state.lock().expect("lock").failed)
     }
 }

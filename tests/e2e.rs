@@ -105,6 +105,7 @@ fn crashes_and_replays_change_nothing() {
         (producer.join().unwrap(), kills)
     });
     let last = w.worker("victim-last");
+    assert!(w.wait_assigned("victim-last", Duration::from_secs(60)));
     w.wait_caught_up(&e);
     eprintln!(
         "[measure] crash run: {kills} SIGKILLs of one of 2 workers while {} events ({} messages) were produced; accepted {}, duplicates {}, rejected {}",
@@ -112,7 +113,10 @@ fn crashes_and_replays_change_nothing() {
     );
     w.assert_totals(&e);
     w.assert_dead_letters(&e, false);
-    stop_all(vec![steady, last]);
+    // One at a time, letting the group settle in between (see `stop_then_settle`), so that the
+    // group is empty and healthy for the replay.
+    w.stop_then_settle(last, "steady");
+    stop_all(vec![steady]);
 
     // Replay everything from the earliest offset: nothing changes.
     let status = w.cli(&["offsets", "--reset-to-earliest"]).status().unwrap();
@@ -120,6 +124,10 @@ fn crashes_and_replays_change_nothing() {
     let committed = tally::admin::committed(&w.kafka).unwrap();
     assert!(committed.values().all(|&o| o == 0), "reset: {committed:?}");
     let again = [w.worker("replay-1"), w.worker("replay-2")];
+    assert!(
+        w.wait_assigned("replay-1", Duration::from_secs(60)) && w.wait_assigned("replay-2", Duration::from_secs(60)),
+        "replay workers joined the group"
+    );
     w.wait_caught_up(&e);
     stop_all(again.into());
     w.assert_totals(&e);

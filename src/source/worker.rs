@@ -152,7 +152,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
 
     /// Polls until the batch is full or its time is up; returns whether shutdown was requested.
     fn gather(&mut self, held: &mut Held<'c>) -> bool {
-        let max_events = self.cfg.ingest.batch_max_events;
+        let max_messages = self.cfg.ingest.batch_max_messages;
         let max_wait = Duration::from_millis(self.cfg.ingest.batch_max_wait_ms);
         let mut started: Option<Instant> = (!held.is_empty()).then(Instant::now);
         let mut bytes: usize = held.iter().map(|(m, _)| m.payload_len()).sum();
@@ -161,7 +161,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 return true;
             }
             self.housekeeping();
-            if held.len() >= max_events || bytes >= BATCH_MAX_BYTES {
+            if held.len() >= max_messages || bytes >= BATCH_MAX_BYTES {
                 return false;
             }
             let slice = match started {
@@ -303,12 +303,24 @@ impl<'c, S: EventStore> Worker<'c, S> {
         counter!(m::MESSAGES).increment(msgs.len() as u64);
 
         let (hits0, misses0) = (self.processor.verifier.cache_hits, self.processor.verifier.cache_misses);
+        let t0 = Instant::now();
         let mut staged = self.processor.stage(&msgs, &mut self.states, now_secs()).expect("states ensured above");
+        let t_stage = t0.elapsed();
         self.cache_metrics(hits0, misses0);
 
         self.resolve_unknown(&mut staged, &epochs)?;
-        self.dead_letter(held, &idx, &staged, &epochs)?;
+        let t_lookup = t0.elapsed();
+        // Dead letters are queued first and acknowledged after the insert: the two overlap, and
+        // both complete before the commit.
+        let records = self.dlq_records(held, &idx, &staged);
+        let not_queued = self.dlq.enqueue(&records, &(0..records.len()).collect::<Vec<_>>());
         let accepted = self.insert(&mut staged, &epochs)?;
+        let t_insert = t0.elapsed();
+        self.await_dead_letters(&records, &epochs, not_queued)?;
+        for r in records.iter().filter(|r| self.owns(r.partition, epochs[&r.partition])) {
+            counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
+        }
+        let t_dlq = t0.elapsed();
 
         // Offsets: every message of the batch is accounted for (written, duplicate or
         // dead-lettered) — commit the next offset of each partition we still own.
@@ -346,6 +358,11 @@ impl<'c, S: EventStore> Worker<'c, S> {
             accepted,
             duplicates = staged.duplicates,
             rejected = staged.rejections.len(),
+            stage_ms = t_stage.as_millis() as u64,
+            lookup_ms = (t_lookup - t_stage).as_millis() as u64,
+            insert_ms = (t_insert - t_lookup).as_millis() as u64,
+            dlq_wait_ms = (t_dlq - t_insert).as_millis() as u64,
+            commit_ms = (t0.elapsed() - t_dlq).as_millis() as u64,
             "batch committed"
         );
         Ok(())
@@ -392,18 +409,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
         }
     }
 
-    /// Writes the batch's rejections to the dead-letter topic, retrying until all are acknowledged.
-    fn dead_letter(
-        &mut self,
-        held: &Held<'c>,
-        idx: &[usize],
-        staged: &Staged<'_>,
-        epochs: &BTreeMap<i32, u64>,
-    ) -> Result<(), Abandoned> {
-        if staged.rejections.is_empty() {
-            return Ok(());
-        }
-        let records: Vec<DlqRecord<'_>> = staged
+    /// The batch's rejections as dead-letter records (original key, value or event span, headers).
+    fn dlq_records<'h>(&self, held: &'h Held<'c>, idx: &[usize], staged: &Staged<'_>) -> Vec<DlqRecord<'h>> {
+        staged
             .rejections
             .iter()
             .map(|r| {
@@ -424,30 +432,32 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     batch_index: r.batch_index,
                 }
             })
-            .collect();
-        let mut pending: Vec<usize> = (0..records.len()).collect();
+            .collect()
+    }
+
+    /// Waits until every record queued by `enqueue` is acknowledged, re-sending failed ones with
+    /// backoff (only for partitions still owned).
+    fn await_dead_letters(
+        &mut self,
+        records: &[DlqRecord<'_>],
+        epochs: &BTreeMap<i32, u64>,
+        mut failed: Vec<(usize, String)>,
+    ) -> Result<(), Abandoned> {
         let mut backoff = self.backoff();
+        failed.extend(self.dlq.wait_acks(DLQ_ACK_TIMEOUT));
         loop {
-            pending.retain(|&i| self.owns(records[i].partition, epochs[&records[i].partition]));
-            if pending.is_empty() {
-                break;
-            }
-            let failed = self.dlq.send(&records, &pending, DLQ_ACK_TIMEOUT);
-            for &i in &pending {
-                if !failed.iter().any(|(j, _)| *j == i) {
-                    counter!(m::DLQ_RECORDS, "reason" => records[i].reason.as_str()).increment(1);
-                }
-            }
+            failed.retain(|(i, _)| self.owns(records[*i].partition, epochs[&records[*i].partition]));
             if failed.is_empty() {
-                break;
+                return Ok(());
             }
             counter!(m::DLQ_ERRORS).increment(failed.len() as u64);
             let delay = backoff.next_delay();
             warn!(failed = failed.len(), error = %failed[0].1, retry_ms = delay.as_millis() as u64, "dead-letter write failed");
-            pending = failed.into_iter().map(|(i, _)| i).collect();
             self.wait(delay, "broker")?;
+            let which: Vec<usize> = failed.into_iter().map(|(i, _)| i).collect();
+            failed = self.dlq.enqueue(records, &which);
+            failed.extend(self.dlq.wait_acks(DLQ_ACK_TIMEOUT));
         }
-        Ok(())
     }
 
     /// Inserts the accepted rows. After a failed attempt, the rows that did land (an attempt may

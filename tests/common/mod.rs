@@ -91,7 +91,7 @@ path = "{dir}/meters.toml"
 listen = "{metrics}"
 [ingest]
 max_message_bytes = 65536
-batch_max_events = 5000
+batch_max_messages = 5000
 batch_max_wait_ms = 200
 max_backoff_ms = 2000
 "#,
@@ -134,15 +134,37 @@ max_backoff_ms = 2000
 
     /// Waits until the worker logging to `label` has been assigned partitions.
     pub fn wait_assigned(&self, label: &str, timeout: Duration) -> bool {
+        self.wait_assignments(label, 1, timeout)
+    }
+
+    /// How many assignments the worker logging to `label` has received.
+    pub fn assignments(&self, label: &str) -> usize {
+        let log = std::fs::read(self.log_path(label)).unwrap_or_default();
+        String::from_utf8_lossy(&log).matches("partitions assigned").count()
+    }
+
+    /// Waits until the worker logging to `label` has received at least `n` assignments.
+    pub fn wait_assignments(&self, label: &str, n: usize, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
-            let log = std::fs::read(self.log_path(label)).unwrap_or_default();
-            if String::from_utf8_lossy(&log).contains("partitions assigned") {
+            if self.assignments(label) >= n {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         false
+    }
+
+    /// Stops `leaving` (SIGTERM, clean exit) and waits until `staying` was assigned again, i.e.
+    /// the group finished the rebalance — so that nobody leaves in the middle of a join round,
+    /// which tansu turns into a member that never goes away (docs/services.md).
+    pub fn stop_then_settle(&self, leaving: Child, staying: &str) {
+        let before = self.assignments(staying);
+        stop_all(vec![leaving]);
+        assert!(
+            self.wait_assignments(staying, before + 1, Duration::from_secs(60)),
+            "{staying} was not reassigned after its peer left"
+        );
     }
 
     pub fn gen_config(&self, events: u64, seed: u64) -> GenConfig {
