@@ -26,6 +26,24 @@ if ! ch_up >/dev/null 2>&1; then
   echo $! >"$CH/pid"
   wait_for clickhouse 60 ch_up
 fi
+# Whatever server answers must be usable (a server left running by another checkout whose data
+# directory is gone answers pings but fails every DDL).
+ch_usable() {
+  python3 - "$CH_HTTP_PORT" <<'PY'
+import sys, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/"
+for q in ("CREATE DATABASE IF NOT EXISTS _tally_probe", "DROP DATABASE IF EXISTS _tally_probe"):
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=q.encode()), timeout=10).read()
+    except Exception as e:
+        body = getattr(e, "read", lambda: b"")().decode(errors="replace")[:300]
+        sys.exit(f"{e} {body}")
+PY
+}
+if ! ch_usable; then
+  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT does not work (see above); stop it or set TALLY_CH_HTTP_PORT"
+  exit 1
+fi
 log "clickhouse up on 127.0.0.1:$CH_HTTP_PORT"
 
 # --- tansu (Kafka protocol) --------------------------------------------------------------------
