@@ -27,6 +27,9 @@ enum Command {
         /// Read migrations from this directory instead of the built-in ones.
         #[arg(long)]
         schemas: Option<PathBuf>,
+        /// How long to wait for ClickHouse to come up before giving up.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
     },
     /// Join the consumer group and ingest until SIGTERM/SIGINT.
     Run,
@@ -103,8 +106,19 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = IngestConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;
     match cli.command {
-        Command::Migrate { schemas } => {
+        Command::Migrate { schemas, wait_secs } => {
             let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
+            let mut backoff = tally::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            while let Err(e) = ch.ping() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e)
+                        .context(format!("clickhouse at {} did not come up in {wait_secs}s", cfg.clickhouse.url));
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
+                std::thread::sleep(delay);
+            }
             let migrations = tally::sink::schema::load(schemas.as_deref())?;
             let applied = tally::sink::schema::migrate(&ch, &migrations)?;
             eprintln!(
