@@ -148,6 +148,10 @@ impl Meters {
         &self.tree
     }
 
+    pub fn get(&self, name: &str) -> Option<&Meter> {
+        self.meters().iter().find(|m| m.name == name)
+    }
+
     pub fn meters(&self) -> &[Meter] {
         &self.meters
     }

@@ -108,17 +108,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { schemas, wait_secs } => {
             let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
-            let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
-            let mut backoff = tally::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-            while let Err(e) = ch.ping() {
-                if std::time::Instant::now() >= deadline {
-                    return Err(e)
-                        .context(format!("clickhouse at {} did not come up in {wait_secs}s", cfg.clickhouse.url));
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
-                std::thread::sleep(delay);
-            }
+            ch.wait_ready(Duration::from_secs(wait_secs))
+                .with_context(|| format!("clickhouse at {} did not come up in {wait_secs}s", cfg.clickhouse.url))?;
             let migrations = tally::sink::schema::load(schemas.as_deref())?;
             let applied = tally::sink::schema::migrate(&ch, &migrations)?;
             eprintln!(

@@ -113,6 +113,23 @@ impl ClickHouse {
         self.post(Some(insert), rows, true).map(|_| ())
     }
 
+    /// Waits (capped jittered backoff) until ClickHouse answers, for at most `wait`.
+    pub fn wait_ready(&self, wait: Duration) -> Result<(), ChError> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self.ping() {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(url = %self.url, error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
+                    std::thread::sleep(delay);
+                }
+            }
+        }
+    }
+
     /// `SELECT 1` succeeds.
     pub fn ping(&self) -> Result<(), ChError> {
         self.post(None, b"SELECT 1", false).map(|_| ())

@@ -5,7 +5,10 @@ use std::path::Path;
 use super::clickhouse::{quote, ChError, ClickHouse};
 
 /// The migrations compiled into the binary, so that `migrate` works from any directory.
-pub const BUILTIN: &[(&str, &str)] = &[("001_events.sql", include_str!("../../schemas/001_events.sql"))];
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("001_events.sql", include_str!("../../schemas/001_events.sql")),
+    ("002_stripe_ledger.sql", include_str!("../../schemas/002_stripe_ledger.sql")),
+];
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

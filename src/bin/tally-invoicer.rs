@@ -1,0 +1,284 @@
+//! `tally-invoicer`: tally's usage, its verification, and reconciliation with Stripe.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use tally::invoice::config::{CustomerSource, Granularity, InvoicerConfig, StripeMode};
+use tally::invoice::mapping::Mapping;
+use tally::invoice::period::Period;
+use tally::invoice::reconcile::{reconcile, Env, Options, ReconcileError};
+use tally::invoice::report::Format;
+use tally::invoice::stripe::StripeHttp;
+use tally::invoice::{metrics as m, provision, usage};
+use tally::meter::Meters;
+use tally::sink::clickhouse::ClickHouse;
+
+#[derive(Parser)]
+#[command(name = "tally-invoicer", version, about = "Reconcile tally's usage aggregates with Stripe, exactly and rerun-safe")]
+struct Cli {
+    /// Config file (TOML); every key can also be set as TALLY_<SECTION>_<KEY>.
+    #[arg(long, global = true, env = "TALLY_INVOICER_CONFIG")]
+    config: Option<PathBuf>,
+    /// How long to wait for ClickHouse before giving up.
+    #[arg(long, global = true, default_value_t = 60)]
+    wait_secs: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct PeriodArgs {
+    /// A calendar month (UTC), e.g. 2026-11.
+    #[arg(long)]
+    month: Option<String>,
+    /// Start (inclusive): RFC 3339, 2026-11-29T13 or 2026-11-29; whole hours.
+    #[arg(long)]
+    from: Option<String>,
+    /// End (exclusive), same forms as --from.
+    #[arg(long)]
+    to: Option<String>,
+}
+
+impl PeriodArgs {
+    fn period(&self) -> anyhow::Result<Period> {
+        Period::from_args(self.month.as_deref(), self.from.as_deref(), self.to.as_deref()).map_err(anyhow::Error::msg)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// tally's totals per org/project/meter (unique meters merged across hours, not summed).
+    Usage {
+        #[command(flatten)]
+        period: PeriodArgs,
+        /// Only this org.
+        #[arg(long)]
+        org: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Check that the aggregates equal what the per-event rows give, for every (org, project, meter, hour).
+    Verify {
+        #[command(flatten)]
+        period: PeriodArgs,
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Compare tally with Stripe per (customer, meter, bucket); with --apply push the deltas.
+    /// Exit 0: reconciled; 2: drift remains (or would be pushed in a dry run); 1: error.
+    Reconcile {
+        #[command(flatten)]
+        period: PeriodArgs,
+        /// Push the planned deltas (default: dry run, print the plan).
+        #[arg(long)]
+        apply: bool,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: Format,
+        /// Bucket size: hour or day (default: billing.granularity).
+        #[arg(long)]
+        granularity: Option<Granularity>,
+        /// Also write the run's metrics to this file (node_exporter textfile collector).
+        #[arg(long)]
+        metrics_textfile: Option<PathBuf>,
+        /// No progress bar even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Apply the ClickHouse schema, including the invoicer's ledger (idempotent).
+    Migrate,
+    /// Create Stripe meters and customers (and subscriptions in legacy mode) for the orgs with
+    /// usage in the period, and write the billing mapping. For the emulator and Stripe test mode.
+    Provision {
+        #[command(flatten)]
+        period: PeriodArgs,
+        /// Where to write the mapping (TOML).
+        #[arg(long)]
+        write_mapping: PathBuf,
+        /// Legacy mode: start of the subscriptions' first billing period (RFC 3339 or date).
+        #[arg(long)]
+        legacy_start: Option<String>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn clickhouse(cfg: &InvoicerConfig, wait_secs: u64) -> anyhow::Result<ClickHouse> {
+    let ch = ClickHouse::new(&cfg.clickhouse);
+    ch.wait_ready(Duration::from_secs(wait_secs))
+        .with_context(|| format!("clickhouse at {} did not answer within {wait_secs}s", cfg.clickhouse.url))?;
+    Ok(ch)
+}
+
+fn migrate(ch: &ClickHouse) -> anyhow::Result<()> {
+    let migrations = tally::sink::schema::load(None)?;
+    tally::sink::schema::migrate(ch, &migrations).context("failed to apply the schema")?;
+    Ok(())
+}
+
+fn stripe(cfg: &InvoicerConfig) -> anyhow::Result<StripeHttp> {
+    cfg.require_api_key()?;
+    Ok(StripeHttp::new(&cfg.stripe, cfg.stripe.mode == StripeMode::Meters))
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let cfg = InvoicerConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;
+    match cli.command {
+        Command::Usage { period, org, format } => {
+            let period = period.period()?;
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            let rows = usage::usage(&ch, period, org.as_deref())?;
+            print!("{}", render_usage(&rows, format));
+            Ok(0)
+        }
+        Command::Verify { period, format } => {
+            let period = period.period()?;
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            let (mismatches, compared) = usage::verify(&ch, period)?;
+            print!("{}", render_mismatches(&mismatches, compared, period, format));
+            Ok(if mismatches.is_empty() { 0 } else { 1 })
+        }
+        Command::Migrate => {
+            migrate(&clickhouse(&cfg, cli.wait_secs)?)?;
+            eprintln!("schema up to date");
+            Ok(0)
+        }
+        Command::Provision { period, write_mapping, legacy_start } => {
+            let period = period.period()?;
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
+            let mut orgs: Vec<String> = usage::usage(&ch, period, None)?.into_iter().map(|r| r.org_id).collect();
+            orgs.dedup();
+            let legacy_start = legacy_start
+                .map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let text = provision::provision(&stripe(&cfg)?, &meters, &orgs, legacy_start)?;
+            std::fs::write(&write_mapping, text).with_context(|| format!("failed to write {}", write_mapping.display()))?;
+            eprintln!("provisioned {} orgs; mapping written to {}", orgs.len(), write_mapping.display());
+            Ok(0)
+        }
+        Command::Reconcile { period, apply, format, granularity, metrics_textfile, no_progress } => {
+            let period = period.period()?;
+            let handle = m::install(&cfg.metrics.listen)?;
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            if apply {
+                migrate(&ch)?;
+            }
+            let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
+            let stripe = stripe(&cfg)?;
+            let mut mapping = Mapping::load(&cfg.billing.mapping_path)?;
+            if cfg.billing.customer_source == CustomerSource::Metadata {
+                let customers = tally::invoice::stripe::meters::list_customers(&stripe)?;
+                mapping.add_metadata_customers(&customers)?;
+            }
+            let env = Env {
+                cfg: &cfg,
+                ch: &ch,
+                stripe: &stripe,
+                mapping: &mapping,
+                meters: &meters,
+                run_id: format!("{}-{}", tally::invoice::reconcile::now_secs(), std::process::id()),
+            };
+            let opts = Options {
+                period,
+                apply,
+                granularity: granularity.unwrap_or(cfg.billing.granularity),
+                progress: !no_progress,
+            };
+            let result = reconcile(&env, &opts);
+            let code = match result {
+                Ok(report) => {
+                    print!("{}", report.render(format));
+                    if report.exit_code() == 0 {
+                        metrics::gauge!(m::LAST_SUCCESS).set(tally::invoice::reconcile::now_secs() as f64);
+                    }
+                    report.exit_code()
+                }
+                Err(ReconcileError::Verify(mismatches)) => {
+                    print!("{}", render_mismatches(&mismatches, 0, period, format));
+                    eprintln!("error: aggregates disagree with their events; refusing to push (run `tally-invoicer verify`)");
+                    1
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            };
+            if let Some(path) = metrics_textfile {
+                m::write_textfile(&handle, &path).with_context(|| format!("failed to write {}", path.display()))?;
+            }
+            std::io::stdout().flush()?;
+            Ok(code)
+        }
+    }
+}
+
+fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(rows).expect("json") + "\n",
+        Format::Csv => {
+            let mut s = String::from("org_id,project_id,meter,value,kind\n");
+            for r in rows {
+                s.push_str(&format!("{},{},{},{},{}\n", r.org_id, r.project_id, r.meter, r.value, r.kind));
+            }
+            s
+        }
+        Format::Table => {
+            let w = |f: &dyn Fn(&usage::UsageRow) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+            let (wo, wp, wm) = (w(&|r| r.org_id.len(), 3), w(&|r| r.project_id.len(), 7), w(&|r| r.meter.len(), 5));
+            let mut s = format!("{:wo$}  {:wp$}  {:wm$}  {:>14}  KIND\n", "ORG", "PROJECT", "METER", "VALUE");
+            for r in rows {
+                s.push_str(&format!("{:wo$}  {:wp$}  {:wm$}  {:>14}  {}\n", r.org_id, r.project_id, r.meter, r.value, r.kind));
+            }
+            s
+        }
+    }
+}
+
+fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, format: Format) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(&serde_json::json!({
+            "period": period.to_string(), "compared": compared, "mismatches": mm,
+        }))
+        .expect("json")
+            + "\n",
+        Format::Csv => {
+            let mut s = String::from("org_id,project_id,meter,hour,aggregates,events\n");
+            for x in mm {
+                s.push_str(&format!("{},{},{},{},{},{}\n", x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events));
+            }
+            s
+        }
+        Format::Table => {
+            if mm.is_empty() {
+                return format!("{period}: aggregates equal the per-event rows ({compared} figures compared)\n");
+            }
+            let mut s = format!("{period}: {} mismatch(es) between aggregates and events:\n", mm.len());
+            for x in mm {
+                s.push_str(&format!(
+                    "  {} {} {} {}: aggregates {} events {}\n",
+                    x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events
+                ));
+            }
+            s
+        }
+    }
+}

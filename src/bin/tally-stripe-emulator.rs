@@ -1,0 +1,39 @@
+//! `tally-stripe-emulator`: a local, stateful Stripe for tests and the demo (see `tally::stripe_emu`).
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "A local, stateful emulator of the Stripe API subset tally uses (Billing Meters, legacy usage records)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:12111", env = "TALLY_STRIPE_EMULATOR_LISTEN")]
+    listen: String,
+    /// The secret key clients must send (Bearer or Basic auth).
+    #[arg(long, default_value = "sk_test_tally_emulator", env = "TALLY_STRIPE_EMULATOR_API_KEY")]
+    api_key: String,
+    /// Seed of the fault-injection dice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Probability of answering a request with 429 (`Stripe-Should-Retry: true`).
+    #[arg(long, default_value_t = 0.0)]
+    rate_429: f64,
+    /// Probability of answering a request with 500.
+    #[arg(long, default_value_t = 0.0)]
+    rate_500: f64,
+    /// Probability of doing a POST's write and then dropping the connection without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    rate_drop_after_write: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let emu = tally::stripe_emu::Emulator::start(&args.listen, &args.api_key, args.seed)?;
+    emu.set_faults(tally::stripe_emu::Faults {
+        rate_429: args.rate_429,
+        rate_500: args.rate_500,
+        rate_drop_after_write: args.rate_drop_after_write,
+    });
+    eprintln!("stripe emulator listening on {}", emu.base_url());
+    emu.join();
+    Ok(())
+}

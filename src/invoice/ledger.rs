@@ -1,0 +1,293 @@
+//! The ledger of pushes to Stripe, in ClickHouse (`stripe_ledger`, schemas/002_stripe_ledger.sql).
+//!
+//! Rows are append-only facts about a push id: `intent` (written and acknowledged before the
+//! Stripe call), then `done` or `failed` (after it). [`fold`] turns rows into one [`Push`] per id.
+//! The ledger, not Stripe's eventually consistent summaries, decides what was already pushed.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::sql::{num, render, rows};
+use crate::sink::clickhouse::{quote, ChError, ClickHouse};
+use crate::sink::rowbinary::RowWriter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// Add `value` to the bucket (meter event with a `sum` meter, or usage record `increment`).
+    Push,
+    /// Make the bucket's value `value` (meter event on a `last` meter, or usage record `set`).
+    Set,
+    /// Cancel the push `cancels` (meter event adjustment).
+    Cancel,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Push => "push",
+            Action::Set => "set",
+            Action::Cancel => "cancel",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Action, ChError> {
+        match s {
+            "push" => Ok(Action::Push),
+            "set" => Ok(Action::Set),
+            "cancel" => Ok(Action::Cancel),
+            _ => Err(ChError::Response(format!("unknown ledger action {s:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Intent,
+    Done,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Intent => "intent",
+            State::Done => "done",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// One push as planned: everything needed to send it again, identically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The meter event `identifier` / usage record Idempotency-Key; deterministic (see [`push_id`]).
+    pub push_id: String,
+    pub action: Action,
+    pub org_id: String,
+    pub customer: String,
+    /// tally meter.
+    pub meter: String,
+    /// Stripe meter id (meters mode) or subscription item id (legacy mode).
+    pub target: String,
+    pub event_name: String,
+    pub bucket_start: i64,
+    pub bucket_end: i64,
+    pub seq: u32,
+    /// Push: the delta; Set: the new value; Cancel: the value of the cancelled push.
+    pub value: u64,
+    /// Cancel: the push id cancelled.
+    pub cancels: String,
+    /// The timestamp sent to Stripe.
+    pub event_ts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Intent recorded, outcome unknown (a crash or an indeterminate error): resend identically.
+    Pending,
+    Done,
+    /// Stripe refused it; it had no effect.
+    Failed(String),
+}
+
+/// A push and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    pub entry: Entry,
+    pub outcome: Outcome,
+    pub intent_at: i64,
+    pub done_at: Option<i64>,
+}
+
+/// The deterministic id of the `seq`-th push of a bucket: the same plan after a crash yields the
+/// same id, so Stripe sees a resend, never a second push.
+#[allow(clippy::too_many_arguments)]
+pub fn push_id(mode: &str, account: &str, action: Action, customer: &str, target: &str, start: i64, end: i64, seq: u32) -> String {
+    let mut h = Sha256::new();
+    for part in [mode, account, action.as_str(), customer, target, &start.to_string(), &end.to_string(), &seq.to_string()] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    format!("tally_{}", &hex::encode(h.finalize())[..40])
+}
+
+/// Folds ledger rows into pushes: done if any `done` row, else failed if any `failed` row, else pending.
+pub fn fold(records: Vec<(Entry, State, i64, String)>) -> Vec<Push> {
+    let mut by_id: BTreeMap<String, Push> = BTreeMap::new();
+    for (entry, state, at, detail) in records {
+        let p = by_id.entry(entry.push_id.clone()).or_insert_with(|| Push {
+            entry: entry.clone(),
+            outcome: Outcome::Pending,
+            intent_at: at,
+            done_at: None,
+        });
+        match state {
+            State::Intent => p.intent_at = p.intent_at.min(at),
+            State::Done => {
+                p.outcome = Outcome::Done;
+                p.done_at = Some(p.done_at.map_or(at, |d| d.min(at)));
+            }
+            State::Failed => {
+                if p.outcome != Outcome::Done {
+                    p.outcome = Outcome::Failed(detail);
+                }
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// The ledger of one Stripe mode and account.
+pub struct Ledger<'a> {
+    ch: &'a ClickHouse,
+    mode: &'static str,
+    account: String,
+    run_id: String,
+}
+
+impl<'a> Ledger<'a> {
+    pub fn new(ch: &'a ClickHouse, mode: &'static str, account: &str, run_id: &str) -> Self {
+        Ledger { ch, mode, account: account.to_string(), run_id: run_id.to_string() }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// Appends rows; returns only once ClickHouse acknowledged them.
+    pub fn append(&self, rows: &[(&Entry, State, &str)], now: i64) -> Result<(), ChError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut w = RowWriter::default();
+        for (e, state, detail) in rows {
+            w.string(&e.push_id);
+            w.string(state.as_str());
+            w.string(e.action.as_str());
+            w.string(self.mode);
+            w.string(&self.account);
+            w.string(&e.org_id);
+            w.string(&e.customer);
+            w.string(&e.meter);
+            w.string(&e.target);
+            w.string(&e.event_name);
+            w.datetime(e.bucket_start);
+            w.datetime(e.bucket_end);
+            w.u32(e.seq);
+            w.u64(e.value);
+            w.string(&e.cancels);
+            w.datetime(e.event_ts);
+            w.string(&self.run_id);
+            w.string(detail);
+            w.datetime(now);
+        }
+        let db = self.ch.database();
+        self.ch.insert(
+            &format!(
+                "INSERT INTO {db}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, \
+                 target, event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, run_id, detail, \
+                 recorded_at) FORMAT RowBinary"
+            ),
+            &w.buf,
+        )
+    }
+
+    /// The pushes whose bucket overlaps [from, to).
+    pub fn read(&self, from: i64, to: i64) -> Result<Vec<Push>, ChError> {
+        let sql = render(
+            super::sql::LEDGER_READ,
+            &[
+                ("database", self.ch.database().to_string()),
+                ("from", from.to_string()),
+                ("to", to.to_string()),
+                ("mode", quote(self.mode)),
+                ("account", quote(&self.account)),
+            ],
+        );
+        let mut records = Vec::new();
+        for r in rows(self.ch, &sql)? {
+            if r.len() != 16 {
+                return Err(ChError::Response(format!("ledger row with {} columns", r.len())));
+            }
+            let state = match r[1].as_str() {
+                "intent" => State::Intent,
+                "done" => State::Done,
+                "failed" => State::Failed,
+                s => return Err(ChError::Response(format!("unknown ledger state {s:?}"))),
+            };
+            let entry = Entry {
+                push_id: r[0].clone(),
+                action: Action::parse(&r[2])?,
+                org_id: r[3].clone(),
+                customer: r[4].clone(),
+                meter: r[5].clone(),
+                target: r[6].clone(),
+                event_name: r[7].clone(),
+                bucket_start: num(&r[8])?,
+                bucket_end: num(&r[9])?,
+                seq: num(&r[10])?,
+                value: num(&r[11])?,
+                cancels: r[12].clone(),
+                event_ts: num(&r[13])?,
+            };
+            records.push((entry, state, num::<i64>(&r[14])?, r[15].clone()));
+        }
+        Ok(fold(records))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> Entry {
+        Entry {
+            push_id: id.into(),
+            action: Action::Push,
+            org_id: "o".into(),
+            customer: "cus".into(),
+            meter: "events".into(),
+            target: "mtr".into(),
+            event_name: "e".into(),
+            bucket_start: 0,
+            bucket_end: 3600,
+            seq: 1,
+            value: 5,
+            cancels: String::new(),
+            event_ts: 0,
+        }
+    }
+
+    #[test]
+    fn fold_decides_by_the_strongest_fact() {
+        let rows = vec![
+            (entry("a"), State::Intent, 10, String::new()),
+            (entry("b"), State::Intent, 11, String::new()),
+            (entry("b"), State::Done, 12, String::new()),
+            (entry("c"), State::Intent, 13, String::new()),
+            (entry("c"), State::Failed, 14, "refused".into()),
+            (entry("b"), State::Intent, 15, String::new()), // a resend after a crash
+        ];
+        let p = fold(rows);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].outcome, Outcome::Pending);
+        assert_eq!(p[1].outcome, Outcome::Done);
+        assert_eq!((p[1].intent_at, p[1].done_at), (11, Some(12)));
+        assert_eq!(p[2].outcome, Outcome::Failed("refused".into()));
+    }
+
+    #[test]
+    fn push_ids_are_deterministic_and_distinct() {
+        let a = push_id("meters", "", Action::Push, "cus_1", "mtr_1", 0, 3600, 1);
+        assert_eq!(a, push_id("meters", "", Action::Push, "cus_1", "mtr_1", 0, 3600, 1));
+        assert_ne!(a, push_id("meters", "", Action::Push, "cus_1", "mtr_1", 0, 3600, 2));
+        assert_ne!(a, push_id("meters", "", Action::Cancel, "cus_1", "mtr_1", 0, 3600, 1));
+        assert_ne!(a, push_id("meters", "acct_1", Action::Push, "cus_1", "mtr_1", 0, 3600, 1));
+        assert!(a.len() <= 100);
+    }
+}

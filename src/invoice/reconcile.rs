@@ -1,0 +1,461 @@
+//! `tally-invoicer reconcile`: verify → read tally → read the ledger → (apply: resend what an
+//! earlier run left pending) → read Stripe → plan → (apply: cancels, then pushes, each recorded in
+//! the ledger before and after its call) → read Stripe again → report. docs/invoicing.md argues
+//! why a crash at any point followed by a rerun pushes nothing twice and misses nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::config::{Granularity, InvoicerConfig, StripeMode};
+use super::ledger::{Action, Entry, Ledger, Outcome, Push, State};
+use super::mapping::Mapping;
+use super::period::Period;
+use super::plan::{plan, Bucket, BucketPlan, Ctx, Target};
+use super::progress::Progress;
+use super::report::{Report, Row};
+use super::stripe::meters::{self, MeterInfo};
+use super::stripe::{legacy, StripeError, StripeHttp};
+use super::usage::{self, Mismatch};
+use crate::meter::{Aggregation, Meters};
+use crate::sink::clickhouse::{ChError, ClickHouse};
+
+/// Pushes whose intents are written to the ledger in one insert, before any of them is sent.
+const CHUNK: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconcileError {
+    #[error("the aggregates disagree with their events in {} place(s); nothing was pushed", .0.len())]
+    Verify(Vec<Mismatch>),
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] ChError),
+    #[error("stripe: {0}")]
+    Stripe(#[from] StripeError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub struct Options {
+    pub period: Period,
+    pub apply: bool,
+    pub granularity: Granularity,
+    pub progress: bool,
+}
+
+/// What a run needs: configuration, clients, mapping and meter definitions.
+pub struct Env<'a> {
+    pub cfg: &'a InvoicerConfig,
+    pub ch: &'a ClickHouse,
+    pub stripe: &'a StripeHttp,
+    pub mapping: &'a Mapping,
+    pub meters: &'a Meters,
+    pub run_id: String,
+}
+
+pub fn now_secs() -> i64 {
+    crate::source::worker::now_secs()
+}
+
+/// Key of a bucket: (org, meter, start, end).
+type Key = (String, String, i64, i64);
+
+struct Resolved {
+    targets: HashMap<(String, String), Option<Target>>,
+    infos: HashMap<String, MeterInfo>,
+}
+
+pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
+    let started = std::time::Instant::now();
+    let period = opts.period;
+    let g = opts.granularity;
+    period.check_granularity(g).map_err(ReconcileError::Setup)?;
+    let mode = match env.cfg.stripe.mode {
+        StripeMode::Meters => "meters",
+        StripeMode::Legacy => "legacy",
+    };
+    let account = env.cfg.stripe.account.as_str();
+
+    // Money never moves on aggregates that disagree with their own events.
+    let (mismatches, _) = usage::verify(env.ch, period)?;
+    metrics::gauge!(super::metrics::VERIFY_MISMATCHES).set(mismatches.len() as f64);
+    if !mismatches.is_empty() {
+        return Err(ReconcileError::Verify(mismatches));
+    }
+
+    let mut tally: BTreeMap<Key, u64> = BTreeMap::new();
+    for ((org, meter, b), v) in usage::additive_buckets(env.ch, period, g.secs())? {
+        if env.meters.get(&meter).is_some_and(|d| d.aggregation != Aggregation::Unique) {
+            tally.insert((org, meter, b, b + g.secs()), v);
+        }
+    }
+    for ((org, meter), v) in usage::unique_period(env.ch, period)? {
+        tally.insert((org, meter, period.from, period.to), v);
+    }
+
+    let resolved = resolve(env, &tally)?;
+    let ledger = Ledger::new(env.ch, mode, account, &env.run_id);
+    let mut progress = Progress::new(opts.progress);
+    let mut sent = Sent::default();
+
+    if opts.apply {
+        // An earlier run may have died between an intent and its outcome: resend those first,
+        // identically (same identifier, same Idempotency-Key), unless too old to be recognised.
+        let now = now_secs();
+        let pending: Vec<Entry> = ledger
+            .read(period.from, period.to)?
+            .into_iter()
+            .filter(|p| p.outcome == Outcome::Pending && now - p.intent_at <= super::plan::RESEND_WINDOW_SECS)
+            .map(|p| p.entry)
+            .collect();
+        if !pending.is_empty() {
+            tracing::info!(count = pending.len(), "resending pushes left pending by an earlier run");
+            execute(env, &ledger, &resolved, pending, &mut progress, &mut sent)?;
+        }
+    }
+
+    let pushes = ledger.read(period.from, period.to)?;
+    let by_key = group_pushes(&pushes, &tally, period, g)?;
+    let keys: BTreeSet<Key> = tally.keys().cloned().chain(by_key.keys().cloned()).collect();
+    let stripe_before = read_stripe(env, &resolved, &keys, period, g)?;
+
+    let mut plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
+    let before: BTreeMap<Key, BucketPlan> = plans.clone();
+    if opts.apply {
+        let cancels: Vec<Entry> =
+            plans.values().flat_map(|p| p.actions.iter().filter(|a| a.action == Action::Cancel).cloned()).collect();
+        if !cancels.is_empty() {
+            execute(env, &ledger, &resolved, cancels, &mut progress, &mut sent)?;
+            let pushes = ledger.read(period.from, period.to)?;
+            let by_key = group_pushes(&pushes, &tally, period, g)?;
+            plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
+        }
+        let writes: Vec<Entry> =
+            plans.values().flat_map(|p| p.actions.iter().filter(|a| a.action != Action::Cancel).cloned()).collect();
+        execute(env, &ledger, &resolved, writes, &mut progress, &mut sent)?;
+        progress.finish();
+    }
+
+    let (after, stripe_after) = if opts.apply {
+        let pushes = ledger.read(period.from, period.to)?;
+        let by_key = group_pushes(&pushes, &tally, period, g)?;
+        let touched: BTreeSet<Key> = sent.keys.iter().cloned().collect();
+        let mut stripe_after = stripe_before.clone();
+        let pairs_touched: BTreeSet<(String, String)> = touched.iter().map(|k| (k.0.clone(), k.1.clone())).collect();
+        let refresh: BTreeSet<Key> = keys.iter().filter(|k| pairs_touched.contains(&(k.0.clone(), k.1.clone()))).cloned().collect();
+        stripe_after.merge(read_stripe(env, &resolved, &refresh, period, g)?);
+        (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_after), stripe_after)
+    } else {
+        (plans, stripe_before.clone())
+    };
+
+    let report = Report::build(
+        period,
+        mode,
+        opts.apply,
+        &keys,
+        &tally,
+        &before,
+        &after,
+        &stripe_before,
+        &stripe_after,
+        &sent,
+        &resolved.targets,
+        env.stripe.requests(),
+        started.elapsed().as_secs_f64(),
+    );
+    for (st, n) in report.drift_by_status() {
+        metrics::gauge!(super::metrics::DRIFT_BUCKETS, "status" => st).set(n as f64);
+    }
+    metrics::gauge!(super::metrics::NEEDS_CREDIT).set(report.rows.iter().map(|r: &Row| r.needs_credit).sum::<u64>() as f64);
+    metrics::gauge!(super::metrics::RUN_SECONDS).set(started.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+/// Maps each (org, meter) with usage to its Stripe target, checking Stripe meters first.
+fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileError> {
+    let mut infos = HashMap::new();
+    if env.cfg.stripe.mode == StripeMode::Meters {
+        for id in env.mapping.stripe_meters() {
+            let info = meters::retrieve_meter(env.stripe, id)?;
+            infos.insert(id.to_string(), info);
+        }
+    }
+    let mut pairs: BTreeSet<(String, String)> = tally.keys().map(|k| (k.0.clone(), k.1.clone())).collect();
+    for org in env.mapping.customers.keys() {
+        for m in env.meters.meters() {
+            pairs.insert((org.clone(), m.name.clone()));
+        }
+    }
+    let mut targets = HashMap::new();
+    for (org, meter) in pairs {
+        let Some(def) = env.meters.get(&meter) else { continue };
+        let unique = def.aggregation == Aggregation::Unique;
+        let target = match (env.cfg.stripe.mode, env.mapping.customer(&org)) {
+            (_, None) => None,
+            (StripeMode::Meters, Some(customer)) => match env.mapping.meter(&org, &meter) {
+                None => None,
+                Some(mm) => {
+                    let info = &infos[&mm.stripe_meter];
+                    let want = if unique { "last" } else { "sum" };
+                    if info.formula != want {
+                        return Err(ReconcileError::Setup(format!(
+                            "Stripe meter {} ({}) aggregates with `{}`, but tally meter {meter} needs `{want}`",
+                            info.id, info.event_name, info.formula
+                        )));
+                    }
+                    if let Some(en) = &mm.event_name {
+                        if *en != info.event_name {
+                            return Err(ReconcileError::Setup(format!(
+                                "billing mapping says meter {} has event_name {en}, Stripe says {}",
+                                info.id, info.event_name
+                            )));
+                        }
+                    }
+                    if !info.active {
+                        return Err(ReconcileError::Setup(format!("Stripe meter {} is not active", info.id)));
+                    }
+                    Some(Target { customer: customer.to_string(), target: info.id.clone(), event_name: info.event_name.clone() })
+                }
+            },
+            (StripeMode::Legacy, Some(customer)) => env.mapping.item(&org, &meter).map(|item| Target {
+                customer: customer.to_string(),
+                target: item.to_string(),
+                event_name: String::new(),
+            }),
+        };
+        targets.insert((org, meter), target);
+    }
+    Ok(Resolved { targets, infos })
+}
+
+/// Assigns ledger pushes to the buckets of this run.
+fn group_pushes<'p>(
+    pushes: &'p [Push],
+    tally: &BTreeMap<Key, u64>,
+    period: Period,
+    g: Granularity,
+) -> Result<BTreeMap<Key, Vec<&'p Push>>, ReconcileError> {
+    let _ = tally;
+    let mut out: BTreeMap<Key, Vec<&Push>> = BTreeMap::new();
+    for p in pushes {
+        let e = &p.entry;
+        let key = if e.action == Action::Set {
+            if (e.bucket_start, e.bucket_end) != (period.from, period.to) {
+                continue; // a distinct count of another period
+            }
+            (e.org_id.clone(), e.meter.clone(), period.from, period.to)
+        } else {
+            let b = Period::bucket_of(e.bucket_start, g);
+            if e.bucket_end > b + g.secs() || e.bucket_start < period.from || e.bucket_end > period.to {
+                return Err(ReconcileError::Setup(format!(
+                    "the ledger holds a push for {}..{} that does not fit the buckets of this run ({} granularity, period {period}); \
+                     reconcile with the granularity and period boundaries used before",
+                    crate::timestamp::format_rfc3339(e.bucket_start),
+                    crate::timestamp::format_rfc3339(e.bucket_end),
+                    g.stripe_window()
+                )));
+            }
+            (e.org_id.clone(), e.meter.clone(), b, b + g.secs())
+        };
+        out.entry(key).or_default().push(p);
+    }
+    Ok(out)
+}
+
+/// Stripe's figures: per bucket (meters mode) and per (org, meter) over the period.
+#[derive(Debug, Clone, Default)]
+pub struct StripeView {
+    pub bucket: BTreeMap<Key, u64>,
+    pub pair: BTreeMap<(String, String), u64>,
+}
+
+impl StripeView {
+    fn merge(&mut self, other: StripeView) {
+        let pairs: BTreeSet<(String, String)> = other.pair.keys().cloned().collect();
+        self.bucket.retain(|k, _| !pairs.contains(&(k.0.clone(), k.1.clone())));
+        self.bucket.extend(other.bucket);
+        self.pair.extend(other.pair);
+    }
+}
+
+fn read_stripe(
+    env: &Env,
+    resolved: &Resolved,
+    keys: &BTreeSet<Key>,
+    period: Period,
+    g: Granularity,
+) -> Result<StripeView, ReconcileError> {
+    let mut pairs: BTreeMap<(String, String), Target> = BTreeMap::new();
+    for k in keys {
+        if let Some(Some(t)) = resolved.targets.get(&(k.0.clone(), k.1.clone())) {
+            pairs.insert((k.0.clone(), k.1.clone()), t.clone());
+        }
+    }
+    let list: Vec<(&(String, String), &Target)> = pairs.iter().collect();
+    let unique = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation == Aggregation::Unique);
+    let results = parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Vec<(i64, u64)>, StripeError> {
+        match env.cfg.stripe.mode {
+            StripeMode::Meters => {
+                let window = (!unique(meter)).then(|| g.stripe_window());
+                let s = meters::summaries(env.stripe, &t.target, &t.customer, period.from, period.to, window)?;
+                Ok(s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect())
+            }
+            StripeMode::Legacy => {
+                let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
+                Ok(vec![(period.from, total.max(0) as u64)])
+            }
+        }
+    });
+    let mut view = StripeView::default();
+    for (((org, meter), _), r) in list.iter().zip(results) {
+        let values = r?;
+        let total: u64 = values.iter().map(|(_, v)| v).sum();
+        view.pair.insert((org.clone(), meter.clone()), total);
+        if env.cfg.stripe.mode == StripeMode::Meters {
+            if unique(meter) {
+                view.bucket.insert((org.clone(), meter.clone(), period.from, period.to), total);
+            } else {
+                for (start, v) in values {
+                    let b = Period::bucket_of(start, g);
+                    *view.bucket.entry((org.clone(), meter.clone(), b, b + g.secs())).or_default() += v;
+                }
+            }
+        }
+    }
+    Ok(view)
+}
+
+fn plan_all(
+    env: &Env,
+    mode: &str,
+    resolved: &Resolved,
+    keys: &BTreeSet<Key>,
+    tally: &BTreeMap<Key, u64>,
+    by_key: &BTreeMap<Key, Vec<&Push>>,
+    stripe: &StripeView,
+) -> BTreeMap<Key, BucketPlan> {
+    let ctx = Ctx { mode, account: &env.cfg.stripe.account, now: now_secs(), can_cancel: env.cfg.stripe.mode == StripeMode::Meters };
+    keys.iter()
+        .map(|k| {
+            let unique = env.meters.get(&k.1).is_some_and(|d| d.aggregation == Aggregation::Unique);
+            let target = resolved.targets.get(&(k.0.clone(), k.1.clone())).cloned().flatten();
+            let b = Bucket {
+                org_id: k.0.clone(),
+                meter: k.1.clone(),
+                start: k.2,
+                end: k.3,
+                unique,
+                stripe: match env.cfg.stripe.mode {
+                    StripeMode::Meters if target.is_some() => Some(stripe.bucket.get(k).copied().unwrap_or(0)),
+                    _ => None,
+                },
+                target,
+                tally: tally.get(k).copied().unwrap_or(0),
+                pushes: by_key.get(k).cloned().unwrap_or_default(),
+            };
+            (k.clone(), plan(&ctx, &b))
+        })
+        .collect()
+}
+
+/// What this run sent, and how it ended.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub keys: Vec<Key>,
+    /// (action, key, value) of writes Stripe accepted.
+    pub done: Vec<(Action, Key, u64)>,
+    pub failed: Vec<(Key, String)>,
+    /// Outcome unknown after all retries: left pending for the next run.
+    pub indeterminate: Vec<(Key, String)>,
+}
+
+fn key_of(e: &Entry) -> Key {
+    (e.org_id.clone(), e.meter.clone(), e.bucket_start, e.bucket_end)
+}
+
+/// Sends `entries`, chunk by chunk: intents recorded, calls made, outcomes recorded.
+fn execute(
+    env: &Env,
+    ledger: &Ledger,
+    resolved: &Resolved,
+    entries: Vec<Entry>,
+    progress: &mut Progress,
+    sent: &mut Sent,
+) -> Result<(), ReconcileError> {
+    progress.add_total(entries.len());
+    for chunk in entries.chunks(CHUNK) {
+        let intents: Vec<(&Entry, State, &str)> = chunk.iter().map(|e| (e, State::Intent, "")).collect();
+        ledger.append(&intents, now_secs())?;
+        let results = parallel(chunk, env.cfg.stripe.concurrency, |e| send(env, resolved, e));
+        let mut outcomes: Vec<(&Entry, State, String)> = Vec::new();
+        for (e, r) in chunk.iter().zip(results) {
+            let action = e.action.as_str();
+            sent.keys.push(key_of(e));
+            match r {
+                Ok(()) => {
+                    metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "done").increment(1);
+                    metrics::counter!(super::metrics::PUSHED_VALUE, "action" => action).increment(e.value);
+                    sent.done.push((e.action, key_of(e), e.value));
+                    outcomes.push((e, State::Done, String::new()));
+                }
+                Err(err) if err.is_indeterminate() => {
+                    metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "pending").increment(1);
+                    tracing::warn!(push_id = %e.push_id, error = %err, "outcome unknown; left pending for the next run");
+                    sent.indeterminate.push((key_of(e), err.to_string()));
+                }
+                Err(err) => {
+                    metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "failed").increment(1);
+                    tracing::warn!(push_id = %e.push_id, error = %err, "stripe refused a push");
+                    sent.failed.push((key_of(e), err.to_string()));
+                    outcomes.push((e, State::Failed, err.to_string()));
+                }
+            }
+        }
+        let rows: Vec<(&Entry, State, &str)> = outcomes.iter().map(|(e, s, d)| (*e, *s, d.as_str())).collect();
+        ledger.append(&rows, now_secs())?;
+        progress.advance(chunk.len());
+    }
+    Ok(())
+}
+
+/// One Stripe call for one ledger entry.
+fn send(env: &Env, resolved: &Resolved, e: &Entry) -> Result<(), StripeError> {
+    let r = match (env.cfg.stripe.mode, e.action) {
+        (StripeMode::Meters, Action::Push | Action::Set) => {
+            let info = resolved
+                .infos
+                .get(&e.target)
+                .ok_or_else(|| StripeError::Client(format!("meter {} is no longer mapped", e.target)))?;
+            meters::create_meter_event(env.stripe, info, &e.customer, e.value, e.event_ts, &e.push_id)
+        }
+        (StripeMode::Meters, Action::Cancel) => meters::cancel_meter_event(env.stripe, &e.event_name, &e.cancels, &e.push_id),
+        (StripeMode::Legacy, Action::Push | Action::Set) => {
+            legacy::create_usage_record(env.stripe, &e.target, e.value, e.event_ts, e.action == Action::Set, &e.push_id)
+        }
+        (StripeMode::Legacy, Action::Cancel) => Err(StripeError::Client("usage records cannot be cancelled".into())),
+    };
+    match r {
+        // The identifier is already taken: an earlier attempt of this very push landed.
+        Err(err) if err.code() == Some("resource_already_exists") && e.action != Action::Cancel => Ok(()),
+        other => other,
+    }
+}
+
+/// Runs `f` over `items` on `threads` threads; results in input order.
+pub fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                out.lock().expect("results lock")[i] = Some(r);
+            });
+        }
+    });
+    out.into_inner().expect("results lock").into_iter().map(|r| r.expect("every item ran")).collect()
+}
+

@@ -1,0 +1,376 @@
+//! The finance report of a reconcile: per (org, customer, meter, period) tally's value, Stripe
+//! before, the delta pushed, Stripe after and a status; as a table, CSV or JSON.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::ledger::Action;
+use super::period::Period;
+use super::plan::{BucketPlan, Status, Target};
+use super::reconcile::{Sent, StripeView};
+use crate::timestamp::format_rfc3339;
+
+type Key = (String, String, i64, i64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "table" => Ok(Format::Table),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            _ => Err(format!("format must be table, csv or json, not {s:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub org_id: String,
+    pub customer: String,
+    pub meter: String,
+    pub stripe_target: String,
+    pub tally: u64,
+    pub ledger_before: u64,
+    pub stripe_before: Option<u64>,
+    /// Change of the ledger's value by this run (negative after cancels); in a dry run, the
+    /// change `--apply` would make.
+    pub delta_pushed: i64,
+    pub stripe_after: Option<u64>,
+    pub needs_credit: u64,
+    pub status: String,
+    pub buckets: usize,
+    pub buckets_unsettled: usize,
+    pub note: String,
+}
+
+/// A bucket that is not reconciled.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub org_id: String,
+    pub meter: String,
+    pub bucket_start: String,
+    pub bucket_end: String,
+    pub status: &'static str,
+    pub tally: u64,
+    pub ledger: u64,
+    pub stripe: Option<u64>,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub period_from: String,
+    pub period_to: String,
+    pub mode: String,
+    pub applied: bool,
+    pub rows: usize,
+    pub buckets: usize,
+    pub buckets_unsettled: usize,
+    pub writes_done: usize,
+    pub pushes_done: usize,
+    pub sets_done: usize,
+    pub cancels_done: usize,
+    pub writes_failed: usize,
+    pub writes_pending: usize,
+    pub stripe_requests: u64,
+    pub elapsed_secs: f64,
+    pub exit_code: i32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub summary: Summary,
+    pub rows: Vec<Row>,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        period: Period,
+        mode: &str,
+        applied: bool,
+        keys: &BTreeSet<Key>,
+        tally: &BTreeMap<Key, u64>,
+        before: &BTreeMap<Key, BucketPlan>,
+        after: &BTreeMap<Key, BucketPlan>,
+        stripe_before: &StripeView,
+        stripe_after: &StripeView,
+        sent: &Sent,
+        targets: &HashMap<(String, String), Option<Target>>,
+        stripe_requests: u64,
+        elapsed_secs: f64,
+    ) -> Report {
+        let mut by_pair: BTreeMap<(String, String), Vec<&Key>> = BTreeMap::new();
+        for k in keys {
+            by_pair.entry((k.0.clone(), k.1.clone())).or_default().push(k);
+        }
+        let pair_of = |k: &Key| (k.0.clone(), k.1.clone());
+        let mut rows = Vec::new();
+        let mut problems = Vec::new();
+        for (pair, ks) in &by_pair {
+            let target = targets.get(pair).cloned().flatten();
+            let sum = |f: &dyn Fn(&BucketPlan) -> u64, m: &BTreeMap<Key, BucketPlan>| -> u64 {
+                ks.iter().filter_map(|k| m.get(*k)).map(f).sum()
+            };
+            let ledger_before = sum(&|p| p.ledger, before);
+            let ledger_after = sum(&|p| p.ledger, after);
+            let worst = ks.iter().filter_map(|k| after.get(*k)).map(|p| p.status).max().unwrap_or(Status::Ok);
+            let unsettled: Vec<&&Key> = ks.iter().filter(|k| after.get(**k).is_some_and(|p| !p.status.settled())).collect();
+            let did = |a: Action| sent.done.iter().any(|(x, k, _)| *x == a && pair_of(k) == *pair);
+            let failed = sent.failed.iter().any(|(k, _)| pair_of(k) == *pair);
+            let pending = sent.indeterminate.iter().any(|(k, _)| pair_of(k) == *pair);
+            let status = if failed {
+                "failed".to_string()
+            } else if pending {
+                "pending".to_string()
+            } else if worst.settled() {
+                if did(Action::Cancel) {
+                    "corrected".into()
+                } else if did(Action::Push) || did(Action::Set) {
+                    "pushed".into()
+                } else {
+                    worst.as_str().into()
+                }
+            } else if !applied && worst == Status::Push {
+                "would_push".into()
+            } else if !applied && worst == Status::Correct {
+                "would_correct".into()
+            } else {
+                worst.as_str().into()
+            };
+            let note = unsettled
+                .iter()
+                .filter_map(|k| after.get(**k))
+                .map(|p| p.note.clone())
+                .find(|n| !n.is_empty())
+                .or_else(|| sent.failed.iter().find(|(k, _)| pair_of(k) == *pair).map(|(_, e)| e.clone()))
+                .unwrap_or_default();
+            for k in &unsettled {
+                let p = &after[**k];
+                problems.push(Problem {
+                    org_id: k.0.clone(),
+                    meter: k.1.clone(),
+                    bucket_start: format_rfc3339(k.2),
+                    bucket_end: format_rfc3339(k.3),
+                    status: if !applied && p.status == Status::Push { "would_push" } else { p.status.as_str() },
+                    tally: tally.get(**k).copied().unwrap_or(0),
+                    ledger: p.ledger,
+                    stripe: (mode == "meters" && target.is_some()).then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
+                    note: p.note.clone(),
+                });
+            }
+            rows.push(Row {
+                org_id: pair.0.clone(),
+                customer: target.as_ref().map(|t| t.customer.clone()).unwrap_or_default(),
+                meter: pair.1.clone(),
+                stripe_target: target.as_ref().map(|t| t.target.clone()).unwrap_or_default(),
+                tally: ks.iter().map(|k| tally.get(*k).copied().unwrap_or(0)).sum(),
+                ledger_before,
+                stripe_before: target.as_ref().and(stripe_before.pair.get(pair).copied()),
+                delta_pushed: if applied {
+                    ledger_after as i64 - ledger_before as i64
+                } else {
+                    // What --apply would change: the planned buckets' tally − ledger.
+                    ks.iter()
+                        .filter_map(|k| before.get(*k).filter(|p| matches!(p.status, Status::Push | Status::Correct)).map(|p| (k, p)))
+                        .map(|(k, p)| tally.get(*k).copied().unwrap_or(0) as i64 - p.ledger as i64)
+                        .sum()
+                },
+                stripe_after: target.as_ref().and(stripe_after.pair.get(pair).copied()),
+                needs_credit: sum(&|p| p.needs_credit, after),
+                status,
+                buckets: ks.len(),
+                buckets_unsettled: unsettled.len(),
+                note,
+            });
+        }
+        let count = |a: Action| sent.done.iter().filter(|(x, _, _)| *x == a).count();
+        let any_error = !sent.failed.is_empty()
+            || !sent.indeterminate.is_empty()
+            || after.values().any(|p| p.status.is_error());
+        let buckets_unsettled = after.values().filter(|p| !p.status.settled()).count();
+        let exit_code = if any_error {
+            1
+        } else if buckets_unsettled > 0 {
+            2
+        } else {
+            0
+        };
+        Report {
+            summary: Summary {
+                period_from: format_rfc3339(period.from),
+                period_to: format_rfc3339(period.to),
+                mode: mode.to_string(),
+                applied,
+                rows: rows.len(),
+                buckets: keys.len(),
+                buckets_unsettled,
+                writes_done: sent.done.len(),
+                pushes_done: count(Action::Push),
+                sets_done: count(Action::Set),
+                cancels_done: count(Action::Cancel),
+                writes_failed: sent.failed.len(),
+                writes_pending: sent.indeterminate.len(),
+                stripe_requests,
+                elapsed_secs,
+                exit_code,
+            },
+            rows,
+            problems,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.summary.exit_code
+    }
+
+    /// Unsettled buckets per status (for the drift gauge).
+    pub fn drift_by_status(&self) -> Vec<(&'static str, usize)> {
+        let mut m: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for p in &self.problems {
+            *m.entry(p.status).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Json => serde_json::to_string_pretty(self).expect("report serializes") + "\n",
+            Format::Csv => {
+                let mut out = String::from(
+                    "org_id,customer,meter,stripe_target,tally,stripe_before,delta_pushed,stripe_after,needs_credit,status,buckets,buckets_unsettled,note\n",
+                );
+                for r in &self.rows {
+                    let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
+                    let fields = [
+                        csv(&r.org_id),
+                        csv(&r.customer),
+                        csv(&r.meter),
+                        csv(&r.stripe_target),
+                        r.tally.to_string(),
+                        opt(r.stripe_before),
+                        r.delta_pushed.to_string(),
+                        opt(r.stripe_after),
+                        r.needs_credit.to_string(),
+                        csv(&r.status),
+                        r.buckets.to_string(),
+                        r.buckets_unsettled.to_string(),
+                        csv(&r.note),
+                    ];
+                    out.push_str(&fields.join(","));
+                    out.push('\n');
+                }
+                out
+            }
+            Format::Table => self.table(),
+        }
+    }
+
+    fn table(&self) -> String {
+        let head = ["ORG", "CUSTOMER", "METER", "TALLY", "STRIPE BEFORE", "DELTA", "STRIPE AFTER", "CREDIT", "STATUS"];
+        let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        let cells: Vec<[String; 9]> = self
+            .rows
+            .iter()
+            .map(|r| {
+                [
+                    r.org_id.clone(),
+                    if r.customer.is_empty() { "-".into() } else { r.customer.clone() },
+                    r.meter.clone(),
+                    r.tally.to_string(),
+                    opt(r.stripe_before),
+                    format!("{:+}", r.delta_pushed),
+                    opt(r.stripe_after),
+                    r.needs_credit.to_string(),
+                    r.status.clone(),
+                ]
+            })
+            .collect();
+        let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+        for c in &cells {
+            for (i, v) in c.iter().enumerate() {
+                w[i] = w[i].max(v.chars().count());
+            }
+        }
+        let line = |vals: &[String]| -> String {
+            let mut s = String::new();
+            for (i, v) in vals.iter().enumerate() {
+                let pad = w[i] - v.chars().count();
+                if (3..8).contains(&i) {
+                    s.push_str(&" ".repeat(pad));
+                    s.push_str(v);
+                } else {
+                    s.push_str(v);
+                    s.push_str(&" ".repeat(pad));
+                }
+                s.push_str("  ");
+            }
+            s.trim_end().to_string() + "\n"
+        };
+        let mut out = line(&head.map(String::from));
+        for c in &cells {
+            out.push_str(&line(c));
+        }
+        let s = &self.summary;
+        out.push_str(&format!(
+            "\n{} {}..{} ({} mode): {} rows, {} buckets, {} not reconciled; {} writes to Stripe ({} pushes, {} sets, {} cancels), \
+             {} refused, {} pending; {} Stripe requests in {:.1} s; exit {}\n",
+            if s.applied { "applied" } else { "dry run" },
+            s.period_from,
+            s.period_to,
+            s.mode,
+            s.rows,
+            s.buckets,
+            s.buckets_unsettled,
+            s.writes_done,
+            s.pushes_done,
+            s.sets_done,
+            s.cancels_done,
+            s.writes_failed,
+            s.writes_pending,
+            s.stripe_requests,
+            s.elapsed_secs,
+            s.exit_code
+        ));
+        const SHOWN: usize = 20;
+        if !self.problems.is_empty() {
+            out.push_str("\nbuckets not reconciled:\n");
+            for p in self.problems.iter().take(SHOWN) {
+                out.push_str(&format!(
+                    "  {} {} {}..{} {} tally={} ledger={} stripe={} {}\n",
+                    p.org_id,
+                    p.meter,
+                    p.bucket_start,
+                    p.bucket_end,
+                    p.status,
+                    p.tally,
+                    p.ledger,
+                    opt(p.stripe),
+                    p.note
+                ));
+            }
+            if self.problems.len() > SHOWN {
+                out.push_str(&format!("  ... and {} more (--format json lists all)\n", self.problems.len() - SHOWN));
+            }
+        }
+        out
+    }
+}
+
+fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

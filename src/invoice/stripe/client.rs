@@ -1,0 +1,315 @@
+//! The Stripe transport: async-stripe's typed requests go through [`StripeHttp`], which adds the
+//! discipline billing needs and async-stripe's own client does not give a caller control of:
+//! a deterministic `Idempotency-Key` on every POST (refused without one), a client-side rate
+//! limit shared by all threads, retries with capped jittered backoff on 429/5xx/network errors
+//! that honour `Stripe-Should-Retry`, `Stripe-Account` for connected accounts, and an API key that
+//! never reaches a log line, an error or a report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use stripe_client_core::{CustomizedStripeRequest, StripeBlockingClient, StripeClientErr, StripeMethod};
+
+use crate::invoice::config::StripeConfig;
+use crate::invoice::metrics as m;
+use crate::retry::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StripeError {
+    /// Stripe answered with an error object.
+    #[error("stripe {status} {kind}{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Api { status: u16, kind: String, code: Option<String>, message: String },
+    /// No answer: connection refused/reset/dropped, timeout.
+    #[error("stripe unreachable: {0}")]
+    Transport(String),
+    #[error("stripe response could not be read: {0}")]
+    Decode(String),
+    #[error("stripe client: {0}")]
+    Client(String),
+}
+
+impl StripeError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            StripeError::Api { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            StripeError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether the outcome of the request is unknown (it may or may not have been applied).
+    pub fn is_indeterminate(&self) -> bool {
+        match self {
+            StripeError::Transport(_) | StripeError::Decode(_) => true,
+            StripeError::Api { status, .. } => *status == 409 || *status == 429 || *status >= 500,
+            StripeError::Client(_) => false,
+        }
+    }
+}
+
+impl StripeClientErr for StripeError {
+    fn deserialize_err(msg: impl std::fmt::Display) -> Self {
+        StripeError::Decode(msg.to_string())
+    }
+}
+
+/// A token bucket shared by all request threads.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_sec: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(per_sec: u32) -> Self {
+        let per_sec = f64::from(per_sec.max(1));
+        RateLimiter { per_sec, state: Mutex::new((per_sec.min(10.0), Instant::now())) }
+    }
+
+    /// Blocks until a request may be sent.
+    pub fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().expect("rate limiter lock");
+                let now = Instant::now();
+                let burst = self.per_sec.min(10.0).max(1.0);
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(burst);
+                s.1 = now;
+                if s.0 >= 1.0 {
+                    s.0 -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - s.0) / self.per_sec)
+            };
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The raw answer of one attempt.
+struct Answer {
+    status: u16,
+    should_retry: Option<bool>,
+    body: String,
+}
+
+pub struct StripeHttp {
+    agent: ureq::Agent,
+    base: String,
+    authorization: String,
+    secret: String,
+    account: Option<String>,
+    /// Sent as `Stripe-Version` (the typed responses follow this version); `None` = account default.
+    version: Option<String>,
+    limiter: RateLimiter,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Debug for StripeHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeHttp").field("base", &self.base).field("account", &self.account).finish_non_exhaustive()
+    }
+}
+
+impl StripeHttp {
+    pub fn new(cfg: &StripeConfig, pin_version: bool) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout(Duration::from_secs(cfg.timeout_secs))
+            .max_idle_connections_per_host(cfg.concurrency.max(1) * 2)
+            .build();
+        StripeHttp {
+            agent,
+            base: cfg.api_base.clone(),
+            authorization: format!("Bearer {}", cfg.api_key),
+            secret: cfg.api_key.clone(),
+            account: (!cfg.account.is_empty()).then(|| cfg.account.clone()),
+            version: pin_version.then(|| stripe_client_core::VERSION.to_string()),
+            limiter: RateLimiter::new(cfg.max_requests_per_sec),
+            max_attempts: cfg.max_attempts,
+            initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
+            max_backoff: Duration::from_millis(cfg.max_backoff_ms),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// HTTP requests sent so far (every attempt counts).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Removes the secret from any text that leaves this module.
+    fn redact(&self, s: &str) -> String {
+        if self.secret.is_empty() {
+            s.to_string()
+        } else {
+            s.replace(&self.secret, "[redacted]")
+        }
+    }
+
+    /// Sends one request with retries. `path` is below `v1` (`/billing/meter_events`).
+    pub fn send(
+        &self,
+        method: StripeMethod,
+        path: &str,
+        query: Option<&str>,
+        form: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> Result<String, StripeError> {
+        let post = matches!(method, StripeMethod::Post);
+        if post && idempotency_key.is_none() {
+            return Err(StripeError::Client(format!("refusing POST {path} without an Idempotency-Key")));
+        }
+        let endpoint = endpoint_label(path);
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.limiter.acquire();
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let result = self.attempt(method, path, query, form, idempotency_key);
+            metrics::histogram!(m::STRIPE_REQUEST_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+            let (err, retry) = match result {
+                Ok(a) if (200..300).contains(&a.status) => {
+                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status)).increment(1);
+                    return Ok(a.body);
+                }
+                Ok(a) => {
+                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status)).increment(1);
+                    let retry = match a.should_retry {
+                        Some(r) => r,
+                        None => matches!(a.status, 409 | 429 | 500..=599),
+                    };
+                    (self.api_error(a.status, &a.body), retry)
+                }
+                Err(e) => {
+                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => "network").increment(1);
+                    (e, true)
+                }
+            };
+            if !retry || attempt >= self.max_attempts {
+                metrics::counter!(m::STRIPE_ERRORS, "endpoint" => endpoint).increment(1);
+                return Err(err);
+            }
+            metrics::counter!(m::STRIPE_RETRIES, "endpoint" => endpoint).increment(1);
+            let delay = backoff.next_delay();
+            tracing::debug!(endpoint, attempt, delay_ms = delay.as_millis() as u64, error = %err, "stripe request retried");
+            std::thread::sleep(delay);
+        }
+    }
+
+    fn attempt(
+        &self,
+        method: StripeMethod,
+        path: &str,
+        query: Option<&str>,
+        form: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, StripeError> {
+        let mut url = format!("{}v1{}", self.base, path);
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        let verb = match method {
+            StripeMethod::Get => "GET",
+            StripeMethod::Post => "POST",
+            StripeMethod::Delete => "DELETE",
+        };
+        let mut req = self.agent.request(verb, &url).set("Authorization", &self.authorization).set("User-Agent", "tally-invoicer");
+        if let Some(v) = &self.version {
+            req = req.set("Stripe-Version", v);
+        }
+        if let Some(a) = &self.account {
+            req = req.set("Stripe-Account", a);
+        }
+        if let Some(k) = idempotency_key {
+            req = req.set("Idempotency-Key", k);
+        }
+        let res = match form {
+            Some(body) => req.set("Content-Type", "application/x-www-form-urlencoded").send_string(body),
+            None if matches!(method, StripeMethod::Post) => {
+                req.set("Content-Type", "application/x-www-form-urlencoded").send_string("")
+            }
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(StripeError::Transport(self.redact(&t.to_string()))),
+        };
+        let status = resp.status();
+        let should_retry = resp.header("Stripe-Should-Retry").and_then(|v| v.trim().parse::<bool>().ok());
+        let body = resp.into_string().map_err(|e| StripeError::Transport(format!("reading the answer: {e}")))?;
+        Ok(Answer { status, should_retry, body })
+    }
+
+    fn api_error(&self, status: u16, body: &str) -> StripeError {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let e = &v["error"];
+        let text = |k: &str| e.get(k).and_then(serde_json::Value::as_str).map(|s| self.redact(s));
+        StripeError::Api {
+            status,
+            kind: text("type").unwrap_or_else(|| "unknown".into()),
+            code: text("code"),
+            message: text("message").unwrap_or_else(|| format!("HTTP {status}")),
+        }
+    }
+}
+
+/// async-stripe's typed requests run through the same discipline.
+impl StripeBlockingClient for StripeHttp {
+    type Err = StripeError;
+
+    fn execute(&self, req: CustomizedStripeRequest) -> Result<Bytes, StripeError> {
+        let (rb, cfg) = req.into_pieces();
+        let key = cfg.request_strategy.and_then(|s| s.get_key()).map(|k| k.into_inner());
+        self.send(rb.method, &rb.path, rb.query.as_deref(), rb.body.as_deref(), key.as_deref()).map(Bytes::from)
+    }
+}
+
+/// A bounded label for a path (ids replaced).
+fn endpoint_label(path: &str) -> &'static str {
+    if path.starts_with("/billing/meter_events") {
+        "meter_events"
+    } else if path.starts_with("/billing/meter_event_adjustments") {
+        "meter_event_adjustments"
+    } else if path.ends_with("/event_summaries") {
+        "meter_event_summaries"
+    } else if path.starts_with("/billing/meters") {
+        "meters"
+    } else if path.ends_with("/usage_records") {
+        "usage_records"
+    } else if path.ends_with("/usage_record_summaries") {
+        "usage_record_summaries"
+    } else if path.starts_with("/customers") {
+        "customers"
+    } else if path.starts_with("/subscription") {
+        "subscriptions"
+    } else {
+        "other"
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        409 => "409",
+        429 => "429",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

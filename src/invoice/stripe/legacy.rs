@@ -1,0 +1,74 @@
+//! Legacy usage records (subscription items, `usage_records`, `usage_record_summaries`) for
+//! accounts pinned to API versions before 2025-03-31.basil. async-stripe 1.x has no types for
+//! them; they go through the same transport (Idempotency-Key, rate limit, retries).
+
+use serde::Deserialize;
+use stripe_client_core::StripeMethod;
+
+use super::client::{StripeError, StripeHttp};
+use crate::stripe_emu::form::encode as enc;
+
+#[derive(Debug, Deserialize)]
+struct Summary {
+    id: String,
+    period: Period,
+    total_usage: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Period {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SummaryList {
+    data: Vec<Summary>,
+    has_more: bool,
+}
+
+/// Records usage on a subscription item: `increment` adds `quantity` at `timestamp`; `set`
+/// replaces the quantity at that timestamp. `idempotency_key` makes a resend harmless.
+pub fn create_usage_record(
+    c: &StripeHttp,
+    item: &str,
+    quantity: u64,
+    timestamp: i64,
+    set: bool,
+    idempotency_key: &str,
+) -> Result<(), StripeError> {
+    let action = if set { "set" } else { "increment" };
+    let form = format!("quantity={quantity}&timestamp={timestamp}&action={action}");
+    let path = format!("/subscription_items/{}/usage_records", enc(item));
+    let body = c.send(StripeMethod::Post, &path, None, Some(&form), Some(idempotency_key))?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+    if v["object"] != "usage_record" {
+        return Err(StripeError::Decode(format!("expected a usage_record, got {}", v["object"])));
+    }
+    Ok(())
+}
+
+/// Total usage of the billing periods of `item` that overlap [start, end).
+pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i64, StripeError> {
+    let mut total = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = "limit=100".to_string();
+        if let Some(a) = &after {
+            q.push_str(&format!("&starting_after={}", enc(a)));
+        }
+        let path = format!("/subscription_items/{}/usage_record_summaries", enc(item));
+        let body = c.send(StripeMethod::Get, &path, Some(&q), None, None)?;
+        let page: SummaryList = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+        for s in &page.data {
+            let (ps, pe) = (s.period.start.unwrap_or(i64::MIN), s.period.end.unwrap_or(i64::MAX));
+            if ps < end && pe > start {
+                total += s.total_usage;
+            }
+        }
+        after = page.data.last().map(|s| s.id.clone());
+        if !page.has_more || after.is_none() {
+            return Ok(total);
+        }
+    }
+}
