@@ -31,7 +31,11 @@ impl Request {
 
 #[derive(Debug)]
 pub enum Reply {
-    Respond { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Close the connection without an answer.
     Drop,
 }

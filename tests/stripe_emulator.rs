@@ -135,7 +135,8 @@ fn responses_match_stripes_schemas() {
     assert_shape(&spec, "/v1/customers/{customer}", "get", &v);
     let (_, _, v) = call(&emu, "GET", "/v1/customers?limit=10", "", None);
     assert_shape(&spec, "/v1/customers", "get", &v);
-    let (_, _, v) = call(&emu, "GET", "/v1/customers/search?query=metadata%5B%27tally_org_id%27%5D%3A%27org-1%27", "", None);
+    let (_, _, v) =
+        call(&emu, "GET", "/v1/customers/search?query=metadata%5B%27tally_org_id%27%5D%3A%27org-1%27", "", None);
     assert_shape(&spec, "/v1/customers/search", "get", &v);
     assert_eq!(v["data"][0]["id"], cid.as_str(), "search by metadata finds the customer");
 
@@ -191,7 +192,8 @@ fn responses_match_stripes_schemas() {
     assert_eq!(s, 200, "{sums}");
     assert_shape(&spec, "/v1/billing/meters/{id}/event_summaries", "get", &sums);
 
-    let (s, _, sub) = call(&emu, "POST", "/v1/subscriptions", &format!("customer={cid}&items[0][price]=price_x"), Some("s1"));
+    let (s, _, sub) =
+        call(&emu, "POST", "/v1/subscriptions", &format!("customer={cid}&items[0][price]=price_x"), Some("s1"));
     assert_eq!(s, 200, "{sub}");
     let si = sub["items"]["data"][0]["id"].as_str().unwrap().to_string();
     let (s, _, ur) = call(
@@ -217,9 +219,17 @@ fn stripes_rules_hold() {
     let emu = emulator();
     let (_, _, cus) = call(&emu, "POST", "/v1/customers", "name=A", Some("c"));
     let cid = cus["id"].as_str().unwrap().to_string();
-    let (_, _, m) = call(&emu, "POST", "/v1/billing/meters", "display_name=x&event_name=ev&default_aggregation[formula]=sum", Some("m"));
+    let (_, _, m) = call(
+        &emu,
+        "POST",
+        "/v1/billing/meters",
+        "display_name=x&event_name=ev&default_aggregation[formula]=sum",
+        Some("m"),
+    );
     let mid = m["id"].as_str().unwrap().to_string();
-    let ev = |id: &str, ts: i64, v: u64| format!("event_name=ev&payload[stripe_customer_id]={cid}&payload[value]={v}&identifier={id}&timestamp={ts}");
+    let ev = |id: &str, ts: i64, v: u64| {
+        format!("event_name=ev&payload[stripe_customer_id]={cid}&payload[value]={v}&identifier={id}&timestamp={ts}")
+    };
 
     // Idempotency: same key + same body → the stored answer, replayed; same key + other body → 400.
     let first = ev("i1", now(), 1);
@@ -227,6 +237,11 @@ fn stripes_rules_hold() {
     let (s2, r2, b) = call(&emu, "POST", "/v1/billing/meter_events", &first, Some("k1"));
     assert_eq!((s1, r1, s2, r2.as_deref()), (200, None, 200, Some("true")));
     assert_eq!(a, b);
+    // Stripe compares parameters, not bytes: the same form in another order is the same request.
+    let mut parts: Vec<&str> = first.split('&').collect();
+    parts.reverse();
+    let (s3, r3, c) = call(&emu, "POST", "/v1/billing/meter_events", &parts.join("&"), Some("k1"));
+    assert_eq!((s3, r3.as_deref(), &c), (200, Some("true"), &a));
     let (s, _, e) = call(&emu, "POST", "/v1/billing/meter_events", &ev("i2", now(), 1), Some("k1"));
     assert_eq!((s, e["error"]["type"].as_str()), (400, Some("idempotency_error")));
     // Identifier uniqueness under a different key.
@@ -238,12 +253,24 @@ fn stripes_rules_hold() {
     let (s, _, _) = call(&emu, "POST", "/v1/billing/meter_events", &ev("ahead", now() + 600, 1), Some("k4"));
     assert_eq!(s, 400);
     // Summaries need minute-aligned times.
-    let (s, _, _) = call(&emu, "GET", &format!("/v1/billing/meters/{mid}/event_summaries?customer={cid}&start_time=61&end_time=3600"), "", None);
+    let (s, _, _) = call(
+        &emu,
+        "GET",
+        &format!("/v1/billing/meters/{mid}/event_summaries?customer={cid}&start_time=61&end_time=3600"),
+        "",
+        None,
+    );
     assert_eq!(s, 400);
     // Cancels only within 24 h of the event's creation.
     call(&emu, "POST", "/v1/billing/meter_events", &ev("late", now() - 3600, 1), Some("k5"));
     ureq::post(&format!("{}_emulator/clock", emu.base_url())).send_string("advance_secs=90000").unwrap();
-    let (s, _, e) = call(&emu, "POST", "/v1/billing/meter_event_adjustments", "event_name=ev&type=cancel&cancel[identifier]=late", Some("k6"));
+    let (s, _, e) = call(
+        &emu,
+        "POST",
+        "/v1/billing/meter_event_adjustments",
+        "event_name=ev&type=cancel&cancel[identifier]=late",
+        Some("k6"),
+    );
     assert_eq!((s, e["error"]["code"].as_str()), (400, Some("meter_event_cancel_window_passed")));
     // Auth.
     let r = ureq::get(&format!("{}v1/customers", emu.base_url())).set("Authorization", "Bearer sk_test_wrong").call();
@@ -267,7 +294,13 @@ fn client_retries_land_each_push_once() {
     let c = client(&emu, KEY);
     let (_, _, cus) = call(&emu, "POST", "/v1/customers", "name=A", Some("c"));
     let cid = cus["id"].as_str().unwrap().to_string();
-    let (_, _, m) = call(&emu, "POST", "/v1/billing/meters", "display_name=x&event_name=ev&default_aggregation[formula]=sum", Some("m"));
+    let (_, _, m) = call(
+        &emu,
+        "POST",
+        "/v1/billing/meters",
+        "display_name=x&event_name=ev&default_aggregation[formula]=sum",
+        Some("m"),
+    );
     let info = meters::retrieve_meter(&c, m["id"].as_str().unwrap()).unwrap();
     emu.set_faults(Faults { rate_429: 0.15, rate_500: 0.15, rate_drop_after_write: 0.15 });
     let t = now() - 60;

@@ -18,7 +18,11 @@ use tally::meter::Meters;
 use tally::sink::clickhouse::ClickHouse;
 
 #[derive(Parser)]
-#[command(name = "tally-invoicer", version, about = "Reconcile tally's usage aggregates with Stripe, exactly and rerun-safe")]
+#[command(
+    name = "tally-invoicer",
+    version,
+    about = "Reconcile tally's usage aggregates with Stripe, exactly and rerun-safe"
+)]
 struct Cli {
     /// Config file (TOML); every key can also be set as TALLY_<SECTION>_<KEY>.
     #[arg(long, global = true, env = "TALLY_INVOICER_CONFIG")]
@@ -167,11 +171,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
             let mut orgs: Vec<String> = usage::usage(&ch, period, None)?.into_iter().map(|r| r.org_id).collect();
             orgs.dedup();
-            let legacy_start = legacy_start
-                .map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg))
-                .transpose()?;
+            let legacy_start =
+                legacy_start.map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg)).transpose()?;
             let text = provision::provision(&stripe(&cfg)?, &meters, &orgs, legacy_start)?;
-            std::fs::write(&write_mapping, text).with_context(|| format!("failed to write {}", write_mapping.display()))?;
+            std::fs::write(&write_mapping, text)
+                .with_context(|| format!("failed to write {}", write_mapping.display()))?;
             eprintln!("provisioned {} orgs; mapping written to {}", orgs.len(), write_mapping.display());
             Ok(0)
         }
@@ -214,7 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Err(ReconcileError::Verify(mismatches)) => {
                     print!("{}", render_mismatches(&mismatches, 0, period, format));
-                    eprintln!("error: aggregates disagree with their events; refusing to push (run `tally-invoicer verify`)");
+                    eprintln!(
+                        "error: aggregates disagree with their events; refusing to push (run `tally-invoicer verify`)"
+                    );
                     1
                 }
                 Err(e) => {
@@ -246,7 +252,10 @@ fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
             let (wo, wp, wm) = (w(&|r| r.org_id.len(), 3), w(&|r| r.project_id.len(), 7), w(&|r| r.meter.len(), 5));
             let mut s = format!("{:wo$}  {:wp$}  {:wm$}  {:>14}  KIND\n", "ORG", "PROJECT", "METER", "VALUE");
             for r in rows {
-                s.push_str(&format!("{:wo$}  {:wp$}  {:wm$}  {:>14}  {}\n", r.org_id, r.project_id, r.meter, r.value, r.kind));
+                s.push_str(&format!(
+                    "{:wo$}  {:wp$}  {:wm$}  {:>14}  {}\n",
+                    r.org_id, r.project_id, r.meter, r.value, r.kind
+                ));
             }
             s
         }
@@ -255,15 +264,20 @@ fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
 
 fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, format: Format) -> String {
     match format {
-        Format::Json => serde_json::to_string_pretty(&serde_json::json!({
-            "period": period.to_string(), "compared": compared, "mismatches": mm,
-        }))
-        .expect("json")
-            + "\n",
+        Format::Json => {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "period": period.to_string(), "compared": compared, "mismatches": mm,
+            }))
+            .expect("json")
+                + "\n"
+        }
         Format::Csv => {
             let mut s = String::from("org_id,project_id,meter,hour,aggregates,events\n");
             for x in mm {
-                s.push_str(&format!("{},{},{},{},{},{}\n", x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events));
+                s.push_str(&format!(
+                    "{},{},{},{},{},{}\n",
+                    x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events
+                ));
             }
             s
         }

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "A local, stateful emulator of the Stripe API subset tally uses (Billing Meters, legacy usage records)")]
+#[command(
+    version,
+    about = "A local, stateful emulator of the Stripe API subset tally uses (Billing Meters, legacy usage records)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:12111", env = "TALLY_STRIPE_EMULATOR_LISTEN")]

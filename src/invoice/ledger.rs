@@ -103,9 +103,20 @@ pub struct Push {
 /// The deterministic id of the `seq`-th push of a bucket: the same plan after a crash yields the
 /// same id, so Stripe sees a resend, never a second push.
 #[allow(clippy::too_many_arguments)]
-pub fn push_id(mode: &str, account: &str, action: Action, customer: &str, target: &str, start: i64, end: i64, seq: u32) -> String {
+pub fn push_id(
+    mode: &str,
+    account: &str,
+    action: Action,
+    customer: &str,
+    target: &str,
+    start: i64,
+    end: i64,
+    seq: u32,
+) -> String {
     let mut h = Sha256::new();
-    for part in [mode, account, action.as_str(), customer, target, &start.to_string(), &end.to_string(), &seq.to_string()] {
+    for part in
+        [mode, account, action.as_str(), customer, target, &start.to_string(), &end.to_string(), &seq.to_string()]
+    {
         h.update(part.as_bytes());
         h.update([0u8]);
     }

@@ -74,7 +74,10 @@ impl Mapping {
     }
 
     /// Adds customers found by metadata (`tally_org_id`); entries of the file win.
-    pub fn add_metadata_customers(&mut self, customers: &[(String, HashMap<String, String>)]) -> Result<(), MappingError> {
+    pub fn add_metadata_customers(
+        &mut self,
+        customers: &[(String, HashMap<String, String>)],
+    ) -> Result<(), MappingError> {
         let mut found: BTreeMap<String, String> = BTreeMap::new();
         for (id, md) in customers {
             if let Some(org) = md.get(ORG_METADATA_KEY) {
@@ -92,7 +95,10 @@ impl Mapping {
     }
 
     pub fn customer(&self, org: &str) -> Option<&str> {
-        self.overrides.get(org).and_then(|o| o.customer.as_deref()).or_else(|| self.customers.get(org).map(String::as_str))
+        self.overrides
+            .get(org)
+            .and_then(|o| o.customer.as_deref())
+            .or_else(|| self.customers.get(org).map(String::as_str))
     }
 
     pub fn meter(&self, org: &str, meter: &str) -> Option<&MeterMap> {
@@ -159,12 +165,15 @@ stripe_meter = "mtr_events_enterprise"
         m.add_metadata_customers(&[("cus_x".into(), md("org-1")), ("cus_3".into(), md("org-3"))]).unwrap();
         assert_eq!(m.customer("org-1"), Some("cus_1"), "the file wins");
         assert_eq!(m.customer("org-3"), Some("cus_3"));
-        let err = m.add_metadata_customers(&[("cus_a".into(), md("org-4")), ("cus_b".into(), md("org-4"))]).unwrap_err();
+        let err =
+            m.add_metadata_customers(&[("cus_a".into(), md("org-4")), ("cus_b".into(), md("org-4"))]).unwrap_err();
         assert!(err.to_string().contains("org-4"));
     }
 
     #[test]
     fn unknown_keys_are_errors() {
-        assert!(Mapping::parse("[meters.events]\nstripe_meter = \"m\"\nevent = \"x\"\n").unwrap_err().contains("event"));
+        assert!(Mapping::parse("[meters.events]\nstripe_meter = \"m\"\nevent = \"x\"\n")
+            .unwrap_err()
+            .contains("event"));
     }
 }

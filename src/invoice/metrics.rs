@@ -38,7 +38,8 @@ pub fn install(listen: &str) -> anyhow::Result<PrometheusHandle> {
         .context("failed to install the metrics recorder")?;
     describe();
     if !listen.is_empty() {
-        let listener = std::net::TcpListener::bind(listen).with_context(|| format!("failed to serve metrics on {listen}"))?;
+        let listener =
+            std::net::TcpListener::bind(listen).with_context(|| format!("failed to serve metrics on {listen}"))?;
         let h = handle.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         std::thread::spawn(move || {

@@ -55,7 +55,11 @@ impl Period {
             _ => return Err("give --month YYYY-MM, or both --from and --to".into()),
         };
         if p.from >= p.to {
-            return Err(format!("empty period: --from {} is not before --to {}", format_rfc3339(p.from), format_rfc3339(p.to)));
+            return Err(format!(
+                "empty period: --from {} is not before --to {}",
+                format_rfc3339(p.from),
+                format_rfc3339(p.to)
+            ));
         }
         if p.from % 3600 != 0 || p.to % 3600 != 0 {
             return Err("--from and --to must be whole hours (UTC)".into());
@@ -103,7 +107,9 @@ mod tests {
     fn bad_periods_are_explained() {
         assert!(Period::from_args(Some("2026-13"), None, None).unwrap_err().contains("YYYY-MM"));
         assert!(Period::from_args(None, Some("2026-11-02"), Some("2026-11-01")).unwrap_err().contains("empty"));
-        assert!(Period::from_args(None, Some("2026-11-01T10:30:00Z"), Some("2026-11-02")).unwrap_err().contains("whole hours"));
+        assert!(Period::from_args(None, Some("2026-11-01T10:30:00Z"), Some("2026-11-02"))
+            .unwrap_err()
+            .contains("whole hours"));
         assert!(Period::from_args(None, Some("2026-11-01"), None).is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
     }

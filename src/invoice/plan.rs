@@ -137,10 +137,18 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     };
     let pending: Vec<&&Push> = b.pushes.iter().filter(|p| p.outcome == Outcome::Pending).collect();
     if let Some(p) = pending.iter().find(|p| ctx.now - p.intent_at > RESEND_WINDOW_SECS) {
-        return BucketPlan::status(Status::Unresolved, 0, format!("intent {} is too old to resend safely", p.entry.push_id));
+        return BucketPlan::status(
+            Status::Unresolved,
+            0,
+            format!("intent {} is too old to resend safely", p.entry.push_id),
+        );
     }
     if !pending.is_empty() {
-        return BucketPlan::status(Status::Pending, 0, format!("{} push(es) of an earlier run to resend", pending.len()));
+        return BucketPlan::status(
+            Status::Pending,
+            0,
+            format!("{} push(es) of an earlier run to resend", pending.len()),
+        );
     }
     let next_seq = b.pushes.iter().map(|p| p.entry.seq).max().unwrap_or(0) + 1;
     let entry = |action: Action, seq: u32, value: u64, cancels: &str, event_ts: i64| Entry {
@@ -238,7 +246,11 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         p.needs_credit = ledger - b.tally;
         return p;
     }
-    let mut p = BucketPlan::status(Status::Correct, ledger, format!("cancel {} push(es), then push {}", cancellable.len(), b.tally - (ledger - c)));
+    let mut p = BucketPlan::status(
+        Status::Correct,
+        ledger,
+        format!("cancel {} push(es), then push {}", cancellable.len(), b.tally - (ledger - c)),
+    );
     for (i, q) in cancellable.iter().enumerate() {
         p.actions.push(entry(Action::Cancel, next_seq + i as u32, q.entry.value, &q.entry.push_id, q.entry.event_ts));
     }
@@ -253,7 +265,9 @@ fn compare(b: &Bucket, ledger: u64) -> BucketPlan {
             p.needs_credit = s - b.tally.min(s);
             p
         }
-        Some(s) if s < ledger => BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up"),
+        Some(s) if s < ledger => {
+            BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up")
+        }
         _ => BucketPlan::status(Status::Ok, ledger, ""),
     }
 }
@@ -263,7 +277,7 @@ mod tests {
     use super::*;
     use crate::invoice::ledger::Push;
 
-    const NOW: i64 = 1_800_000_000 - (1_800_000_000 % 3600) + 1800;
+    const NOW: i64 = 1_800_000_000 + 1800; // 1_800_000_000 is a whole hour
     const H: i64 = NOW - 1800 - 3 * 3600;
 
     fn ctx() -> Ctx<'static> {
@@ -333,7 +347,10 @@ mod tests {
         let p = plan(&ctx(), &bucket(7, vec![&young]));
         assert_eq!(p.status, Status::Correct);
         assert_eq!(p.actions.len(), 1);
-        assert_eq!((p.actions[0].action, p.actions[0].cancels.as_str(), p.actions[0].value), (Action::Cancel, e.push_id.as_str(), 10));
+        assert_eq!(
+            (p.actions[0].action, p.actions[0].cancels.as_str(), p.actions[0].value),
+            (Action::Cancel, e.push_id.as_str(), 10)
+        );
         // Once the cancel is done, the right value is pushed again.
         let cancel = done(p.actions[0].clone(), NOW);
         let p2 = plan(&ctx(), &bucket(7, vec![&young, &cancel]));

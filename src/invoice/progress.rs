@@ -17,7 +17,13 @@ pub struct Progress {
 impl Progress {
     /// `wanted`: the caller's choice (e.g. not with `--format json` to a pipe); also needs a terminal.
     pub fn new(wanted: bool) -> Self {
-        Progress { enabled: wanted && std::io::stderr().is_terminal(), total: 0, done: 0, started: Instant::now(), drawn: None }
+        Progress {
+            enabled: wanted && std::io::stderr().is_terminal(),
+            total: 0,
+            done: 0,
+            started: Instant::now(),
+            drawn: None,
+        }
     }
 
     pub fn add_total(&mut self, n: usize) {
@@ -49,7 +55,7 @@ impl Progress {
 
 /// `[#########.....................]  300/1000 writes  12.3 s`
 pub fn bar(done: usize, total: usize, elapsed: Duration) -> String {
-    let filled = if total == 0 { WIDTH } else { (done.min(total) * WIDTH) / total };
+    let filled = (done.min(total) * WIDTH).checked_div(total).unwrap_or(WIDTH);
     format!(
         "[{}{}] {done:>6}/{total} writes to Stripe  {:.1} s",
         "#".repeat(filled),

@@ -34,7 +34,12 @@ pub fn price_id(meter: &str) -> String {
 
 /// Ensures meters, customers (and subscriptions when `legacy_start` is given) exist; returns the
 /// mapping file's text.
-pub fn provision(stripe: &StripeHttp, meters: &Meters, orgs: &[String], legacy_start: Option<i64>) -> Result<String, StripeError> {
+pub fn provision(
+    stripe: &StripeHttp,
+    meters: &Meters,
+    orgs: &[String],
+    legacy_start: Option<i64>,
+) -> Result<String, StripeError> {
     let mut out = String::from("# Written by `tally-invoicer provision`.\n\n[customers]\n");
     let existing: BTreeMap<String, String> = list_customers(stripe)?
         .into_iter()
@@ -47,7 +52,11 @@ pub fn provision(stripe: &StripeHttp, meters: &Meters, orgs: &[String], legacy_s
             None => {
                 let c = stripe_core::customer::CreateCustomer::new()
                     .name(org.clone())
-                    .metadata([(ORG_METADATA_KEY.to_string(), org.clone())].into_iter().collect::<std::collections::HashMap<_, _>>())
+                    .metadata(
+                        [(ORG_METADATA_KEY.to_string(), org.clone())]
+                            .into_iter()
+                            .collect::<std::collections::HashMap<_, _>>(),
+                    )
                     .customize()
                     .request_strategy(idem(&format!("tally-provision-customer-{org}"))?)
                     .send_blocking(stripe)?;
@@ -87,7 +96,13 @@ pub fn provision(stripe: &StripeHttp, meters: &Meters, orgs: &[String], legacy_s
                         created.id.as_str().to_string()
                     }
                 };
-                let _ = write!(out, "\n[meters.{}]\nstripe_meter = {}\nevent_name = {}\n", toml_str(&m.name), toml_str(&id), toml_str(&name));
+                let _ = write!(
+                    out,
+                    "\n[meters.{}]\nstripe_meter = {}\nevent_name = {}\n",
+                    toml_str(&m.name),
+                    toml_str(&id),
+                    toml_str(&name)
+                );
             }
         }
         Some(start) => {
@@ -98,12 +113,18 @@ pub fn provision(stripe: &StripeHttp, meters: &Meters, orgs: &[String], legacy_s
                 }
                 let key = format!("tally-provision-subscription-{org}");
                 let body = stripe.send(StripeMethod::Post, "/subscriptions", None, Some(&form), Some(&key))?;
-                let sub: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+                let sub: serde_json::Value =
+                    serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
                 let _ = write!(out, "\n[subscription_items.{}]\n", toml_str(org));
                 for item in sub["items"]["data"].as_array().into_iter().flatten() {
                     let price = item["price"]["id"].as_str().unwrap_or_default();
                     if let Some(m) = meters.meters().iter().find(|m| price_id(&m.name) == price) {
-                        let _ = writeln!(out, "{} = {}", toml_str(&m.name), toml_str(item["id"].as_str().unwrap_or_default()));
+                        let _ = writeln!(
+                            out,
+                            "{} = {}",
+                            toml_str(&m.name),
+                            toml_str(item["id"].as_str().unwrap_or_default())
+                        );
                     }
                 }
             }

@@ -142,7 +142,8 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         let touched: BTreeSet<Key> = sent.keys.iter().cloned().collect();
         let mut stripe_after = stripe_before.clone();
         let pairs_touched: BTreeSet<(String, String)> = touched.iter().map(|k| (k.0.clone(), k.1.clone())).collect();
-        let refresh: BTreeSet<Key> = keys.iter().filter(|k| pairs_touched.contains(&(k.0.clone(), k.1.clone()))).cloned().collect();
+        let refresh: BTreeSet<Key> =
+            keys.iter().filter(|k| pairs_touched.contains(&(k.0.clone(), k.1.clone()))).cloned().collect();
         stripe_after.merge(read_stripe(env, &resolved, &refresh, period, g)?);
         (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_after), stripe_after)
     } else {
@@ -167,7 +168,8 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     for (st, n) in report.drift_by_status() {
         metrics::gauge!(super::metrics::DRIFT_BUCKETS, "status" => st).set(n as f64);
     }
-    metrics::gauge!(super::metrics::NEEDS_CREDIT).set(report.rows.iter().map(|r: &Row| r.needs_credit).sum::<u64>() as f64);
+    metrics::gauge!(super::metrics::NEEDS_CREDIT)
+        .set(report.rows.iter().map(|r: &Row| r.needs_credit).sum::<u64>() as f64);
     metrics::gauge!(super::metrics::RUN_SECONDS).set(started.elapsed().as_secs_f64());
     Ok(report)
 }
@@ -215,7 +217,11 @@ fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileE
                     if !info.active {
                         return Err(ReconcileError::Setup(format!("Stripe meter {} is not active", info.id)));
                     }
-                    Some(Target { customer: customer.to_string(), target: info.id.clone(), event_name: info.event_name.clone() })
+                    Some(Target {
+                        customer: customer.to_string(),
+                        target: info.id.clone(),
+                        event_name: info.event_name.clone(),
+                    })
                 }
             },
             (StripeMode::Legacy, Some(customer)) => env.mapping.item(&org, &meter).map(|item| Target {
@@ -294,19 +300,20 @@ fn read_stripe(
     }
     let list: Vec<(&(String, String), &Target)> = pairs.iter().collect();
     let unique = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation == Aggregation::Unique);
-    let results = parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Vec<(i64, u64)>, StripeError> {
-        match env.cfg.stripe.mode {
-            StripeMode::Meters => {
-                let window = (!unique(meter)).then(|| g.stripe_window());
-                let s = meters::summaries(env.stripe, &t.target, &t.customer, period.from, period.to, window)?;
-                Ok(s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect())
+    let results =
+        parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Vec<(i64, u64)>, StripeError> {
+            match env.cfg.stripe.mode {
+                StripeMode::Meters => {
+                    let window = (!unique(meter)).then(|| g.stripe_window());
+                    let s = meters::summaries(env.stripe, &t.target, &t.customer, period.from, period.to, window)?;
+                    Ok(s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect())
+                }
+                StripeMode::Legacy => {
+                    let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
+                    Ok(vec![(period.from, total.max(0) as u64)])
+                }
             }
-            StripeMode::Legacy => {
-                let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
-                Ok(vec![(period.from, total.max(0) as u64)])
-            }
-        }
-    });
+        });
     let mut view = StripeView::default();
     for (((org, meter), _), r) in list.iter().zip(results) {
         let values = r?;
@@ -335,7 +342,12 @@ fn plan_all(
     by_key: &BTreeMap<Key, Vec<&Push>>,
     stripe: &StripeView,
 ) -> BTreeMap<Key, BucketPlan> {
-    let ctx = Ctx { mode, account: &env.cfg.stripe.account, now: now_secs(), can_cancel: env.cfg.stripe.mode == StripeMode::Meters };
+    let ctx = Ctx {
+        mode,
+        account: &env.cfg.stripe.account,
+        now: now_secs(),
+        can_cancel: env.cfg.stripe.mode == StripeMode::Meters,
+    };
     keys.iter()
         .map(|k| {
             let unique = env.meters.get(&k.1).is_some_and(|d| d.aggregation == Aggregation::Unique);
@@ -366,6 +378,8 @@ pub struct Sent {
     /// (action, key, value) of writes Stripe accepted.
     pub done: Vec<(Action, Key, u64)>,
     pub failed: Vec<(Key, String)>,
+    /// Cancels Stripe refused (too old): the over-report stays and is reported `needs_credit`.
+    pub cancels_refused: Vec<(Key, String)>,
     /// Outcome unknown after all retries: left pending for the next run.
     pub indeterminate: Vec<(Key, String)>,
 }
@@ -406,8 +420,12 @@ fn execute(
                 }
                 Err(err) => {
                     metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "failed").increment(1);
-                    tracing::warn!(push_id = %e.push_id, error = %err, "stripe refused a push");
-                    sent.failed.push((key_of(e), err.to_string()));
+                    tracing::warn!(push_id = %e.push_id, error = %err, "stripe refused a write");
+                    if e.action == Action::Cancel {
+                        sent.cancels_refused.push((key_of(e), err.to_string()));
+                    } else {
+                        sent.failed.push((key_of(e), err.to_string()));
+                    }
                     outcomes.push((e, State::Failed, err.to_string()));
                 }
             }
@@ -429,7 +447,9 @@ fn send(env: &Env, resolved: &Resolved, e: &Entry) -> Result<(), StripeError> {
                 .ok_or_else(|| StripeError::Client(format!("meter {} is no longer mapped", e.target)))?;
             meters::create_meter_event(env.stripe, info, &e.customer, e.value, e.event_ts, &e.push_id)
         }
-        (StripeMode::Meters, Action::Cancel) => meters::cancel_meter_event(env.stripe, &e.event_name, &e.cancels, &e.push_id),
+        (StripeMode::Meters, Action::Cancel) => {
+            meters::cancel_meter_event(env.stripe, &e.event_name, &e.cancels, &e.push_id)
+        }
         (StripeMode::Legacy, Action::Push | Action::Set) => {
             legacy::create_usage_record(env.stripe, &e.target, e.value, e.event_ts, e.action == Action::Set, &e.push_id)
         }
@@ -458,4 +478,3 @@ pub fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) ->
     });
     out.into_inner().expect("results lock").into_iter().map(|r| r.expect("every item ran")).collect()
 }
-

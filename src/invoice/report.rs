@@ -80,6 +80,7 @@ pub struct Summary {
     pub sets_done: usize,
     pub cancels_done: usize,
     pub writes_failed: usize,
+    pub cancels_refused: usize,
     pub writes_pending: usize,
     pub stripe_requests: u64,
     pub elapsed_secs: f64,
@@ -125,7 +126,8 @@ impl Report {
             let ledger_before = sum(&|p| p.ledger, before);
             let ledger_after = sum(&|p| p.ledger, after);
             let worst = ks.iter().filter_map(|k| after.get(*k)).map(|p| p.status).max().unwrap_or(Status::Ok);
-            let unsettled: Vec<&&Key> = ks.iter().filter(|k| after.get(**k).is_some_and(|p| !p.status.settled())).collect();
+            let unsettled: Vec<&&Key> =
+                ks.iter().filter(|k| after.get(**k).is_some_and(|p| !p.status.settled())).collect();
             let did = |a: Action| sent.done.iter().any(|(x, k, _)| *x == a && pair_of(k) == *pair);
             let failed = sent.failed.iter().any(|(k, _)| pair_of(k) == *pair);
             let pending = sent.indeterminate.iter().any(|(k, _)| pair_of(k) == *pair);
@@ -153,7 +155,13 @@ impl Report {
                 .filter_map(|k| after.get(**k))
                 .map(|p| p.note.clone())
                 .find(|n| !n.is_empty())
-                .or_else(|| sent.failed.iter().find(|(k, _)| pair_of(k) == *pair).map(|(_, e)| e.clone()))
+                .or_else(|| {
+                    sent.failed
+                        .iter()
+                        .chain(&sent.cancels_refused)
+                        .find(|(k, _)| pair_of(k) == *pair)
+                        .map(|(_, e)| e.clone())
+                })
                 .unwrap_or_default();
             for k in &unsettled {
                 let p = &after[**k];
@@ -165,7 +173,8 @@ impl Report {
                     status: if !applied && p.status == Status::Push { "would_push" } else { p.status.as_str() },
                     tally: tally.get(**k).copied().unwrap_or(0),
                     ledger: p.ledger,
-                    stripe: (mode == "meters" && target.is_some()).then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
+                    stripe: (mode == "meters" && target.is_some())
+                        .then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
                     note: p.note.clone(),
                 });
             }
@@ -182,7 +191,12 @@ impl Report {
                 } else {
                     // What --apply would change: the planned buckets' tally − ledger.
                     ks.iter()
-                        .filter_map(|k| before.get(*k).filter(|p| matches!(p.status, Status::Push | Status::Correct)).map(|p| (k, p)))
+                        .filter_map(|k| {
+                            before
+                                .get(*k)
+                                .filter(|p| matches!(p.status, Status::Push | Status::Correct))
+                                .map(|p| (k, p))
+                        })
                         .map(|(k, p)| tally.get(*k).copied().unwrap_or(0) as i64 - p.ledger as i64)
                         .sum()
                 },
@@ -195,9 +209,8 @@ impl Report {
             });
         }
         let count = |a: Action| sent.done.iter().filter(|(x, _, _)| *x == a).count();
-        let any_error = !sent.failed.is_empty()
-            || !sent.indeterminate.is_empty()
-            || after.values().any(|p| p.status.is_error());
+        let any_error =
+            !sent.failed.is_empty() || !sent.indeterminate.is_empty() || after.values().any(|p| p.status.is_error());
         let buckets_unsettled = after.values().filter(|p| !p.status.settled()).count();
         let exit_code = if any_error {
             1
@@ -220,6 +233,7 @@ impl Report {
                 sets_done: count(Action::Set),
                 cancels_done: count(Action::Cancel),
                 writes_failed: sent.failed.len(),
+                cancels_refused: sent.cancels_refused.len(),
                 writes_pending: sent.indeterminate.len(),
                 stripe_requests,
                 elapsed_secs,

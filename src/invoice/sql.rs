@@ -90,7 +90,10 @@ mod tests {
 
     #[test]
     fn templates_render_and_fields_unescape() {
-        let sql = render(ADDITIVE_BUCKETS, &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into()), ("bucket_secs", "3600".into())]);
+        let sql = render(
+            ADDITIVE_BUCKETS,
+            &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into()), ("bucket_secs", "3600".into())],
+        );
         assert!(!sql.contains("${") && !sql.contains("--"), "{sql}");
         assert!(sql.contains("db.usage_hourly"));
         assert_eq!(unescape(r"a\tb\\c\nd"), "a\tb\\c\nd");

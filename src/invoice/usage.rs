@@ -28,7 +28,13 @@ pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<U
     let mut out = Vec::new();
     for (template, kind) in [(sql::USAGE_ADDITIVE, "sum"), (sql::USAGE_UNIQUE, "unique")] {
         for r in rows(ch, &render(template, &vars))? {
-            out.push(UsageRow { org_id: r[0].clone(), project_id: r[1].clone(), meter: r[2].clone(), value: num(&r[3])?, kind });
+            out.push(UsageRow {
+                org_id: r[0].clone(),
+                project_id: r[1].clone(),
+                meter: r[2].clone(),
+                value: num(&r[3])?,
+                kind,
+            });
         }
     }
     out.sort_by(|a, b| (&a.org_id, &a.project_id, &a.meter).cmp(&(&b.org_id, &b.project_id, &b.meter)));
@@ -36,7 +42,11 @@ pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<U
 }
 
 /// Additive totals per (org, meter, bucket start).
-pub fn additive_buckets(ch: &ClickHouse, period: Period, bucket_secs: i64) -> Result<BTreeMap<(String, String, i64), u64>, ChError> {
+pub fn additive_buckets(
+    ch: &ClickHouse,
+    period: Period,
+    bucket_secs: i64,
+) -> Result<BTreeMap<(String, String, i64), u64>, ChError> {
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("bucket_secs", bucket_secs.to_string()));
     let mut out = BTreeMap::new();

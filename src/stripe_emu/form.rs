@@ -65,6 +65,19 @@ fn insert(map: &mut Map<String, Value>, path: &[String], value: String) {
     insert(child.as_object_mut().expect("object"), &path[1..], value);
 }
 
+/// Percent-encodes a form/query value or a path segment.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,17 +97,4 @@ mod tests {
         assert_eq!(decode("metadata%5Btally_org_id%5D"), "metadata[tally_org_id]");
         assert_eq!(decode("100%"), "100%");
     }
-}
-
-/// Percent-encodes a form/query value or a path segment.
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

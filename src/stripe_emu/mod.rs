@@ -191,14 +191,16 @@ fn handle(shared: &Shared, req: Request) -> Reply {
     }
     if roll < f.rate_429 + f.rate_500 {
         inner.stats.injected_500 += 1;
-        let e = json!({"error": {"type": "api_error", "message": "An unknown error occurred (injected by the emulator)."}});
+        let e =
+            json!({"error": {"type": "api_error", "message": "An unknown error occurred (injected by the emulator)."}});
         return Reply::json(500, &e).with_header("Stripe-Should-Retry", "true");
     }
     let now = now_real() + inner.clock_offset_secs;
     let account = req.header("stripe-account").unwrap_or("").to_string();
     let body = String::from_utf8_lossy(&req.body).into_owned();
     let key = if post { req.header("idempotency-key").map(str::to_string) } else { None };
-    let fingerprint = format!("{} {} {}", req.method, req.path, body);
+    // Stripe compares the parameters, not the bytes: the same form in another order is the same request.
+    let fingerprint = format!("{} {} {}", req.method, req.path, form::parse(&body));
     if let Some(k) = &key {
         inner.idempotency.retain(|_, s| now - s.at < IDEMPOTENCY_TTL_SECS);
         if let Some(saved) = inner.idempotency.get(&(account.clone(), k.clone())) {
@@ -209,7 +211,9 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             }
             let (status, body) = (saved.status, saved.body.clone());
             inner.stats.idempotent_replays += 1;
-            return Reply::json(status, &body).with_header("Idempotent-Replayed", "true").with_header("Idempotency-Key", k);
+            return Reply::json(status, &body)
+                .with_header("Idempotent-Replayed", "true")
+                .with_header("Idempotency-Key", k);
         }
     }
     let params = form::parse(if post { &body } else { &req.query });
@@ -276,13 +280,20 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
     match (req.method.as_str(), what) {
         ("POST", "faults") => {
             let get = |k: &str| p.get(k).and_then(Value::as_str).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            inner.faults = Faults { rate_429: get("rate_429"), rate_500: get("rate_500"), rate_drop_after_write: get("rate_drop_after_write") };
+            inner.faults = Faults {
+                rate_429: get("rate_429"),
+                rate_500: get("rate_500"),
+                rate_drop_after_write: get("rate_drop_after_write"),
+            };
             Reply::json(200, &serde_json::to_value(&inner.faults).expect("json"))
         }
         ("POST", "clock") => {
             let by: i64 = p.get("advance_secs").and_then(Value::as_str).and_then(|v| v.parse().ok()).unwrap_or(0);
             inner.clock_offset_secs += by;
-            Reply::json(200, &json!({"now": now_real() + inner.clock_offset_secs, "offset_secs": inner.clock_offset_secs}))
+            Reply::json(
+                200,
+                &json!({"now": now_real() + inner.clock_offset_secs, "offset_secs": inner.clock_offset_secs}),
+            )
         }
         ("GET", "stats") => Reply::json(200, &serde_json::to_value(&inner.stats).expect("json")),
         ("GET", "meter_events") => {

@@ -99,7 +99,8 @@ fn str_param<'a>(p: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 fn required<'a>(p: &'a Value, key: &str) -> Result<&'a str> {
-    str_param(p, key).ok_or_else(|| invalid(format!("Missing required param: {key}."), Some(key), Some("parameter_missing")))
+    str_param(p, key)
+        .ok_or_else(|| invalid(format!("Missing required param: {key}."), Some(key), Some("parameter_missing")))
 }
 
 fn int_param(p: &Value, key: &str) -> Result<Option<i64>> {
@@ -181,7 +182,9 @@ impl Account {
             let value = value.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
             let field = field.trim();
             let path: Vec<String> = match field.strip_prefix("metadata[") {
-                Some(rest) => vec!["metadata".into(), rest.trim_end_matches(']').trim_matches(|c| c == '\'' || c == '"').into()],
+                Some(rest) => {
+                    vec!["metadata".into(), rest.trim_end_matches(']').trim_matches(|c| c == '\'' || c == '"').into()]
+                }
                 None if matches!(field, "email" | "name") => vec![field.into()],
                 None => return Err(invalid(format!("Field {field} is not supported in search"), Some("query"), None)),
             };
@@ -199,7 +202,9 @@ impl Account {
             .take(int_param(p, "limit")?.unwrap_or(10).clamp(1, 100) as usize)
             .cloned()
             .collect();
-        Ok(json!({"object": "search_result", "data": data, "has_more": false, "next_page": null, "url": "/v1/customers/search"}))
+        Ok(
+            json!({"object": "search_result", "data": data, "has_more": false, "next_page": null, "url": "/v1/customers/search"}),
+        )
     }
 
     // ---- meters ----
@@ -210,7 +215,13 @@ impl Account {
         let formula = p
             .pointer("/default_aggregation/formula")
             .and_then(Value::as_str)
-            .ok_or_else(|| invalid("Missing required param: default_aggregation[formula].", Some("default_aggregation"), Some("parameter_missing")))?
+            .ok_or_else(|| {
+                invalid(
+                    "Missing required param: default_aggregation[formula].",
+                    Some("default_aggregation"),
+                    Some("parameter_missing"),
+                )
+            })?
             .to_string();
         if !matches!(formula.as_str(), "count" | "sum" | "last") {
             return Err(invalid(format!("Invalid formula: {formula}"), Some("default_aggregation[formula]"), None));
@@ -222,9 +233,13 @@ impl Account {
                 Some("resource_already_exists"),
             ));
         }
-        let customer_key =
-            p.pointer("/customer_mapping/event_payload_key").and_then(Value::as_str).unwrap_or("stripe_customer_id").to_string();
-        let value_key = p.pointer("/value_settings/event_payload_key").and_then(Value::as_str).unwrap_or("value").to_string();
+        let customer_key = p
+            .pointer("/customer_mapping/event_payload_key")
+            .and_then(Value::as_str)
+            .unwrap_or("stripe_customer_id")
+            .to_string();
+        let value_key =
+            p.pointer("/value_settings/event_payload_key").and_then(Value::as_str).unwrap_or("value").to_string();
         let id = self.id("mtr");
         let obj = json!({
             "id": id, "object": "billing.meter", "created": now, "updated": now, "livemode": false,
@@ -251,9 +266,10 @@ impl Account {
 
     pub fn create_meter_event(&mut self, p: &Value, now: i64) -> Result<Value> {
         let event_name = required(p, "event_name")?.to_string();
-        let payload = p.get("payload").cloned().filter(Value::is_object).ok_or_else(|| {
-            invalid("Missing required param: payload.", Some("payload"), Some("parameter_missing"))
-        })?;
+        let payload =
+            p.get("payload").cloned().filter(Value::is_object).ok_or_else(|| {
+                invalid("Missing required param: payload.", Some("payload"), Some("parameter_missing"))
+            })?;
         let meter = self
             .meters
             .values()
@@ -328,13 +344,20 @@ impl Account {
         let identifier = p.pointer("/cancel/identifier").and_then(Value::as_str).ok_or_else(|| {
             invalid("Missing required param: cancel[identifier].", Some("cancel"), Some("parameter_missing"))
         })?;
-        let idx = *self.by_identifier.get(identifier).ok_or_else(|| missing("meter event", identifier, "cancel[identifier]"))?;
+        let idx = *self
+            .by_identifier
+            .get(identifier)
+            .ok_or_else(|| missing("meter event", identifier, "cancel[identifier]"))?;
         let ev = &mut self.events[idx];
         if ev.event_name != event_name {
             return Err(invalid("event_name does not match the event's.", Some("event_name"), None));
         }
         if ev.cancelled {
-            return Err(invalid(format!("Meter event {identifier} is already cancelled."), Some("cancel[identifier]"), None));
+            return Err(invalid(
+                format!("Meter event {identifier} is already cancelled."),
+                Some("cancel[identifier]"),
+                None,
+            ));
         }
         if now - ev.created > CANCEL_WINDOW_SECS {
             return Err(invalid(
@@ -353,8 +376,11 @@ impl Account {
     pub fn event_summaries(&self, meter_id: &str, p: &Value) -> Result<Value> {
         let meter = self.meters.get(meter_id).ok_or_else(|| missing("billing.meter", meter_id, "id"))?;
         let customer = required(p, "customer")?;
-        let start = int_param(p, "start_time")?.ok_or_else(|| invalid("Missing required param: start_time.", Some("start_time"), Some("parameter_missing")))?;
-        let end = int_param(p, "end_time")?.ok_or_else(|| invalid("Missing required param: end_time.", Some("end_time"), Some("parameter_missing")))?;
+        let start = int_param(p, "start_time")?.ok_or_else(|| {
+            invalid("Missing required param: start_time.", Some("start_time"), Some("parameter_missing"))
+        })?;
+        let end = int_param(p, "end_time")?
+            .ok_or_else(|| invalid("Missing required param: end_time.", Some("end_time"), Some("parameter_missing")))?;
         for (name, t) in [("start_time", start), ("end_time", end)] {
             if t % 60 != 0 {
                 return Err(invalid(format!("{name} must be aligned with minute boundaries."), Some(name), None));
@@ -367,13 +393,19 @@ impl Account {
             None => None,
             Some("hour") => Some(3600),
             Some("day") => Some(86_400),
-            Some(w) => return Err(invalid(format!("Invalid value_grouping_window: {w}"), Some("value_grouping_window"), None)),
+            Some(w) => {
+                return Err(invalid(format!("Invalid value_grouping_window: {w}"), Some("value_grouping_window"), None))
+            }
         };
         let mut events: Vec<&MeterEvent> = self
             .events
             .iter()
             .filter(|e| {
-                !e.cancelled && e.event_name == meter.event_name && e.customer == customer && e.timestamp >= start && e.timestamp < end
+                !e.cancelled
+                    && e.event_name == meter.event_name
+                    && e.customer == customer
+                    && e.timestamp >= start
+                    && e.timestamp < end
             })
             .collect();
         events.sort_by_key(|e| e.timestamp); // stable: ties keep creation order
@@ -400,7 +432,12 @@ impl Account {
                     "sum" => evs.iter().map(|e| e.value).sum(),
                     _ => evs.last().map_or(0, |e| e.value),
                 };
-                let id = format!("mtrusg_{}_{}_{}", meter_id.trim_start_matches("mtr_"), customer.trim_start_matches("cus_"), s);
+                let id = format!(
+                    "mtrusg_{}_{}_{}",
+                    meter_id.trim_start_matches("mtr_"),
+                    customer.trim_start_matches("cus_"),
+                    s
+                );
                 let obj = json!({
                     "id": id, "object": "billing.meter_event_summary", "livemode": false, "meter": meter_id,
                     "aggregated_value": value as f64, "start_time": s, "end_time": e,
@@ -437,7 +474,13 @@ impl Account {
     }
 
     fn add_item(&mut self, sub: &str, price: &str, now: i64, period_start: i64) -> Item {
-        let item = Item { id: self.id("si"), subscription: sub.to_string(), price: price.to_string(), created: now, period_start };
+        let item = Item {
+            id: self.id("si"),
+            subscription: sub.to_string(),
+            price: price.to_string(),
+            created: now,
+            period_start,
+        };
         self.items.insert(item.id.clone(), item.clone());
         item
     }
@@ -477,12 +520,18 @@ impl Account {
 
     pub fn list_items(&self, p: &Value, now: i64) -> Result<Value> {
         let sub = required(p, "subscription")?;
-        let items = self.items.values().filter(|i| i.subscription == sub).map(|i| (i.id.clone(), self.item_obj(i, now))).collect();
+        let items = self
+            .items
+            .values()
+            .filter(|i| i.subscription == sub)
+            .map(|i| (i.id.clone(), self.item_obj(i, now)))
+            .collect();
         list("/v1/subscription_items", items, p)
     }
 
     pub fn create_usage_record(&mut self, item_id: &str, p: &Value, now: i64) -> Result<Value> {
-        let it = self.items.get(item_id).ok_or_else(|| missing("subscription_item", item_id, "subscription_item"))?.clone();
+        let it =
+            self.items.get(item_id).ok_or_else(|| missing("subscription_item", item_id, "subscription_item"))?.clone();
         let quantity = int_param(p, "quantity")?
             .ok_or_else(|| invalid("Missing required param: quantity.", Some("quantity"), Some("parameter_missing")))?;
         if quantity < 0 {

@@ -48,12 +48,21 @@ impl World {
 
     /// A world whose workers reach ClickHouse at `ch_url` and serve metrics on `metrics`.
     pub fn with(name: &str, ch_url: &str, metrics: &str) -> World {
+        World::build(name, ch_url, metrics, 10, 6)
+    }
+
+    /// A world with `orgs` × `projects_per_org` tenants.
+    pub fn tenants(name: &str, orgs: usize, projects_per_org: usize) -> World {
+        World::build(name, &clickhouse_url(), "127.0.0.1:0", orgs, projects_per_org)
+    }
+
+    fn build(name: &str, ch_url: &str, metrics: &str, orgs: usize, projects_per_org: usize) -> World {
         let stamp =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
         let name = format!("{name}_{}_{stamp}", std::process::id());
         let dir = std::env::temp_dir().join(format!("tally-it-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let keys = DevKeys::generate(10, 6, "https://auth.tally.test", "tally-ingest");
+        let keys = DevKeys::generate(orgs, projects_per_org, "https://auth.tally.test", "tally-ingest");
         keys.write(&dir).unwrap();
         std::fs::write(dir.join("meters.toml"), DEFAULT_METERS_TOML).unwrap();
         let topic = format!("events-{name}");
@@ -182,7 +191,7 @@ max_backoff_ms = 2000
         tally::admin::wait_committed(&self.kafka, &e.end_offsets, Duration::from_secs(600)).unwrap();
     }
 
-    fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
         let body = self.ch.query(&format!("{sql} FORMAT TabSeparated")).unwrap();
         String::from_utf8(body).unwrap().lines().map(|l| l.split('\t').map(str::to_string).collect()).collect()
     }

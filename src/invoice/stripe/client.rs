@@ -47,10 +47,13 @@ impl StripeError {
     }
 
     /// Whether the outcome of the request is unknown (it may or may not have been applied).
+    /// An `idempotency_error` says the key was already used: the first use may have landed.
     pub fn is_indeterminate(&self) -> bool {
         match self {
             StripeError::Transport(_) | StripeError::Decode(_) => true,
-            StripeError::Api { status, .. } => *status == 409 || *status == 429 || *status >= 500,
+            StripeError::Api { status, kind, .. } => {
+                *status == 409 || *status == 429 || *status >= 500 || kind == "idempotency_error"
+            }
             StripeError::Client(_) => false,
         }
     }
@@ -81,7 +84,7 @@ impl RateLimiter {
             let wait = {
                 let mut s = self.state.lock().expect("rate limiter lock");
                 let now = Instant::now();
-                let burst = self.per_sec.min(10.0).max(1.0);
+                let burst = self.per_sec.clamp(1.0, 10.0);
                 s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(burst);
                 s.1 = now;
                 if s.0 >= 1.0 {
@@ -181,14 +184,17 @@ impl StripeHttp {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let result = self.attempt(method, path, query, form, idempotency_key);
-            metrics::histogram!(m::STRIPE_REQUEST_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(m::STRIPE_REQUEST_SECONDS, "endpoint" => endpoint)
+                .record(started.elapsed().as_secs_f64());
             let (err, retry) = match result {
                 Ok(a) if (200..300).contains(&a.status) => {
-                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status)).increment(1);
+                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status))
+                        .increment(1);
                     return Ok(a.body);
                 }
                 Ok(a) => {
-                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status)).increment(1);
+                    metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status))
+                        .increment(1);
                     let retry = match a.should_retry {
                         Some(r) => r,
                         None => matches!(a.status, 409 | 429 | 500..=599),
@@ -229,7 +235,11 @@ impl StripeHttp {
             StripeMethod::Post => "POST",
             StripeMethod::Delete => "DELETE",
         };
-        let mut req = self.agent.request(verb, &url).set("Authorization", &self.authorization).set("User-Agent", "tally-invoicer");
+        let mut req = self
+            .agent
+            .request(verb, &url)
+            .set("Authorization", &self.authorization)
+            .set("User-Agent", "tally-invoicer");
         if let Some(v) = &self.version {
             req = req.set("Stripe-Version", v);
         }

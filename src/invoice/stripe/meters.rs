@@ -94,7 +94,12 @@ pub fn create_meter_event(
 }
 
 /// Cancels the meter event `identifier` (Stripe allows it within 24 h of the event's creation).
-pub fn cancel_meter_event(c: &StripeHttp, event_name: &str, identifier: &str, idempotency_key: &str) -> Result<(), StripeError> {
+pub fn cancel_meter_event(
+    c: &StripeHttp,
+    event_name: &str,
+    identifier: &str,
+    idempotency_key: &str,
+) -> Result<(), StripeError> {
     let mut cancel = CreateBillingMeterEventAdjustmentCancel::new();
     cancel.identifier = Some(identifier.to_string());
     CreateBillingMeterEventAdjustment::new(event_name, BillingMeterEventAdjustmentType::Cancel)
@@ -138,8 +143,11 @@ pub fn summaries(
     }
 }
 
+/// A customer id and its metadata.
+pub type CustomerMetadata = (String, HashMap<String, String>);
+
 /// Customers with their metadata (for `customer_source = "metadata"`).
-pub fn list_customers(c: &StripeHttp) -> Result<Vec<(String, HashMap<String, String>)>, StripeError> {
+pub fn list_customers(c: &StripeHttp) -> Result<Vec<CustomerMetadata>, StripeError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {

@@ -1,0 +1,519 @@
+//! `tally-invoicer` end to end: data through the real ingest path (tansu + ClickHouse 18.16),
+//! reconciled with the project's Stripe emulator. Requires `scripts/start.sh`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{clickhouse_url, stop_all, World};
+use rand::Rng;
+use serde_json::Value;
+use tally::invoice::config::StripeConfig;
+use tally::invoice::stripe::{legacy, meters, StripeHttp};
+use tally::loadgen::expected::Expected;
+use tally::stripe_emu::{Emulator, Faults};
+
+const KEY: &str = "sk_test_tally_it";
+const ADDITIVE: [&str; 6] = ["events", "traces", "observations", "scores", "input_tokens", "output_tokens"];
+
+/// (org, meter, hour) → value.
+type Hourly = BTreeMap<(String, String, i64), u64>;
+
+/// An ingested world, an emulator, and the invoicer pointed at both.
+struct Billing {
+    w: World,
+    emu: Emulator,
+    from: i64,
+    to: i64,
+    /// Expected additive totals per (org, meter, hour), summed over the generator's runs.
+    expected: BTreeMap<(String, String, i64), u64>,
+    runs: u64,
+}
+
+fn day(t: i64) -> i64 {
+    t - t.rem_euclid(86_400)
+}
+
+fn arg_time(t: i64) -> String {
+    tally::timestamp::format_rfc3339(t)
+}
+
+impl Billing {
+    fn new(name: &str, orgs: usize, projects: usize, events: u64) -> Billing {
+        let w = World::tenants(name, orgs, projects);
+        let now = tally::invoice::reconcile::now_secs();
+        let mut b = Billing {
+            w,
+            emu: Emulator::start("127.0.0.1:0", KEY, 11).unwrap(),
+            // A month of hourly buckets ending tomorrow.
+            from: day(now) - 30 * 86_400,
+            to: day(now) + 86_400,
+            expected: BTreeMap::new(),
+            runs: 0,
+        };
+        b.ingest(events);
+        b
+    }
+
+    /// Produces `events` more through the real path and waits until the worker committed them.
+    fn ingest(&mut self, events: u64) -> Expected {
+        self.runs += 1;
+        let mut cfg = self.w.gen_config(events, 100 + self.runs);
+        cfg.first_message_id = self.runs * 10_000_000;
+        let e = self.w.generate(&cfg);
+        let worker = self.w.worker(&format!("ingest{}", self.runs));
+        self.w.wait_caught_up(&e);
+        stop_all(vec![worker]);
+        for (org, _, meter, hour, v) in &e.totals {
+            *self.expected.entry((org.clone(), meter.clone(), *hour)).or_default() += v;
+        }
+        e
+    }
+
+    fn mapping(&self, account: &str) -> PathBuf {
+        self.w.dir.join(format!("billing{account}.toml"))
+    }
+
+    fn invoicer(&self, account: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tally-invoicer"));
+        c.args(args)
+            .env("TALLY_CLICKHOUSE_URL", clickhouse_url())
+            .env("TALLY_CLICKHOUSE_DATABASE", self.w.ch.database())
+            .env("TALLY_METERS_PATH", self.w.dir.join("meters.toml"))
+            .env("TALLY_STRIPE_API_BASE", self.emu.base_url())
+            .env("TALLY_STRIPE_API_KEY", KEY)
+            .env("TALLY_STRIPE_ACCOUNT", account)
+            .env("TALLY_BILLING_MAPPING_PATH", self.mapping(account))
+            .env("TALLY_METRICS_LISTEN", "")
+            .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "5000")
+            .env("TALLY_STRIPE_CONCURRENCY", "4")
+            .env("TALLY_STRIPE_MAX_ATTEMPTS", "10")
+            .env("TALLY_STRIPE_INITIAL_BACKOFF_MS", "5")
+            .env("TALLY_STRIPE_MAX_BACKOFF_MS", "200")
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn period_args(&self) -> Vec<String> {
+        vec!["--from".into(), arg_time(self.from), "--to".into(), arg_time(self.to)]
+    }
+
+    fn run(&self, account: &str, cmd: &str, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![cmd.to_string()];
+        args.extend(self.period_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.invoicer(account, &refs).output().unwrap()
+    }
+
+    /// `reconcile --format json [extra]`: (exit code, report).
+    fn reconcile(&self, account: &str, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec!["--format", "json", "--no-progress"];
+        args.extend_from_slice(extra);
+        let out = self.run(account, "reconcile", &args);
+        let code = out.status.code().unwrap_or(-1);
+        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "no report (exit {code}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (code, report)
+    }
+
+    fn provision(&self, account: &str, extra: &[&str]) {
+        let m = self.mapping(account);
+        let mut args = vec!["--write-mapping", m.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.run(account, "provision", &args);
+        assert!(out.status.success(), "provision: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn client(&self, account: &str) -> StripeHttp {
+        let cfg: StripeConfig = toml::from_str(&format!(
+            "api_base = \"{}\"\napi_key = \"{KEY}\"\naccount = \"{account}\"\nmax_requests_per_sec = 5000\n",
+            self.emu.base_url()
+        ))
+        .unwrap();
+        StripeHttp::new(&cfg, true)
+    }
+
+    fn billing(&self, account: &str) -> tally::invoice::mapping::Mapping {
+        tally::invoice::mapping::Mapping::load(&self.mapping(account)).unwrap()
+    }
+
+    /// tally's additive totals per (org, meter, hour) in the period, from the generator.
+    fn want_additive(&self) -> BTreeMap<(String, String, i64), u64> {
+        self.expected
+            .iter()
+            .filter(|((_, _, h), v)| *h >= self.from && *h < self.to && **v > 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// tally's distinct counts per org over the period (merged sketches).
+    fn want_unique(&self) -> BTreeMap<String, u64> {
+        self.w
+            .rows(&format!(
+                "SELECT org_id, uniqCombinedMerge(state) FROM usage_unique_hourly WHERE hour >= toDateTime({}) AND hour < toDateTime({}) GROUP BY org_id",
+                self.from, self.to
+            ))
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+            .collect()
+    }
+
+    /// Stripe's summaries for every (customer, meter): additive per hour, unique over the period.
+    fn stripe_additive(&self, account: &str) -> (Hourly, BTreeMap<String, u64>) {
+        let c = self.client(account);
+        let map = self.billing(account);
+        let mut add = BTreeMap::new();
+        let mut uniq = BTreeMap::new();
+        for (org, cus) in &map.customers {
+            for meter in ADDITIVE {
+                let mm = map.meter(org, meter).unwrap();
+                for (start, v) in
+                    meters::summaries(&c, &mm.stripe_meter, cus, self.from, self.to, Some("hour")).unwrap()
+                {
+                    if v > 0.0 {
+                        add.insert((org.clone(), meter.to_string(), start), v as u64);
+                    }
+                }
+            }
+            let mm = map.meter(org, "unique_users").unwrap();
+            let s = meters::summaries(&c, &mm.stripe_meter, cus, self.from, self.to, None).unwrap();
+            if s[0].1 > 0.0 {
+                uniq.insert(org.clone(), s[0].1 as u64);
+            }
+        }
+        (add, uniq)
+    }
+
+    fn assert_stripe_equals_tally(&self, account: &str) {
+        let (add, uniq) = self.stripe_additive(account);
+        let want = self.want_additive();
+        let diff: Vec<_> = want.keys().chain(add.keys()).filter(|k| want.get(*k) != add.get(*k)).take(10).collect();
+        assert!(diff.is_empty(), "{} of {} (org, meter, hour) differ, e.g. {diff:?}", diff.len(), want.len());
+        let wu: BTreeMap<String, u64> = self.want_unique().into_iter().filter(|(_, v)| *v > 0).collect();
+        assert_eq!(uniq, wu, "unique_users per customer over the period");
+    }
+
+    fn emulator_events(&self, account: &str) -> Vec<Value> {
+        let url = format!("{}_emulator/meter_events?account={account}", self.emu.base_url());
+        let v: Value = serde_json::from_str(&ureq::get(&url).call().unwrap().into_string().unwrap()).unwrap();
+        v["data"].as_array().unwrap().clone()
+    }
+
+    fn ledger_done(&self, account: &str) -> u64 {
+        self.w.scalar(&format!(
+            "SELECT uniqExact(push_id) FROM stripe_ledger WHERE state = 'done' AND action != 'cancel' AND account = '{account}'"
+        ))
+    }
+}
+
+fn rows_with<'a>(report: &'a Value, status: &str) -> Vec<&'a Value> {
+    report["rows"].as_array().unwrap().iter().filter(|r| r["status"] == status).collect()
+}
+
+/// A month for 200 orgs × all meters: dry run plans, `--apply` makes every Stripe summary equal
+/// tally's totals, a second run pushes nothing; late events are pushed as exactly the difference.
+#[test]
+fn reconciles_a_month_for_200_orgs_exactly() {
+    let mut b = Billing::new("inv200", 200, 1, 40_000);
+    b.provision("", &[]);
+    assert_eq!(b.billing("").customers.len(), 200);
+
+    let out = b.run("", "verify", &[]);
+    assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    // `usage` merges unique meters across hours and equals the generator's totals for additive ones.
+    let out = b.run("", "usage", &["--format", "json"]);
+    let usage: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut by_org_meter: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for r in usage.iter().filter(|r| r["kind"] == "sum") {
+        *by_org_meter
+            .entry((r["org_id"].as_str().unwrap().into(), r["meter"].as_str().unwrap().into()))
+            .or_default() += r["value"].as_u64().unwrap();
+    }
+    let mut want: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((o, m, _), v) in b.want_additive() {
+        *want.entry((o, m)).or_default() += v;
+    }
+    assert_eq!(by_org_meter, want);
+
+    let (code, dry) = b.reconcile("", &[]);
+    assert_eq!(code, 2, "a dry run with deltas exits 2");
+    assert_eq!(dry["summary"]["writes_done"], 0);
+    assert_eq!(b.emu.stats().meter_events_created, 0, "a dry run pushes nothing");
+
+    let textfile = b.w.dir.join("invoicer.prom");
+    let t = Instant::now();
+    let (code, rep) = b.reconcile("", &["--apply", "--metrics-textfile", textfile.to_str().unwrap()]);
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&rep["problems"]).unwrap());
+    b.assert_stripe_equals_tally("");
+    let s = &rep["summary"];
+    eprintln!(
+        "[measure] reconcile --apply, {} orgs, {} buckets: {} writes ({} pushes, {} sets) with {} Stripe requests in {secs:.1} s (report says {:.1} s)",
+        b.billing("").customers.len(),
+        s["buckets"],
+        s["writes_done"],
+        s["pushes_done"],
+        s["sets_done"],
+        s["stripe_requests"],
+        s["elapsed_secs"].as_f64().unwrap()
+    );
+    assert_eq!(s["writes_done"].as_u64().unwrap(), b.emu.stats().meter_events_created);
+    let prom = std::fs::read_to_string(&textfile).unwrap();
+    assert!(
+        prom.contains("tally_invoicer_pushes_total") && prom.contains("tally_invoicer_last_success_timestamp_seconds"),
+        "{prom}"
+    );
+
+    // A second run finds nothing to do.
+    let (code, again) = b.reconcile("", &["--apply"]);
+    assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
+    assert!(rows_with(&again, "ok").len() == again["rows"].as_array().unwrap().len());
+
+    // Late events: the next run pushes exactly the difference.
+    let before: BTreeMap<(String, String, i64), u64> = b.want_additive();
+    let seen: BTreeSet<String> =
+        b.emulator_events("").iter().map(|e| e["identifier"].as_str().unwrap().to_string()).collect();
+    b.ingest(4_000);
+    let (code, late) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0, "{}", late["problems"]);
+    b.assert_stripe_equals_tally("");
+    let map = b.billing("");
+    let org_of: HashMap<&str, &str> = map.customers.iter().map(|(o, c)| (c.as_str(), o.as_str())).collect();
+    let mut pushed: BTreeMap<(String, String, i64), u64> = BTreeMap::new();
+    for e in b.emulator_events("").iter().filter(|e| !seen.contains(e["identifier"].as_str().unwrap())) {
+        let meter = e["event_name"].as_str().unwrap().trim_start_matches("tally_").to_string();
+        if meter == "unique_users" {
+            continue;
+        }
+        let ts = e["timestamp"].as_i64().unwrap();
+        *pushed
+            .entry((org_of[e["customer"].as_str().unwrap()].to_string(), meter, ts - ts.rem_euclid(3600)))
+            .or_default() += e["value"].as_u64().unwrap();
+    }
+    let delta: BTreeMap<(String, String, i64), u64> = b
+        .want_additive()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(&k).copied().unwrap_or(0);
+            (d > 0).then_some((k, d))
+        })
+        .collect();
+    assert!(!delta.is_empty());
+    assert_eq!(pushed, delta, "the late run pushed exactly the difference per (org, meter, hour)");
+}
+
+/// SIGKILL the invoicer at random moments of `--apply` (5 times), then with the emulator
+/// injecting 429s, 500s and dropped answers after the write (and 3 more kills): after reruns to
+/// completion no identifier was pushed twice, the ledger and Stripe agree one to one, and every
+/// summary equals tally.
+#[test]
+fn crashes_and_stripe_faults_push_nothing_twice() {
+    let b = Billing::new("invcrash", 60, 1, 16_000);
+    let mut rng = rand::thread_rng();
+    for (account, kills, faults) in [
+        ("", 5, Faults::default()),
+        ("acct_faults", 3, Faults { rate_429: 0.1, rate_500: 0.1, rate_drop_after_write: 0.1 }),
+    ] {
+        b.provision(account, &[]);
+        b.emu.set_faults(faults.clone());
+        let mut killed_mid_run = 0;
+        for _ in 0..kills {
+            let mut args: Vec<String> = vec!["reconcile".into()];
+            args.extend(b.period_args());
+            args.extend(["--apply".into(), "--format".into(), "json".into(), "--no-progress".into()]);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            // Slow enough (300 requests/s) that a kill lands in the middle of the pushes.
+            let mut child: Child = b
+                .invoicer(account, &refs)
+                .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(300..2500)));
+            if child.try_wait().unwrap().is_none() {
+                killed_mid_run += 1;
+            }
+            common::sigkill(&mut child);
+        }
+        let mut reruns = 0;
+        let report = loop {
+            reruns += 1;
+            let (code, rep) = b.reconcile(account, &["--apply"]);
+            if code == 0 {
+                break rep;
+            }
+            // Under injected faults a request may exhaust its attempts: it stays pending, and the
+            // next run resends it.
+            assert!(code == 1 && reruns < 6, "exit {code}: {}", rep["problems"]);
+        };
+        b.emu.set_faults(Faults::default());
+        b.assert_stripe_equals_tally(account);
+        let events = b.emulator_events(account);
+        let ids: BTreeSet<&str> = events.iter().map(|e| e["identifier"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), events.len(), "no identifier pushed twice");
+        assert_eq!(b.ledger_done(account), events.len() as u64, "every push Stripe holds is in the ledger, once");
+        let (code, again) = b.reconcile(account, &["--apply"]);
+        assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
+        let stats = b.emu.stats();
+        eprintln!(
+            "[measure] account {account:?}: {kills} kills ({killed_mid_run} mid-run), {reruns} final run(s); {} meter events; \
+             emulator so far: {} idempotent replays, {} identifier conflicts, {} injected 429, {} injected 500, {} dropped answers; last run {} requests",
+            events.len(),
+            stats.idempotent_replays,
+            stats.identifier_conflicts,
+            stats.injected_429,
+            stats.injected_500,
+            stats.injected_drops,
+            report["summary"]["stripe_requests"]
+        );
+        assert!(killed_mid_run >= 1, "at least one kill landed during a run");
+        if account == "acct_faults" {
+            assert!(stats.injected_429 > 0 && stats.injected_500 > 0 && stats.injected_drops > 0, "{stats:?}");
+            assert!(stats.idempotent_replays > 0, "answers lost after the write were replayed: {stats:?}");
+        }
+    }
+}
+
+fn delete_project(w: &World, org: &str, project: &str) {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+        w.ch.execute(
+            &format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org}' AND project_id = '{project}'", w.ch.database()),
+            false,
+        )
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w
+        .scalar(&format!("SELECT count() FROM system.mutations WHERE database = '{}' AND is_done = 0", w.ch.database()))
+        > 0
+    {
+        assert!(Instant::now() < deadline, "mutations did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Over-reports: a correction in tally within 24 h is cancelled and pushed again at the right
+/// value; usage another system pushed is reported (`stripe_ahead`, needs a credit); after 24 h
+/// Stripe refuses the cancel and the row says `needs_credit` — never ignored.
+#[test]
+fn over_reports_are_cancelled_or_credited() {
+    let b = Billing::new("invover", 12, 2, 8_000);
+    b.provision("", &[]);
+    let (code, _) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0);
+
+    // A correction in tally: org-001's first project is removed (e.g. refunded test traffic).
+    delete_project(&b.w, "org-001", "proj-001-00");
+    assert!(b.run("", "verify", &[]).status.success(), "aggregates and events agree after the correction");
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    let corrected = rows_with(&rep, "corrected");
+    assert!(!corrected.is_empty() && corrected.iter().all(|r| r["org_id"] == "org-001"), "{corrected:?}");
+    assert!(corrected.iter().any(|r| r["delta_pushed"].as_i64().unwrap() < 0));
+    assert!(b.emu.stats().adjustments_created > 0);
+    let tally_now: BTreeMap<(String, String, i64), u64> = b
+        .w
+        .rows(&format!(
+            "SELECT org_id, meter, intDiv(toUInt32(hour), 3600) * 3600, sum(value) FROM usage_hourly WHERE hour >= toDateTime({}) AND hour < toDateTime({}) GROUP BY org_id, meter, hour",
+            b.from, b.to
+        ))
+        .into_iter()
+        .filter(|r| r[3] != "0")
+        .map(|r| ((r[0].clone(), r[1].clone(), r[2].parse().unwrap()), r[3].parse().unwrap()))
+        .collect();
+    let (stripe, _) = b.stripe_additive("");
+    assert_eq!(stripe, tally_now, "after the correction Stripe equals the corrected tally");
+
+    // Usage pushed by another system: reported, not ignored, not "fixed" silently.
+    let map = b.billing("");
+    let cus = &map.customers["org-002"];
+    let mm = map.meter("org-002", "events").unwrap();
+    let hour =
+        b.w.scalar("SELECT toUInt32(max(hour)) FROM usage_hourly WHERE org_id = 'org-002' AND meter = 'events'") as i64;
+    let info = meters::retrieve_meter(&b.client(""), &mm.stripe_meter).unwrap();
+    meters::create_meter_event(&b.client(""), &info, cus, 7, hour + 60, "other-system-1").unwrap();
+    let (code, rep) = b.reconcile("", &[]);
+    assert_eq!(code, 2);
+    let ahead = rows_with(&rep, "stripe_ahead");
+    assert_eq!(ahead.len(), 1, "{}", rep["rows"]);
+    assert_eq!(
+        (ahead[0]["org_id"].as_str(), ahead[0]["meter"].as_str(), ahead[0]["needs_credit"].as_u64()),
+        (Some("org-002"), Some("events"), Some(7))
+    );
+
+    // After 24 h Stripe no longer cancels: the over-report needs a credit note.
+    ureq::post(&format!("{}_emulator/clock", b.emu.base_url())).send_string("advance_secs=90000").unwrap();
+    let (before, _) = b.stripe_additive("");
+    delete_project(&b.w, "org-003", "proj-003-01");
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 2, "drift remains: {}", rep["problems"]);
+    let credit = rows_with(&rep, "needs_credit");
+    assert!(
+        !credit.is_empty()
+            && credit.iter().all(|r| r["org_id"] == "org-003" && r["needs_credit"].as_u64().unwrap() > 0),
+        "{credit:?}"
+    );
+    let (after, _) = b.stripe_additive("");
+    assert_eq!(before, after, "nothing was cancelled or pushed for the uncancellable over-report");
+}
+
+/// Legacy usage records: the same totals, per subscription item over the period; rerun-safe.
+#[test]
+fn legacy_usage_records_match_totals() {
+    let b = Billing::new("invlegacy", 30, 1, 8_000);
+    let start = arg_time(b.from);
+    b.provision("acct_legacy", &["--legacy-start", &start]);
+    let legacy_env = |c: &mut Command| {
+        c.env("TALLY_STRIPE_MODE", "legacy");
+    };
+    let run = |extra: &[&str]| -> (i32, Value) {
+        let mut args: Vec<String> = vec!["reconcile".into()];
+        args.extend(b.period_args());
+        args.extend(["--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut c = b.invoicer("acct_legacy", &refs);
+        legacy_env(&mut c);
+        let out = c.output().unwrap();
+        (out.status.code().unwrap(), serde_json::from_slice(&out.stdout).unwrap())
+    };
+    let (code, _) = run(&[]);
+    assert_eq!(code, 2);
+    let (code, rep) = run(&["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    assert!(b.emu.stats().usage_records_created > 0);
+
+    let c = b.client("acct_legacy");
+    let map = b.billing("acct_legacy");
+    let mut want: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((o, m, _), v) in b.want_additive() {
+        *want.entry((o, m)).or_default() += v;
+    }
+    for (o, v) in b.want_unique() {
+        want.insert((o, "unique_users".into()), v);
+    }
+    let mut got = BTreeMap::new();
+    for org in map.subscription_items.keys() {
+        for meter in ADDITIVE.iter().chain(["unique_users"].iter()) {
+            let item = map.item(org, meter).unwrap();
+            let total = legacy::usage_total(&c, item, b.from, b.to).unwrap() as u64;
+            if total > 0 {
+                got.insert((org.clone(), meter.to_string()), total);
+            }
+        }
+    }
+    want.retain(|_, v| *v > 0);
+    assert_eq!(got, want, "usage record summaries equal tally per (org, meter) over the period");
+    let (code, again) = run(&["--apply"]);
+    assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
+}
