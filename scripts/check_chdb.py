@@ -3,7 +3,8 @@
 
 Applies schemas/*.sql as `tally-ingest migrate` does, inserts narrow rows (with a duplicate
 that must collapse under FINAL), and checks usage_hourly, the unique-meter sketches and the
-re-verification query documented in docs/clickhouse.md."""
+re-verification query documented in docs/clickhouse.md, and runs the invoicer's queries
+(sql/invoicer/*.sql) and ledger table on the same data."""
 import glob
 import os
 import shutil
@@ -77,10 +78,50 @@ def main():
         ledger = q(f"SELECT meter, sum(v) FROM (SELECT meters, meter_values FROM {DB}.events FINAL) "
                    f"ARRAY JOIN meters AS meter, meter_values AS v GROUP BY meter ORDER BY meter")
         assert ledger.split("\n")[0] == "events\t3", ledger
-        print("schema OK on chDB: usage_hourly, unique sketches and ledger query verified")
+        check_invoicer_queries(q, s, h)
+        print("schema OK on chDB: usage_hourly, unique sketches, ledger query and the invoicer's queries verified")
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def render(name, variables):
+    """sql/invoicer/NAME.sql with ${var} placeholders filled, as src/invoice/sql.rs does."""
+    sql = "\n".join(l for l in open(os.path.join(ROOT, "sql", "invoicer", name + ".sql")).read().splitlines()
+                    if not l.strip().startswith("--"))
+    for k, v in variables.items():
+        sql = sql.replace("${" + k + "}", str(v))
+    assert "${" not in sql, sql
+    return sql
+
+
+def check_invoicer_queries(q, s, h):
+    """The invoicer's queries on current ClickHouse. The data holds one duplicate narrow row
+    (inserted above): the aggregates count it twice, the events under FINAL once, so `verify`
+    must report exactly the three meters of that event and nothing else."""
+    hour = 1795860000
+    v = {"database": DB, "from": hour - 86400, "to": hour + 86400}
+    rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
+    fig = lambda name: {tuple(r[:4]): int(r[4]) for r in rows(render(name, v))}
+    agg, ev = fig("verify_aggregates"), fig("verify_events")
+    diff = sorted(k for k in set(agg) | set(ev) if agg.get(k) != ev.get(k))
+    want = [("o1", "p1", m, str(hour)) for m in ("events", "input_tokens", "observations")]
+    assert diff == want, f"verify mismatches {diff}, want {want}"
+    assert agg[("o1", "p1", "unique_users", str(hour))] == ev[("o1", "p1", "unique_users", str(hour))] == 2
+    buckets = rows(render("additive_buckets", {**v, "bucket_secs": 3600}))
+    assert ["o1", "scores", str(hour), "1"] in buckets, buckets
+    assert rows(render("unique_period", v)) == [["o1", "unique_users", "2"]]
+    usage = rows(render("usage_additive", {**v, "org_filter": "AND org_id = 'o1'"}))
+    assert ["o1", "p2", "scores", "1"] in usage, usage
+    assert rows(render("usage_unique", {**v, "org_filter": ""})) == [["o1", "p1", "unique_users", "2"]]
+    s.query(
+        f"INSERT INTO {DB}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, target, "
+        f"event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, run_id, detail, recorded_at) VALUES "
+        f"('tally_x', 'intent', 'push', 'meters', '', 'o1', 'cus_1', 'events', 'mtr_1', 'tally_events', "
+        f"toDateTime({hour}), toDateTime({hour + 3600}), 1, 3, '', toDateTime({hour}), 'r', '', now())"
+    )
+    ledger = rows(render("ledger_read", {**v, "mode": "'meters'", "account": "''"}))
+    assert len(ledger) == 1 and ledger[0][0] == "tally_x" and ledger[0][8] == str(hour) and ledger[0][11] == "3", ledger
 
 
 if __name__ == "__main__":
