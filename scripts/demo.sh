@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The demo: services up, schema, sample traffic (duplicates, forged/expired/revoked credentials,
 # malformed and oversized messages), one worker until caught up, then the usage table and the
-# dead-letter counts by reason. Each run uses its own topics, group and database.
+# dead-letter counts by reason; then tally-invoicer reconciles the month with the local Stripe
+# emulator (dry run, --apply, and a rerun that has nothing to do). Each run uses its own topics,
+# group and database.
 # Usage: scripts/demo.sh [EVENTS]   (default 50000)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EVENTS="${1:-50000}"
 scripts/start.sh
-cargo build --release --locked --bin tally-ingest
+cargo build --release --locked --bins
 BIN=target/release/tally-ingest
 RUN="demo$(date +%s)"
 export TALLY_CONFIG=config/ingest.example.toml
@@ -56,3 +58,26 @@ PY
 echo
 echo "== dead-letter topic $TALLY_KAFKA_DLQ_TOPIC by reason"
 $BIN dead-letters
+
+echo
+echo "== tally-invoicer against the local Stripe emulator"
+INV=target/release/tally-invoicer
+target/release/tally-stripe-emulator --listen 127.0.0.1:0 --api-key sk_test_tally_demo 2>"$OUT/emulator.log" & EMU=$!
+trap 'kill $WORKER $EMU 2>/dev/null || true' EXIT
+for _ in $(seq 50); do grep -q listening "$OUT/emulator.log" && break; sleep 0.1; done
+EMU_URL=$(grep -o 'http://[0-9.:]*/' "$OUT/emulator.log")
+export TALLY_INVOICER_CONFIG=config/invoicer.example.toml
+export TALLY_STRIPE_API_BASE="$EMU_URL" TALLY_STRIPE_API_KEY=sk_test_tally_demo
+export TALLY_STRIPE_MAX_REQUESTS_PER_SEC=2000 TALLY_BILLING_MAPPING_PATH="$OUT/billing.toml" TALLY_METRICS_LISTEN=
+# The period: this month, or the last 31 days when the month is younger than the sample data.
+FROM=$(date -u -d '-4 days' +%Y-%m-01T00); TO=$(date -u -d 'tomorrow' +%Y-%m-%dT00)
+$INV provision --from "$FROM" --to "$TO" --write-mapping "$OUT/billing.toml"
+echo "-- reconcile (dry run: the plan; exit 2 = there is something to push)"
+$INV reconcile --from "$FROM" --to "$TO" > "$OUT/plan.txt" && echo "exit 0" || echo "exit $?"
+head -n 4 "$OUT/plan.txt"; grep '^dry run' "$OUT/plan.txt"
+echo "-- reconcile --apply"
+$INV reconcile --from "$FROM" --to "$TO" --apply --metrics-textfile "$OUT/invoicer.prom" > "$OUT/report.txt"
+head -n 15 "$OUT/report.txt"; echo "   ... ($OUT/report.txt)"; grep '^applied' "$OUT/report.txt"
+echo "-- reconcile --apply again: nothing to push"
+$INV reconcile --from "$FROM" --to "$TO" --apply | grep '^applied'
+echo "(finance report as CSV: $INV reconcile --from $FROM --to $TO --format csv; metrics: $OUT/invoicer.prom)"

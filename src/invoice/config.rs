@@ -265,6 +265,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/invoicer.example.toml");
+        let c = InvoicerConfig::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.stripe.max_requests_per_sec, 80);
+        assert_eq!(c.billing.customer_source, CustomerSource::File);
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let e = InvoicerConfig::load(None, env(&[("TALLY_STRIPE_API_BASE", "http://x")])).unwrap_err();
         assert!(e.to_string().contains("stripe.api_base"), "{e}");

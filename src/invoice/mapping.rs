@@ -171,6 +171,13 @@ stripe_meter = "mtr_events_enterprise"
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let m = Mapping::parse(include_str!("../../config/billing.toml")).unwrap();
+        assert_eq!(m.meter("org-000", "events").unwrap().stripe_meter, "mtr_example_events_enterprise");
+        assert_eq!(m.item("org-000", "events"), Some("si_example000_events"));
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         assert!(Mapping::parse("[meters.events]\nstripe_meter = \"m\"\nevent = \"x\"\n")
             .unwrap_err()
