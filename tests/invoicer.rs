@@ -517,3 +517,45 @@ fn legacy_usage_records_match_totals() {
     let (code, again) = run(&["--apply"]);
     assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
 }
+
+/// ClickHouse cut in the middle of `--apply` (refused connections, requests in flight reset): the
+/// run waits, resumes when it is back and ends reconciled; the ledger and Stripe agree one to one.
+#[test]
+fn clickhouse_outage_during_apply_is_waited_out() {
+    let b = Billing::new("invchdown", 30, 1, 8_000);
+    b.provision("", &[]);
+    let upstream = clickhouse_url().trim_start_matches("http://").to_string();
+    let proxy = common::proxy::Proxy::start(&upstream);
+    let mut args: Vec<String> = vec!["reconcile".into()];
+    args.extend(b.period_args());
+    args.extend(["--apply", "--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let child = b
+        .invoicer("", &refs)
+        .env("TALLY_CLICKHOUSE_URL", format!("http://{}", proxy.addr))
+        .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Cut once pushes are under way (the emulator has seen some), for 3 seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.emu.stats().meter_events_created < 50 {
+        assert!(Instant::now() < deadline, "the run never started pushing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.cut();
+    let cut_at = b.emu.stats().meter_events_created;
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.restore();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("waiting for clickhouse"), "the outage was noticed and waited out: {stderr}");
+    eprintln!("[measure] outage of 3 s after {cut_at} pushes; run took {:.1} s", t.elapsed().as_secs_f64());
+    b.assert_stripe_equals_tally("");
+    assert_eq!(b.ledger_done("") as usize, b.emulator_events("").len());
+    let (code, again) = b.reconcile("", &["--apply"]);
+    assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
+}

@@ -27,7 +27,7 @@ struct Cli {
     /// Config file (TOML); every key can also be set as TALLY_<SECTION>_<KEY>.
     #[arg(long, global = true, env = "TALLY_INVOICER_CONFIG")]
     config: Option<PathBuf>,
-    /// How long to wait for ClickHouse before giving up.
+    /// How long to wait for ClickHouse (at start, and during a run) before giving up.
     #[arg(long, global = true, default_value_t = 60)]
     wait_secs: u64,
     #[command(subcommand)]
@@ -200,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 mapping: &mapping,
                 meters: &meters,
                 run_id: format!("{}-{}", tally::invoice::reconcile::now_secs(), std::process::id()),
+                ch_wait: Duration::from_secs(cli.wait_secs),
             };
             let opts = Options {
                 period,

@@ -6,9 +6,12 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use sha2::{Digest, Sha256};
 
 use super::sql::{num, render, rows};
+use crate::retry::Backoff;
 use crate::sink::clickhouse::{quote, ChError, ClickHouse};
 use crate::sink::rowbinary::RowWriter;
 
@@ -155,11 +158,30 @@ pub struct Ledger<'a> {
     mode: &'static str,
     account: String,
     run_id: String,
+    /// How long a ClickHouse outage is waited out before the run gives up.
+    wait: Duration,
 }
 
 impl<'a> Ledger<'a> {
-    pub fn new(ch: &'a ClickHouse, mode: &'static str, account: &str, run_id: &str) -> Self {
-        Ledger { ch, mode, account: account.to_string(), run_id: run_id.to_string() }
+    pub fn new(ch: &'a ClickHouse, mode: &'static str, account: &str, run_id: &str, wait: Duration) -> Self {
+        Ledger { ch, mode, account: account.to_string(), run_id: run_id.to_string(), wait }
+    }
+
+    /// Runs `f` until it succeeds, retrying transient failures with backoff for up to `wait`.
+    /// A retried append may land twice: harmless, [`fold`] reads facts, not counts.
+    fn retrying<T>(&self, op: &'static str, mut f: impl FnMut() -> Result<T, ChError>) -> Result<T, ChError> {
+        let deadline = std::time::Instant::now() + self.wait;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match f() {
+                Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(op, error = %e, retry_ms = delay.as_millis() as u64, "ledger: waiting for clickhouse");
+                    std::thread::sleep(delay);
+                }
+                other => return other,
+            }
+        }
     }
 
     pub fn mode(&self) -> &'static str {
@@ -198,14 +220,12 @@ impl<'a> Ledger<'a> {
             w.datetime(now);
         }
         let db = self.ch.database();
-        self.ch.insert(
-            &format!(
-                "INSERT INTO {db}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, \
+        let insert = format!(
+            "INSERT INTO {db}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, \
                  target, event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, run_id, detail, \
                  recorded_at) FORMAT RowBinary"
-            ),
-            &w.buf,
-        )
+        );
+        self.retrying("append", || self.ch.insert(&insert, &w.buf))
     }
 
     /// The pushes whose bucket overlaps [from, to).
@@ -221,7 +241,7 @@ impl<'a> Ledger<'a> {
             ],
         );
         let mut records = Vec::new();
-        for r in rows(self.ch, &sql)? {
+        for r in self.retrying("read", || rows(self.ch, &sql))? {
             if r.len() != 16 {
                 return Err(ChError::Response(format!("ledger row with {} columns", r.len())));
             }

@@ -51,6 +51,8 @@ pub struct Env<'a> {
     pub mapping: &'a Mapping,
     pub meters: &'a Meters,
     pub run_id: String,
+    /// How long a ClickHouse outage during the run is waited out.
+    pub ch_wait: std::time::Duration,
 }
 
 pub fn now_secs() -> i64 {
@@ -94,7 +96,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     }
 
     let resolved = resolve(env, &tally)?;
-    let ledger = Ledger::new(env.ch, mode, account, &env.run_id);
+    let ledger = Ledger::new(env.ch, mode, account, &env.run_id, env.ch_wait);
     let mut progress = Progress::new(opts.progress);
     let mut sent = Sent::default();
 
