@@ -277,6 +277,21 @@ fn reconciles_a_month_for_200_orgs_exactly() {
     let (code, again) = b.reconcile("", &["--apply"]);
     assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
     assert!(rows_with(&again, "ok").len() == again["rows"].as_array().unwrap().len());
+    // The hourly pushes nest into days: a daily comparison agrees too.
+    let (code, daily) = b.reconcile("", &["--granularity", "day"]);
+    assert_eq!(code, 0, "{}", daily["problems"]);
+    // Customers found by their metadata (`tally_org_id`) instead of the file: the same mapping.
+    let text = std::fs::read_to_string(b.mapping("")).unwrap();
+    let meters_only = &text[text.find("\n[meters.").unwrap()..];
+    std::fs::write(b.w.dir.join("billing-metadata.toml"), meters_only).unwrap();
+    let out = b
+        .invoicer("", &["reconcile", "--from", &arg_time(b.from), "--to", &arg_time(b.to), "--format", "json"])
+        .env("TALLY_BILLING_MAPPING_PATH", b.w.dir.join("billing-metadata.toml"))
+        .env("TALLY_BILLING_CUSTOMER_SOURCE", "metadata")
+        .output()
+        .unwrap();
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((out.status.code(), rep["summary"]["rows"].as_u64()), (Some(0), Some(1400)), "{}", rep["problems"]);
 
     // Late events: the next run pushes exactly the difference.
     let before: BTreeMap<(String, String, i64), u64> = b.want_additive();
@@ -465,6 +480,55 @@ fn over_reports_are_cancelled_or_credited() {
     );
     let (after, _) = b.stripe_additive("");
     assert_eq!(before, after, "nothing was cancelled or pushed for the uncancellable over-report");
+
+    // Hours older than Stripe's 35 days are reported, not pushed.
+    let old = (b.from - 10 * 86_400) / 3600 * 3600;
+    b.w.ch
+        .execute(
+            &format!(
+                "INSERT INTO {}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, \
+                 unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES \
+                 ('org-004', 'proj-004-00', 'old-1', 'trace-create', {old}, {old}, 1, ['events', 'traces'], [1, 1], [], [], 't', 0, 0, -1, now())",
+                b.w.ch.database()
+            ),
+            false,
+        )
+        .unwrap();
+    let wide = ["--from", &arg_time(day(old)), "--to", &arg_time(b.to)];
+    let out =
+        b.invoicer("", &[&["reconcile", "--apply", "--format", "json"][..], &wide[..]].concat()).output().unwrap();
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let old_rows: Vec<&Value> = rows_with(&rep, "too_old_for_stripe");
+    assert_eq!(old_rows.len(), 2, "events and traces of org-004: {}", rep["rows"]);
+    assert!(old_rows.iter().all(|r| r["org_id"] == "org-004"));
+    // Only the distinct counts of this new, longer period were pushed; nothing was refused.
+    let s = &rep["summary"];
+    assert_eq!((s["pushes_done"].as_u64(), s["writes_failed"].as_u64()), (Some(0), Some(0)), "{s}");
+
+    // Aggregates that disagree with their events block every push, and `verify` says where.
+    let hour = b.w.scalar("SELECT toUInt32(max(hour)) FROM usage_hourly WHERE org_id = 'org-005'");
+    b.w.ch
+        .execute(
+            &format!(
+                "INSERT INTO {}.usage_hourly_agg VALUES ('org-005', 'proj-005-00', 'events', {hour}, 5)",
+                b.w.ch.database()
+            ),
+            false,
+        )
+        .unwrap();
+    let created = b.emu.stats().meter_events_created;
+    let out = b.run("", "verify", &["--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mm = v["mismatches"].as_array().unwrap();
+    assert_eq!(mm.len(), 1, "{v}");
+    assert_eq!((mm[0]["org_id"].as_str(), mm[0]["meter"].as_str()), (Some("org-005"), Some("events")));
+    assert_eq!(mm[0]["aggregates"].as_u64().unwrap(), mm[0]["events"].as_u64().unwrap() + 5);
+    let out = b.run("", "reconcile", &["--apply", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to push"));
+    assert_eq!(b.emu.stats().meter_events_created, created, "money never moves on disagreeing aggregates");
 }
 
 /// Legacy usage records: the same totals, per subscription item over the period; rerun-safe.

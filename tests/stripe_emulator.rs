@@ -328,3 +328,38 @@ fn client_refuses_unsafe_posts_and_hides_the_key() {
     assert_eq!(e.status(), Some(401));
     assert!(!format!("{e} {e:?} {bad:?}").contains("sk_test_secret_value_123"), "{e}");
 }
+
+/// `Stripe-Should-Retry: false` stops retries even on a 5xx; `true` retries even a 4xx.
+#[test]
+fn client_honours_stripe_should_retry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tally::httpd::Reply;
+    for (status, should_retry, want_requests) in [(500, "false", 1), (400, "true", 3)] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = hits.clone();
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            tally::httpd::serve(
+                listener,
+                s,
+                Arc::new(move |_| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Reply::json(status, &json!({"error": {"type": "api_error", "message": "no"}}))
+                        .with_header("Stripe-Should-Retry", should_retry)
+                }),
+            )
+        });
+        let cfg: StripeConfig = toml::from_str(&format!(
+            "api_base = \"http://{addr}/\"\napi_key = \"{KEY}\"\nmax_attempts = 3\ninitial_backoff_ms = 1\nmax_backoff_ms = 2\n"
+        ))
+        .unwrap();
+        let e = meters::list_meters(&StripeHttp::new(&cfg, true)).unwrap_err();
+        assert_eq!(e.status(), Some(status));
+        assert_eq!(hits.load(Ordering::SeqCst), want_requests, "status {status}, Stripe-Should-Retry: {should_retry}");
+        stop.store(true, Ordering::SeqCst);
+    }
+}
