@@ -229,6 +229,7 @@ fn default_max_backoff_ms() -> u64 {
     30_000
 }
 
+/// `impl Default` from the serde defaults (an empty table), so that defaults live in one place.
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
         impl Default for $t {
@@ -238,6 +239,18 @@ macro_rules! default_from_serde {
         }
     )*};
 }
+pub(crate) use default_from_serde;
+
+/// Reads `path` (if given), applies `TALLY_<SECTION>_<KEY>` overrides of `sections` from `env`
+/// and deserializes.
+pub fn load_sections<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    sections: &[&str],
+) -> Result<T, ConfigError> {
+    let table = load_table(path, env, sections)?;
+    table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))
+}
 default_from_serde!(KafkaConfig, ClickHouseConfig, AuthConfig, DedupeConfig, MetersConfig, MetricsConfig, IngestLimits);
 
 /// Sections of the ingest config; `TALLY_<SECTION>_<KEY>` variables of these sections are applied.
@@ -246,9 +259,7 @@ pub const INGEST_SECTIONS: &[&str] = &["kafka", "clickhouse", "auth", "dedupe", 
 impl IngestConfig {
     /// Reads `path` (if given), applies `TALLY_*` overrides from `env`, deserializes and validates.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let table = load_table(path, env, INGEST_SECTIONS)?;
-        let cfg: IngestConfig =
-            table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        let cfg: IngestConfig = load_sections(path, env, INGEST_SECTIONS)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -214,18 +214,23 @@ fn responses_match_stripes_schemas() {
     assert_error_shape(&spec, &err);
 }
 
-#[test]
-fn stripes_rules_hold() {
-    let emu = emulator();
-    let (_, _, cus) = call(&emu, "POST", "/v1/customers", "name=A", Some("c"));
-    let cid = cus["id"].as_str().unwrap().to_string();
+/// A customer and a `sum` meter with event name `ev`: (customer id, meter object).
+fn customer_and_meter(emu: &Emulator) -> (String, Value) {
+    let (_, _, cus) = call(emu, "POST", "/v1/customers", "name=A", Some("c"));
     let (_, _, m) = call(
-        &emu,
+        emu,
         "POST",
         "/v1/billing/meters",
         "display_name=x&event_name=ev&default_aggregation[formula]=sum",
         Some("m"),
     );
+    (cus["id"].as_str().unwrap().to_string(), m)
+}
+
+#[test]
+fn stripes_rules_hold() {
+    let emu = emulator();
+    let (cid, m) = customer_and_meter(&emu);
     let mid = m["id"].as_str().unwrap().to_string();
     let ev = |id: &str, ts: i64, v: u64| {
         format!("event_name=ev&payload[stripe_customer_id]={cid}&payload[value]={v}&identifier={id}&timestamp={ts}")
@@ -292,15 +297,7 @@ fn client(emu: &Emulator, key: &str) -> StripeHttp {
 fn client_retries_land_each_push_once() {
     let emu = emulator();
     let c = client(&emu, KEY);
-    let (_, _, cus) = call(&emu, "POST", "/v1/customers", "name=A", Some("c"));
-    let cid = cus["id"].as_str().unwrap().to_string();
-    let (_, _, m) = call(
-        &emu,
-        "POST",
-        "/v1/billing/meters",
-        "display_name=x&event_name=ev&default_aggregation[formula]=sum",
-        Some("m"),
-    );
+    let (cid, m) = customer_and_meter(&emu);
     let info = meters::retrieve_meter(&c, m["id"].as_str().unwrap()).unwrap();
     emu.set_faults(Faults { rate_429: 0.15, rate_500: 0.15, rate_drop_after_write: 0.15 });
     let t = now() - 60;

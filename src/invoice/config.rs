@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{load_table, ClickHouseConfig, ConfigError, MetersConfig};
+use crate::config::{default_from_serde, load_sections, ClickHouseConfig, ConfigError, MetersConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,24 +178,13 @@ fn default_metrics_listen() -> String {
     "127.0.0.1:9465".into()
 }
 
-macro_rules! default_from_serde {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                toml::from_str("").expect("defaults deserialize from an empty table")
-            }
-        }
-    )*};
-}
 default_from_serde!(StripeConfig, BillingConfig, InvoicerMetricsConfig);
 
 pub const INVOICER_SECTIONS: &[&str] = &["clickhouse", "meters", "stripe", "billing", "metrics"];
 
 impl InvoicerConfig {
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let table = load_table(path, env, INVOICER_SECTIONS)?;
-        let cfg: InvoicerConfig =
-            table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        let cfg: InvoicerConfig = load_sections(path, env, INVOICER_SECTIONS)?;
         cfg.validate()?;
         Ok(cfg)
     }

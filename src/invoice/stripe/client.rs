@@ -291,27 +291,21 @@ impl StripeBlockingClient for StripeHttp {
     }
 }
 
-/// A bounded label for a path (ids replaced).
+/// Path fragments and their metric labels, most specific first.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("/billing/meter_events", "meter_events"),
+    ("/billing/meter_event_adjustments", "meter_event_adjustments"),
+    ("/event_summaries", "meter_event_summaries"),
+    ("/billing/meters", "meters"),
+    ("/usage_records", "usage_records"),
+    ("/usage_record_summaries", "usage_record_summaries"),
+    ("/customers", "customers"),
+    ("/subscription", "subscriptions"),
+];
+
+/// A bounded label for a path (ids left out).
 fn endpoint_label(path: &str) -> &'static str {
-    if path.starts_with("/billing/meter_events") {
-        "meter_events"
-    } else if path.starts_with("/billing/meter_event_adjustments") {
-        "meter_event_adjustments"
-    } else if path.ends_with("/event_summaries") {
-        "meter_event_summaries"
-    } else if path.starts_with("/billing/meters") {
-        "meters"
-    } else if path.ends_with("/usage_records") {
-        "usage_records"
-    } else if path.ends_with("/usage_record_summaries") {
-        "usage_record_summaries"
-    } else if path.starts_with("/customers") {
-        "customers"
-    } else if path.starts_with("/subscription") {
-        "subscriptions"
-    } else {
-        "other"
-    }
+    ENDPOINTS.iter().find(|(fragment, _)| path.contains(fragment)).map_or("other", |(_, label)| label)
 }
 
 fn status_class(status: u16) -> &'static str {

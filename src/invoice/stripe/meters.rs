@@ -56,21 +56,33 @@ pub fn retrieve_meter(c: &StripeHttp, id: &str) -> Result<MeterInfo, StripeError
     RetrieveBillingMeter::new(id).customize().send_blocking(c).map(info)
 }
 
-pub fn list_meters(c: &StripeHttp) -> Result<Vec<MeterInfo>, StripeError> {
+/// Every item of a Stripe list, page after page (`starting_after` the last id of the page).
+fn all_pages<T>(
+    mut fetch: impl FnMut(Option<String>) -> Result<stripe_types::List<T>, StripeError>,
+    id: impl Fn(&T) -> String,
+) -> Result<Vec<T>, StripeError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut req = ListBillingMeter::new().limit(PAGE);
-        if let Some(a) = &after {
-            req = req.starting_after(a.clone());
-        }
-        let page = req.customize().send_blocking(c)?;
-        after = page.data.last().map(|m| m.id.as_str().to_string());
-        out.extend(page.data.into_iter().map(info));
-        if !page.has_more || after.is_none() {
+        let page = fetch(after.take())?;
+        after = page.data.last().map(&id);
+        let more = page.has_more;
+        out.extend(page.data);
+        if !more || after.is_none() {
             return Ok(out);
         }
     }
+}
+
+pub fn list_meters(c: &StripeHttp) -> Result<Vec<MeterInfo>, StripeError> {
+    let all = all_pages(
+        |after| {
+            let req = ListBillingMeter::new().limit(PAGE);
+            after.map_or(req.clone(), |a| req.starting_after(a)).customize().send_blocking(c)
+        },
+        |m| m.id.as_str().to_string(),
+    )?;
+    Ok(all.into_iter().map(info).collect())
 }
 
 /// One meter event. `identifier` doubles as the Idempotency-Key.
@@ -120,27 +132,24 @@ pub fn summaries(
     end: i64,
     window: Option<&str>,
 ) -> Result<Vec<(i64, f64)>, StripeError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        // Mind the order: async-stripe takes (id, customer, end_time, start_time).
-        let mut req = ListIdBillingMeterEventSummary::new(meter_id, customer, end, start).limit(PAGE);
-        if let Some(w) = window {
-            req = req.value_grouping_window(match w {
-                "day" => ListIdBillingMeterEventSummaryValueGroupingWindow::Day,
-                _ => ListIdBillingMeterEventSummaryValueGroupingWindow::Hour,
-            });
-        }
-        if let Some(a) = &after {
-            req = req.starting_after(a.clone());
-        }
-        let page = req.customize().send_blocking(c)?;
-        after = page.data.last().map(|s| s.id.as_str().to_string());
-        out.extend(page.data.iter().map(|s| (s.start_time, s.aggregated_value)));
-        if !page.has_more || after.is_none() {
-            return Ok(out);
-        }
-    }
+    let all = all_pages(
+        |after| {
+            // Mind the order: async-stripe takes (id, customer, end_time, start_time).
+            let mut req = ListIdBillingMeterEventSummary::new(meter_id, customer, end, start).limit(PAGE);
+            if let Some(w) = window {
+                req = req.value_grouping_window(match w {
+                    "day" => ListIdBillingMeterEventSummaryValueGroupingWindow::Day,
+                    _ => ListIdBillingMeterEventSummaryValueGroupingWindow::Hour,
+                });
+            }
+            if let Some(a) = after {
+                req = req.starting_after(a);
+            }
+            req.customize().send_blocking(c)
+        },
+        |s| s.id.as_str().to_string(),
+    )?;
+    Ok(all.iter().map(|s| (s.start_time, s.aggregated_value)).collect())
 }
 
 /// A customer id and its metadata.
@@ -148,18 +157,12 @@ pub type CustomerMetadata = (String, HashMap<String, String>);
 
 /// Customers with their metadata (for `customer_source = "metadata"`).
 pub fn list_customers(c: &StripeHttp) -> Result<Vec<CustomerMetadata>, StripeError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut req = stripe_core::customer::ListCustomer::new().limit(PAGE);
-        if let Some(a) = &after {
-            req = req.starting_after(a.clone());
-        }
-        let page = req.customize().send_blocking(c)?;
-        after = page.data.last().map(|x| x.id.as_str().to_string());
-        out.extend(page.data.into_iter().map(|x| (x.id.as_str().to_string(), x.metadata.unwrap_or_default())));
-        if !page.has_more || after.is_none() {
-            return Ok(out);
-        }
-    }
+    let all = all_pages(
+        |after| {
+            let req = stripe_core::customer::ListCustomer::new().limit(PAGE);
+            after.map_or(req.clone(), |a| req.starting_after(a)).customize().send_blocking(c)
+        },
+        |x| x.id.as_str().to_string(),
+    )?;
+    Ok(all.into_iter().map(|x| (x.id.as_str().to_string(), x.metadata.unwrap_or_default())).collect())
 }
