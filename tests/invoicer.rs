@@ -277,6 +277,14 @@ fn reconciles_a_month_for_200_orgs_exactly() {
     let (code, again) = b.reconcile("", &["--apply"]);
     assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
     assert!(rows_with(&again, "ok").len() == again["rows"].as_array().unwrap().len());
+    eprintln!(
+        "[measure] dry run before: {} Stripe requests in {:.2} s; second --apply: {} writes, {} Stripe requests in {:.2} s",
+        dry["summary"]["stripe_requests"],
+        dry["summary"]["elapsed_secs"].as_f64().unwrap(),
+        again["summary"]["writes_done"],
+        again["summary"]["stripe_requests"],
+        again["summary"]["elapsed_secs"].as_f64().unwrap()
+    );
     // The hourly pushes nest into days: a daily comparison agrees too.
     let (code, daily) = b.reconcile("", &["--granularity", "day"]);
     assert_eq!(code, 0, "{}", daily["problems"]);
