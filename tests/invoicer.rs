@@ -415,6 +415,10 @@ fn delete_project(w: &World, org: &str, project: &str) {
         )
         .unwrap();
     }
+    wait_mutations(w);
+}
+
+fn wait_mutations(w: &World) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while w
         .scalar(&format!("SELECT count() FROM system.mutations WHERE database = '{}' AND is_done = 0", w.ch.database()))
@@ -537,6 +541,36 @@ fn over_reports_are_cancelled_or_credited() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to push"));
     assert_eq!(b.emu.stats().meter_events_created, created, "money never moves on disagreeing aggregates");
+
+    // The repair documented in docs/clickhouse.md rebuilds the hour from the events.
+    let (db, at) =
+        (b.w.ch.database(), format!("org_id = 'org-005' AND project_id = 'proj-005-00' AND hour = toDateTime({hour})"));
+    for t in ["usage_hourly_agg", "usage_unique_hourly"] {
+        b.w.ch.execute(&format!("ALTER TABLE {db}.{t} DELETE WHERE {at}"), false).unwrap();
+    }
+    wait_mutations(&b.w);
+    b.w.ch
+        .execute(
+            &format!(
+                "INSERT INTO {db}.usage_hourly_agg SELECT org_id, project_id, meter, hour, sum(v) FROM \
+                 (SELECT org_id, project_id, hour, meters, meter_values FROM {db}.events FINAL WHERE {at}) \
+                 ARRAY JOIN meters AS meter, meter_values AS v GROUP BY org_id, project_id, meter, hour"
+            ),
+            false,
+        )
+        .unwrap();
+    b.w.ch
+        .execute(
+            &format!(
+                "INSERT INTO {db}.usage_unique_hourly SELECT org_id, project_id, meter, hour, uniqCombinedState(h) FROM \
+                 (SELECT org_id, project_id, hour, unique_meters, unique_hashes FROM {db}.events FINAL WHERE {at}) \
+                 ARRAY JOIN unique_meters AS meter, unique_hashes AS h GROUP BY org_id, project_id, meter, hour"
+            ),
+            false,
+        )
+        .unwrap();
+    let out = b.run("", "verify", &[]);
+    assert!(out.status.success(), "after the repair: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// Legacy usage records: the same totals, per subscription item over the period; rerun-safe.

@@ -117,7 +117,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     }
 
     let pushes = ledger.read(period.from, period.to)?;
-    let by_key = group_pushes(&pushes, &tally, period, g)?;
+    let by_key = group_pushes(&pushes, period, g)?;
     let keys: BTreeSet<Key> = tally.keys().cloned().chain(by_key.keys().cloned()).collect();
     let stripe_before = read_stripe(env, &resolved, &keys, period, g)?;
 
@@ -129,7 +129,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         if !cancels.is_empty() {
             execute(env, &ledger, &resolved, cancels, &mut progress, &mut sent)?;
             let pushes = ledger.read(period.from, period.to)?;
-            let by_key = group_pushes(&pushes, &tally, period, g)?;
+            let by_key = group_pushes(&pushes, period, g)?;
             plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
         }
         let writes: Vec<Entry> =
@@ -140,7 +140,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
 
     let (after, stripe_after) = if opts.apply {
         let pushes = ledger.read(period.from, period.to)?;
-        let by_key = group_pushes(&pushes, &tally, period, g)?;
+        let by_key = group_pushes(&pushes, period, g)?;
         let touched: BTreeSet<Key> = sent.keys.iter().cloned().collect();
         let mut stripe_after = stripe_before.clone();
         let pairs_touched: BTreeSet<(String, String)> = touched.iter().map(|k| (k.0.clone(), k.1.clone())).collect();
@@ -238,13 +238,7 @@ fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileE
 }
 
 /// Assigns ledger pushes to the buckets of this run.
-fn group_pushes<'p>(
-    pushes: &'p [Push],
-    tally: &BTreeMap<Key, u64>,
-    period: Period,
-    g: Granularity,
-) -> Result<BTreeMap<Key, Vec<&'p Push>>, ReconcileError> {
-    let _ = tally;
+fn group_pushes(pushes: &[Push], period: Period, g: Granularity) -> Result<BTreeMap<Key, Vec<&Push>>, ReconcileError> {
     let mut out: BTreeMap<Key, Vec<&Push>> = BTreeMap::new();
     for p in pushes {
         let e = &p.entry;
