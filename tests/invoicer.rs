@@ -665,3 +665,51 @@ fn clickhouse_outage_during_apply_is_waited_out() {
     let (code, again) = b.reconcile("", &["--apply"]);
     assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
 }
+
+/// Stripe stops answering in the middle of `--apply`: the run stops writing after a few writes
+/// without an answer (instead of retrying every remaining one), exits 1 with the writes pending;
+/// the next run, with Stripe back, completes exactly.
+#[test]
+fn stripe_outage_stops_the_run_and_the_next_run_completes() {
+    let b = Billing::new("invstripedown", 30, 1, 8_000);
+    b.provision("", &[]);
+    let mut args: Vec<String> = vec!["reconcile".into()];
+    args.extend(b.period_args());
+    args.extend(["--apply", "--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = b
+        .invoicer("", &refs)
+        .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
+        .env("TALLY_STRIPE_MAX_ATTEMPTS", "3")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.emu.stats().meter_events_created < 50 {
+        assert!(Instant::now() < deadline, "the run never started pushing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.emu.set_faults(Faults { rate_500: 1.0, ..Faults::default() });
+    let out = child.wait_with_output().unwrap();
+    let stats = b.emu.stats();
+    b.emu.set_faults(Faults::default());
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        rep["summary"]["aborted"].as_str().is_some_and(|s| s.contains("Stripe stopped answering")),
+        "{}",
+        rep["summary"]
+    );
+    let pending = rep["summary"]["writes_pending"].as_u64().unwrap();
+    // 8 writes in a row without an answer (2 × concurrency), 3 attempts each, plus those in flight.
+    assert!(stats.injected_500 <= 8 * 3 + 4 * 3, "the run stopped hammering a Stripe that is down: {stats:?}");
+    eprintln!(
+        "[measure] Stripe down after {} writes: stopped after {} failed requests, {pending} writes pending",
+        50, stats.injected_500
+    );
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally("");
+    assert_eq!(b.ledger_done("") as usize, b.emulator_events("").len());
+}

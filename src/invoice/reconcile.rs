@@ -34,6 +34,8 @@ pub enum ReconcileError {
     Stripe(#[from] StripeError),
     #[error("{0}")]
     Setup(String),
+    #[error("{0}")]
+    StripeDown(String),
 }
 
 pub struct Options {
@@ -113,6 +115,9 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         if !pending.is_empty() {
             tracing::info!(count = pending.len(), "resending pushes left pending by an earlier run");
             execute(env, &ledger, &resolved, pending, &mut progress, &mut sent)?;
+            if let Some(why) = sent.aborted.take() {
+                return Err(ReconcileError::StripeDown(why));
+            }
         }
     }
 
@@ -138,7 +143,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         progress.finish();
     }
 
-    let (after, stripe_after) = if opts.apply {
+    let (after, stripe_after) = if opts.apply && sent.aborted.is_none() {
         let pushes = ledger.read(period.from, period.to)?;
         let by_key = group_pushes(&pushes, period, g)?;
         let touched: BTreeSet<Key> = sent.keys.iter().cloned().collect();
@@ -148,6 +153,11 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
             keys.iter().filter(|k| pairs_touched.contains(&(k.0.clone(), k.1.clone()))).cloned().collect();
         stripe_after.merge(read_stripe(env, &resolved, &refresh, period, g)?);
         (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_after), stripe_after)
+    } else if opts.apply {
+        // Stripe stopped answering: report from the ledger; what is pending is resent next run.
+        let pushes = ledger.read(period.from, period.to)?;
+        let by_key = group_pushes(&pushes, period, g)?;
+        (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before), stripe_before.clone())
     } else {
         (plans, stripe_before.clone())
     };
@@ -378,6 +388,8 @@ pub struct Sent {
     pub cancels_refused: Vec<(Key, String)>,
     /// Outcome unknown after all retries: left pending for the next run.
     pub indeterminate: Vec<(Key, String)>,
+    /// Set when Stripe stopped answering and the run stopped writing.
+    pub aborted: Option<String>,
 }
 
 fn key_of(e: &Entry) -> Key {
@@ -394,10 +406,28 @@ fn execute(
     sent: &mut Sent,
 ) -> Result<(), ReconcileError> {
     progress.add_total(entries.len());
+    // A circuit breaker: after this many writes in a row ended without an answer (each after all
+    // its retries), Stripe is taken to be down and the rest is not sent — their intents stay
+    // pending (or they are not planned yet) and the next run sends them.
+    let limit = 2 * env.cfg.stripe.concurrency.max(1);
+    let streak = AtomicUsize::new(0);
     for chunk in entries.chunks(CHUNK) {
+        if sent.aborted.is_some() {
+            break;
+        }
         let intents: Vec<(&Entry, State, &str)> = chunk.iter().map(|e| (e, State::Intent, "")).collect();
         ledger.append(&intents, now_secs())?;
-        let results = parallel(chunk, env.cfg.stripe.concurrency, |e| send(env, resolved, e));
+        let results = parallel(chunk, env.cfg.stripe.concurrency, |e| {
+            if streak.load(Ordering::SeqCst) >= limit {
+                return Err(StripeError::Transport("not sent: Stripe stopped answering (circuit open)".into()));
+            }
+            let r = send(env, resolved, e);
+            match &r {
+                Err(err) if err.is_indeterminate() => streak.fetch_add(1, Ordering::SeqCst),
+                _ => streak.swap(0, Ordering::SeqCst),
+            };
+            r
+        });
         let mut outcomes: Vec<(&Entry, State, String)> = Vec::new();
         for (e, r) in chunk.iter().zip(results) {
             let action = e.action.as_str();
@@ -429,6 +459,16 @@ fn execute(
         let rows: Vec<(&Entry, State, &str)> = outcomes.iter().map(|(e, s, d)| (*e, *s, d.as_str())).collect();
         ledger.append(&rows, now_secs())?;
         progress.advance(chunk.len());
+        if streak.load(Ordering::SeqCst) >= limit {
+            let why = format!(
+                "Stripe stopped answering: {limit} writes in a row got no answer after {} attempts each; \
+                 stopped writing, {} write(s) pending — rerun when Stripe is back",
+                env.cfg.stripe.max_attempts,
+                sent.indeterminate.len()
+            );
+            tracing::error!("{why}");
+            sent.aborted = Some(why);
+        }
     }
     Ok(())
 }

@@ -85,6 +85,8 @@ pub struct Summary {
     pub stripe_requests: u64,
     pub elapsed_secs: f64,
     pub exit_code: i32,
+    /// Why the run stopped writing early (Stripe unreachable), if it did.
+    pub aborted: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,6 +240,7 @@ impl Report {
                 stripe_requests,
                 elapsed_secs,
                 exit_code,
+                aborted: sent.aborted.clone(),
             },
             rows,
             problems,
@@ -356,6 +359,9 @@ impl Report {
             s.elapsed_secs,
             s.exit_code
         ));
+        if let Some(why) = &s.aborted {
+            out.push_str(&format!("\nSTOPPED EARLY: {why}\n"));
+        }
         const SHOWN: usize = 20;
         if !self.problems.is_empty() {
             out.push_str("\nbuckets not reconciled:\n");
