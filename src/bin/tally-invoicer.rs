@@ -11,7 +11,7 @@ use tally::invoice::config::{CustomerSource, Granularity, InvoicerConfig, Stripe
 use tally::invoice::mapping::Mapping;
 use tally::invoice::period::Period;
 use tally::invoice::reconcile::{reconcile, Env, Options, ReconcileError};
-use tally::invoice::report::Format;
+use tally::invoice::report::{csv, Format};
 use tally::invoice::stripe::StripeHttp;
 use tally::invoice::{metrics as m, provision, usage};
 use tally::meter::Meters;
@@ -244,7 +244,14 @@ fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
         Format::Csv => {
             let mut s = String::from("org_id,project_id,meter,value,kind\n");
             for r in rows {
-                s.push_str(&format!("{},{},{},{},{}\n", r.org_id, r.project_id, r.meter, r.value, r.kind));
+                s.push_str(&format!(
+                    "{},{},{},{},{}\n",
+                    csv(&r.org_id),
+                    csv(&r.project_id),
+                    csv(&r.meter),
+                    r.value,
+                    r.kind
+                ));
             }
             s
         }
@@ -277,7 +284,12 @@ fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, fo
             for x in mm {
                 s.push_str(&format!(
                     "{},{},{},{},{},{}\n",
-                    x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events
+                    csv(&x.org_id),
+                    csv(&x.project_id),
+                    csv(&x.meter),
+                    x.hour,
+                    x.aggregates,
+                    x.events
                 ));
             }
             s

@@ -38,8 +38,14 @@ pub fn install(listen: &str) -> anyhow::Result<PrometheusHandle> {
         .context("failed to install the metrics recorder")?;
     describe();
     if !listen.is_empty() {
-        let listener =
-            std::net::TcpListener::bind(listen).with_context(|| format!("failed to serve metrics on {listen}"))?;
+        // A busy port must not stop billing: the run goes on without the listener.
+        let listener = match std::net::TcpListener::bind(listen) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(listen, error = %e, "cannot serve metrics; continuing without (see --metrics-textfile)");
+                return Ok(handle);
+            }
+        };
         let h = handle.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         std::thread::spawn(move || {

@@ -387,7 +387,8 @@ impl Report {
     }
 }
 
-fn csv(s: &str) -> String {
+/// A CSV field, quoted when it needs to be.
+pub fn csv(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
