@@ -702,8 +702,11 @@ fn stripe_outage_stops_the_run_and_the_next_run_completes() {
         rep["summary"]
     );
     let pending = rep["summary"]["writes_pending"].as_u64().unwrap();
-    // 8 writes in a row without an answer (2 × concurrency), 3 attempts each, plus those in flight.
-    assert!(stats.injected_500 <= 8 * 3 + 4 * 3, "the run stopped hammering a Stripe that is down: {stats:?}");
+    // 8 writes in a row without an answer (2 × concurrency), 3 attempts each, plus the ones in
+    // flight (a success answered just before the switch may restart the count once). Without the
+    // breaker every remaining write (> 1,000 here) would be tried 3 times.
+    assert!(stats.injected_500 <= 100, "the run stopped hammering a Stripe that is down: {stats:?}");
+    assert!(pending > 0);
     eprintln!(
         "[measure] Stripe down after {} writes: stopped after {} failed requests, {pending} writes pending",
         50, stats.injected_500
