@@ -244,6 +244,19 @@ fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileE
         };
         targets.insert((org, meter), target);
     }
+    // Two tally meters of one customer on one Stripe meter (or item) would add up in Stripe's
+    // figures and make every comparison wrong.
+    let mut seen: HashMap<(&str, &str), &str> = HashMap::new();
+    for ((_, meter), t) in &targets {
+        if let Some(t) = t {
+            if let Some(other) = seen.insert((t.customer.as_str(), t.target.as_str()), meter.as_str()) {
+                return Err(ReconcileError::Setup(format!(
+                    "billing mapping: tally meters {other} and {meter} of customer {} both go to {}; each needs its own",
+                    t.customer, t.target
+                )));
+            }
+        }
+    }
     Ok(Resolved { targets, infos })
 }
 
@@ -513,4 +526,39 @@ pub fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) ->
         }
     });
     out.into_inner().expect("results lock").into_iter().map(|r| r.expect("every item ran")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClickHouseConfig;
+
+    #[test]
+    fn two_meters_on_one_stripe_target_are_refused() {
+        let cfg = InvoicerConfig::load(None, vec![("TALLY_STRIPE_MODE".to_string(), "legacy".to_string())]).unwrap();
+        let ch = ClickHouse::new(&ClickHouseConfig::default());
+        let stripe = StripeHttp::new(&cfg.stripe, false);
+        let meters = Meters::parse(crate::meter::DEFAULT_METERS_TOML).unwrap();
+        let mapping = Mapping::parse(
+            "[customers]\n\"o\" = \"cus_1\"\n[subscription_items.\"o\"]\nevents = \"si_1\"\ntraces = \"si_1\"\n",
+        )
+        .unwrap();
+        let env = Env {
+            cfg: &cfg,
+            ch: &ch,
+            stripe: &stripe,
+            mapping: &mapping,
+            meters: &meters,
+            run_id: "t".into(),
+            ch_wait: std::time::Duration::ZERO,
+        };
+        let err = resolve(&env, &BTreeMap::new()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("si_1"), "{err}");
+        let ok =
+            Mapping::parse("[customers]\n\"o\" = \"cus_1\"\n[subscription_items.\"o\"]\nevents = \"si_1\"\n").unwrap();
+        let env = Env { mapping: &ok, ..env };
+        let r = resolve(&env, &BTreeMap::new()).unwrap();
+        assert_eq!(r.targets[&("o".to_string(), "events".to_string())].as_ref().unwrap().target, "si_1");
+        assert_eq!(r.targets[&("o".to_string(), "traces".to_string())], None, "unmapped meter");
+    }
 }
