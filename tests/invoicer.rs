@@ -354,7 +354,9 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
             args.extend(b.period_args());
             args.extend(["--apply".into(), "--format".into(), "json".into(), "--no-progress".into()]);
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            // Slow enough (300 requests/s) that a kill lands in the middle of the pushes.
+            // Slow enough (300 requests/s) that a kill lands in the middle of the writes: wait
+            // until this run has started writing, then kill it at a random moment.
+            let posts = b.emu.stats().posts;
             let mut child: Child = b
                 .invoicer(account, &refs)
                 .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
@@ -362,12 +364,18 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(Duration::from_millis(rng.gen_range(300..2500)));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while b.emu.stats().posts == posts && child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the run never started writing");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..800)));
             if child.try_wait().unwrap().is_none() {
                 killed_mid_run += 1;
             }
             common::sigkill(&mut child);
         }
+        let before_final = b.emu.stats().meter_events_created;
         let mut reruns = 0;
         let report = loop {
             reruns += 1;
@@ -389,7 +397,7 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
         assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
         let stats = b.emu.stats();
         eprintln!(
-            "[measure] account {account:?}: {kills} kills ({killed_mid_run} mid-run), {reruns} final run(s); {} meter events; \
+            "[measure] account {account:?}: {kills} kills ({killed_mid_run} while writing), {reruns} final run(s); {} meter events ({before_final} in total before the final run); \
              emulator so far: {} idempotent replays, {} identifier conflicts, {} injected 429, {} injected 500, {} dropped answers; last run {} requests",
             events.len(),
             stats.idempotent_replays,
@@ -399,7 +407,7 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
             stats.injected_drops,
             report["summary"]["stripe_requests"]
         );
-        assert!(killed_mid_run >= 1, "at least one kill landed during a run");
+        assert!(killed_mid_run >= kills - 1, "the kills landed while the runs were writing");
         if account == "acct_faults" {
             assert!(stats.injected_429 > 0 && stats.injected_500 > 0 && stats.injected_drops > 0, "{stats:?}");
             assert!(stats.idempotent_replays > 0, "answers lost after the write were replayed: {stats:?}");
