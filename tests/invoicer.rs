@@ -557,26 +557,22 @@ fn over_reports_are_cancelled_or_credited() {
         b.w.ch.execute(&format!("ALTER TABLE {db}.{t} DELETE WHERE {at}"), false).unwrap();
     }
     wait_mutations(&b.w);
-    b.w.ch
-        .execute(
-            &format!(
-                "INSERT INTO {db}.usage_hourly_agg SELECT org_id, project_id, meter, hour, sum(v) FROM \
-                 (SELECT org_id, project_id, hour, meters, meter_values FROM {db}.events FINAL WHERE {at}) \
-                 ARRAY JOIN meters AS meter, meter_values AS v GROUP BY org_id, project_id, meter, hour"
-            ),
-            false,
-        )
-        .unwrap();
-    b.w.ch
-        .execute(
-            &format!(
-                "INSERT INTO {db}.usage_unique_hourly SELECT org_id, project_id, meter, hour, uniqCombinedState(h) FROM \
-                 (SELECT org_id, project_id, hour, unique_meters, unique_hashes FROM {db}.events FINAL WHERE {at}) \
-                 ARRAY JOIN unique_meters AS meter, unique_hashes AS h GROUP BY org_id, project_id, meter, hour"
-            ),
-            false,
-        )
-        .unwrap();
+    for (table, value, arrays) in [
+        ("usage_hourly_agg", "sum(v)", "meters AS meter, meter_values AS v"),
+        ("usage_unique_hourly", "uniqCombinedState(v)", "unique_meters AS meter, unique_hashes AS v"),
+    ] {
+        b.w.ch
+            .execute(
+                &format!(
+                    "INSERT INTO {db}.{table} SELECT org_id, project_id, meter, hour, {value} FROM \
+                     (SELECT org_id, project_id, hour, meters, meter_values, unique_meters, unique_hashes \
+                      FROM {db}.events FINAL WHERE {at}) \
+                     ARRAY JOIN {arrays} GROUP BY org_id, project_id, meter, hour"
+                ),
+                false,
+            )
+            .unwrap();
+    }
     let out = b.run("", "verify", &[]);
     assert!(out.status.success(), "after the repair: {}", String::from_utf8_lossy(&out.stdout));
 }
