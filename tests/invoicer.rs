@@ -110,19 +110,27 @@ impl Billing {
     }
 
     /// `reconcile --format json [extra]`: (exit code, report).
+    /// `reconcile <period> --format json --no-progress EXTRA`, to run or to spawn.
+    fn reconcile_cmd(&self, account: &str, extra: &[&str]) -> Command {
+        let mut args: Vec<String> = vec!["reconcile".into()];
+        args.extend(self.period_args());
+        args.extend(["--format", "json", "--no-progress"].iter().chain(extra).map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.invoicer(account, &refs)
+    }
+
+    /// `reconcile … EXTRA`: (exit code, report).
     fn reconcile(&self, account: &str, extra: &[&str]) -> (i32, Value) {
-        let mut args = vec!["--format", "json", "--no-progress"];
-        args.extend_from_slice(extra);
-        let out = self.run(account, "reconcile", &args);
-        let code = out.status.code().unwrap_or(-1);
-        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "no report (exit {code}): {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (code, report)
+        report_of(self.reconcile_cmd(account, extra).output().unwrap())
+    }
+
+    /// Waits until the emulator has created at least `n` meter events (a run is pushing).
+    fn wait_pushes(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.emu.stats().meter_events_created < n {
+            assert!(Instant::now() < deadline, "the run never started pushing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn provision(&self, account: &str, extra: &[&str]) {
@@ -215,6 +223,19 @@ impl Billing {
     }
 }
 
+/// (exit code, JSON report) of a finished `reconcile --format json`.
+fn report_of(out: Output) -> (i32, Value) {
+    let code = out.status.code().unwrap_or(-1);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no report (exit {code}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, report)
+}
+
 fn rows_with<'a>(report: &'a Value, status: &str) -> Vec<&'a Value> {
     report["rows"].as_array().unwrap().iter().filter(|r| r["status"] == status).collect()
 }
@@ -292,14 +313,14 @@ fn reconciles_a_month_for_200_orgs_exactly() {
     let text = std::fs::read_to_string(b.mapping("")).unwrap();
     let meters_only = &text[text.find("\n[meters.").unwrap()..];
     std::fs::write(b.w.dir.join("billing-metadata.toml"), meters_only).unwrap();
-    let out = b
-        .invoicer("", &["reconcile", "--from", &arg_time(b.from), "--to", &arg_time(b.to), "--format", "json"])
-        .env("TALLY_BILLING_MAPPING_PATH", b.w.dir.join("billing-metadata.toml"))
-        .env("TALLY_BILLING_CUSTOMER_SOURCE", "metadata")
-        .output()
-        .unwrap();
-    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((out.status.code(), rep["summary"]["rows"].as_u64()), (Some(0), Some(1400)), "{}", rep["problems"]);
+    let (code, rep) = report_of(
+        b.reconcile_cmd("", &[])
+            .env("TALLY_BILLING_MAPPING_PATH", b.w.dir.join("billing-metadata.toml"))
+            .env("TALLY_BILLING_CUSTOMER_SOURCE", "metadata")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!((code, rep["summary"]["rows"].as_u64()), (0, Some(1400)), "{}", rep["problems"]);
 
     // Late events: the next run pushes exactly the difference.
     let before: BTreeMap<(String, String, i64), u64> = b.want_additive();
@@ -350,15 +371,11 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
         b.emu.set_faults(faults.clone());
         let mut killed_mid_run = 0;
         for _ in 0..kills {
-            let mut args: Vec<String> = vec!["reconcile".into()];
-            args.extend(b.period_args());
-            args.extend(["--apply".into(), "--format".into(), "json".into(), "--no-progress".into()]);
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             // Slow enough (300 requests/s) that a kill lands in the middle of the writes: wait
             // until this run has started writing, then kill it at a random moment.
             let posts = b.emu.stats().posts;
             let mut child: Child = b
-                .invoicer(account, &refs)
+                .reconcile_cmd(account, &["--apply"])
                 .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -583,19 +600,8 @@ fn legacy_usage_records_match_totals() {
     let b = Billing::new("invlegacy", 30, 1, 8_000);
     let start = arg_time(b.from);
     b.provision("acct_legacy", &["--legacy-start", &start]);
-    let legacy_env = |c: &mut Command| {
-        c.env("TALLY_STRIPE_MODE", "legacy");
-    };
     let run = |extra: &[&str]| -> (i32, Value) {
-        let mut args: Vec<String> = vec!["reconcile".into()];
-        args.extend(b.period_args());
-        args.extend(["--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut c = b.invoicer("acct_legacy", &refs);
-        legacy_env(&mut c);
-        let out = c.output().unwrap();
-        (out.status.code().unwrap(), serde_json::from_slice(&out.stdout).unwrap())
+        report_of(b.reconcile_cmd("acct_legacy", extra).env("TALLY_STRIPE_MODE", "legacy").output().unwrap())
     };
     let (code, _) = run(&[]);
     assert_eq!(code, 2);
@@ -636,13 +642,9 @@ fn clickhouse_outage_during_apply_is_waited_out() {
     b.provision("", &[]);
     let upstream = clickhouse_url().trim_start_matches("http://").to_string();
     let proxy = common::proxy::Proxy::start(&upstream);
-    let mut args: Vec<String> = vec!["reconcile".into()];
-    args.extend(b.period_args());
-    args.extend(["--apply", "--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let t = Instant::now();
     let child = b
-        .invoicer("", &refs)
+        .reconcile_cmd("", &["--apply"])
         .env("TALLY_CLICKHOUSE_URL", format!("http://{}", proxy.addr))
         .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
         .stdout(std::process::Stdio::piped())
@@ -650,11 +652,7 @@ fn clickhouse_outage_during_apply_is_waited_out() {
         .spawn()
         .unwrap();
     // Cut once pushes are under way (the emulator has seen some), for 3 seconds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while b.emu.stats().meter_events_created < 50 {
-        assert!(Instant::now() < deadline, "the run never started pushing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    b.wait_pushes(50);
     proxy.cut();
     let cut_at = b.emu.stats().meter_events_created;
     std::thread::sleep(Duration::from_secs(3));
@@ -677,23 +675,15 @@ fn clickhouse_outage_during_apply_is_waited_out() {
 fn stripe_outage_stops_the_run_and_the_next_run_completes() {
     let b = Billing::new("invstripedown", 30, 1, 8_000);
     b.provision("", &[]);
-    let mut args: Vec<String> = vec!["reconcile".into()];
-    args.extend(b.period_args());
-    args.extend(["--apply", "--format", "json", "--no-progress"].iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let child = b
-        .invoicer("", &refs)
+        .reconcile_cmd("", &["--apply"])
         .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
         .env("TALLY_STRIPE_MAX_ATTEMPTS", "3")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while b.emu.stats().meter_events_created < 50 {
-        assert!(Instant::now() < deadline, "the run never started pushing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    b.wait_pushes(50);
     b.emu.set_faults(Faults { rate_500: 1.0, ..Faults::default() });
     let out = child.wait_with_output().unwrap();
     let stats = b.emu.stats();

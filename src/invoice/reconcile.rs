@@ -128,14 +128,18 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
 
     let mut plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
     let before: BTreeMap<Key, BucketPlan> = plans.clone();
+    // Plans again from the ledger as it is now.
+    let replan = |stripe: &StripeView| -> Result<BTreeMap<Key, BucketPlan>, ReconcileError> {
+        let pushes = ledger.read(period.from, period.to)?;
+        let by_key = group_pushes(&pushes, period, g)?;
+        Ok(plan_all(env, mode, &resolved, &keys, &tally, &by_key, stripe))
+    };
     if opts.apply {
         let cancels: Vec<Entry> =
             plans.values().flat_map(|p| p.actions.iter().filter(|a| a.action == Action::Cancel).cloned()).collect();
         if !cancels.is_empty() {
             execute(env, &ledger, &resolved, cancels, &mut progress, &mut sent)?;
-            let pushes = ledger.read(period.from, period.to)?;
-            let by_key = group_pushes(&pushes, period, g)?;
-            plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
+            plans = replan(&stripe_before)?;
         }
         let writes: Vec<Entry> =
             plans.values().flat_map(|p| p.actions.iter().filter(|a| a.action != Action::Cancel).cloned()).collect();
@@ -144,20 +148,16 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     }
 
     let (after, stripe_after) = if opts.apply && sent.aborted.is_none() {
-        let pushes = ledger.read(period.from, period.to)?;
-        let by_key = group_pushes(&pushes, period, g)?;
-        let touched: BTreeSet<Key> = sent.keys.iter().cloned().collect();
-        let mut stripe_after = stripe_before.clone();
-        let pairs_touched: BTreeSet<(String, String)> = touched.iter().map(|k| (k.0.clone(), k.1.clone())).collect();
+        // Read Stripe again for the (org, meter) pairs this run wrote to.
+        let touched: BTreeSet<(&str, &str)> = sent.keys.iter().map(|k| (k.0.as_str(), k.1.as_str())).collect();
         let refresh: BTreeSet<Key> =
-            keys.iter().filter(|k| pairs_touched.contains(&(k.0.clone(), k.1.clone()))).cloned().collect();
+            keys.iter().filter(|k| touched.contains(&(k.0.as_str(), k.1.as_str()))).cloned().collect();
+        let mut stripe_after = stripe_before.clone();
         stripe_after.merge(read_stripe(env, &resolved, &refresh, period, g)?);
-        (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_after), stripe_after)
+        (replan(&stripe_after)?, stripe_after)
     } else if opts.apply {
         // Stripe stopped answering: report from the ledger; what is pending is resent next run.
-        let pushes = ledger.read(period.from, period.to)?;
-        let by_key = group_pushes(&pushes, period, g)?;
-        (plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before), stripe_before.clone())
+        (replan(&stripe_before)?, stripe_before.clone())
     } else {
         (plans, stripe_before.clone())
     };
