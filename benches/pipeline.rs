@@ -61,7 +61,7 @@ fn main() {
                 offset: i as i64,
                 timestamp_secs: Some(NOW),
                 value: Some(v.as_bytes()),
-                authorization: Some(creds[i % creds.len()].as_bytes()),
+                authorization: tally::verify::Credential::One(creds[i % creds.len()].as_bytes()),
             })
             .collect();
         let mut p = Processor {

@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/start.sh
 scripts/check-chdb.sh
+scripts/check-alerts.sh
 # Integration tests spawn workers and use real topics; run them one at a time on 2 cores.
 cargo test --release --locked -- --test-threads=1

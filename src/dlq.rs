@@ -34,6 +34,41 @@ pub struct DlqRecord<'a> {
     pub batch_index: Option<u32>,
 }
 
+/// A dead-letter write that failed, and whether retrying it can help.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: String,
+    /// The broker refuses this record as it is (too large, topic missing or not allowed): the
+    /// same write fails until the topic or the broker's settings change.
+    pub permanent: bool,
+}
+
+impl Failure {
+    fn of(e: &rdkafka::error::KafkaError) -> Self {
+        Failure { error: e.to_string(), permanent: e.rdkafka_error_code().is_some_and(is_permanent) }
+    }
+}
+
+/// Broker and client error codes that no retry of the same record can fix.
+pub fn is_permanent(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::InvalidMessage
+            | C::UnknownTopic
+            | C::UnknownTopicOrPartition
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::InvalidRequiredAcks
+            | C::PolicyViolation
+    )
+}
+
 /// Delivery bookkeeping: which records are still unacknowledged, which failed.
 #[derive(Default)]
 struct Ctx {
@@ -43,7 +78,7 @@ struct Ctx {
 #[derive(Default)]
 struct Deliveries {
     outstanding: std::collections::HashSet<usize>,
-    failed: Vec<(usize, String)>,
+    failed: Vec<(usize, Failure)>,
 }
 
 impl ClientContext for Ctx {}
@@ -54,7 +89,7 @@ impl ProducerContext for Ctx {
         let mut s = self.state.lock().expect("lock");
         s.outstanding.remove(&index);
         if let Err((e, _)) = result {
-            s.failed.push((*index, e.to_string()));
+            s.failed.push((*index, Failure::of(e)));
         }
     }
 }
@@ -80,7 +115,7 @@ impl DeadLetters {
 
     /// Queues `records[i]` for each `i` in `which` without waiting; [`DeadLetters::wait_acks`]
     /// waits for them. Records that could not even be queued are returned as failed.
-    pub fn enqueue(&self, records: &[DlqRecord<'_>], which: &[usize]) -> Vec<(usize, String)> {
+    pub fn enqueue(&self, records: &[DlqRecord<'_>], which: &[usize]) -> Vec<(usize, Failure)> {
         let mut failed = Vec::new();
         for &i in which {
             let r = &records[i];
@@ -114,7 +149,7 @@ impl DeadLetters {
                     }
                     Err((e, _)) => {
                         self.producer.context().state.lock().expect("lock").outstanding.remove(&i);
-                        failed.push((i, e.to_string()));
+                        failed.push((i, Failure::of(&e)));
                         break;
                     }
                 }
@@ -128,7 +163,7 @@ impl DeadLetters {
     /// the failed ones, to retry. Records not acknowledged in time are purged from the queue
     /// (so they are not sent later, behind their retried copies) and reported failed; some may
     /// have been written: their copies carry the same source coordinates.
-    pub fn wait_acks(&self, timeout: Duration) -> Vec<(usize, String)> {
+    pub fn wait_acks(&self, timeout: Duration) -> Vec<(usize, Failure)> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             // Serves delivery reports as they arrive (flush() would wake up only every 100 ms).
@@ -141,7 +176,10 @@ impl DeadLetters {
                 self.producer.poll(Duration::ZERO);
                 let mut s = self.producer.context().state.lock().expect("lock");
                 let late: Vec<usize> = s.outstanding.drain().collect();
-                s.failed.extend(late.into_iter().map(|i| (i, "not acknowledged in time".to_string())));
+                let late = late
+                    .into_iter()
+                    .map(|i| (i, Failure { error: "not acknowledged in time".into(), permanent: false }));
+                s.failed.extend(late);
                 break;
             }
         }

@@ -30,6 +30,7 @@ pub const WAITING: &str = "tally_waiting";
 pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
 pub const PARTITIONS: &str = "tally_partitions_assigned";
 pub const REBALANCES: &str = "tally_rebalances_total";
+pub const STALLED: &str = "tally_stalled";
 
 /// Registers descriptions (shown as `# HELP`).
 pub fn describe() {
@@ -38,7 +39,7 @@ pub fn describe() {
     describe_counter!(BATCHES, "Batches written to ClickHouse and committed.");
     describe_histogram!(BATCH_EVENTS, "Events per batch.");
     describe_histogram!(CH_INSERT_SECONDS, Unit::Seconds, "Latency of a successful ClickHouse insert.");
-    describe_counter!(CH_ERRORS, "Failed ClickHouse requests, by op.");
+    describe_counter!(CH_ERRORS, "Failed ClickHouse requests, by op and class (transient|permanent).");
     describe_counter!(DEDUPE_LOOKUPS, "Event keys looked up in ClickHouse (the in-memory state could not decide).");
     describe_gauge!(DEDUPE_KEYS, "Keys in the dedupe filters of the assigned partitions.");
     describe_gauge!(DEDUPE_BYTES, Unit::Bytes, "Memory held by dedupe state.");
@@ -58,6 +59,16 @@ pub fn describe() {
     describe_counter!(RETRY_SECONDS, "Seconds spent backing off, by dependency.");
     describe_gauge!(PARTITIONS, "Partitions currently assigned.");
     describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");
+    describe_gauge!(
+        STALLED,
+        "1 while a partition's batch cannot go through because of an error retrying does not fix \
+         (reason=clickhouse_rejected|dead_letter_refused); nothing is skipped or committed past it."
+    );
+}
+
+/// Sets `tally_stalled{partition,reason}`.
+pub fn stalled(partition: i32, reason: &'static str, yes: bool) {
+    gauge!(STALLED, "partition" => partition.to_string(), "reason" => reason).set(if yes { 1.0 } else { 0.0 });
 }
 
 pub fn accepted(n: u64) {

@@ -8,18 +8,20 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use crate::decode::{decode_event, decode_message, Captured, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE};
+use crate::decode::{self, decode_event, decode_message, Captured, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE};
 use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
 use crate::sink::rowbinary::RowWriter;
 use crate::timestamp::parse_rfc3339;
-use crate::verify::{Principal, Verifier};
+use crate::verify::{Credential, Principal, Verifier};
 
 /// Most events a `{"batch": [...]}` message may hold (§1).
 pub const MAX_BATCH_EVENTS: usize = 1000;
 /// Longest event id, in bytes (§1).
 pub const MAX_ID_BYTES: usize = 128;
+/// Latest event time a row can hold: ClickHouse `DateTime` is UInt32 seconds (2106-02-07).
+pub const MAX_EVENT_TIME: i64 = u32::MAX as i64 - 3600;
 
 /// A Kafka message as the pipeline sees it (borrowed from the consumer's buffers).
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +32,8 @@ pub struct InMessage<'a> {
     /// against it, so that a redelivery decides exactly as the first delivery did.
     pub timestamp_secs: Option<i64>,
     pub value: Option<&'a [u8]>,
-    pub authorization: Option<&'a [u8]>,
+    /// The message's `authorization` header(s), see [`Credential::from_headers`].
+    pub authorization: Credential<'a>,
 }
 
 /// Limits of §3.
@@ -96,6 +99,9 @@ pub struct MissingState(pub i32);
 
 impl Processor {
     /// Stages `msgs`; `now` (Unix seconds) stands in for messages without a timestamp.
+    ///
+    /// Every message ends up either with rows or duplicates in the result, or with rejections
+    /// naming a reason (never neither): a `{"batch": [...]}` message is billed event by event.
     pub fn stage<'a>(
         &mut self,
         msgs: &[InMessage<'a>],
@@ -107,68 +113,92 @@ impl Processor {
         let mut contribution = Contribution::default();
         for (i, m) in msgs.iter().enumerate() {
             let at = m.timestamp_secs.unwrap_or(now);
-            let reject = |out: &mut Staged<'a>, reason| {
-                out.rejections.push(Rejection { msg: i, batch_index: None, reason, span: None })
-            };
             let Some(value) = m.value else {
-                reject(&mut out, Reason::Malformed);
+                out.reject(i, Reason::Malformed);
                 continue;
             };
             if value.len() > self.limits.max_message_bytes {
-                reject(&mut out, Reason::TooLarge);
+                out.reject(i, Reason::TooLarge);
                 continue;
             }
             let principal = match self.verifier.verify(m.authorization, at) {
                 Ok(p) => p,
                 Err(reason) => {
-                    reject(&mut out, reason);
+                    out.reject(i, reason);
                     continue;
                 }
             };
-            caps.fill(Captured::Missing);
             let state = states.get_mut(&m.partition).ok_or(MissingState(m.partition))?;
-            match decode_message(value, self.meters.tree(), &mut caps) {
-                Err(_) => reject(&mut out, Reason::Malformed),
-                Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => reject(&mut out, Reason::TooLarge),
-                Ok(Message::Single) => {
-                    let p = out.push_principal(principal);
-                    let ev = EventCtx { m, principal: p, batch_index: -1, at };
-                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, state, ev) {
-                        reject(&mut out, reason);
-                    }
-                }
-                Ok(Message::Batch(events)) => {
-                    let p = out.push_principal(principal);
-                    for (j, raw) in events.iter().enumerate() {
-                        caps.fill(Captured::Missing);
-                        let ev = EventCtx { m, principal: p, batch_index: j as i32, at };
-                        let result = match decode_event(raw, self.meters.tree(), &mut caps) {
-                            Ok(()) => self.stage_event(&mut out, &caps, &mut contribution, state, ev),
-                            Err(_) => Err(Reason::Malformed),
-                        };
-                        if let Err(reason) = result {
-                            let start = raw.get().as_ptr() as usize - value.as_ptr() as usize;
-                            out.rejections.push(Rejection {
-                                msg: i,
-                                batch_index: Some(j as u32),
-                                reason,
-                                span: Some(start..start + raw.get().len()),
-                            });
-                        }
-                    }
+            let p = out.push_principal(principal);
+            let msg = MsgCtx { index: i, m, principal: p, at };
+            match decode::surrogates::repair(value) {
+                // Nearly every message: strings are borrowed from the consumer's buffer.
+                None => self.stage_value(&mut out, value, &mut caps, &mut contribution, state, msg, Cow::clone),
+                // Unpaired surrogates were replaced by U+FFFD in a copy of the same length
+                // (spans stay valid for the original); what is kept of it is owned.
+                Some(fixed) => {
+                    let mut fixed_caps = vec![Captured::Missing; caps.len()];
+                    let own = |s: &Cow<'_, str>| Cow::Owned(s.to_string());
+                    self.stage_value(&mut out, &fixed, &mut fixed_caps, &mut contribution, state, msg, own);
                 }
             }
         }
         Ok(out)
     }
 
-    fn stage_event<'a>(
+    /// Stages one message value (a single event or a batch). `own` turns a captured string into
+    /// one that lives as long as the staged batch.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_value<'a, 'v>(
         &self,
         out: &mut Staged<'a>,
-        caps: &[Captured<'a>],
+        value: &'v [u8],
+        caps: &mut [Captured<'v>],
+        contribution: &mut Contribution,
+        state: &mut PartitionState,
+        msg: MsgCtx<'_, 'a>,
+        own: impl Fn(&Cow<'v, str>) -> Cow<'a, str>,
+    ) {
+        caps.fill(Captured::Missing);
+        match decode_message(value, self.meters.tree(), caps) {
+            Err(_) => out.reject(msg.index, Reason::Malformed),
+            Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => out.reject(msg.index, Reason::TooLarge),
+            Ok(Message::Single) => {
+                let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: -1, at: msg.at };
+                if let Err(reason) = self.stage_event(out, caps, contribution, state, ev, &own) {
+                    out.reject(msg.index, reason);
+                }
+            }
+            Ok(Message::Batch(events)) => {
+                for (j, raw) in events.iter().enumerate() {
+                    caps.fill(Captured::Missing);
+                    let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
+                    let result = match decode_event(raw, self.meters.tree(), caps) {
+                        Ok(()) => self.stage_event(out, caps, contribution, state, ev, &own),
+                        Err(_) => Err(Reason::Malformed),
+                    };
+                    if let Err(reason) = result {
+                        let start = raw.get().as_ptr() as usize - value.as_ptr() as usize;
+                        out.rejections.push(Rejection {
+                            msg: msg.index,
+                            batch_index: Some(j as u32),
+                            reason,
+                            span: Some(start..start + raw.get().len()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn stage_event<'a, 'v>(
+        &self,
+        out: &mut Staged<'a>,
+        caps: &[Captured<'v>],
         contribution: &mut Contribution,
         state: &mut PartitionState,
         ev: EventCtx<'_, 'a>,
+        own: &impl Fn(&Cow<'v, str>) -> Cow<'a, str>,
     ) -> Result<(), Reason> {
         let (Captured::Str(id), Captured::Str(ty), Captured::Str(ts)) =
             (&caps[SLOT_ID], &caps[SLOT_TYPE], &caps[SLOT_TIMESTAMP])
@@ -181,10 +211,12 @@ impl Processor {
         let ts = parse_rfc3339(ts).ok_or(Reason::Malformed)?;
         contribution.clear();
         self.meters.apply(ty, caps, contribution).map_err(|_| Reason::Malformed)?;
-        if ts < ev.at - self.limits.window_secs {
+        // `at` is the producer's message timestamp: any i64. The rows store ClickHouse
+        // `DateTime` (UInt32 seconds), so event times outside it are refused, never clamped.
+        if ts < ev.at.saturating_sub(self.limits.window_secs) || ts < 0 {
             return Err(Reason::TooOld);
         }
-        if ts > ev.at + self.limits.max_future_secs {
+        if ts > ev.at.saturating_add(self.limits.max_future_secs) || ts > MAX_EVENT_TIME {
             return Err(Reason::FutureTimestamp);
         }
         let principal = &out.principals[ev.principal as usize];
@@ -205,8 +237,8 @@ impl Processor {
             offset: ev.m.offset,
             principal: ev.principal,
             batch_index: ev.batch_index,
-            id: id.clone(),
-            ty: ty.clone(),
+            id: own(id),
+            ty: own(ty),
             ts,
             key,
             additive: a0..out.additive.len() as u32,
@@ -215,6 +247,15 @@ impl Processor {
         });
         Ok(())
     }
+}
+
+/// Which message is being staged.
+#[derive(Clone, Copy)]
+struct MsgCtx<'m, 'a> {
+    index: usize,
+    m: &'m InMessage<'a>,
+    principal: u32,
+    at: i64,
 }
 
 /// Where an event comes from.
@@ -227,6 +268,10 @@ struct EventCtx<'m, 'a> {
 }
 
 impl<'a> Staged<'a> {
+    fn reject(&mut self, msg: usize, reason: Reason) {
+        self.rejections.push(Rejection { msg, batch_index: None, reason, span: None });
+    }
+
     fn push_principal(&mut self, p: Principal) -> u32 {
         self.principals.push(p);
         (self.principals.len() - 1) as u32

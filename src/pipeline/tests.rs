@@ -45,7 +45,7 @@ impl Fx {
                 offset: i as i64,
                 timestamp_secs: Some(NOW),
                 value: Some(v.as_bytes()),
-                authorization: auth.map(str::as_bytes),
+                authorization: auth.map(str::as_bytes).into(),
             })
             .collect();
         let mut staged = self.p.stage(&msgs, &mut self.states, NOW).unwrap();
@@ -114,7 +114,7 @@ fn batch_events_are_judged_one_by_one() {
         offset: 9,
         timestamp_secs: Some(NOW),
         value: Some(value.as_bytes()),
-        authorization: Some(good.as_bytes()),
+        authorization: Credential::One(good.as_bytes()),
     }];
     let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
     let rej: Vec<_> = staged.rejections.iter().map(|r| (r.batch_index, r.reason)).collect();
@@ -177,7 +177,7 @@ fn unknown_events_are_resolved_by_the_store() {
             offset: i as i64,
             timestamp_secs: Some(NOW),
             value: Some(v.as_bytes()),
-            authorization: Some(good.as_bytes()),
+            authorization: Credential::One(good.as_bytes()),
         })
         .collect();
     let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
@@ -198,7 +198,7 @@ fn a_partition_without_state_is_an_error() {
         offset: 0,
         timestamp_secs: None,
         value: Some(v.as_bytes()),
-        authorization: Some(good.as_bytes()),
+        authorization: Credential::One(good.as_bytes()),
     }];
     assert!(f.p.stage(&msgs, &mut f.states, NOW).is_err());
 }

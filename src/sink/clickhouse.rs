@@ -15,25 +15,82 @@ pub enum ChError {
     /// Connection refused/reset, timeout: the server may be down. Retry.
     #[error("clickhouse unreachable: {0}")]
     Transport(String),
-    /// The server answered with an error.
-    #[error("clickhouse error (HTTP {status}): {body}")]
-    Server { status: u16, body: String },
+    /// The server answered with an error; `code` is its exception code (from the
+    /// `X-ClickHouse-Exception-Code` header, or the `Code: N` that starts the body on servers
+    /// that do not send the header, such as 18.16).
+    #[error("clickhouse error (HTTP {status}, code {}): {body}", code.map_or("?".to_string(), |c| c.to_string()))]
+    Server { status: u16, code: Option<u32>, body: String },
     #[error("clickhouse response: {0}")]
     Response(String),
 }
 
+/// Whether retrying a failed request can succeed without someone changing something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The server or the network may recover by itself (down, overloaded, timed out).
+    Transient,
+    /// The server refuses this request as written (unknown table or column, a syntax or size
+    /// error, a type mismatch, bad credentials): the same request fails again until the schema,
+    /// the server's settings or the configuration change.
+    Permanent,
+}
+
+/// ClickHouse exception codes (`src/Common/ErrorCodes.cpp`) that no retry of the same request
+/// can fix. Everything else, and every failure without a code, is transient.
+const PERMANENT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    36,  // BAD_ARGUMENTS
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    46,  // UNKNOWN_FUNCTION
+    47,  // UNKNOWN_IDENTIFIER
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR (also "Max query size exceeded")
+    81,  // UNKNOWN_DATABASE
+    115, // UNKNOWN_SETTING
+    117, // INCORRECT_DATA
+    164, // READONLY
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    194, // REQUIRED_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
 impl ChError {
-    /// Whether the failure may go away by itself. A server error is also retried by the ingest
-    /// loop (a sink rejection stops progress instead of dropping data), but is logged louder.
-    pub fn is_transient(&self) -> bool {
+    /// Classifies the failure once, by exception code (never by message text).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            ChError::Transport(_) => true,
-            ChError::Server { status, body } => {
-                *status >= 500 && !body.contains("Code: 60,") && !body.contains("Code: 62,")
-            }
-            ChError::Response(_) => true,
+            ChError::Server { code: Some(c), .. } if PERMANENT_CODES.contains(c) => ErrorClass::Permanent,
+            ChError::Server { status: 401 | 403, .. } => ErrorClass::Permanent,
+            _ => ErrorClass::Transient,
         }
     }
+
+    /// Whether the failure may go away by itself ([`ErrorClass::Transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Transient
+    }
+
+    /// The ClickHouse exception code, if the server sent one.
+    pub fn code(&self) -> Option<u32> {
+        match self {
+            ChError::Server { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// The exception code of an error answer: the header, else the `Code: N` that starts the body.
+fn exception_code(header: Option<&str>, body: &str) -> Option<u32> {
+    if let Some(c) = header.and_then(|h| h.trim().parse().ok()) {
+        return Some(c);
+    }
+    let rest = body.trim_start().strip_prefix("Code: ")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    rest[..digits].parse().ok()
 }
 
 #[derive(Clone)]
@@ -88,8 +145,10 @@ impl ClickHouse {
                 Ok(out)
             }
             Err(ureq::Error::Status(status, resp)) => {
+                let header = resp.header("X-ClickHouse-Exception-Code").map(str::to_string);
                 let body = resp.into_string().unwrap_or_default();
-                Err(ChError::Server { status, body: body.trim().chars().take(2000).collect() })
+                let code = exception_code(header.as_deref(), &body);
+                Err(ChError::Server { status, code, body: body.trim().chars().take(2000).collect() })
             }
             // Not `t.to_string()`: that repeats the URL, i.e. the whole INSERT statement.
             Err(ureq::Error::Transport(t)) => {
@@ -154,6 +213,30 @@ pub fn quote(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_exception_code() {
+        let server = |code: Option<u32>| ChError::Server { status: 500, code, body: String::new() };
+        assert_eq!(
+            exception_code(None, "Code: 62, e.displayText() = DB::Exception: Max query size exceeded"),
+            Some(62)
+        );
+        assert_eq!(exception_code(None, "Code: 60. DB::Exception: Table x doesn't exist"), Some(60));
+        assert_eq!(exception_code(Some("241"), "Code: 62, ..."), Some(241));
+        assert_eq!(exception_code(None, "Service Unavailable"), None);
+        assert_eq!(exception_code(None, "error Code: 62"), None);
+        for c in [60, 62, 53, 16, 81, 516] {
+            assert_eq!(server(Some(c)).class(), ErrorClass::Permanent, "{c}");
+        }
+        for c in [159, 241, 252, 202, 209, 210, 3] {
+            assert_eq!(server(Some(c)).class(), ErrorClass::Transient, "{c}");
+        }
+        assert_eq!(server(None).class(), ErrorClass::Transient);
+        assert_eq!(ChError::Transport("refused".into()).class(), ErrorClass::Transient);
+        assert_eq!(ChError::Server { status: 401, code: None, body: String::new() }.class(), ErrorClass::Permanent);
+    }
+
     #[test]
     fn quote_escapes() {
         assert_eq!(super::quote("a'b\\c\nd"), "'a\\'b\\\\c\\x0Ad'");

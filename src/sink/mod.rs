@@ -16,8 +16,47 @@ use rowbinary::RowReader;
 pub const EVENTS_COLUMNS: &str = "org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, \
      unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at";
 
-/// Keys asked about per look-up query.
-const LOOKUP_CHUNK: usize = 2_000;
+/// Largest look-up statement, in bytes. ClickHouse refuses a query longer than its
+/// `max_query_size` setting (default 262,144 bytes; error code 62) whatever the rest of the
+/// request, so look-ups are split by their size in bytes, never by a count of keys: ids of up to
+/// 128 bytes and tenant ids of up to 256 bytes (each up to 4× longer once quoted) always fit.
+pub const LOOKUP_QUERY_BYTES: usize = 196_608;
+
+const LOOKUP_HEAD: &str = "SELECT org_id, project_id, event_id FROM events WHERE (org_id, project_id, event_id) IN (";
+const LOOKUP_TAIL: &str = ") FORMAT RowBinary";
+
+/// The look-up statements for `keys`, each at most `max_bytes` long (a single key longer than
+/// that still gets a statement of its own).
+pub fn lookup_queries(keys: &[(&str, &str, &str)], max_bytes: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut sql = String::new();
+    let mut tuple = String::new();
+    for (o, p, id) in keys {
+        tuple.clear();
+        tuple.push('(');
+        tuple.push_str(&quote(o));
+        tuple.push(',');
+        tuple.push_str(&quote(p));
+        tuple.push(',');
+        tuple.push_str(&quote(id));
+        tuple.push(')');
+        if !sql.is_empty() && sql.len() + 1 + tuple.len() + LOOKUP_TAIL.len() > max_bytes {
+            sql.push_str(LOOKUP_TAIL);
+            out.push(std::mem::take(&mut sql));
+        }
+        if sql.is_empty() {
+            sql.push_str(LOOKUP_HEAD);
+        } else {
+            sql.push(',');
+        }
+        sql.push_str(&tuple);
+    }
+    if !sql.is_empty() {
+        sql.push_str(LOOKUP_TAIL);
+        out.push(sql);
+    }
+    out
+}
 
 /// What the ingest loop needs from storage. [`ClickHouse`] is the real one; tests may fake it.
 pub trait EventStore {
@@ -38,22 +77,7 @@ pub trait EventStore {
 impl EventStore for ClickHouse {
     fn existing(&self, keys: &[(&str, &str, &str)]) -> Result<HashSet<EventKey>, ChError> {
         let mut found = HashSet::new();
-        for chunk in keys.chunks(LOOKUP_CHUNK) {
-            let mut sql = String::with_capacity(chunk.len() * 64 + 128);
-            sql.push_str("SELECT org_id, project_id, event_id FROM events WHERE (org_id, project_id, event_id) IN (");
-            for (i, (o, p, id)) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push('(');
-                sql.push_str(&quote(o));
-                sql.push(',');
-                sql.push_str(&quote(p));
-                sql.push(',');
-                sql.push_str(&quote(id));
-                sql.push(')');
-            }
-            sql.push_str(") FORMAT RowBinary");
+        for sql in lookup_queries(keys, LOOKUP_QUERY_BYTES) {
             let body = self.query(&sql)?;
             let mut r = RowReader::new(&body);
             let bad = |e: rowbinary::Truncated| ChError::Response(e.to_string());
@@ -92,5 +116,33 @@ impl EventStore for ClickHouse {
 
     fn insert_events(&self, rows: &[u8]) -> Result<(), ChError> {
         self.insert(&format!("INSERT INTO events ({EVENTS_COLUMNS}) FORMAT RowBinary"), rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 7, row 9's kind: every look-up statement fits the byte budget, whatever the keys.
+    #[test]
+    fn lookups_are_split_by_bytes() {
+        let long_id = "i".repeat(128);
+        let nasty_id = "\'\n\0".repeat(32); // quoting doubles it and more
+        let org = "o".repeat(crate::verify::MAX_TENANT_ID_BYTES);
+        let ctl = "\u{1}".repeat(1) + &"\u{2}".repeat(255);
+        let ids: Vec<String> = (0..6000).map(|i| format!("{long_id}{i}")[..128].to_string()).collect();
+        let mut keys: Vec<(&str, &str, &str)> = ids.iter().map(|id| ("org-1", "proj-1", id.as_str())).collect();
+        keys.push((&org, &ctl, &nasty_id));
+        let queries = lookup_queries(&keys, LOOKUP_QUERY_BYTES);
+        assert!(queries.len() >= 4, "6,000 keys of 128 bytes do not fit in one statement");
+        for q in &queries {
+            assert!(q.len() <= LOOKUP_QUERY_BYTES, "{} bytes", q.len());
+            assert!(q.starts_with(LOOKUP_HEAD) && q.ends_with(LOOKUP_TAIL));
+        }
+        let tuples: usize = queries.iter().map(|q| q.matches("),(").count() + 1).sum();
+        assert_eq!(tuples, keys.len(), "every key is asked about exactly once");
+        // A tiny budget still makes progress: one key per statement.
+        assert_eq!(lookup_queries(&keys[..3], 10).len(), 3);
+        assert!(lookup_queries(&[], LOOKUP_QUERY_BYTES).is_empty());
     }
 }

@@ -19,12 +19,14 @@ use tracing::{debug, error, info, warn};
 use super::rebalance::{Change, Context};
 use crate::config::IngestConfig;
 use crate::dedupe::PartitionState;
-use crate::dlq::{DeadLetters, DlqRecord};
+use crate::dlq::{DeadLetters, DlqRecord, Failure};
 use crate::metrics as m;
 use crate::pipeline::{InMessage, Processor, Staged};
 use crate::retry::Backoff;
+use crate::sink::clickhouse::{ChError, ErrorClass};
 use crate::sink::rowbinary::RowWriter;
 use crate::sink::EventStore;
+use crate::verify::Credential;
 
 /// Poll slice: how long one `poll` may block, so shutdown and batch deadlines are noticed.
 const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -35,6 +37,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// After SIGTERM, how long an unfinished batch may keep waiting for ClickHouse before the worker
 /// exits without committing it (it will be redelivered and deduplicated).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// `tally_stalled` reason: ClickHouse refuses the batch's requests (schema, size, type errors).
+pub const STALL_CLICKHOUSE: &str = "clickhouse_rejected";
+/// `tally_stalled` reason: the broker refuses a dead-letter record (too large, topic missing).
+pub const STALL_DEAD_LETTER: &str = "dead_letter_refused";
 /// How long to wait for dead-letter acknowledgements per attempt.
 const DLQ_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -58,6 +64,9 @@ pub struct Worker<'c, S: EventStore> {
     states: HashMap<i32, PartitionState>,
     /// Messages that arrived while waiting on a dependency: the next batch starts with them.
     stash: Held<'c>,
+    /// Partitions whose batch cannot go through because of an error retrying does not fix, and
+    /// why (`tally_stalled{partition,reason}` is 1 for them).
+    stalled: BTreeMap<i32, &'static str>,
 }
 
 impl<'c, S: EventStore> Worker<'c, S> {
@@ -81,6 +90,52 @@ impl<'c, S: EventStore> Worker<'c, S> {
             next_epoch: 1,
             states: HashMap::new(),
             stash: Vec::new(),
+            stalled: BTreeMap::new(),
+        }
+    }
+
+    /// A ClickHouse call failed for a batch of `partitions`: counted by class; an error no retry
+    /// can fix (by exception code, [`ChError::class`]) stalls the partitions visibly — metric
+    /// and an error log with the cause — while the batch keeps being retried (never skipped,
+    /// never committed past) until someone fixes the cause.
+    fn clickhouse_failed(&mut self, op: &'static str, e: &ChError, partitions: &[i32], delay: Duration) {
+        let class = match e.class() {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        };
+        counter!(m::CH_ERRORS, "op" => op, "class" => class).increment(1);
+        let retry_ms = delay.as_millis() as u64;
+        if e.class() == ErrorClass::Transient {
+            warn!(op, error = %e, retry_ms, "clickhouse request failed; retrying");
+            return;
+        }
+        self.stall(partitions, STALL_CLICKHOUSE);
+        error!(
+            op,
+            ?partitions,
+            code = e.code(),
+            error = %e,
+            retry_ms,
+            "partition stalled: ClickHouse refuses the request and retrying will not help until the cause is fixed \
+             (see README, Troubleshooting); nothing is skipped or committed past it"
+        );
+    }
+
+    fn stall(&mut self, partitions: &[i32], reason: &'static str) {
+        for &p in partitions {
+            if self.stalled.insert(p, reason) != Some(reason) {
+                m::stalled(p, reason, true);
+            }
+        }
+    }
+
+    /// The batch of `partitions` went through: whatever stalled them is fixed.
+    fn unstall(&mut self, partitions: impl IntoIterator<Item = i32>) {
+        for p in partitions {
+            if let Some(reason) = self.stalled.remove(&p) {
+                m::stalled(p, reason, false);
+                info!(partition = p, reason, "partition resumed");
+            }
         }
     }
 
@@ -120,10 +175,11 @@ impl<'c, S: EventStore> Worker<'c, S> {
         for c in changes {
             match c {
                 Change::Revoked(ps) => {
-                    for p in ps {
+                    for &p in &ps {
                         self.owned.remove(&p);
                         self.states.remove(&p);
                     }
+                    self.unstall(ps);
                 }
                 Change::Assigned(ps) => {
                     for p in ps {
@@ -278,9 +334,8 @@ impl<'c, S: EventStore> Worker<'c, S> {
                         break;
                     }
                     Err(e) => {
-                        counter!(m::CH_ERRORS, "op" => "load").increment(1);
                         let delay = backoff.next_delay();
-                        warn!(partition = p, error = %e, retry_ms = delay.as_millis() as u64, "loading dedupe state failed");
+                        self.clickhouse_failed("load", &e, &[p], delay);
                         self.wait(delay, "clickhouse")?;
                     }
                 }
@@ -345,6 +400,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 }
             }
         }
+        self.unstall(epochs.keys().copied().filter(|p| self.owns(*p, epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
         m::duplicates(staged.duplicates);
         for r in &staged.rejections {
@@ -399,10 +455,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     return Ok(());
                 }
                 Err(e) => {
-                    counter!(m::CH_ERRORS, "op" => "lookup").increment(1);
                     let delay = backoff.next_delay();
-                    warn!(error = %e, retry_ms = delay.as_millis() as u64, "dedupe look-up failed");
                     drop(keys);
+                    self.clickhouse_failed("lookup", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
                     self.wait(delay, "clickhouse")?;
                 }
             }
@@ -441,7 +496,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
         &mut self,
         records: &[DlqRecord<'_>],
         epochs: &BTreeMap<i32, u64>,
-        mut failed: Vec<(usize, String)>,
+        mut failed: Vec<(usize, Failure)>,
     ) -> Result<(), Abandoned> {
         let mut backoff = self.backoff();
         failed.extend(self.dlq.wait_acks(DLQ_ACK_TIMEOUT));
@@ -452,7 +507,27 @@ impl<'c, S: EventStore> Worker<'c, S> {
             }
             counter!(m::DLQ_ERRORS).increment(failed.len() as u64);
             let delay = backoff.next_delay();
-            warn!(failed = failed.len(), error = %failed[0].1, retry_ms = delay.as_millis() as u64, "dead-letter write failed");
+            let retry_ms = delay.as_millis() as u64;
+            let refused: Vec<i32> = {
+                let mut v: Vec<i32> =
+                    failed.iter().filter(|(_, f)| f.permanent).map(|(i, _)| records[*i].partition).collect();
+                v.dedup();
+                v
+            };
+            if refused.is_empty() {
+                warn!(failed = failed.len(), error = %failed[0].1.error, retry_ms, "dead-letter write failed; retrying");
+            } else {
+                self.stall(&refused, STALL_DEAD_LETTER);
+                let first = failed.iter().find(|(_, f)| f.permanent).expect("a permanent failure");
+                error!(
+                    partitions = ?refused,
+                    failed = failed.len(),
+                    error = %first.1.error,
+                    retry_ms,
+                    "partition stalled: the broker refuses the dead-letter record and retrying will not help until the \
+                     topic or the broker's limits change (see README, Troubleshooting); the source offset is not committed past it"
+                );
+            }
             self.wait(delay, "broker")?;
             let which: Vec<usize> = failed.into_iter().map(|(i, _)| i).collect();
             failed = self.dlq.enqueue(records, &which);
@@ -481,13 +556,8 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     return Ok(n + written_before_retry);
                 }
                 Err(e) => {
-                    counter!(m::CH_ERRORS, "op" => "insert").increment(1);
                     let delay = backoff.next_delay();
-                    if e.is_transient() {
-                        warn!(error = %e, rows = n, retry_ms = delay.as_millis() as u64, "insert failed; retrying");
-                    } else {
-                        error!(error = %e, rows = n, retry_ms = delay.as_millis() as u64, "insert rejected; retrying (check the schema: tally-ingest migrate)");
-                    }
+                    self.clickhouse_failed("insert", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
                     self.wait(delay, "clickhouse")?;
                     written_before_retry += self.drop_landed(staged, epochs)?;
                 }
@@ -514,10 +584,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     return Ok(n);
                 }
                 Err(e) => {
-                    counter!(m::CH_ERRORS, "op" => "lookup").increment(1);
                     let delay = backoff.next_delay();
-                    warn!(error = %e, retry_ms = delay.as_millis() as u64, "re-checking a failed insert's rows failed");
                     drop(keys);
+                    self.clickhouse_failed("lookup", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
                     self.wait(delay, "clickhouse")?;
                 }
             }
@@ -526,9 +595,10 @@ impl<'c, S: EventStore> Worker<'c, S> {
 }
 
 fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
-    let authorization = msg
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key.eq_ignore_ascii_case("authorization")).and_then(|h| h.value));
+    let authorization = match msg.headers() {
+        Some(h) => Credential::from_headers(h.iter().map(|h| (h.key, h.value))),
+        None => Credential::Missing,
+    };
     InMessage {
         partition: msg.partition(),
         offset: msg.offset(),

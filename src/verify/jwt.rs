@@ -5,17 +5,22 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use sha2::Sha256;
+use std::borrow::Cow;
 
 use super::keys::JwtKey;
 use super::{Checked, Denied, Principal};
 use crate::reject::Reason;
 
+/// The JOSE header. serde's derived `Deserialize` refuses a repeated field, so a header or claim
+/// set with a duplicate key is invalid (which copy counts must never be a parser's choice).
 #[derive(Deserialize)]
 struct Header<'a> {
-    alg: &'a str,
-    #[serde(default)]
-    kid: Option<&'a str>,
+    #[serde(borrow)]
+    alg: Cow<'a, str>,
+    #[serde(default, borrow)]
+    kid: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -26,15 +31,27 @@ enum Audience {
 }
 
 #[derive(Deserialize)]
-struct Claims {
+struct Claims<'a> {
     iss: Option<String>,
     aud: Option<Audience>,
-    exp: Option<f64>,
-    nbf: Option<f64>,
-    iat: Option<f64>,
+    #[serde(default, borrow)]
+    exp: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    nbf: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    iat: Option<&'a RawValue>,
     org_id: Option<String>,
     project_id: Option<String>,
     scope: Option<String>,
+}
+
+/// A NumericDate claim (RFC 7519 §2) as whole seconds: any JSON number, of any size, saturated
+/// ([`crate::decode::number::numeric_date`]); `null` as absent; anything else is invalid.
+fn numeric_date(raw: Option<&RawValue>) -> Result<Option<i64>, Denied> {
+    match raw.map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(t) => crate::decode::number::numeric_date(t).map(Some).ok_or(Denied(Reason::InvalidCredentials)),
+    }
 }
 
 /// What the verifier needs to know about the deployment.
@@ -57,10 +74,10 @@ pub fn verify(
     };
     let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| invalid)?;
     let header: Header = serde_json::from_slice(&header_bytes).map_err(|_| invalid)?;
-    let key = header.kid.and_then(|kid| keys.get(kid)).ok_or(invalid)?;
+    let key = header.kid.as_deref().and_then(|kid| keys.get(kid)).ok_or(invalid)?;
     let signature = URL_SAFE_NO_PAD.decode(s64).map_err(|_| invalid)?;
     let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
-    match (header.alg, key) {
+    match (&*header.alg, key) {
         ("EdDSA", JwtKey::Ed25519(vk)) => {
             let sig = ed25519_dalek::Signature::from_slice(&signature).map_err(|_| invalid)?;
             vk.verify_strict(signed, &sig).map_err(|_| invalid)?;
@@ -85,19 +102,18 @@ pub fn verify(
     if !aud_ok {
         return Err(invalid);
     }
-    let exp = c.exp.ok_or(invalid)?;
+    let exp = numeric_date(c.exp)?.ok_or(invalid)?;
+    let (nbf, iat) = (numeric_date(c.nbf)?, numeric_date(c.iat)?);
     let (Some(org), Some(project)) = (c.org_id, c.project_id) else { return Err(invalid) };
-    if org.is_empty() || project.is_empty() {
+    let id_ok = |s: &str| !s.is_empty() && s.len() <= super::MAX_TENANT_ID_BYTES;
+    if !id_ok(&org) || !id_ok(&project) {
         return Err(invalid);
     }
     let scope_ok = c.scope.as_deref().is_some_and(|s| s.split(' ').any(|x| x == "ingest"));
     Ok(Checked {
         principal: Principal { org_id: org.into(), project_id: project.into() },
-        not_before: match (c.nbf, c.iat) {
-            (Some(a), Some(b)) => Some(a.max(b).floor() as i64),
-            (a, b) => a.or(b).map(|t| t.floor() as i64),
-        },
-        expires_at: Some(exp.floor() as i64),
+        not_before: nbf.max(iat),
+        expires_at: Some(exp),
         leeway: true,
         scope_ok,
         revoked: false,

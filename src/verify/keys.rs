@@ -135,8 +135,9 @@ pub fn parse_api_keys(text: &str) -> Result<HashMap<String, ApiKey>, String> {
                     .ok_or_else(|| format!("key {pk:?}: expires_at {s:?} is not RFC 3339"))?,
             ),
         };
-        if e.org_id.is_empty() || e.project_id.is_empty() {
-            return Err(format!("key {pk:?}: org_id and project_id must not be empty"));
+        let max = super::MAX_TENANT_ID_BYTES;
+        if e.org_id.is_empty() || e.project_id.is_empty() || e.org_id.len() > max || e.project_id.len() > max {
+            return Err(format!("key {pk:?}: org_id and project_id must be 1..={max} bytes"));
         }
         let rec = ApiKey {
             secret_sha256,

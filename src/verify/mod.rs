@@ -38,6 +38,50 @@ pub struct Checked {
     pub revoked: bool,
 }
 
+/// Longest `org_id` / `project_id` a credential may carry, in bytes. Ids are stored with every
+/// row and sent in every dedupe look-up, so their size is bounded like an event id's.
+pub const MAX_TENANT_ID_BYTES: usize = 256;
+
+/// The credential a message carries: its `authorization` header(s) (PRODUCT.md §2).
+///
+/// Header names compare case-insensitively; identical repeats count as one; two different values
+/// are [`Credential::Conflicting`], refused as `invalid_credentials`, so that attribution never
+/// depends on header order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// No `authorization` header.
+    Missing,
+    /// One value (or several identical ones). A header without a value reads as empty.
+    One(&'a [u8]),
+    /// Two or more different values.
+    Conflicting,
+}
+
+impl<'a> Credential<'a> {
+    /// Reads the credential from a message's headers, as (name, value) pairs.
+    pub fn from_headers(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Self {
+        let mut found = Credential::Missing;
+        for (name, value) in headers {
+            if !name.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            let value = value.unwrap_or_default();
+            found = match found {
+                Credential::Missing => Credential::One(value),
+                Credential::One(v) if v == value => Credential::One(v),
+                _ => return Credential::Conflicting,
+            };
+        }
+        found
+    }
+}
+
+impl<'a> From<Option<&'a [u8]>> for Credential<'a> {
+    fn from(v: Option<&'a [u8]>) -> Self {
+        v.map_or(Credential::Missing, Credential::One)
+    }
+}
+
 /// A credential rejected for a reason that does not depend on time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Denied(pub Reason);
@@ -66,7 +110,7 @@ impl Verifier {
             keys,
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
-            leeway: cfg.leeway_secs as i64,
+            leeway: i64::try_from(cfg.leeway_secs).unwrap_or(i64::MAX),
             cache: HashMap::new(),
             cache_entries: cfg.cache_entries.max(1),
             fingerprint: fingerprint(&paths),
@@ -96,9 +140,14 @@ impl Verifier {
         Ok(true)
     }
 
-    /// Verifies one message's credential as of `at` (Unix seconds; the message's timestamp).
-    pub fn verify(&mut self, authorization: Option<&[u8]>, at: i64) -> Result<Principal, Reason> {
-        let Some(value) = authorization else { return Err(Reason::MissingCredentials) };
+    /// Verifies one message's credential as of `at` (Unix seconds; the message's timestamp, any
+    /// value: every time comparison saturates instead of wrapping).
+    pub fn verify(&mut self, authorization: Credential<'_>, at: i64) -> Result<Principal, Reason> {
+        let value = match authorization {
+            Credential::Missing => return Err(Reason::MissingCredentials),
+            Credential::Conflicting => return Err(Reason::InvalidCredentials),
+            Credential::One(v) => v,
+        };
         if value.iter().all(u8::is_ascii_whitespace) {
             return Err(Reason::MissingCredentials);
         }
@@ -122,12 +171,12 @@ impl Verifier {
         }
         let leeway = if c.leeway { self.leeway } else { 0 };
         if let Some(exp) = c.expires_at {
-            let expired = if c.leeway { at >= exp + leeway } else { at > exp };
+            let expired = if c.leeway { at >= exp.saturating_add(leeway) } else { at > exp };
             if expired {
                 return Err(Reason::ExpiredCredentials);
             }
         }
-        if c.not_before.is_some_and(|nbf| at + leeway < nbf) {
+        if c.not_before.is_some_and(|nbf| at.saturating_add(leeway) < nbf) {
             return Err(Reason::InvalidCredentials);
         }
         if !c.scope_ok {

@@ -22,7 +22,7 @@ fn fixture(name: &str) -> Fixture {
 
 impl Fixture {
     fn check(&mut self, header: &str) -> Result<Principal, Reason> {
-        self.verifier.verify(Some(header.as_bytes()), NOW)
+        self.verifier.verify(Credential::One(header.as_bytes()), NOW)
     }
     fn claims(&self) -> serde_json::Value {
         self.keys.claims(&self.keys.tenants[1], NOW, 3600)
@@ -126,9 +126,9 @@ fn cached_verdicts_are_never_honoured_past_exp() {
     let mut c = f.claims();
     c["exp"] = (NOW + 10).into();
     let h = bearer(&f.keys.sign_eddsa(&c));
-    assert!(f.verifier.verify(Some(h.as_bytes()), NOW).is_ok());
-    assert!(f.verifier.verify(Some(h.as_bytes()), NOW + 5).is_ok());
-    assert_eq!(f.verifier.verify(Some(h.as_bytes()), NOW + 10 + 60), Err(Reason::ExpiredCredentials));
+    assert!(f.verifier.verify(Credential::One(h.as_bytes()), NOW).is_ok());
+    assert!(f.verifier.verify(Credential::One(h.as_bytes()), NOW + 5).is_ok());
+    assert_eq!(f.verifier.verify(Credential::One(h.as_bytes()), NOW + 10 + 60), Err(Reason::ExpiredCredentials));
     assert_eq!((f.verifier.cache_hits, f.verifier.cache_misses), (2, 1));
 }
 
@@ -147,8 +147,8 @@ fn api_keys_verify_in_constant_time_against_hashes() {
     assert_eq!(f.check(&basic(&revoked)), Err(Reason::RevokedCredentials));
     let expired = f.keys.expired[0].clone();
     assert_eq!(f.check(&basic(&expired)), Err(Reason::ExpiredCredentials));
-    assert_eq!(f.verifier.verify(None, NOW), Err(Reason::MissingCredentials));
-    assert_eq!(f.verifier.verify(Some(b"  "), NOW), Err(Reason::MissingCredentials));
+    assert_eq!(f.verifier.verify(Credential::Missing, NOW), Err(Reason::MissingCredentials));
+    assert_eq!(f.verifier.verify(Credential::One(b"  "), NOW), Err(Reason::MissingCredentials));
 }
 
 #[test]
@@ -184,4 +184,128 @@ fn a_broken_key_file_keeps_the_old_keys() {
     std::fs::write(f.dir.join(crate::devkeys::API_KEYS_FILE), "{not json").unwrap();
     assert!(f.verifier.maybe_reload(Instant::now() + Duration::from_secs(1)).is_err());
     assert!(f.check(&basic(&t)).is_ok());
+}
+
+/// HS256 over a payload written by hand (what `serde_json::Value` cannot express: repeated
+/// keys, numbers beyond f64).
+fn sign_raw(f: &Fixture, header: &str, payload: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(payload));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&f.keys.hs_secret_for_tests()).unwrap();
+    mac.update(input.as_bytes());
+    bearer(&format!("{input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())))
+}
+
+/// Issue 7, row 7 and its kind: numeric claims of any size or form never overflow or panic; a
+/// far-future `exp` is simply valid, a far-future `nbf` simply not yet.
+#[test]
+fn numeric_claims_of_any_size_never_overflow() {
+    let mut f = fixture("numeric");
+    let t = f.keys.tenants[1].clone();
+    let t = &t;
+    let claims = |exp: &str, extra: &str| {
+        format!(
+            r#"{{"iss":"https://issuer.test","aud":"tally-ingest","exp":{exp},"org_id":"{}","project_id":"{}","scope":"ingest"{extra}}}"#,
+            t.org_id, t.project_id
+        )
+    };
+    let h = r#"{"alg":"HS256","kid":"hs-1"}"#;
+    let want = Ok(principal(&t.org_id, &t.project_id));
+    for exp in ["9223372036854775807", "9223372036854775808", "18446744073709551616", "1e19", "1e400", "1.7e308"] {
+        let token = sign_raw(&f, h, &claims(exp, ""));
+        assert_eq!(f.check(&token), want, "exp {exp}");
+        // At any message time, however large.
+        assert_eq!(f.verifier.verify(Credential::One(token.as_bytes()), i64::MAX - 1), want, "exp {exp} at i64::MAX");
+    }
+    for (exp, extra, reason) in [
+        ("-9223372036854775808", "", Reason::ExpiredCredentials),
+        ("-1e400", "", Reason::ExpiredCredentials),
+        (&*(NOW + 3600).to_string(), r#","nbf":1e400"#, Reason::InvalidCredentials),
+        (&*(NOW + 3600).to_string(), r#","nbf":9223372036854775807"#, Reason::InvalidCredentials),
+        (&*(NOW + 3600).to_string(), r#","iat":-1e400"#, Reason::ExpiredCredentials),
+        (r#""1700000000""#, "", Reason::InvalidCredentials),
+        ("true", "", Reason::InvalidCredentials),
+    ] {
+        let token = sign_raw(&f, h, &claims(exp, extra));
+        let got = f.check(&token);
+        if reason == Reason::ExpiredCredentials && extra.contains("iat") {
+            // A very old `iat` is no objection.
+            assert_eq!(got, want, "iat {extra}");
+        } else {
+            assert_eq!(got, Err(reason), "exp {exp} {extra}");
+        }
+    }
+    // Fractions round down (RFC 7519 NumericDate).
+    let token = sign_raw(&f, h, &claims(&format!("{NOW}.999"), ""));
+    assert_eq!(f.verifier.verify(Credential::One(token.as_bytes()), NOW - 61), want);
+}
+
+/// Repeated keys in the JOSE header or the claims make a token invalid: which copy counts must
+/// never be a parser's choice (e.g. a second `org_id`).
+#[test]
+fn repeated_claims_or_header_keys_are_invalid() {
+    let mut f = fixture("dupclaims");
+    let t = f.keys.tenants[1].clone();
+    let t = &t;
+    let base = format!(
+        r#""iss":"https://issuer.test","aud":"tally-ingest","exp":{},"project_id":"{}","scope":"ingest""#,
+        NOW + 3600,
+        t.project_id
+    );
+    let h = r#"{"alg":"HS256","kid":"hs-1"}"#;
+    let ok = sign_raw(&f, h, &format!(r#"{{{base},"org_id":"{}"}}"#, t.org_id));
+    assert!(f.check(&ok).is_ok());
+    for (header, payload) in [
+        (h.to_string(), format!(r#"{{{base},"org_id":"{}","org_id":"org-001"}}"#, t.org_id)),
+        (h.to_string(), format!(r#"{{{base},"org_id":"{}","exp":1}}"#, t.org_id)),
+        (r#"{"alg":"HS256","kid":"hs-1","kid":"ed-1"}"#.to_string(), format!(r#"{{{base},"org_id":"{}"}}"#, t.org_id)),
+        (r#"{"alg":"none","alg":"HS256","kid":"hs-1"}"#.to_string(), format!(r#"{{{base},"org_id":"{}"}}"#, t.org_id)),
+    ] {
+        assert_eq!(f.check(&sign_raw(&f, &header, &payload)), Err(Reason::InvalidCredentials), "{header} {payload}");
+    }
+    // Escapes in the header are read, not refused.
+    let escaped = sign_raw(
+        &f,
+        r#"{"alg":"HS\u0032\u00356","kid":"hs\u002d1"}"#,
+        &format!(r#"{{{base},"org_id":"{}"}}"#, t.org_id),
+    );
+    assert!(f.check(&escaped).is_ok());
+    // Tenant ids are bounded (they are stored with every row and sent in every look-up).
+    let long = "o".repeat(MAX_TENANT_ID_BYTES + 1);
+    assert_eq!(f.check(&sign_raw(&f, h, &format!(r#"{{{base},"org_id":"{long}"}}"#))), Err(Reason::InvalidCredentials));
+}
+
+/// Issue 7, row 8 and its kind: exactly one credential per message, whatever the header order
+/// or the case of the header names.
+#[test]
+fn one_credential_per_message() {
+    let mut f = fixture("headers");
+    let a = basic(&f.keys.tenants[0]);
+    let b = bearer(&f.keys.sign_eddsa(&f.claims()));
+    let h = |pairs: &[(&'static str, Option<&'static str>)]| {
+        Credential::from_headers(pairs.iter().map(|(k, v)| (*k, v.map(str::as_bytes))))
+    };
+    let (a, b): (&'static str, &'static str) = (Box::leak(a.into_boxed_str()), Box::leak(b.into_boxed_str()));
+    assert_eq!(h(&[]), Credential::Missing);
+    assert_eq!(h(&[("x-other", Some(a))]), Credential::Missing);
+    assert_eq!(h(&[("authorization", Some(a))]), Credential::One(a.as_bytes()));
+    assert_eq!(
+        h(&[("AUTHORIZATION", Some(a)), ("x", None), ("Authorization", Some(a))]),
+        Credential::One(a.as_bytes())
+    );
+    assert_eq!(h(&[("authorization", Some(a)), ("Authorization", Some(b))]), Credential::Conflicting);
+    assert_eq!(h(&[("Authorization", Some(b)), ("authorization", Some(a))]), Credential::Conflicting);
+    assert_eq!(h(&[("authorization", Some(a)), ("authorization", None)]), Credential::Conflicting);
+    assert_eq!(
+        h(&[("authorization", Some(a)), ("authorization", Some(a)), ("authorization", Some(b))]),
+        Credential::Conflicting
+    );
+    assert_eq!(
+        f.verifier.verify(h(&[("authorization", Some(a)), ("Authorization", Some(b))]), NOW),
+        Err(Reason::InvalidCredentials)
+    );
+    assert_eq!(f.verifier.verify(h(&[("authorization", None)]), NOW), Err(Reason::MissingCredentials));
+    assert!(f.verifier.verify(h(&[("authorization", Some(b)), ("AUTHORIZATION", Some(b))]), NOW).is_ok());
 }

@@ -3,9 +3,24 @@
 //! Only the fields something reads are extracted: a [`PathTree`] lists them (`id`, `type`,
 //! `timestamp` and every meter's path) and the decoder walks the JSON once, borrowing strings from
 //! the message where they have no escapes and skipping every other field without building a DOM.
+//!
+//! The rules of PRODUCT.md §1 ("Reading JSON like a billing system must") are enforced here:
+//! * a key that appears twice in an object the decoder walks (the top level, a batch event, and
+//!   every object along a read path such as `body` and `body.usage`) makes the value
+//!   [`Malformed`]: what is billed must never depend on which copy a parser keeps (serde_json
+//!   keeps the last one, other parsers the first);
+//! * numbers at read paths are read exactly from their text ([`number`]), never through `f64`;
+//! * a value with `batch` and event fields, `batch` twice, or an empty or non-array `batch` is
+//!   [`Malformed`];
+//! * escaped unpaired surrogates are repaired before decoding ([`surrogates::repair`]).
 
 use std::borrow::Cow;
 use std::fmt;
+
+pub mod number;
+pub mod surrogates;
+
+use std::collections::HashSet;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -23,12 +38,25 @@ pub enum Captured<'a> {
     /// Absent (or JSON `null`).
     #[default]
     Missing,
-    /// A non-negative integer.
+    /// A non-negative integer-valued number of at most [`number::MAX_METER_VALUE`], in any
+    /// JSON form (`12`, `12.0`, `1e3`).
     U64(u64),
     /// A string, borrowed from the message when it has no escapes.
     Str(Cow<'a, str>),
-    /// Present with another type (negative or fractional number, bool, object, array).
+    /// Present with another type (negative, fractional or too large a number, bool, object, array).
     Other,
+}
+
+impl Captured<'_> {
+    /// The same value, owning its string.
+    pub fn into_owned(self) -> Captured<'static> {
+        match self {
+            Captured::Missing => Captured::Missing,
+            Captured::U64(v) => Captured::U64(v),
+            Captured::Str(s) => Captured::Str(Cow::Owned(s.into_owned())),
+            Captured::Other => Captured::Other,
+        }
+    }
 }
 
 /// The set of JSON paths to extract, as a tree of object keys.
@@ -138,23 +166,71 @@ pub fn decode_message<'a>(
     // parser returns; the parser then reads from a `&str` and validates nothing again.
     let value = std::str::from_utf8(value).map_err(|_| Malformed)?;
     let mut de = serde_json::Deserializer::from_str(value);
-    let out = TopSeed { node: &tree.root, caps }.deserialize(&mut de).map_err(|_| Malformed)?;
+    let mut seen = Vec::new();
+    let out = TopSeed { node: &tree.root, caps, seen: &mut seen }.deserialize(&mut de).map_err(|_| Malformed)?;
     de.end().map_err(|_| Malformed)?;
     match out {
-        Top::Batch(b) => Ok(Message::Batch(b)),
+        Top::Batch(b) if !b.is_empty() => Ok(Message::Batch(b)),
         Top::Object => Ok(Message::Single),
-        Top::NotObject => Err(Malformed),
+        Top::Batch(_) | Top::NotObject => Err(Malformed),
     }
 }
 
 /// Decodes one event of a batch into `caps` (reset by the caller).
 pub fn decode_event<'a>(raw: &'a RawValue, tree: &PathTree, caps: &mut [Captured<'a>]) -> Result<(), Malformed> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let is_object = NodeSeed { node: &tree.root, caps }.deserialize(&mut de).map_err(|_| Malformed)?;
-    if is_object {
+    let mut seen = Vec::new();
+    let walked = NodeSeed { node: &tree.root, caps, seen: &mut seen }.deserialize(&mut de).map_err(|_| Malformed)?;
+    if walked == Walked::Object {
         Ok(())
     } else {
         Err(Malformed)
+    }
+}
+
+/// Top-level keys of an event object (§1): a value holding one of them and `batch` is malformed.
+const EVENT_FIELDS: [&str; 4] = ["id", "type", "timestamp", "body"];
+
+/// Objects with more keys than this check duplicates with a hash set instead of a scan.
+const SCAN_KEYS: usize = 16;
+
+/// The keys of the objects being walked, innermost last: finds a key repeated in one object.
+struct Seen<'s, 'de> {
+    stack: &'s mut Vec<Cow<'de, str>>,
+    base: usize,
+    set: Option<HashSet<Cow<'de, str>>>,
+}
+
+impl<'s, 'de> Seen<'s, 'de> {
+    fn open(stack: &'s mut Vec<Cow<'de, str>>) -> Self {
+        let base = stack.len();
+        Seen { stack, base, set: None }
+    }
+
+    /// Records `key`; an error if this object already had it.
+    fn insert<E: de::Error>(&mut self, key: &Cow<'de, str>) -> Result<(), E> {
+        let dup = match &mut self.set {
+            Some(set) => !set.insert(key.clone()),
+            None => {
+                let dup = self.stack[self.base..].iter().any(|k| k == key);
+                self.stack.push(key.clone());
+                if self.stack.len() - self.base > SCAN_KEYS {
+                    self.set = Some(self.stack.drain(self.base..).collect());
+                }
+                dup
+            }
+        };
+        if dup {
+            Err(E::custom(format_args!("duplicate key {key:?}")))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Seen<'_, '_> {
+    fn drop(&mut self) {
+        self.stack.truncate(self.base);
     }
 }
 
@@ -192,6 +268,7 @@ enum Top<'a> {
 struct TopSeed<'t, 'c, 'a> {
     node: &'t Node,
     caps: &'c mut [Captured<'a>],
+    seen: &'c mut Vec<Cow<'a, str>>,
 }
 
 impl<'de, 't, 'c> DeserializeSeed<'de> for TopSeed<'t, 'c, 'de> {
@@ -208,14 +285,22 @@ impl<'de, 't, 'c> Visitor<'de> for TopSeed<'t, 'c, 'de> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
         let mut batch = None;
+        let mut event_field = false;
+        let mut seen = Seen::open(self.seen);
         while let Some(Key(key)) = map.next_key()? {
+            seen.insert(&key)?;
             if key == "batch" {
                 batch = Some(map.next_value::<Vec<&'de RawValue>>()?);
             } else {
-                visit_entry(&mut map, self.node, &key, self.caps)?;
+                event_field |= EVENT_FIELDS.contains(&&*key) || self.node.child(&key).is_some();
+                visit_entry(&mut map, self.node, &key, self.caps, seen.stack)?;
             }
         }
-        Ok(batch.map_or(Top::Object, Top::Batch))
+        match batch {
+            Some(_) if event_field => Err(de::Error::custom("both batch and event fields")),
+            Some(b) => Ok(Top::Batch(b)),
+            None => Ok(Top::Object),
+        }
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
@@ -246,12 +331,13 @@ fn visit_entry<'de, A: MapAccess<'de>>(
     node: &Node,
     key: &str,
     caps: &mut [Captured<'de>],
+    seen: &mut Vec<Cow<'de, str>>,
 ) -> Result<(), A::Error> {
     match node.child(key) {
         Some(child) => match child.slot {
-            Some(slot) => caps[slot] = map.next_value_seed(LeafSeed)?,
+            Some(slot) => caps[slot] = leaf(map.next_value::<&'de RawValue>()?),
             None => {
-                map.next_value_seed(NodeSeed { node: child, caps })?;
+                map.next_value_seed(NodeSeed { node: child, caps, seen })?;
             }
         },
         None => {
@@ -261,106 +347,94 @@ fn visit_entry<'de, A: MapAccess<'de>>(
     Ok(())
 }
 
-/// Walks an object along the tree; returns whether the value was an object.
+/// What a walked value turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walked {
+    Object,
+    Null,
+    Other,
+}
+
+/// Walks an object along the tree.
 struct NodeSeed<'t, 'c, 'a> {
     node: &'t Node,
     caps: &'c mut [Captured<'a>],
+    seen: &'c mut Vec<Cow<'a, str>>,
 }
 
 impl<'de, 't, 'c> DeserializeSeed<'de> for NodeSeed<'t, 'c, 'de> {
-    type Value = bool;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    type Value = Walked;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Walked, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de, 't, 'c> NodeSeed<'t, 'c, 'de> {
-    fn not_object<E>(self) -> Result<bool, E> {
+    fn not_object<E>(self) -> Result<Walked, E> {
         self.node.mark_other(self.caps);
-        Ok(false)
+        Ok(Walked::Other)
     }
 }
 
 impl<'de, 't, 'c> Visitor<'de> for NodeSeed<'t, 'c, 'de> {
-    type Value = bool;
+    type Value = Walked;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Walked, A::Error> {
+        let mut seen = Seen::open(self.seen);
         while let Some(Key(key)) = map.next_key()? {
-            visit_entry(&mut map, self.node, &key, self.caps)?;
+            seen.insert(&key)?;
+            visit_entry(&mut map, self.node, &key, self.caps, seen.stack)?;
         }
-        Ok(true)
+        Ok(Walked::Object)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Walked, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         self.not_object()
     }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
+    fn visit_unit<E>(self) -> Result<Walked, E> {
+        Ok(Walked::Null)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Walked, E> {
         self.not_object()
     }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Walked, E> {
         self.not_object()
     }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Walked, E> {
         self.not_object()
     }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Walked, E> {
         self.not_object()
     }
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+    fn visit_str<E>(self, _: &str) -> Result<Walked, E> {
         self.not_object()
     }
 }
 
-struct LeafSeed;
-
-impl<'de> DeserializeSeed<'de> for LeafSeed {
-    type Value = Captured<'de>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Captured<'de>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for LeafSeed {
-    type Value = Captured<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Captured<'de>, E> {
-        Ok(Captured::U64(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Captured<'de>, E> {
-        Ok(if v >= 0 { Captured::U64(v as u64) } else { Captured::Other })
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Captured<'de>, E> {
-        Ok(Captured::Other)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Captured<'de>, E> {
-        Ok(Captured::Other)
-    }
-    fn visit_unit<E>(self) -> Result<Captured<'de>, E> {
-        Ok(Captured::Missing)
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Captured<'de>, E> {
-        Ok(Captured::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Captured<'de>, E> {
-        Ok(Captured::Str(Cow::Owned(v.to_string())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Captured<'de>, E> {
-        Ok(Captured::Str(Cow::Owned(v)))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Captured<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Captured::Other)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Captured<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Captured::Other)
+/// Reads a value at a leaf path from its raw text: strings (borrowed when they have no escapes),
+/// numbers exactly ([`number::meter_value`]), `null` as missing, anything else as [`Captured::Other`].
+fn leaf(raw: &RawValue) -> Captured<'_> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'"') => {
+            let inner = &text[1..text.len() - 1];
+            if !inner.contains('\\') {
+                Captured::Str(Cow::Borrowed(inner))
+            } else {
+                match serde_json::from_str::<String>(text) {
+                    Ok(s) => Captured::Str(Cow::Owned(s)),
+                    Err(_) => Captured::Other,
+                }
+            }
+        }
+        Some(b'-' | b'0'..=b'9') => match number::meter_value(text) {
+            Ok(v) => Captured::U64(v),
+            Err(_) => Captured::Other,
+        },
+        Some(b'n') => Captured::Missing,
+        _ => Captured::Other,
     }
 }
 
@@ -409,7 +483,14 @@ mod tests {
             (r#"{"usage":"lots"}"#, Captured::Other, Captured::Missing),
             (r#"{"usage":{"input":null}}"#, Captured::Missing, Captured::Missing),
             (r#"null"#, Captured::Missing, Captured::Missing),
-            (r#"{"usage":{"input":18446744073709551615}}"#, Captured::U64(u64::MAX), Captured::Missing),
+            (r#"{"usage":{"input":18446744073709551615}}"#, Captured::Other, Captured::Missing),
+            (r#"{"usage":{"input":9007199254740992}}"#, Captured::Other, Captured::Missing),
+            (r#"{"usage":{"input":9007199254740991}}"#, Captured::U64(9007199254740991), Captured::Missing),
+            (r#"{"usage":{"input":12.0}}"#, Captured::U64(12), Captured::Missing),
+            (r#"{"usage":{"input":1e3}}"#, Captured::U64(1000), Captured::Missing),
+            (r#"{"usage":{"input":-0}}"#, Captured::U64(0), Captured::Missing),
+            (r#"{"usage":{"input":12.000000000000000001}}"#, Captured::Other, Captured::Missing),
+            (r#"{"usage":{"input":true},"userId":null}"#, Captured::Other, Captured::Missing),
         ] {
             let v = format!(r#"{{"id":"e","type":"t","timestamp":"x","body":{body}}}"#);
             let mut caps = vec![Captured::Missing; t.slots()];
@@ -434,6 +515,67 @@ mod tests {
             let mut caps = vec![Captured::Missing; t.slots()];
             assert!(decode_message(v, &t, &mut caps).is_err(), "{:?}", String::from_utf8_lossy(v));
         }
+    }
+
+    fn decode(v: &str) -> Result<Vec<Captured<'_>>, Malformed> {
+        let (t, ..) = tree();
+        let mut caps = vec![Captured::Missing; t.slots()];
+        match decode_message(v.as_bytes(), &t, &mut caps)? {
+            Message::Single => Ok(caps),
+            Message::Batch(events) => {
+                for e in events {
+                    let mut c = vec![Captured::Missing; t.slots()];
+                    decode_event(e, &t, &mut c)?;
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_on_walked_objects_are_malformed() {
+        for v in [
+            r#"{"id":"b","type":"t","body":{"usage":{"input":812,"output":96}},"body":{"model":"gpt-4o"}}"#,
+            r#"{"id":"a","id":"b","type":"t"}"#,
+            r#"{"id":"a","type":"t","extra":1,"extra":2}"#,
+            r#"{"id":"a","type":"t","body":{"usage":{"input":1,"input":2}}}"#,
+            r#"{"id":"a","type":"t","body":{"usage":{"output":1,"output":2}}}"#,
+            r#"{"id":"a","type":"t","body":{"model":"x","model":"y"}}"#,
+            r#"{"id":"a","type":"t","body":{},"body":{}}"#,
+            r#"{"batch":[{"id":"a"}],"batch":[{"id":"b"}]}"#,
+            r#"{"batch":[{"id":"a","type":"t","type":"u"}]}"#,
+        ] {
+            assert_eq!(decode(v).err(), Some(Malformed), "{v}");
+        }
+        // Keys repeated inside values nothing walks are not looked at; a repeat across objects is fine.
+        for v in [
+            r#"{"id":"a","type":"t","metadata":{"k":1,"k":2}}"#,
+            r#"{"id":"a","type":"t","body":{"input":[{"x":1,"x":2}],"usage":{"input":1}}}"#,
+            r#"{"id":"a","type":"t","body":{"id":"x","usage":{"id":"y"}}}"#,
+        ] {
+            assert!(decode(v).is_ok(), "{v}");
+        }
+        // Many keys (the hash-set path).
+        let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        assert!(decode(&format!(r#"{{{many}"id":"a","type":"t"}}"#)).is_ok());
+        assert!(decode(&format!(r#"{{{many}"id":"a","type":"t","k7":0}}"#)).is_err());
+    }
+
+    #[test]
+    fn batch_shapes_that_bill_nothing_are_malformed() {
+        for v in [
+            r#"{"id":"c","type":"trace-create","timestamp":"2026-11-28T10:15:02Z","batch":[]}"#,
+            r#"{"batch":[],"id":"c"}"#,
+            r#"{"batch":[{"id":"a","type":"t"}],"body":{}}"#,
+            r#"{"batch":[]}"#,
+            r#"{"batch":{}}"#,
+            r#"{"batch":null}"#,
+            r#"{"batch":"x"}"#,
+        ] {
+            assert_eq!(decode(v).err(), Some(Malformed), "{v}");
+        }
+        // Wrapper fields that are not event fields (Langfuse sends `metadata`) are ignored.
+        assert!(decode(r#"{"batch":[{"id":"a","type":"t"}],"metadata":{"sdk":"js"}}"#).is_ok());
     }
 
     #[test]

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod layered;
+
+use layered::Layered;
+
 /// Errors from loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -242,14 +246,14 @@ macro_rules! default_from_serde {
 pub(crate) use default_from_serde;
 
 /// Reads `path` (if given), applies `TALLY_<SECTION>_<KEY>` overrides of `sections` from `env`
-/// and deserializes.
+/// (each read with the type of the key it sets, see [`layered`]) and deserializes.
 pub fn load_sections<T: serde::de::DeserializeOwned>(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
     sections: &[&str],
 ) -> Result<T, ConfigError> {
-    let table = load_table(path, env, sections)?;
-    table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))
+    let layered = load_layered(path, env, sections)?;
+    T::deserialize(layered).map_err(|e| ConfigError::Parse(e.0))
 }
 default_from_serde!(KafkaConfig, ClickHouseConfig, AuthConfig, DedupeConfig, MetersConfig, MetricsConfig, IngestLimits);
 
@@ -284,7 +288,23 @@ impl IngestConfig {
         if self.dedupe.window_secs == 0 {
             return bad("dedupe.window_secs", "must be > 0");
         }
-        if self.clickhouse.events_retention_days * 86_400 < self.dedupe.window_secs + self.dedupe.replay_slack_secs {
+        // Seconds in these keys reach i64 arithmetic on times: bound them to what makes sense.
+        const TEN_YEARS_SECS: u64 = 3650 * 86_400;
+        if self.dedupe.window_secs > TEN_YEARS_SECS {
+            return bad("dedupe.window_secs", "must be at most 10 years (315360000)");
+        }
+        if self.dedupe.replay_slack_secs > TEN_YEARS_SECS {
+            return bad("dedupe.replay_slack_secs", "must be at most 10 years (315360000)");
+        }
+        if self.ingest.max_future_secs > 86_400 * 366 {
+            return bad("ingest.max_future_secs", "must be at most one year (31622400)");
+        }
+        if self.auth.leeway_secs > 86_400 {
+            return bad("auth.leeway_secs", "must be at most one day (86400)");
+        }
+        if self.clickhouse.events_retention_days.saturating_mul(86_400)
+            < self.dedupe.window_secs + self.dedupe.replay_slack_secs
+        {
             return bad("clickhouse.events_retention_days", "must cover dedupe.window_secs + dedupe.replay_slack_secs");
         }
         if self.dedupe.bloom_bytes_per_partition < 1024 {
@@ -305,20 +325,21 @@ impl IngestConfig {
             })?,
             None => 300_000,
         };
-        if self.clickhouse.timeout_secs == 0 || self.clickhouse.timeout_secs * 1000 * 2 > max_poll_ms {
+        if self.clickhouse.timeout_secs == 0 || self.clickhouse.timeout_secs.saturating_mul(2000) > max_poll_ms {
             return bad("clickhouse.timeout_secs", "must be > 0 and at most half of kafka max.poll.interval.ms");
         }
         Ok(())
     }
 }
 
-/// Loads a TOML table from `path` and applies `TALLY_<SECTION>_<KEY>` overrides for `sections`.
-pub fn load_table(
+/// Loads the TOML file at `path` and lays the `TALLY_<SECTION>_<KEY>` variables of `sections`
+/// over it. Variables of other sections (and other `TALLY_*` names) are not configuration.
+pub fn load_layered(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
     sections: &[&str],
-) -> Result<toml::Table, ConfigError> {
-    let mut table: toml::Table = match path {
+) -> Result<Layered, ConfigError> {
+    let table: toml::Table = match path {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
@@ -326,6 +347,7 @@ pub fn load_table(
         }
         None => toml::Table::new(),
     };
+    let mut layered = Layered::from_file(table);
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("TALLY_") else { continue };
         let rest = rest.to_ascii_lowercase();
@@ -335,26 +357,10 @@ pub fn load_table(
         else {
             continue;
         };
-        let key = rest[section.len() + 1..].to_string();
-        let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let toml::Value::Table(sec) = entry else {
-            return Err(ConfigError::Parse(format!("[{section}] must be a table")));
-        };
-        sec.insert(key, env_value(&value));
+        let key = &rest[section.len() + 1..];
+        layered.set_env(section, key, &name, &value).map_err(|e| ConfigError::Parse(e.0))?;
     }
-    Ok(table)
-}
-
-/// An environment value as TOML: integers and booleans keep their type, everything else is a string.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    match raw {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(raw.to_string()),
-    }
+    Ok(layered)
 }
 
 #[cfg(test)]
@@ -406,6 +412,41 @@ mod tests {
         std::fs::write(&p, "[clickhouse]\nurll = \"x\"\n").unwrap();
         let err = IngestConfig::load(Some(&p), env(&[])).unwrap_err();
         assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    /// Issue 7, row 10: an override is read with the type of its key; a bad one names its variable.
+    #[test]
+    fn env_overrides_take_the_type_of_their_key() {
+        let c = IngestConfig::load(
+            None,
+            env(&[
+                ("TALLY_CLICKHOUSE_PASSWORD", "123456"),
+                ("TALLY_KAFKA_GROUP_ID", "2024"),
+                ("TALLY_KAFKA_TOPIC", "true"),
+                ("TALLY_AUTH_ISSUER", "1e3"),
+                ("TALLY_CLICKHOUSE_USER", "0"),
+                ("TALLY_METERS_PATH", "12"),
+                ("TALLY_DEDUPE_WINDOW_SECS", "3600"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.clickhouse.password, "123456");
+        assert_eq!(c.kafka.group_id, "2024");
+        assert_eq!(c.kafka.topic, "true");
+        assert_eq!(c.auth.issuer, "1e3");
+        assert_eq!(c.clickhouse.user, "0");
+        assert_eq!(c.meters.path, PathBuf::from("12"));
+        assert_eq!(c.dedupe.window_secs, 3600);
+        for (var, text) in [
+            ("TALLY_KAFKA_PORT", "9092"),
+            ("TALLY_DEDUPE_WINDOW_SECS", "a month"),
+            ("TALLY_DEDUPE_WINDOW_SECS", "-5"),
+            ("TALLY_INGEST_MAX_MESSAGE_BYTES", "99999999999999999999999"),
+            ("TALLY_KAFKA_OPTIONS", "acks=all"),
+        ] {
+            let err = IngestConfig::load(None, env(&[(var, text)])).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={text}: {err}");
+        }
     }
 
     #[test]
