@@ -249,6 +249,15 @@ impl Processor {
     }
 }
 
+/// One accepted event's contribution, see [`Staged::billed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Billed<'m> {
+    pub id: String,
+    pub msg: usize,
+    pub additive: Vec<(&'m str, u64)>,
+    pub unique: Vec<(&'m str, u64)>,
+}
+
 /// Which message is being staged.
 #[derive(Clone, Copy)]
 struct MsgCtx<'m, 'a> {
@@ -333,6 +342,28 @@ impl<'a> Staged<'a> {
     /// Events that will be inserted (new, or not yet resolved).
     pub fn accepted(&self) -> usize {
         self.events.iter().filter(|e| e.verdict != Verdict::Duplicate).count()
+    }
+
+    /// What the accepted events bill, per event in staging order: (event id, message index in
+    /// the staged slice, additive (meter, value) pairs, unique (meter, hash) pairs). For tests,
+    /// fuzz targets and tools; the hot path writes rows with [`Staged::encode`].
+    pub fn billed<'m>(&self, meters: &'m Meters, msgs: &[InMessage<'_>]) -> Vec<Billed<'m>> {
+        self.events
+            .iter()
+            .filter(|e| e.verdict != Verdict::Duplicate)
+            .map(|e| Billed {
+                id: e.id.to_string(),
+                msg: msgs.iter().position(|m| m.partition == e.partition && m.offset == e.offset).unwrap_or(usize::MAX),
+                additive: self.additive[e.additive.start as usize..e.additive.end as usize]
+                    .iter()
+                    .map(|(m, v)| (meters.name(*m), *v))
+                    .collect(),
+                unique: self.unique[e.unique.start as usize..e.unique.end as usize]
+                    .iter()
+                    .map(|(m, h)| (meters.name(*m), *h))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Writes the rows of the accepted events; returns how many.

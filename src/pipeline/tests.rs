@@ -202,3 +202,184 @@ fn a_partition_without_state_is_an_error() {
     }];
     assert!(f.p.stage(&msgs, &mut f.states, NOW).is_err());
 }
+
+/// Stages one message per value (same credential) and returns what each bills, or why not.
+fn outcomes(f: &mut Fx, values: &[&str]) -> Vec<Result<Vec<(String, u64)>, Reason>> {
+    let good = f.auth();
+    let msgs: Vec<InMessage> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| InMessage {
+            partition: 0,
+            offset: 1000 + i as i64,
+            timestamp_secs: Some(NOW),
+            value: Some(v.as_bytes()),
+            authorization: Credential::One(good.as_bytes()),
+        })
+        .collect();
+    let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+    staged.resolve(&HashSet::new());
+    let billed = staged.billed(&f.p.meters, &msgs);
+    (0..values.len())
+        .map(|i| {
+            if let Some(r) = staged.rejections.iter().find(|r| r.msg == i) {
+                return Err(r.reason);
+            }
+            let b = billed.iter().find(|b| b.msg == i).expect("billed or rejected, never neither");
+            let mut v: Vec<(String, u64)> = b.additive.iter().map(|(m, v)| (m.to_string(), *v)).collect();
+            v.extend(b.unique.iter().map(|(m, h)| (m.to_string(), *h)));
+            Ok(v)
+        })
+        .collect()
+}
+
+fn ts(secs: i64) -> String {
+    crate::timestamp::format_rfc3339(secs)
+}
+
+/// Issue 7, rows 1–6: the inputs real producers send, each with the value the contract requires.
+#[test]
+fn field_inputs_bill_what_the_contract_says() {
+    let mut f = fx("field");
+    let t = ts(NOW);
+    let gen = |v: &[(&str, u64)]| -> Result<Vec<(String, u64)>, Reason> {
+        let mut out = vec![("events".to_string(), 1), ("observations".to_string(), 1)];
+        out.extend(v.iter().map(|(m, x)| (m.to_string(), *x)));
+        Ok(out)
+    };
+    let rows = [
+        // Row 1: 12.0 is the integer 12.
+        format!(r#"{{"id":"a","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":12.0,"output":3}}}}}}"#),
+        // Row 2: 1e3 is 1000.
+        format!(r#"{{"id":"a2","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":1e3,"output":3}}}}}}"#),
+        // Row 3: two `body` keys: malformed, never merged.
+        format!(r#"{{"id":"b","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":812,"output":96}}}},"body":{{"model":"gpt-4o"}}}}"#),
+        // Row 4: event fields and an empty batch: malformed, never silently nothing.
+        format!(r#"{{"id":"c","type":"trace-create","timestamp":"{t}","batch":[]}}"#),
+        // Row 5: above 2^53 − 1: malformed (and a second event of the hour bills 1).
+        format!(r#"{{"id":"e1","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":18446744073709551615}}}}}}"#),
+        format!(r#"{{"id":"e2","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":1}}}}}}"#),
+        // Row 6: a lone surrogate: billed, the user id hashed after U+FFFD replacement.
+        format!(r#"{{"id":"d","type":"generation-create","timestamp":"{t}","body":{{"userId":"u-\ud83d","usage":{{"input":812,"output":96}}}}}}"#),
+    ];
+    let got = outcomes(&mut f, &rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let hash = crate::meter::unique_hash("u-\u{fffd}");
+    assert_eq!(
+        got,
+        [
+            gen(&[("input_tokens", 12), ("output_tokens", 3)]),
+            gen(&[("input_tokens", 1000), ("output_tokens", 3)]),
+            Err(Reason::Malformed),
+            Err(Reason::Malformed),
+            Err(Reason::Malformed),
+            gen(&[("input_tokens", 1)]),
+            gen(&[("input_tokens", 812), ("output_tokens", 96), ("unique_users", hash)]),
+        ]
+    );
+}
+
+/// The kinds beyond the rows: every numeric form on every meter path, repeated keys anywhere
+/// along a read path, surrogates in any string (read or not), batch wrappers.
+#[test]
+fn field_input_kinds() {
+    let mut f = fx("kinds");
+    let t = ts(NOW);
+    let e = |id: &str, body: &str| format!(r#"{{"id":"{id}","type":"generation-create","timestamp":"{t}","body":{body}}}"#);
+    let cases: Vec<(String, Result<Vec<(String, u64)>, Reason>)> = vec![
+        (e("n1", r#"{"usage":{"output":1.2e1}}"#), Ok(vec![("output_tokens".into(), 12)])),
+        (e("n2", r#"{"usage":{"output":-0}}"#), Ok(vec![])),
+        (e("n3", r#"{"usage":{"output":1200e-2}}"#), Ok(vec![("output_tokens".into(), 12)])),
+        (e("n4", r#"{"usage":{"output":9007199254740991}}"#), Ok(vec![("output_tokens".into(), 9007199254740991)])),
+        (e("n5", r#"{"usage":{"output":9007199254740992}}"#), Err(Reason::Malformed)),
+        (e("n6", r#"{"usage":{"output":12.5}}"#), Err(Reason::Malformed)),
+        (e("n7", r#"{"usage":{"output":12.000000000000000001}}"#), Err(Reason::Malformed)),
+        (e("n8", r#"{"usage":{"input":-1e0}}"#), Err(Reason::Malformed)),
+        (e("n9", r#"{"usage":{"input":"12"}}"#), Err(Reason::Malformed)),
+        (e("k1", r#"{"usage":{"input":1,"input":1}}"#), Err(Reason::Malformed)),
+        (e("k2", r#"{"usage":{"input":1},"usage":{"input":1}}"#), Err(Reason::Malformed)),
+        (e("k3", r#"{"userId":"a","userId":"b"}"#), Err(Reason::Malformed)),
+        (format!(r#"{{"id":"k4","id":"k5","type":"trace-create","timestamp":"{t}"}}"#), Err(Reason::Malformed)),
+        (format!(r#"{{"id":"k6","type":"trace-create","timestamp":"{t}","timestamp":"{t}"}}"#), Err(Reason::Malformed)),
+        // Surrogates in a field nothing reads, in a key, and a proper pair.
+        (e("s1", r#"{"input":"cut \udc00 here","usage":{"input":5}}"#), Ok(vec![("input_tokens".into(), 5)])),
+        (e("s2", r#"{"\ud800":1,"usage":{"input":5}}"#), Ok(vec![("input_tokens".into(), 5)])),
+        (e("s3", r#"{"userId":"\ud83d\ude00"}"#), Ok(vec![("unique_users".into(), crate::meter::unique_hash("😀"))])),
+        // An id with a lone surrogate is the id with U+FFFD.
+        (format!(r#"{{"id":"s4\ud83d","type":"trace-create","timestamp":"{t}"}}"#), Ok(vec![("traces".into(), 1)])),
+    ];
+    let values: Vec<&str> = cases.iter().map(|(v, _)| v.as_str()).collect();
+    let got = outcomes(&mut f, &values);
+    for ((v, want), got) in cases.iter().zip(got) {
+        let want = want.clone().map(|extra| {
+            let mut w = vec![("events".to_string(), 1)];
+            if v.contains("generation-create") {
+                w.push(("observations".to_string(), 1));
+            }
+            w.extend(extra);
+            w
+        });
+        assert_eq!(got, want, "{v}");
+    }
+    // The repaired id is stored as the replaced string.
+    let good = f.auth();
+    let v = format!(r#"{{"id":"x\udc00y","type":"trace-create","timestamp":"{t}"}}"#);
+    let msgs = [InMessage {
+        partition: 0,
+        offset: 5000,
+        timestamp_secs: Some(NOW),
+        value: Some(v.as_bytes()),
+        authorization: Credential::One(good.as_bytes()),
+    }];
+    let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+    assert_eq!(staged.billed(&f.p.meters, &msgs)[0].id, "x\u{fffd}y");
+}
+
+/// A batch with a repaired surrogate keeps its dead-letter spans on the original bytes.
+#[test]
+fn repaired_batches_keep_their_spans() {
+    let mut f = fx("spans");
+    let good = f.auth();
+    let bad = r#"{"id":"q\ud83d","type":"generation-create","timestamp":"x"}"#;
+    let v = format!(r#"{{"batch":[{},{bad}]}}"#, ev("ok\\ud83d", "trace-create", NOW, "{}"));
+    let msgs = [InMessage {
+        partition: 0,
+        offset: 1,
+        timestamp_secs: Some(NOW),
+        value: Some(v.as_bytes()),
+        authorization: Credential::One(good.as_bytes()),
+    }];
+    let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+    assert_eq!(staged.accepted(), 1);
+    assert_eq!(&v[staged.rejections[0].span.clone().unwrap()], bad);
+}
+
+/// Producer-controlled message timestamps of any size never overflow the time checks, and rows
+/// never hold an event time ClickHouse `DateTime` cannot.
+#[test]
+fn extreme_message_timestamps_are_refused_not_wrapped() {
+    let mut f = fx("times");
+    // A token valid at any message time: no `iat`/`nbf`, `exp` far beyond every test time.
+    let mut c = f.keys.claims(&f.keys.tenants[0], NOW, 0);
+    c["exp"] = i64::MAX.into();
+    c.as_object_mut().unwrap().retain(|k, _| k != "iat" && k != "nbf");
+    let good = bearer(&f.keys.sign_eddsa(&c));
+    for (at, event_ts, want) in [
+        (i64::MAX - 1, "9999-12-31T23:59:59Z", Some(Reason::TooOld)),
+        (i64::MIN, "1970-01-01T00:00:00Z", Some(Reason::FutureTimestamp)),
+        // Beyond what `DateTime` (UInt32) holds, whatever the message time says.
+        (u32::MAX as i64, "2106-02-07T06:00:00Z", Some(Reason::FutureTimestamp)),
+        (u32::MAX as i64, "2106-02-07T05:00:00Z", None),
+        (-10, "1969-12-31T23:59:59Z", Some(Reason::TooOld)),
+    ] {
+        let v = format!(r#"{{"id":"t{at}","type":"trace-create","timestamp":"{event_ts}"}}"#);
+        let msgs = [InMessage {
+            partition: 0,
+            offset: 1,
+            timestamp_secs: Some(at),
+            value: Some(v.as_bytes()),
+            authorization: Credential::One(good.as_bytes()),
+        }];
+        let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+        assert_eq!(staged.rejections.first().map(|r| r.reason), want, "{at} {event_ts}");
+    }
+}
