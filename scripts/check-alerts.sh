@@ -144,5 +144,5 @@ cd "$ROOT"
 "$PROMTOOL" test rules "${TESTS#"$ROOT/"}"
 echo "Checking runbooks ($(basename "$RULES") -> docs/alerts.md)"
 lint_rules
-echo "Checking the Grafana dashboard queries ($DASHBOARD)"
+echo "Checking the Grafana dashboard queries (${DASHBOARD#"$ROOT/"})"
 check_dashboard
