@@ -97,7 +97,16 @@ pub fn insert_latency(secs: f64, events: usize) {
 pub fn install(listen: &str) -> anyhow::Result<()> {
     use anyhow::Context;
     let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("invalid metrics.listen {listen:?}"))?;
+    use metrics_exporter_prometheus::Matcher;
+    // Histograms with explicit buckets (not summaries), so that p50/p99 can be aggregated
+    // across replicas (`histogram_quantile` over `sum by (le)`).
+    const SECONDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+    const EVENTS_PER_BATCH: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0];
     metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .expect("valid buckets")
+        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), EVENTS_PER_BATCH)
+        .expect("valid buckets")
         .with_http_listener(addr)
         .install()
         .with_context(|| format!("failed to serve metrics on {listen}"))?;

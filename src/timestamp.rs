@@ -1,6 +1,11 @@
 //! RFC 3339 timestamps to Unix seconds, without allocation (the hot path parses one per event).
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` into Unix seconds (the fraction is truncated).
+/// Parses an RFC 3339 §5.6 `date-time` into Unix seconds (the fraction is truncated), exactly
+/// as the grammar allows (PRODUCT.md §1): `YYYY-MM-DD`, `T` or `t`, `HH:MM:SS`, an optional
+/// fraction of any length, `Z`, `z` or `±HH:MM`. Second `60` is accepted only where a leap second
+/// can stand — 23:59:60 in UTC, after applying the offset — and read as 23:59:59; anywhere else
+/// it is refused, like every other form the grammar does not allow (a space for `T`, a missing
+/// offset, `+0100`).
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() < 20 {
@@ -16,7 +21,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         }
         Some(v)
     };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
         return None;
     }
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
@@ -57,6 +62,9 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
+    if second == 60 && (hour * 60 + minute - offset / 60).rem_euclid(1440) != 23 * 60 + 59 {
+        return None;
+    }
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset)
 }
 
@@ -119,8 +127,60 @@ mod tests {
             "2026-11-28T25:00:00Z",
             "2026-11-28T10:15:02+0100",
             "yesterday at noon!!",
+            "2026-11-28 10:15:02Z",
+            "2026-11-28T10:15:60Z",
+            "2016-12-31T23:59:60+01:00",
+            "2016-12-31T23:58:60Z",
+            "2026-11-28T10:15:02+24:00",
+            "2026-11-28T10:15:02+01:60",
+            "2026-11-28T10:15:02.1.2Z",
+            "2026-11-28T10:15:02Zz",
+            "+2026-11-28T10:15:02Z",
+            "2026-11-28T10:15:02\u{0}Z",
         ] {
             assert_eq!(parse_rfc3339(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn lower_case_separators_fractions_and_leap_seconds() {
+        assert_eq!(parse_rfc3339("2026-11-28t10:15:02z"), Some(1_795_860_902));
+        assert_eq!(parse_rfc3339("2026-11-28T10:15:02.123456789012345678901234567890Z"), Some(1_795_860_902));
+        assert_eq!(parse_rfc3339("2026-11-28T10:15:02-00:00"), Some(1_795_860_902));
+        // 23:59:60 UTC is read as 23:59:59, in UTC or at any offset that puts it there.
+        let end_2016 = parse_rfc3339("2016-12-31T23:59:59Z").unwrap();
+        assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), Some(end_2016));
+        assert_eq!(parse_rfc3339("2016-12-31T18:59:60-05:00"), Some(end_2016));
+        assert_eq!(parse_rfc3339("2017-01-01T05:29:60+05:30"), Some(end_2016));
+    }
+
+    proptest::proptest! {
+        /// Differential: on every input both accept, this parser and the `time` crate's RFC 3339
+        /// parser agree to the second; and this parser never accepts what `time` refuses, except
+        /// a leap second at 23:59:60 UTC on a day that is not a month's last (the contract is
+        /// "where a leap second can stand", `time` narrows it to month ends).
+        #[test]
+        fn agrees_with_the_time_crate(
+            y in 0i64..=9999, mo in 0i64..=13, d in 0i64..=32, h in 0i64..=25, mi in 0i64..=61, sec in 0i64..=61,
+            frac in proptest::option::of("[0-9]{1,12}"),
+            sep in proptest::sample::select(vec!['T', 't', ' ', 'x']),
+            off in proptest::sample::select(vec!["Z".to_string(), "z".into(), "+00:00".into(), "-05:00".into(),
+                "+05:30".into(), "+23:59".into(), "-23:59".into(), "+24:00".into(), "+01:60".into(), "".into(), "+0100".into()]),
+        ) {
+            let s = format!(
+                "{y:04}-{mo:02}-{d:02}{sep}{h:02}:{mi:02}:{sec:02}{}{off}",
+                frac.map(|f| format!(".{f}")).unwrap_or_default()
+            );
+            let ours = parse_rfc3339(&s);
+            let reference = time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp());
+            match (ours, reference) {
+                (Some(a), Some(b)) => proptest::prop_assert_eq!(a, b, "{}", s),
+                (Some(_), None) => proptest::prop_assert!(sec == 60, "accepted what time refuses: {}", s),
+                (None, Some(_)) => proptest::prop_assert!(sep != 'T' && sep != 't', "refused: {}", s),
+                (None, None) => {}
+            }
         }
     }
 

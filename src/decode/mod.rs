@@ -20,6 +20,9 @@ use std::fmt;
 pub mod number;
 pub mod surrogates;
 
+#[cfg(test)]
+mod differential;
+
 use std::collections::HashSet;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};

@@ -249,18 +249,28 @@ fn field_inputs_bill_what_the_contract_says() {
     };
     let rows = [
         // Row 1: 12.0 is the integer 12.
-        format!(r#"{{"id":"a","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":12.0,"output":3}}}}}}"#),
+        format!(
+            r#"{{"id":"a","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":12.0,"output":3}}}}}}"#
+        ),
         // Row 2: 1e3 is 1000.
-        format!(r#"{{"id":"a2","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":1e3,"output":3}}}}}}"#),
+        format!(
+            r#"{{"id":"a2","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":1e3,"output":3}}}}}}"#
+        ),
         // Row 3: two `body` keys: malformed, never merged.
-        format!(r#"{{"id":"b","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":812,"output":96}}}},"body":{{"model":"gpt-4o"}}}}"#),
+        format!(
+            r#"{{"id":"b","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":812,"output":96}}}},"body":{{"model":"gpt-4o"}}}}"#
+        ),
         // Row 4: event fields and an empty batch: malformed, never silently nothing.
         format!(r#"{{"id":"c","type":"trace-create","timestamp":"{t}","batch":[]}}"#),
         // Row 5: above 2^53 − 1: malformed (and a second event of the hour bills 1).
-        format!(r#"{{"id":"e1","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":18446744073709551615}}}}}}"#),
+        format!(
+            r#"{{"id":"e1","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":18446744073709551615}}}}}}"#
+        ),
         format!(r#"{{"id":"e2","type":"generation-create","timestamp":"{t}","body":{{"usage":{{"input":1}}}}}}"#),
         // Row 6: a lone surrogate: billed, the user id hashed after U+FFFD replacement.
-        format!(r#"{{"id":"d","type":"generation-create","timestamp":"{t}","body":{{"userId":"u-\ud83d","usage":{{"input":812,"output":96}}}}}}"#),
+        format!(
+            r#"{{"id":"d","type":"generation-create","timestamp":"{t}","body":{{"userId":"u-\ud83d","usage":{{"input":812,"output":96}}}}}}"#
+        ),
     ];
     let got = outcomes(&mut f, &rows.iter().map(String::as_str).collect::<Vec<_>>());
     let hash = crate::meter::unique_hash("u-\u{fffd}");
@@ -284,7 +294,8 @@ fn field_inputs_bill_what_the_contract_says() {
 fn field_input_kinds() {
     let mut f = fx("kinds");
     let t = ts(NOW);
-    let e = |id: &str, body: &str| format!(r#"{{"id":"{id}","type":"generation-create","timestamp":"{t}","body":{body}}}"#);
+    let e =
+        |id: &str, body: &str| format!(r#"{{"id":"{id}","type":"generation-create","timestamp":"{t}","body":{body}}}"#);
     let cases: Vec<(String, Result<Vec<(String, u64)>, Reason>)> = vec![
         (e("n1", r#"{"usage":{"output":1.2e1}}"#), Ok(vec![("output_tokens".into(), 12)])),
         (e("n2", r#"{"usage":{"output":-0}}"#), Ok(vec![])),
