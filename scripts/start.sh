@@ -41,7 +41,7 @@ for q in ("CREATE DATABASE IF NOT EXISTS _tally_probe", "DROP DATABASE IF EXISTS
 PY
 }
 if ! ch_usable; then
-  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT does not work (see above); stop it or set TALLY_CH_HTTP_PORT"
+  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT does not work (see above); stop it or set TALLYDEV_CH_HTTP_PORT"
   exit 1
 fi
 log "clickhouse up on 127.0.0.1:$CH_HTTP_PORT"
@@ -65,4 +65,4 @@ create_topic() {
     "$TANSU" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions "$2" "$1" >/dev/null 2>&1 || true
   fi
 }
-for t in ${TALLY_TOPICS:-trace-events trace-events.rejected}; do create_topic "$t" 6; done
+for t in ${TALLYDEV_TOPICS:-trace-events trace-events.rejected}; do create_topic "$t" 6; done
