@@ -102,18 +102,33 @@ def check_invoicer_queries(q, s, h):
     hour = 1795860000
     v = {"database": DB, "from": hour - 86400, "to": hour + 86400}
     rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
-    fig = lambda name: {tuple(r[:4]): int(r[4]) for r in rows(render(name, v))}
+    # Sums come as (value_hi, value_lo) 32-bit halves, joined exactly as src/invoice/sql.rs does.
+    fig = lambda name: {tuple(r[:4]): (int(r[4]) << 32) + int(r[5]) for r in rows(render(name, v))}
     agg, ev = fig("verify_aggregates"), fig("verify_events")
     diff = sorted(k for k in set(agg) | set(ev) if agg.get(k) != ev.get(k))
     want = [("o1", "p1", m, str(hour)) for m in ("events", "input_tokens", "observations")]
     assert diff == want, f"verify mismatches {diff}, want {want}"
     assert agg[("o1", "p1", "unique_users", str(hour))] == ev[("o1", "p1", "unique_users", str(hour))] == 2
     buckets = rows(render("additive_buckets", {**v, "bucket_secs": 3600}))
-    assert ["o1", "scores", str(hour), "1"] in buckets, buckets
+    assert ["o1", "scores", str(hour), "0", "1"] in buckets, buckets
     assert rows(render("unique_period", v)) == [["o1", "unique_users", "2"]]
     usage = rows(render("usage_additive", {**v, "org_filter": "AND org_id = 'o1'"}))
-    assert ["o1", "p2", "scores", "1"] in usage, usage
-    assert rows(render("usage_unique", {**v, "org_filter": ""})) == [["o1", "p1", "unique_users", "2"]]
+    assert ["o1", "p2", "scores", "0", "1"] in usage, usage
+    assert rows(render("usage_unique", {**v, "org_filter": ""})) == [["o1", "p1", "unique_users", "0", "2"]]
+    # A total beyond 64 bits: `sum` wraps to 0, the split sums keep it exactly (2^64).
+    s.query(
+        f"INSERT INTO {DB}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, "
+        f"unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES "
+        + ",".join(
+            f"('o9', 'p9', 'big{i}', 'generation-create', toDateTime({hour}), toDateTime({hour}), {i}, ['input_tokens'], "
+            f"[9223372036854775808], [], [], 't', 0, {i}, -1, now())"
+            for i in range(2)
+        )
+    )
+    big = [r for r in rows(render("verify_events", v)) if r[0] == "o9"]
+    assert big == [["o9", "p9", "input_tokens", str(hour), "4294967296", "0"]], big
+    wrapped = q(f"SELECT sum(v) FROM {DB}.events ARRAY JOIN meter_values AS v WHERE org_id = 'o9'")
+    assert wrapped.strip() == "0", wrapped
     s.query(
         f"INSERT INTO {DB}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, target, "
         f"event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, run_id, detail, recorded_at) VALUES "

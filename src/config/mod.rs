@@ -252,7 +252,33 @@ pub fn load_sections<T: serde::de::DeserializeOwned>(
     env: impl IntoIterator<Item = (String, String)>,
     sections: &[&str],
 ) -> Result<T, ConfigError> {
-    let layered = load_layered(path, env, sections)?;
+    let table = match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.message())))?
+        }
+        None => toml::Table::new(),
+    };
+    from_table(table, env, sections)
+}
+
+/// Parses configuration text (what a file holds) with the overrides of `env` applied.
+pub fn parse_sections<T: serde::de::DeserializeOwned>(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    sections: &[&str],
+) -> Result<T, ConfigError> {
+    let table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string()))?;
+    from_table(table, env, sections)
+}
+
+fn from_table<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    sections: &[&str],
+) -> Result<T, ConfigError> {
+    let layered = layer_env(table, env, sections)?;
     T::deserialize(layered).map_err(|e| ConfigError::Parse(e.0))
 }
 default_from_serde!(KafkaConfig, ClickHouseConfig, AuthConfig, DedupeConfig, MetersConfig, MetricsConfig, IngestLimits);
@@ -264,6 +290,13 @@ impl IngestConfig {
     /// Reads `path` (if given), applies `TALLY_*` overrides from `env`, deserializes and validates.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let cfg: IngestConfig = load_sections(path, env, INGEST_SECTIONS)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`IngestConfig::load`] from the text of a file.
+    pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let cfg: IngestConfig = parse_sections(text, env, INGEST_SECTIONS)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -332,21 +365,13 @@ impl IngestConfig {
     }
 }
 
-/// Loads the TOML file at `path` and lays the `TALLY_<SECTION>_<KEY>` variables of `sections`
-/// over it. Variables of other sections (and other `TALLY_*` names) are not configuration.
-pub fn load_layered(
-    path: Option<&Path>,
+/// Lays the `TALLY_<SECTION>_<KEY>` variables of `sections` over a file's table. Variables of
+/// other sections (and other `TALLY_*` names) are not configuration.
+pub fn layer_env(
+    table: toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
     sections: &[&str],
 ) -> Result<Layered, ConfigError> {
-    let table: toml::Table = match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
-            toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.message())))?
-        }
-        None => toml::Table::new(),
-    };
     let mut layered = Layered::from_file(table);
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("TALLY_") else { continue };

@@ -75,18 +75,46 @@ pub type Figures = BTreeMap<(String, String, String, i64), u64>;
 pub fn figures(ch: &ClickHouse, sql: &str) -> Result<Figures, ChError> {
     let mut out = Figures::new();
     for r in rows(ch, sql)? {
-        if r.len() != 5 {
-            return Err(ChError::Response(format!("expected 5 columns, got {r:?}")));
+        if r.len() != 6 {
+            return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
         }
-        let v: u64 = num(&r[4])?;
-        *out.entry((r[0].clone(), r[1].clone(), r[2].clone(), num(&r[3])?)).or_default() += v;
+        let what = || format!("{}/{}/{} at hour {}", r[0], r[1], r[2], r[3]);
+        let v = exact_sum(&r[4], &r[5], &what)?;
+        let e = out.entry((r[0].clone(), r[1].clone(), r[2].clone(), num(&r[3])?)).or_default();
+        *e = e.checked_add(v).ok_or_else(|| ChError::TotalOverflow(what()))?;
     }
     Ok(out)
+}
+
+/// Joins a sum the queries return split into 32-bit halves (`value_hi`, `value_lo`: each the
+/// exact sum of the high and low halves of the values) into the exact total, or
+/// [`ChError::TotalOverflow`] naming `what` when the total needs more than 64 bits: a total
+/// anywhere in the invoicer is either exact or refused, never wrapped (PRODUCT.md §1).
+pub fn exact_sum(hi: &str, lo: &str, what: &dyn Fn() -> String) -> Result<u64, ChError> {
+    let (hi, lo): (u64, u64) = (num(hi)?, num(lo)?);
+    let total = (u128::from(hi) << 32) + u128::from(lo);
+    u64::try_from(total).map_err(|_| ChError::TotalOverflow(format!("{} = {total}", what())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_sums_join_exactly_or_refuse() {
+        let what = || "o/p/m".to_string();
+        assert_eq!(exact_sum("0", "12", &what).unwrap(), 12);
+        // 2^53 − 1 twice: hi and lo halves.
+        let v: u64 = (1 << 53) - 1;
+        let (hi, lo) = (2 * (v >> 32), 2 * (v & 0xFFFF_FFFF));
+        assert_eq!(exact_sum(&hi.to_string(), &lo.to_string(), &what).unwrap(), 2 * v);
+        assert_eq!(exact_sum("4294967295", "4294967295", &what).unwrap(), u64::MAX);
+        // u64::MAX + 1 (e.g. 18446744073709551615 and 1, issue 7 row 5): refused by name.
+        let err = exact_sum("4294967295", "4294967296", &what).unwrap_err();
+        assert!(matches!(err, ChError::TotalOverflow(_)), "{err}");
+        assert!(err.to_string().contains("o/p/m") && err.to_string().contains("18446744073709551616"), "{err}");
+        assert_eq!(err.class(), crate::sink::clickhouse::ErrorClass::Permanent);
+    }
 
     #[test]
     fn templates_render_and_fields_unescape() {

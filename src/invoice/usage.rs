@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::period::Period;
-use super::sql::{self, figures, num, org_filter, period_vars, render, rows};
+use super::sql::{self, exact_sum, figures, num, org_filter, period_vars, render, rows};
 use crate::sink::clickhouse::{ChError, ClickHouse};
 use crate::timestamp::format_rfc3339;
 
@@ -28,13 +28,8 @@ pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<U
     let mut out = Vec::new();
     for (template, kind) in [(sql::USAGE_ADDITIVE, "sum"), (sql::USAGE_UNIQUE, "unique")] {
         for r in rows(ch, &render(template, &vars))? {
-            out.push(UsageRow {
-                org_id: r[0].clone(),
-                project_id: r[1].clone(),
-                meter: r[2].clone(),
-                value: num(&r[3])?,
-                kind,
-            });
+            let value = exact_sum(&r[3], &r[4], &|| format!("{}/{}/{} over the period", r[0], r[1], r[2]))?;
+            out.push(UsageRow { org_id: r[0].clone(), project_id: r[1].clone(), meter: r[2].clone(), value, kind });
         }
     }
     out.sort_by(|a, b| (&a.org_id, &a.project_id, &a.meter).cmp(&(&b.org_id, &b.project_id, &b.meter)));
@@ -51,7 +46,8 @@ pub fn additive_buckets(
     vars.push(("bucket_secs", bucket_secs.to_string()));
     let mut out = BTreeMap::new();
     for r in rows(ch, &render(sql::ADDITIVE_BUCKETS, &vars))? {
-        out.insert((r[0].clone(), r[1].clone(), num(&r[2])?), num(&r[3])?);
+        let value = exact_sum(&r[3], &r[4], &|| format!("{}/{} in the bucket at {}", r[0], r[1], r[2]))?;
+        out.insert((r[0].clone(), r[1].clone(), num(&r[2])?), value);
     }
     Ok(out)
 }

@@ -22,6 +22,10 @@ pub enum ChError {
     Server { status: u16, code: Option<u32>, body: String },
     #[error("clickhouse response: {0}")]
     Response(String),
+    /// A total read from ClickHouse needs more than 64 bits: refused rather than wrapped
+    /// (PRODUCT.md §1). No retry can change it; the events behind it must be looked at.
+    #[error("total_overflow: the total of {0} does not fit in 64 bits; refusing to report or bill it")]
+    TotalOverflow(String),
 }
 
 /// Whether retrying a failed request can succeed without someone changing something.
@@ -65,6 +69,7 @@ impl ChError {
         match self {
             ChError::Server { code: Some(c), .. } if PERMANENT_CODES.contains(c) => ErrorClass::Permanent,
             ChError::Server { status: 401 | 403, .. } => ErrorClass::Permanent,
+            ChError::TotalOverflow(_) => ErrorClass::Permanent,
             _ => ErrorClass::Transient,
         }
     }

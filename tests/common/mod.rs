@@ -392,3 +392,49 @@ pub fn sample(text: &str, metric: &str, labels: &str) -> Option<f64> {
         .filter(|l| l.starts_with(metric) && l.contains(labels))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Produces one message with exactly `headers` (in order, names as given) and returns its
+/// (partition, offset) once acknowledged.
+pub fn produce_with_headers(topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) -> (i32, i64) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header { key: k, value: Some(*v) });
+    }
+    let record = FutureRecord::to(topic).key(key).payload(value).headers(h);
+    let delivery = tokio_block_on(p.send(record, Duration::from_secs(30)));
+    let d = delivery.map_err(|(e, _)| e).unwrap();
+    (d.partition, d.offset)
+}
+
+/// The committed-offset target covering every (partition, offset) in `produced`.
+pub fn end_offsets(produced: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+    let mut m = BTreeMap::new();
+    for &(p, o) in produced {
+        let e = m.entry(p).or_insert(0);
+        *e = (*e).max(o + 1);
+    }
+    m
+}
+
+/// A worker that is SIGKILLed if the test panics before stopping it (an orphan would keep
+/// running, and keep the test runner's output pipe open).
+pub struct Running(pub Option<Child>);
+
+impl Running {
+    /// SIGTERM and a clean exit, as [`stop_all`].
+    pub fn stop(mut self) {
+        stop_all(self.0.take().into_iter().collect());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
