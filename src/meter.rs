@@ -187,7 +187,8 @@ impl Meters {
 
 /// The `[[meter]]` definitions of a meters file, as written (see [`Meters::compile`]).
 pub fn parse_defs(text: &str) -> Result<Vec<MeterDef>, MeterError> {
-    let file: MetersFile = toml::from_str(text).map_err(|e| MeterError::Invalid(e.message().to_string()))?;
+    let file: MetersFile =
+        toml::from_str(text).map_err(|e| MeterError::Invalid(e.to_string().trim_end().to_string()))?;
     Ok(file.meter)
 }
 

@@ -88,18 +88,31 @@ pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (for reports and the load generator).
+/// Latest second RFC 3339 can write (9999-12-31T23:59:59Z): its years have four digits.
+pub const MAX_RFC3339_SECS: i64 = 253_402_300_799;
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's
+/// algorithm, the inverse of [`days_from_civil`]).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (for reports and the load generator). Any
+/// value formats as its own instant; outside years 0000–9999 (which RFC 3339 cannot write) the
+/// year has a sign or more digits, so it can never be read back as another instant.
 pub fn format_rfc3339(secs: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let year = if (0..=9999).contains(&y) { format!("{y:04}") } else { format!("{y:+05}") };
+    format!("{year}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -186,8 +199,21 @@ mod tests {
 
     #[test]
     fn round_trips_with_format() {
-        for secs in [0, 1_795_860_902, 951_782_400, 4_102_444_799] {
-            assert_eq!(parse_rfc3339(&format_rfc3339(secs)), Some(secs));
+        for secs in [0, 1_795_860_902, 951_782_400, 4_102_444_799, -62_167_219_200, MAX_RFC3339_SECS, -1] {
+            assert_eq!(parse_rfc3339(&format_rfc3339(secs)), Some(secs), "{secs}");
+        }
+        assert_eq!(format_rfc3339(MAX_RFC3339_SECS + 1), "+10000-01-01T00:00:00Z");
+        assert_eq!(parse_rfc3339(&format_rfc3339(MAX_RFC3339_SECS + 1)), None);
+        assert_eq!(format_rfc3339(-62_167_219_201), "-0001-12-31T23:59:59Z");
+        assert!(format_rfc3339(i64::MIN).starts_with('-') && format_rfc3339(i64::MAX).starts_with('+'));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn formats_like_the_time_crate(secs in -62_167_219_200i64..=MAX_RFC3339_SECS) {
+            let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            let want = t.format(&time::format_description::well_known::Rfc3339).unwrap();
+            proptest::prop_assert_eq!(format_rfc3339(secs), want);
         }
     }
 }

@@ -256,7 +256,8 @@ pub fn load_sections<T: serde::de::DeserializeOwned>(
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
-            toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.message())))?
+            toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse(format!("{}: {}", p.display(), e.to_string().trim_end())))?
         }
         None => toml::Table::new(),
     };
@@ -269,7 +270,7 @@ pub fn parse_sections<T: serde::de::DeserializeOwned>(
     env: impl IntoIterator<Item = (String, String)>,
     sections: &[&str],
 ) -> Result<T, ConfigError> {
-    let table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string()))?;
+    let table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim_end().to_string()))?;
     from_table(table, env, sections)
 }
 
