@@ -1,5 +1,7 @@
 //! The core without I/O: decode + verify + validate + meter + dedupe + RowBinary encode, on one
 //! core. `cargo bench --bench pipeline` prints events/s for single-event and batch messages.
+//! `BENCH_EVENTS` (default 1,000,000) and `BENCH_ROUNDS` (default 3) shrink a run, e.g. to count
+//! instructions under `valgrind --tool=callgrind` (repeatable where wall time is not).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -27,6 +29,10 @@ fn event(i: u64, project: usize) -> String {
     )
 }
 
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
     let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
     let keys = DevKeys::generate(10, 6, "https://issuer.bench", "tally-ingest");
@@ -40,7 +46,7 @@ fn main() {
         .collect();
 
     for (label, per_message) in [("single-event messages", 1usize), ("batches of 50 events", 50)] {
-        let total: u64 = 1_000_000;
+        let total: u64 = env_or("BENCH_EVENTS", 1_000_000);
         let values: Vec<String> = (0..total / per_message as u64)
             .map(|m| {
                 let first = m * per_message as u64;
@@ -70,7 +76,7 @@ fn main() {
             limits: Limits { max_message_bytes: 1 << 20, max_future_secs: 300, window_secs: 30 * 86_400 },
         };
         let mut best = f64::MAX;
-        for _ in 0..3 {
+        for _ in 0..env_or("BENCH_ROUNDS", 3) {
             let mut states = HashMap::new();
             states.insert(0, PartitionState::new(16 << 20, 262_144, 0));
             let mut w = RowWriter::default();
@@ -87,7 +93,7 @@ fn main() {
         }
         let bytes: usize = values.iter().map(String::len).sum();
         println!(
-            "{label:<24} {:>10.0} events/s  ({:.0} MB/s of JSON, best of 3, 1 core, {} events)",
+            "{label:<24} {:>10.0} events/s  ({:.0} MB/s of JSON, best of the rounds, 1 core, {} events)",
             total as f64 / best,
             bytes as f64 / best / 1e6,
             total

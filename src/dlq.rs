@@ -186,3 +186,22 @@ impl DeadLetters {
         std::mem::take(&mut self.producer.context().state.lock().expect("lock").failed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    /// A dead letter the broker refuses as it is stalls its partition visibly (PRODUCT.md §3:
+    /// the source offset never moves past it); a broker that is away is waited for.
+    #[test]
+    fn refusals_that_no_retry_fixes_are_permanent() {
+        for c in [C::MessageSizeTooLarge, C::UnknownTopicOrPartition, C::UnknownTopic, C::TopicAuthorizationFailed] {
+            assert!(super::is_permanent(c), "{c:?}");
+        }
+        for c in
+            [C::BrokerTransportFailure, C::AllBrokersDown, C::RequestTimedOut, C::NotLeaderForPartition, C::QueueFull]
+        {
+            assert!(!super::is_permanent(c), "{c:?}");
+        }
+    }
+}

@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use crate::decode::{self, decode_event, decode_message, Captured, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE};
+use crate::decode::{
+    self, decode_event_with, decode_message_with, Captured, Malformed, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE,
+};
 use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
@@ -110,6 +112,7 @@ impl Processor {
     ) -> Result<Staged<'a>, MissingState> {
         let mut out = Staged::default();
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
+        let mut seen = Vec::new();
         let mut contribution = Contribution::default();
         for (i, m) in msgs.iter().enumerate() {
             let at = m.timestamp_secs.unwrap_or(now);
@@ -131,36 +134,65 @@ impl Processor {
             let state = states.get_mut(&m.partition).ok_or(MissingState(m.partition))?;
             let p = out.push_principal(principal);
             let msg = MsgCtx { index: i, m, principal: p, at };
-            match decode::surrogates::repair(value) {
-                // Nearly every message: strings are borrowed from the consumer's buffer.
-                None => self.stage_value(&mut out, value, &mut caps, &mut contribution, state, msg, Cow::clone),
-                // Unpaired surrogates were replaced by U+FFFD in a copy of the same length
-                // (spans stay valid for the original); what is kept of it is owned.
+            caps.fill(Captured::Missing);
+            let decoded = decode_message_with(value, self.meters.tree(), &mut caps, &mut seen);
+            // A value the parser refused may hold an unpaired surrogate escape where it reads a
+            // key (strings it reads as values are repaired where they are read, strings it skips
+            // are not checked): then it is decoded again from a copy with them replaced by U+FFFD,
+            // of the same length (spans stay valid for the original); what is kept of it is owned.
+            // Nearly every message takes the first path, its strings borrowed from the consumer.
+            let fixed = if decoded.is_err() { decode::surrogates::repair(value) } else { None };
+            match fixed {
+                None => self.stage_value(
+                    &mut out,
+                    value,
+                    decoded,
+                    &mut caps,
+                    &mut seen,
+                    &mut contribution,
+                    state,
+                    msg,
+                    Cow::clone,
+                ),
                 Some(fixed) => {
                     let mut fixed_caps = vec![Captured::Missing; caps.len()];
+                    let mut fixed_seen = Vec::new();
+                    let decoded = decode_message_with(&fixed, self.meters.tree(), &mut fixed_caps, &mut fixed_seen);
                     let own = |s: &Cow<'_, str>| Cow::Owned(s.to_string());
-                    self.stage_value(&mut out, &fixed, &mut fixed_caps, &mut contribution, state, msg, own);
+                    let scratch = (&mut fixed_caps, &mut fixed_seen);
+                    self.stage_value(
+                        &mut out,
+                        &fixed,
+                        decoded,
+                        scratch.0,
+                        scratch.1,
+                        &mut contribution,
+                        state,
+                        msg,
+                        own,
+                    );
                 }
             }
         }
         Ok(out)
     }
 
-    /// Stages one message value (a single event or a batch). `own` turns a captured string into
-    /// one that lives as long as the staged batch.
+    /// Stages one decoded message value (a single event or a batch). `own` turns a captured
+    /// string into one that lives as long as the staged batch.
     #[allow(clippy::too_many_arguments)]
     fn stage_value<'a, 'v>(
         &self,
         out: &mut Staged<'a>,
         value: &'v [u8],
+        decoded: Result<Message<'v>, Malformed>,
         caps: &mut [Captured<'v>],
+        seen: &mut Vec<Cow<'v, str>>,
         contribution: &mut Contribution,
         state: &mut PartitionState,
         msg: MsgCtx<'_, 'a>,
         own: impl Fn(&Cow<'v, str>) -> Cow<'a, str>,
     ) {
-        caps.fill(Captured::Missing);
-        match decode_message(value, self.meters.tree(), caps) {
+        match decoded {
             Err(_) => out.reject(msg.index, Reason::Malformed),
             Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => out.reject(msg.index, Reason::TooLarge),
             Ok(Message::Single) => {
@@ -173,7 +205,7 @@ impl Processor {
                 for (j, raw) in events.iter().enumerate() {
                     caps.fill(Captured::Missing);
                     let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
-                    let result = match decode_event(raw, self.meters.tree(), caps) {
+                    let result = match decode_event_with(raw, self.meters.tree(), caps, seen) {
                         Ok(()) => self.stage_event(out, caps, contribution, state, ev, &own),
                         Err(_) => Err(Reason::Malformed),
                     };

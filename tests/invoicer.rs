@@ -710,3 +710,41 @@ fn stripe_outage_stops_the_run_and_the_next_run_completes() {
     b.assert_stripe_equals_tally("");
     assert_eq!(b.ledger_done("") as usize, b.emulator_events("").len());
 }
+
+/// PRODUCT.md §1: no total may wrap. Ingest caps one event's value at 2^53 − 1, so a total beyond
+/// 64 bits takes thousands of extreme events in one hour; two narrow rows of 2^63 (written
+/// directly, standing in for them) make ClickHouse's own `sum` wrap to 0. `usage`, `verify` and
+/// `reconcile` refuse with `total_overflow`, naming the figure, and push nothing.
+#[test]
+fn totals_beyond_64_bits_are_refused_by_name() {
+    let b = Billing::new("overflow", 1, 1, 200);
+    b.provision("", &[]);
+    let t = &b.w.keys.tenants[0];
+    let hour = day(tally::invoice::reconcile::now_secs());
+    let rows: Vec<String> = (0..2)
+        .map(|i| {
+            format!(
+                "('{}', '{}', 'huge-{i}', 'generation-create', toDateTime({hour}), toDateTime({hour}), {i}, \
+                 ['input_tokens'], [9223372036854775808], [], [], 't', 0, {i}, -1, now())",
+                t.org_id, t.project_id
+            )
+        })
+        .collect();
+    b.w.ch
+        .execute(&format!("INSERT INTO events ({}) VALUES {}", tally::sink::EVENTS_COLUMNS, rows.join(",")), true)
+        .unwrap();
+    let wrapped = b.w.scalar(&format!(
+        "SELECT sum(value) FROM usage_hourly WHERE org_id = '{}' AND meter = 'input_tokens' AND hour = toDateTime({hour})",
+        t.org_id
+    ));
+    assert!(wrapped < 1 << 63, "ClickHouse's own sum wrapped ({wrapped}): the invoicer must not show it");
+    for cmd in ["usage", "verify", "reconcile"] {
+        let extra: &[&str] = if cmd == "reconcile" { &["--apply", "--no-progress"] } else { &[] };
+        let out = b.run("", cmd, extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert!(stderr.contains("total_overflow"), "{cmd}: {stderr}");
+        assert!(stderr.contains(&*t.org_id) && stderr.contains("input_tokens"), "{cmd} names the figure: {stderr}");
+    }
+    assert!(b.emulator_events("").is_empty(), "nothing was pushed");
+}

@@ -165,12 +165,23 @@ pub fn decode_message<'a>(
     tree: &PathTree,
     caps: &mut [Captured<'a>],
 ) -> Result<Message<'a>, Malformed> {
+    decode_message_with(value, tree, caps, &mut Vec::new())
+}
+
+/// [`decode_message`] with a reusable scratch for the keys of the objects being walked (empty
+/// before and after the call), so that the hot path does not allocate it per message.
+pub fn decode_message_with<'a>(
+    value: &'a [u8],
+    tree: &PathTree,
+    caps: &mut [Captured<'a>],
+    seen: &mut Vec<Cow<'a, str>>,
+) -> Result<Message<'a>, Malformed> {
     // One UTF-8 check of the whole value (std's is fast on ASCII) instead of one per string the
     // parser returns; the parser then reads from a `&str` and validates nothing again.
     let value = std::str::from_utf8(value).map_err(|_| Malformed)?;
     let mut de = serde_json::Deserializer::from_str(value);
-    let mut seen = Vec::new();
-    let out = TopSeed { node: &tree.root, caps, seen: &mut seen }.deserialize(&mut de).map_err(|_| Malformed)?;
+    seen.clear();
+    let out = TopSeed { node: &tree.root, caps, seen }.deserialize(&mut de).map_err(|_| Malformed)?;
     de.end().map_err(|_| Malformed)?;
     match out {
         Top::Batch(b) if !b.is_empty() => Ok(Message::Batch(b)),
@@ -181,9 +192,19 @@ pub fn decode_message<'a>(
 
 /// Decodes one event of a batch into `caps` (reset by the caller).
 pub fn decode_event<'a>(raw: &'a RawValue, tree: &PathTree, caps: &mut [Captured<'a>]) -> Result<(), Malformed> {
+    decode_event_with(raw, tree, caps, &mut Vec::new())
+}
+
+/// [`decode_event`] with a reusable scratch (see [`decode_message_with`]).
+pub fn decode_event_with<'a>(
+    raw: &'a RawValue,
+    tree: &PathTree,
+    caps: &mut [Captured<'a>],
+    seen: &mut Vec<Cow<'a, str>>,
+) -> Result<(), Malformed> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let mut seen = Vec::new();
-    let walked = NodeSeed { node: &tree.root, caps, seen: &mut seen }.deserialize(&mut de).map_err(|_| Malformed)?;
+    seen.clear();
+    let walked = NodeSeed { node: &tree.root, caps, seen }.deserialize(&mut de).map_err(|_| Malformed)?;
     if walked == Walked::Object {
         Ok(())
     } else {
@@ -198,6 +219,7 @@ const EVENT_FIELDS: [&str; 4] = ["id", "type", "timestamp", "body"];
 const SCAN_KEYS: usize = 16;
 
 /// The keys of the objects being walked, innermost last: finds a key repeated in one object.
+/// (A fingerprint per key to skip string comparisons was measured slower: keys are short.)
 struct Seen<'s, 'de> {
     stack: &'s mut Vec<Cow<'de, str>>,
     base: usize,
@@ -426,6 +448,10 @@ fn leaf(raw: &RawValue) -> Captured<'_> {
             if !inner.contains('\\') {
                 Captured::Str(Cow::Borrowed(inner))
             } else {
+                // Unpaired surrogates are repaired here, where the string is read (PRODUCT.md §1);
+                // elsewhere the parser skips them, or fails and the caller repairs the value.
+                let fixed = surrogates::repair(text.as_bytes());
+                let text = fixed.as_deref().map_or(text, |f| std::str::from_utf8(f).expect("repair keeps UTF-8"));
                 match serde_json::from_str::<String>(text) {
                     Ok(s) => Captured::Str(Cow::Owned(s)),
                     Err(_) => Captured::Other,
