@@ -129,6 +129,8 @@ def check_invoicer_queries(q, s, h):
     assert big == [["o9", "p9", "input_tokens", str(hour), "4294967296", "0"]], big
     wrapped = q(f"SELECT sum(v) FROM {DB}.events ARRAY JOIN meter_values AS v WHERE org_id = 'o9'")
     assert wrapped.strip() == "0", wrapped
+    over = rows(render("overflow_hours", {**v, "org_filter": ""}))
+    assert over == [["o9", "p9", "input_tokens", str(hour), "4294967296", "0"]], over
     s.query(
         f"INSERT INTO {DB}.stripe_ledger (push_id, state, action, mode, account, org_id, customer, meter, target, "
         f"event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, run_id, detail, recorded_at) VALUES "

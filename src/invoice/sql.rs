@@ -12,6 +12,7 @@ pub const USAGE_UNIQUE: &str = include_str!("../../sql/invoicer/usage_unique.sql
 pub const VERIFY_AGGREGATES: &str = include_str!("../../sql/invoicer/verify_aggregates.sql");
 pub const VERIFY_EVENTS: &str = include_str!("../../sql/invoicer/verify_events.sql");
 pub const LEDGER_READ: &str = include_str!("../../sql/invoicer/ledger_read.sql");
+pub const OVERFLOW_HOURS: &str = include_str!("../../sql/invoicer/overflow_hours.sql");
 
 /// Fills `${name}` placeholders. Values are inserted verbatim: quote strings with [`quote`].
 pub fn render(template: &str, vars: &[(&str, String)]) -> String {

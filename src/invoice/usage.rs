@@ -25,6 +25,7 @@ pub struct UsageRow {
 pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<UsageRow>, ChError> {
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("org_filter", org_filter(org)));
+    refuse_overflow(ch, &vars)?;
     let mut out = Vec::new();
     for (template, kind) in [(sql::USAGE_ADDITIVE, "sum"), (sql::USAGE_UNIQUE, "unique")] {
         for r in rows(ch, &render(template, &vars))? {
@@ -34,6 +35,20 @@ pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<U
     }
     out.sort_by(|a, b| (&a.org_id, &a.project_id, &a.meter).cmp(&(&b.org_id, &b.project_id, &b.meter)));
     Ok(out)
+}
+
+/// [`ChError::TotalOverflow`] if any hour of the period has a total beyond 64 bits in the
+/// per-event rows. The aggregates cannot tell (ClickHouse's `sum` wraps, in the materialized view
+/// too), so what is shown from them is checked against the events first.
+fn refuse_overflow(ch: &ClickHouse, vars: &[(&str, String)]) -> Result<(), ChError> {
+    match rows(ch, &render(sql::OVERFLOW_HOURS, vars))?.first() {
+        None => Ok(()),
+        Some(r) => {
+            let hour = format_rfc3339(num(&r[3])?);
+            let total = (u128::from(num::<u64>(&r[4])?) << 32) + u128::from(num::<u64>(&r[5])?);
+            Err(ChError::TotalOverflow(format!("{}/{}/{} at hour {hour} = {total}", r[0], r[1], r[2])))
+        }
+    }
 }
 
 /// Additive totals per (org, meter, bucket start).
