@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{sigkill, stop_all, World};
+use common::{merge, sigkill, stop_all, World};
 use rand::Rng;
 
 /// ≥ 100,000 events over 60 projects, ≥ 5 % duplicates and every rejection reason, consumed by
@@ -254,25 +254,4 @@ fn revocation_takes_effect_without_restart() {
     stop_all(vec![worker]);
     assert_eq!(events_of(&a), 1, "nothing accepted under the revoked key");
     assert_eq!(dl, vec![(2, None, "revoked_credentials".to_string())]);
-}
-
-/// The expectation of two runs into one topic (distinct seeds: no shared ids).
-fn merge(a: &mut tally::loadgen::expected::Expected, b: &tally::loadgen::expected::Expected) {
-    use std::collections::BTreeMap;
-    let mut t: BTreeMap<_, u64> =
-        a.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
-    for (o, p, m, h, v) in &b.totals {
-        *t.entry((o.clone(), p.clone(), m.clone(), *h)).or_default() += v;
-    }
-    a.totals = t.into_iter().map(|((o, p, m, h), v)| (o, p, m, h, v)).collect();
-    // Unique counts of two runs cannot be added; this test leaves them to the others.
-    a.unique_hourly.clear();
-    a.unique_overall.clear();
-    a.rejected.extend(b.rejected.iter().cloned());
-    for (p, o) in &b.end_offsets {
-        let e = a.end_offsets.entry(*p).or_insert(0);
-        *e = (*e).max(*o);
-    }
-    a.accepted += b.accepted;
-    a.duplicates += b.duplicates;
 }

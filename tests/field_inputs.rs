@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{end_offsets, produce_with_headers, Running, World};
+use common::{end_offsets, merge, produce_with_headers, Running, World};
 use tally::devkeys::{basic, bearer};
 use tally::loadgen::H_LOADGEN_ID;
 
@@ -229,16 +228,7 @@ fn a_permanent_clickhouse_error_stalls_visibly_and_resumes() {
     }
     worker.stop();
     let mut all = first.clone();
-    let mut totals: BTreeMap<_, u64> =
-        all.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
-    for (o, p, m, h, v) in &second.totals {
-        *totals.entry((o.clone(), p.clone(), m.clone(), *h)).or_default() += v;
-    }
-    all.totals = totals.into_iter().map(|((o, p, m, h), v)| (o, p, m, h, v)).collect();
-    all.unique_hourly.clear();
-    all.unique_overall.clear();
-    all.rejected.extend(second.rejected.iter().cloned());
-    all.accepted += second.accepted;
+    merge(&mut all, &second);
     w.assert_totals(&all);
     w.assert_dead_letters(&all, false);
 }

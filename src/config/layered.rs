@@ -157,6 +157,21 @@ impl<'de> de::Deserializer<'de> for EnvValue<'_> {
     }
 }
 
+/// Integers, booleans and strings of an environment value are read with the field's type: the
+/// derived `Deserialize` of a struct calls `deserialize_u64` etc. on each value, which for
+/// [`Layered::Env`] must reach [`EnvValue`], never `deserialize_any`.
+macro_rules! typed_leaf {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, LayerError> {
+            match self {
+                Layered::File(v) => v.$method(visitor).map_err(file_error),
+                Layered::Env { var, text } => EnvValue { var: &var, text: &text }.$method(visitor),
+                t @ Layered::Table(_) => t.deserialize_any(visitor),
+            }
+        }
+    )*};
+}
+
 impl<'de> de::Deserializer<'de> for Layered {
     type Error = LayerError;
 
@@ -166,6 +181,12 @@ impl<'de> de::Deserializer<'de> for Layered {
             Layered::File(v) => v.deserialize_any(visitor).map_err(file_error),
             Layered::Env { var, text } => EnvValue { var: &var, text: &text }.deserialize_any(visitor),
         }
+    }
+
+    typed_leaf! {
+        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_u8
+        deserialize_u16 deserialize_u32 deserialize_u64 deserialize_f32 deserialize_f64 deserialize_char
+        deserialize_str deserialize_string deserialize_seq deserialize_map
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -213,79 +234,6 @@ impl<'de> de::Deserializer<'de> for Layered {
     }
 
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf unit unit_struct
-        seq tuple tuple_struct map identifier ignored_any
-    }
-}
-
-/// Integers, booleans and strings of an environment value, read with the field's type. The
-/// derived `Deserialize` of a struct calls `deserialize_u64` etc. on the value, which for
-/// `Layered::Env` must reach [`EnvValue`], not `deserialize_any`.
-macro_rules! typed_leaf {
-    ($($method:ident)*) => {$(
-        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, LayerError> {
-            match self.0 {
-                Layered::File(v) => v.$method(visitor).map_err(file_error),
-                Layered::Env { var, text } => EnvValue { var: &var, text: &text }.$method(visitor),
-                t @ Layered::Table(_) => t.deserialize_any(visitor),
-            }
-        }
-    )*};
-}
-
-/// A value in its place in a table: forwards typed requests to the environment parser.
-struct Field(Layered);
-
-impl<'de> de::Deserializer<'de> for Field {
-    type Error = LayerError;
-
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, LayerError> {
-        self.0.deserialize_any(visitor)
-    }
-
-    typed_leaf! {
-        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_u8
-        deserialize_u16 deserialize_u32 deserialize_u64 deserialize_f32 deserialize_f64 deserialize_char
-        deserialize_str deserialize_string deserialize_seq deserialize_map
-    }
-
-    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, LayerError> {
-        match self.0 {
-            Layered::File(v) => v.deserialize_option(visitor).map_err(file_error),
-            other => visitor.visit_some(Field(other)),
-        }
-    }
-
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        name: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, LayerError> {
-        match self.0 {
-            Layered::File(v) => v.deserialize_newtype_struct(name, visitor).map_err(file_error),
-            other => visitor.visit_newtype_struct(Field(other)),
-        }
-    }
-
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        name: &'static str,
-        fields: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, LayerError> {
-        self.0.deserialize_struct(name, fields, visitor)
-    }
-
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        name: &'static str,
-        variants: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, LayerError> {
-        self.0.deserialize_enum(name, variants, visitor)
-    }
-
-    serde::forward_to_deserialize_any! {
         i128 u128 bytes byte_buf unit unit_struct tuple tuple_struct identifier ignored_any
     }
 }
@@ -326,7 +274,7 @@ impl<'de> MapAccess<'de> for Entries {
     fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, LayerError> {
         let (key, value) = self.current.take().expect("next_value after next_key");
         let from_env = matches!(value, Layered::Env { .. });
-        seed.deserialize(Field(value)).map_err(|e| if from_env { e } else { LayerError(format!("key {key:?}: {e}")) })
+        seed.deserialize(value).map_err(|e| if from_env { e } else { LayerError(format!("key {key:?}: {e}")) })
     }
 }
 

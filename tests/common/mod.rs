@@ -438,3 +438,24 @@ impl Drop for Running {
         }
     }
 }
+
+/// The expectation of two runs into one topic (distinct seeds: no shared ids).
+pub fn merge(a: &mut tally::loadgen::expected::Expected, b: &tally::loadgen::expected::Expected) {
+    use std::collections::BTreeMap;
+    let mut t: BTreeMap<_, u64> =
+        a.totals.iter().map(|(o, p, m, h, v)| ((o.clone(), p.clone(), m.clone(), *h), *v)).collect();
+    for (o, p, m, h, v) in &b.totals {
+        *t.entry((o.clone(), p.clone(), m.clone(), *h)).or_default() += v;
+    }
+    a.totals = t.into_iter().map(|((o, p, m, h), v)| (o, p, m, h, v)).collect();
+    // Unique counts of two runs cannot be added; this test leaves them to the others.
+    a.unique_hourly.clear();
+    a.unique_overall.clear();
+    a.rejected.extend(b.rejected.iter().cloned());
+    for (p, o) in &b.end_offsets {
+        let e = a.end_offsets.entry(*p).or_insert(0);
+        *e = (*e).max(*o);
+    }
+    a.accepted += b.accepted;
+    a.duplicates += b.duplicates;
+}
