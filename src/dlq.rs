@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
@@ -26,8 +26,8 @@ pub const H_BATCH_INDEX: &str = "tally-batch-index";
 pub struct DlqRecord<'a> {
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
-    /// The original message's headers, copied as they were.
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The original message's headers, copied whole as they were (names need not be UTF-8).
+    pub headers: Option<&'a BorrowedHeaders>,
     pub reason: Reason,
     pub partition: i32,
     pub offset: i64,
@@ -121,10 +121,7 @@ impl DeadLetters {
             let r = &records[i];
             let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
             let index = r.batch_index.map(|b| b.to_string());
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 5);
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header { key: k, value: *v });
-            }
+            let mut headers = r.headers.map_or_else(|| OwnedHeaders::new_with_capacity(5), BorrowedHeaders::detach);
             headers = headers
                 .insert(Header { key: H_REASON, value: Some(r.reason.as_str()) })
                 .insert(Header { key: H_TOPIC, value: Some(self.source_topic.as_str()) })

@@ -17,6 +17,7 @@ use crate::reject::Reason;
 use crate::sink::rowbinary::RowWriter;
 use crate::timestamp::parse_rfc3339;
 use crate::verify::{Credential, Principal, Verifier};
+use serde_json::value::RawValue;
 
 /// Most events a `{"batch": [...]}` message may hold (§1).
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -207,7 +208,11 @@ impl Processor {
                     let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
                     let result = match decode_event_with(raw, self.meters.tree(), caps, seen) {
                         Ok(()) => self.stage_event(out, caps, contribution, state, ev, &own),
-                        Err(_) => Err(Reason::Malformed),
+                        // As for a whole value: an unpaired surrogate in a key the parser read.
+                        Err(_) => match decode::surrogates::repair(raw.get().as_bytes()) {
+                            None => Err(Reason::Malformed),
+                            Some(fixed) => self.stage_repaired_event(out, &fixed, caps.len(), contribution, state, ev),
+                        },
                     };
                     if let Err(reason) = result {
                         let start = raw.get().as_ptr() as usize - value.as_ptr() as usize;
@@ -221,6 +226,23 @@ impl Processor {
                 }
             }
         }
+    }
+
+    /// Stages one batch event from a repaired copy of its text (strings kept are owned).
+    fn stage_repaired_event<'a>(
+        &self,
+        out: &mut Staged<'a>,
+        fixed: &[u8],
+        slots: usize,
+        contribution: &mut Contribution,
+        state: &mut PartitionState,
+        ev: EventCtx<'_, 'a>,
+    ) -> Result<(), Reason> {
+        let text = std::str::from_utf8(fixed).map_err(|_| Reason::Malformed)?;
+        let raw: &RawValue = serde_json::from_str(text).map_err(|_| Reason::Malformed)?;
+        let mut caps = vec![Captured::Missing; slots];
+        decode_event_with(raw, self.meters.tree(), &mut caps, &mut Vec::new()).map_err(|_| Reason::Malformed)?;
+        self.stage_event(out, &caps, contribution, state, ev, &|s: &Cow<'_, str>| Cow::Owned(s.to_string()))
     }
 
     fn stage_event<'a, 'v>(

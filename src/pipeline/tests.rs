@@ -364,6 +364,24 @@ fn repaired_batches_keep_their_spans() {
     assert_eq!(&v[staged.rejections[0].span.clone().unwrap()], bad);
 }
 
+/// Issue 7 row 6 inside a batch, with the surrogate in a key the decoder reads: billed like the
+/// same event sent alone.
+#[test]
+fn surrogates_in_batch_events_bill_like_single_events() {
+    let mut f = fx("batchsurr");
+    let t = ts(NOW);
+    let event =
+        format!(r#"{{"id":"bs1","type":"trace-create","timestamp":"{t}","body":{{"userId":"u","n\ud83d":1}}}}"#);
+    let alone = outcomes(&mut f, &[&event.replace("bs1", "bs0")]);
+    let batched = outcomes(&mut f, &[&format!(r#"{{"batch":[{event}]}}"#)]);
+    let want = Ok(vec![
+        ("events".to_string(), 1),
+        ("traces".to_string(), 1),
+        ("unique_users".to_string(), crate::meter::unique_hash("u")),
+    ]);
+    assert_eq!((alone[0].clone(), batched[0].clone()), (want.clone(), want));
+}
+
 /// Producer-controlled message timestamps of any size never overflow the time checks, and rows
 /// never hold an event time ClickHouse `DateTime` cannot.
 #[test]

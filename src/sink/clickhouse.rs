@@ -56,6 +56,8 @@ const PERMANENT_CODES: &[u32] = &[
     115, // UNKNOWN_SETTING
     117, // INCORRECT_DATA
     164, // READONLY
+    167, // TOO_DEEP_AST
+    168, // TOO_BIG_AST (max_ast_elements)
     192, // UNKNOWN_USER
     193, // WRONG_PASSWORD
     194, // REQUIRED_PASSWORD
@@ -68,7 +70,12 @@ impl ChError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ChError::Server { code: Some(c), .. } if PERMANENT_CODES.contains(c) => ErrorClass::Permanent,
-            ChError::Server { status: 401 | 403, .. } => ErrorClass::Permanent,
+            // No code: not ClickHouse's own answer (a proxy's); a 4xx other than 408/429 is final.
+            ChError::Server { status, code: None, .. }
+                if (400..500).contains(status) && !matches!(status, 408 | 429) =>
+            {
+                ErrorClass::Permanent
+            }
             ChError::TotalOverflow(_) => ErrorClass::Permanent,
             _ => ErrorClass::Transient,
         }
@@ -240,6 +247,9 @@ mod tests {
         assert_eq!(server(None).class(), ErrorClass::Transient);
         assert_eq!(ChError::Transport("refused".into()).class(), ErrorClass::Transient);
         assert_eq!(ChError::Server { status: 401, code: None, body: String::new() }.class(), ErrorClass::Permanent);
+        assert_eq!(ChError::Server { status: 413, code: None, body: String::new() }.class(), ErrorClass::Permanent);
+        assert_eq!(ChError::Server { status: 429, code: None, body: String::new() }.class(), ErrorClass::Transient);
+        assert_eq!(server(Some(168)).class(), ErrorClass::Permanent);
     }
 
     #[test]

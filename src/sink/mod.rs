@@ -21,16 +21,22 @@ pub const EVENTS_COLUMNS: &str = "org_id, project_id, event_id, type, ts, hour, 
 /// request, so look-ups are split by their size in bytes, never by a count of keys: ids of up to
 /// 128 bytes and tenant ids of up to 256 bytes (each up to 4× longer once quoted) always fit.
 pub const LOOKUP_QUERY_BYTES: usize = 196_608;
+/// Most keys per look-up statement, whatever their size: each tuple of literals is several AST
+/// elements on older servers (`max_ast_elements`, default 50,000; 18.16 does not fold a tuple of
+/// literals into one), so short keys are capped by count as well as by bytes.
+pub const LOOKUP_QUERY_KEYS: usize = 2_000;
 
 const LOOKUP_HEAD: &str = "SELECT org_id, project_id, event_id FROM events WHERE (org_id, project_id, event_id) IN (";
 const LOOKUP_TAIL: &str = ") FORMAT RowBinary";
 
-/// The look-up statements for `keys`, each at most `max_bytes` long (a single key longer than
-/// that still gets a statement of its own).
+/// The look-up statements for `keys`, each at most `max_bytes` long and of at most
+/// [`LOOKUP_QUERY_KEYS`] keys (a single key longer than `max_bytes` still gets a statement of
+/// its own).
 pub fn lookup_queries(keys: &[(&str, &str, &str)], max_bytes: usize) -> Vec<String> {
     let mut out = Vec::new();
     let mut sql = String::new();
     let mut tuple = String::new();
+    let mut in_statement = 0;
     for (o, p, id) in keys {
         tuple.clear();
         tuple.push('(');
@@ -40,10 +46,14 @@ pub fn lookup_queries(keys: &[(&str, &str, &str)], max_bytes: usize) -> Vec<Stri
         tuple.push(',');
         tuple.push_str(&quote(id));
         tuple.push(')');
-        if !sql.is_empty() && sql.len() + 1 + tuple.len() + LOOKUP_TAIL.len() > max_bytes {
+        if !sql.is_empty()
+            && (sql.len() + 1 + tuple.len() + LOOKUP_TAIL.len() > max_bytes || in_statement == LOOKUP_QUERY_KEYS)
+        {
             sql.push_str(LOOKUP_TAIL);
             out.push(std::mem::take(&mut sql));
+            in_statement = 0;
         }
+        in_statement += 1;
         if sql.is_empty() {
             sql.push_str(LOOKUP_HEAD);
         } else {
@@ -141,6 +151,12 @@ mod tests {
         }
         let tuples: usize = queries.iter().map(|q| q.matches("),(").count() + 1).sum();
         assert_eq!(tuples, keys.len(), "every key is asked about exactly once");
+        // Short keys are capped by count (AST size on old servers).
+        let short: Vec<String> = (0..5_000).map(|i| format!("e{i}")).collect();
+        let keys_short: Vec<(&str, &str, &str)> = short.iter().map(|id| ("o", "p", id.as_str())).collect();
+        let q = lookup_queries(&keys_short, LOOKUP_QUERY_BYTES);
+        assert_eq!(q.len(), 3);
+        assert!(q.iter().all(|q| q.matches("),(").count() < LOOKUP_QUERY_KEYS));
         // A tiny budget still makes progress: one key per statement.
         assert_eq!(lookup_queries(&keys[..3], 10).len(), 3);
         assert!(lookup_queries(&[], LOOKUP_QUERY_BYTES).is_empty());

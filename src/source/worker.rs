@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use metrics::{counter, gauge, histogram};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
@@ -123,10 +123,21 @@ impl<'c, S: EventStore> Worker<'c, S> {
 
     fn stall(&mut self, partitions: &[i32], reason: &'static str) {
         for &p in partitions {
-            if self.stalled.insert(p, reason) != Some(reason) {
-                m::stalled(p, reason, true);
+            match self.stalled.insert(p, reason) {
+                Some(old) if old == reason => {}
+                old => {
+                    if let Some(old) = old {
+                        m::stalled(p, old, false); // one reason at a time per partition
+                    }
+                    m::stalled(p, reason, true);
+                }
             }
         }
+    }
+
+    /// The partitions of a batch this worker still owns (only those can be stalled by it).
+    fn owned_of(&self, epochs: &BTreeMap<i32, u64>) -> Vec<i32> {
+        epochs.iter().filter(|(p, e)| self.owns(**p, **e)).map(|(p, _)| *p).collect()
     }
 
     /// The batch of `partitions` went through: whatever stalled them is fixed.
@@ -457,7 +468,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     drop(keys);
-                    self.clickhouse_failed("lookup", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
+                    self.clickhouse_failed("lookup", &e, &self.owned_of(epochs), delay);
                     self.wait(delay, "clickhouse")?;
                 }
             }
@@ -476,11 +487,10 @@ impl<'c, S: EventStore> Worker<'c, S> {
                     Some(s) => &value[s.clone()],
                     None => value,
                 };
-                let headers = msg.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
                 DlqRecord {
                     key: msg.key(),
                     value,
-                    headers,
+                    headers: msg.headers(),
                     reason: r.reason,
                     partition: msg.partition(),
                     offset: msg.offset(),
@@ -511,7 +521,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
             let refused: Vec<i32> = {
                 let mut v: Vec<i32> =
                     failed.iter().filter(|(_, f)| f.permanent).map(|(i, _)| records[*i].partition).collect();
+                v.sort_unstable();
                 v.dedup();
+                v.retain(|p| self.owns(*p, epochs[p]));
                 v
             };
             if refused.is_empty() {
@@ -557,7 +569,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    self.clickhouse_failed("insert", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
+                    self.clickhouse_failed("insert", &e, &self.owned_of(epochs), delay);
                     self.wait(delay, "clickhouse")?;
                     written_before_retry += self.drop_landed(staged, epochs)?;
                 }
@@ -586,7 +598,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     drop(keys);
-                    self.clickhouse_failed("lookup", &e, &epochs.keys().copied().collect::<Vec<_>>(), delay);
+                    self.clickhouse_failed("lookup", &e, &self.owned_of(epochs), delay);
                     self.wait(delay, "clickhouse")?;
                 }
             }
@@ -595,10 +607,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
 }
 
 fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
-    let authorization = match msg.headers() {
-        Some(h) => Credential::from_headers(h.iter().map(|h| (h.key, h.value))),
-        None => Credential::Missing,
-    };
+    let authorization = Credential::from_headers(super::headers::raw_headers(msg));
     InMessage {
         partition: msg.partition(),
         offset: msg.offset(),

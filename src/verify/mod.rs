@@ -58,11 +58,12 @@ pub enum Credential<'a> {
 }
 
 impl<'a> Credential<'a> {
-    /// Reads the credential from a message's headers, as (name, value) pairs.
-    pub fn from_headers(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Self {
+    /// Reads the credential from a message's headers, as (name, value) pairs; names are bytes
+    /// (Kafka does not promise UTF-8).
+    pub fn from_headers<N: AsRef<[u8]>>(headers: impl IntoIterator<Item = (N, Option<&'a [u8]>)>) -> Self {
         let mut found = Credential::Missing;
         for (name, value) in headers {
-            if !name.eq_ignore_ascii_case("authorization") {
+            if !name.as_ref().eq_ignore_ascii_case(b"authorization") {
                 continue;
             }
             let value = value.unwrap_or_default();
