@@ -3,7 +3,8 @@
 # (a panic, including a broken invariant asserted inside the target).
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET=30] [TARGET...]
 # Installs cargo-fuzz (crates.io, pinned) if missing. Builds on stable Rust: no sanitizer
-# (`-s none`; the project has no unsafe code), release with debug assertions and overflow checks.
+# (`-s none`; the only unsafe code, src/source/headers.rs, is not reached by the targets), release with
+# debug assertions and overflow checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs="${1:-30}"

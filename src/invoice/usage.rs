@@ -44,9 +44,9 @@ fn refuse_overflow(ch: &ClickHouse, vars: &[(&str, String)]) -> Result<(), ChErr
     match rows(ch, &render(sql::OVERFLOW_HOURS, vars))?.first() {
         None => Ok(()),
         Some(r) => {
-            let hour = format_rfc3339(num(&r[3])?);
-            let total = (u128::from(num::<u64>(&r[4])?) << 32) + u128::from(num::<u64>(&r[5])?);
-            Err(ChError::TotalOverflow(format!("{}/{}/{} at hour {hour} = {total}", r[0], r[1], r[2])))
+            let what =
+                || format!("{}/{}/{} at hour {}", r[0], r[1], r[2], num(&r[3]).map_or(r[3].clone(), format_rfc3339));
+            exact_sum(&r[4], &r[5], &what).map(|_| ())
         }
     }
 }

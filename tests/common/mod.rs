@@ -356,15 +356,8 @@ pub fn path_str(p: &Path) -> &str {
 
 /// Produces one message (value, authorization header, loadgen id) and waits for its ack.
 pub fn produce_one(topic: &str, key: &str, value: &str, auth: &str, loadgen_id: u64) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let id = loadgen_id.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header { key: "authorization", value: Some(auth) })
-        .insert(Header { key: tally::loadgen::H_LOADGEN_ID, value: Some(id.as_str()) });
-    p.send(BaseRecord::to(topic).key(key).payload(value).headers(headers)).map_err(|(e, _)| e).unwrap();
-    p.flush(Duration::from_secs(30)).unwrap();
+    produce_with_headers(topic, key, value.as_bytes(), &[("authorization", auth), (tally::loadgen::H_LOADGEN_ID, &id)]);
 }
 
 /// A free local port (bound, then released).
