@@ -365,7 +365,7 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
     let mut rng = rand::thread_rng();
     for (account, kills, faults) in [
         ("", 5, Faults::default()),
-        ("acct_faults", 3, Faults { rate_429: 0.1, rate_500: 0.1, rate_drop_after_write: 0.1 }),
+        ("acct_faults", 3, Faults { rate_429: 0.1, rate_500: 0.1, rate_drop_after_write: 0.1, ..Faults::default() }),
     ] {
         b.provision(account, &[]);
         b.emu.set_faults(faults.clone());

@@ -299,7 +299,7 @@ fn client_retries_land_each_push_once() {
     let c = client(&emu, KEY);
     let (cid, m) = customer_and_meter(&emu);
     let info = meters::retrieve_meter(&c, m["id"].as_str().unwrap()).unwrap();
-    emu.set_faults(Faults { rate_429: 0.15, rate_500: 0.15, rate_drop_after_write: 0.15 });
+    emu.set_faults(Faults { rate_429: 0.15, rate_500: 0.15, rate_drop_after_write: 0.15, ..Faults::default() });
     let t = now() - 60;
     for i in 0..200u64 {
         meters::create_meter_event(&c, &info, &cid, i, t, &format!("push-{i}")).unwrap();

@@ -93,6 +93,14 @@ enum Command {
         /// No progress bar even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// With --apply: push again what Stripe lost after accepting it (`stripe_missing`
+        /// buckets), exactly the missing amount under a new deterministic identifier.
+        #[arg(long)]
+        repair_missing: bool,
+        /// With --apply: plan buckets again whose last write Stripe refused (`failed`), once
+        /// the cause (customer, meter, mapping) is fixed.
+        #[arg(long)]
+        retry_failed: bool,
     },
     /// Apply the ClickHouse schema, including the invoicer's ledger (idempotent).
     Migrate,
@@ -181,7 +189,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("provisioned {} orgs; mapping written to {}", orgs.len(), write_mapping.display());
             Ok(0)
         }
-        Command::Reconcile { period, apply, format, granularity, metrics_textfile, no_progress } => {
+        Command::Reconcile {
+            period,
+            apply,
+            format,
+            granularity,
+            metrics_textfile,
+            no_progress,
+            repair_missing,
+            retry_failed,
+        } => {
             let period = period.period()?;
             let handle = m::install(&cfg.metrics.listen)?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
@@ -209,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 apply,
                 granularity: granularity.unwrap_or(cfg.billing.granularity),
                 progress: !no_progress,
+                repair_missing,
+                retry_failed,
             };
             let result = reconcile(&env, &opts);
             let code = match result {

@@ -26,6 +26,10 @@ struct Args {
     /// Probability of doing a POST's write and then dropping the connection without an answer.
     #[arg(long, default_value_t = 0.0)]
     rate_drop_after_write: f64,
+    /// Probability of accepting a meter event and then dropping it (Stripe's asynchronous
+    /// validation): it never shows in a summary.
+    #[arg(long, default_value_t = 0.0)]
+    rate_async_drop: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         rate_429: args.rate_429,
         rate_500: args.rate_500,
         rate_drop_after_write: args.rate_drop_after_write,
+        rate_async_drop: args.rate_async_drop,
     });
     eprintln!("stripe emulator listening on {}", emu.base_url());
     emu.join();

@@ -61,6 +61,11 @@ pub struct StripeConfig {
     pub max_backoff_ms: u64,
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Seconds after a bucket's last write before Stripe's summary must show it (PRODUCT.md §7).
+    /// Stripe's summaries are eventually consistent (minutes in practice); once a bucket's writes
+    /// are older than this, Stripe holding less than the ledger is `stripe_missing`, not lag.
+    #[serde(default = "default_settle_secs")]
+    pub settle_secs: u32,
 }
 
 impl std::fmt::Debug for StripeConfig {
@@ -72,6 +77,7 @@ impl std::fmt::Debug for StripeConfig {
             .field("mode", &self.mode)
             .field("max_requests_per_sec", &self.max_requests_per_sec)
             .field("concurrency", &self.concurrency)
+            .field("settle_secs", &self.settle_secs)
             .finish_non_exhaustive()
     }
 }
@@ -165,6 +171,9 @@ fn default_max_backoff_ms() -> u64 {
 fn default_timeout_secs() -> u64 {
     30
 }
+fn default_settle_secs() -> u32 {
+    7200
+}
 fn default_mapping_path() -> PathBuf {
     "config/billing.toml".into()
 }
@@ -250,6 +259,7 @@ mod tests {
         assert_eq!(c.stripe.mode, StripeMode::Legacy);
         assert_eq!(c.clickhouse.database, "tally");
         assert_eq!(c.metrics.listen, "127.0.0.1:9465");
+        assert_eq!(c.stripe.settle_secs, 7200, "PRODUCT.md §7: two hours by default");
         assert!(!format!("{c:?}").contains("sk_test_x"), "the key never appears in Debug output");
     }
 

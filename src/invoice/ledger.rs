@@ -23,6 +23,10 @@ pub enum Action {
     Set,
     /// Cancel the push `cancels` (meter event adjustment).
     Cancel,
+    /// Add `value` again because Stripe lost that much of the bucket's pushes after accepting
+    /// them (`reconcile --apply --repair-missing`). It replaces usage the ledger already counts, so
+    /// it does not change the ledger's value of the bucket.
+    Repair,
 }
 
 impl Action {
@@ -31,6 +35,7 @@ impl Action {
             Action::Push => "push",
             Action::Set => "set",
             Action::Cancel => "cancel",
+            Action::Repair => "repair",
         }
     }
 
@@ -39,6 +44,7 @@ impl Action {
             "push" => Ok(Action::Push),
             "set" => Ok(Action::Set),
             "cancel" => Ok(Action::Cancel),
+            "repair" => Ok(Action::Repair),
             _ => Err(ChError::Response(format!("unknown ledger action {s:?}"))),
         }
     }
@@ -83,6 +89,9 @@ pub struct Entry {
     pub cancels: String,
     /// The timestamp sent to Stripe.
     pub event_ts: i64,
+    /// Why the write was planned, when it is not an ordinary delta (a repair says what Stripe
+    /// held and when); stored in the intent row's `detail`.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +110,8 @@ pub struct Push {
     pub outcome: Outcome,
     pub intent_at: i64,
     pub done_at: Option<i64>,
+    /// The run that recorded the outcome (the intent's run while pending).
+    pub run_id: String,
 }
 
 /// The deterministic id of the `seq`-th push of a bucket: the same plan after a crash yields the
@@ -126,25 +137,48 @@ pub fn push_id(
     format!("tally_{}", &hex::encode(h.finalize())[..40])
 }
 
+/// One ledger row as read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub entry: Entry,
+    pub state: State,
+    /// `recorded_at`, Unix seconds.
+    pub at: i64,
+    /// Intent: why it was planned; failed: Stripe's refusal (prefixed by its class, see
+    /// [`super::plan::Refusal`]).
+    pub detail: String,
+    pub run_id: String,
+}
+
 /// Folds ledger rows into pushes: done if any `done` row, else failed if any `failed` row, else pending.
-pub fn fold(records: Vec<(Entry, State, i64, String)>) -> Vec<Push> {
+pub fn fold(records: Vec<Record>) -> Vec<Push> {
     let mut by_id: BTreeMap<String, Push> = BTreeMap::new();
-    for (entry, state, at, detail) in records {
+    for Record { entry, state, at, detail, run_id } in records {
         let p = by_id.entry(entry.push_id.clone()).or_insert_with(|| Push {
-            entry: entry.clone(),
+            entry: Entry { reason: String::new(), ..entry.clone() },
             outcome: Outcome::Pending,
             intent_at: at,
             done_at: None,
+            run_id: run_id.clone(),
         });
         match state {
-            State::Intent => p.intent_at = p.intent_at.min(at),
+            State::Intent => {
+                p.intent_at = p.intent_at.min(at);
+                if p.entry.reason.is_empty() {
+                    p.entry.reason = detail;
+                }
+            }
             State::Done => {
+                if p.done_at.is_none_or(|d| at < d) {
+                    p.run_id = run_id;
+                }
                 p.outcome = Outcome::Done;
                 p.done_at = Some(p.done_at.map_or(at, |d| d.min(at)));
             }
             State::Failed => {
                 if p.outcome != Outcome::Done {
                     p.outcome = Outcome::Failed(detail);
+                    p.run_id = run_id;
                 }
             }
         }
@@ -242,7 +276,7 @@ impl<'a> Ledger<'a> {
         );
         let mut records = Vec::new();
         for r in self.retrying("read", || rows(self.ch, &sql))? {
-            if r.len() != 16 {
+            if r.len() != 17 {
                 return Err(ChError::Response(format!("ledger row with {} columns", r.len())));
             }
             let state = match r[1].as_str() {
@@ -265,8 +299,9 @@ impl<'a> Ledger<'a> {
                 value: num(&r[11])?,
                 cancels: r[12].clone(),
                 event_ts: num(&r[13])?,
+                reason: String::new(),
             };
-            records.push((entry, state, num::<i64>(&r[14])?, r[15].clone()));
+            records.push(Record { entry, state, at: num(&r[14])?, detail: r[15].clone(), run_id: r[16].clone() });
         }
         Ok(fold(records))
     }
@@ -291,22 +326,28 @@ mod tests {
             value: 5,
             cancels: String::new(),
             event_ts: 0,
+            reason: String::new(),
         }
+    }
+
+    fn rec(id: &str, state: State, at: i64, detail: &str) -> Record {
+        Record { entry: entry(id), state, at, detail: detail.into(), run_id: format!("run{at}") }
     }
 
     #[test]
     fn fold_decides_by_the_strongest_fact() {
         let rows = vec![
-            (entry("a"), State::Intent, 10, String::new()),
-            (entry("b"), State::Intent, 11, String::new()),
-            (entry("b"), State::Done, 12, String::new()),
-            (entry("c"), State::Intent, 13, String::new()),
-            (entry("c"), State::Failed, 14, "refused".into()),
-            (entry("b"), State::Intent, 15, String::new()), // a resend after a crash
+            rec("a", State::Intent, 10, "repair: why"),
+            rec("b", State::Intent, 11, ""),
+            rec("b", State::Done, 12, ""),
+            rec("c", State::Intent, 13, ""),
+            rec("c", State::Failed, 14, "refused"),
+            rec("b", State::Intent, 15, ""), // a resend after a crash
         ];
         let p = fold(rows);
         assert_eq!(p.len(), 3);
-        assert_eq!(p[0].outcome, Outcome::Pending);
+        assert_eq!((&p[0].outcome, p[0].entry.reason.as_str()), (&Outcome::Pending, "repair: why"));
+        assert_eq!(p[1].run_id, "run12", "the run that recorded the outcome");
         assert_eq!(p[1].outcome, Outcome::Done);
         assert_eq!((p[1].intent_at, p[1].done_at), (11, Some(12)));
         assert_eq!(p[2].outcome, Outcome::Failed("refused".into()));

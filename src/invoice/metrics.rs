@@ -7,7 +7,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 pub const PUSHES: &str = "tally_invoicer_pushes_total";
 pub const PUSHED_VALUE: &str = "tally_invoicer_pushed_value_total";
 pub const DRIFT_BUCKETS: &str = "tally_invoicer_drift_buckets";
+pub const DRIFT_VALUE: &str = "tally_invoicer_drift_value";
 pub const NEEDS_CREDIT: &str = "tally_invoicer_needs_credit_value";
+pub const UNBILLED: &str = "tally_invoicer_unbilled_value";
 pub const VERIFY_MISMATCHES: &str = "tally_invoicer_verify_mismatches";
 pub const STRIPE_REQUESTS: &str = "tally_invoicer_stripe_requests_total";
 pub const STRIPE_ERRORS: &str = "tally_invoicer_stripe_errors_total";
@@ -20,7 +22,13 @@ pub fn describe() {
     describe_counter!(PUSHES, "Stripe writes by action (push, set, cancel) and outcome (done, failed, pending).");
     describe_counter!(PUSHED_VALUE, "Usage quantity pushed to Stripe, by action.");
     describe_gauge!(DRIFT_BUCKETS, "Buckets not reconciled at the end of the run, by status.");
+    describe_gauge!(
+        DRIFT_VALUE,
+        "Usage quantity in the buckets not reconciled, by status (stripe_missing, period_closed, too_old_for_stripe: \
+         not billed; needs_credit, stripe_ahead: over-billed)."
+    );
     describe_gauge!(NEEDS_CREDIT, "Over-reported usage that needs a credit note.");
+    describe_gauge!(UNBILLED, "Usage Stripe does not hold and will not get without action (lost, closed, refused).");
     describe_gauge!(VERIFY_MISMATCHES, "(org, project, meter, hour) where aggregates disagree with the events.");
     describe_counter!(STRIPE_REQUESTS, "Stripe HTTP requests, by endpoint and status class.");
     describe_counter!(STRIPE_ERRORS, "Stripe requests that failed after retries, by endpoint.");

@@ -45,6 +45,9 @@ pub struct Bucket<'a> {
     pub tally: u64,
     /// Stripe's value for exactly this bucket, when Stripe can say (not in legacy mode).
     pub stripe: Option<u64>,
+    /// Legacy mode: start of the subscription's current billing period; Stripe refuses usage
+    /// records before it. `None` in meters mode (the 35-day window applies instead).
+    pub open_from: Option<i64>,
     pub pushes: Vec<&'a Push>,
 }
 
@@ -52,24 +55,33 @@ pub struct Bucket<'a> {
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ok,
-    /// Stripe's summary has not caught up with the ledger yet (summaries are eventually consistent).
+    /// Stripe's summary has not caught up with the ledger yet: the bucket's last write is younger
+    /// than the settle time (summaries are eventually consistent).
     StripeLagging,
     /// Delta to push (dry run), or pushed (after `--apply`).
     Push,
     /// Over-report: our pushes cancelled and the right value pushed again.
     Correct,
+    /// What Stripe lost is pushed again (`--repair-missing`).
+    Repair,
     /// A push of an earlier run whose outcome is unknown; `--apply` resends it first.
     Pending,
     /// The bucket starts more than 5 minutes in the future.
     Future,
+    /// Usage older than Stripe's 35-day window for meter events: Stripe can no longer take it.
     TooOldForStripe,
+    /// Legacy usage records: the bucket lies before the subscription's current billing period.
+    PeriodClosed,
+    /// Settled pushes that Stripe does not hold (dropped after acceptance, or a Stripe account
+    /// that lost them): `--apply --repair-missing` pushes the amount again.
+    StripeMissing,
     /// Stripe holds more than the ledger says was pushed (another system, or a correction not cancellable).
     StripeAhead,
     NeedsCredit,
     Unmapped,
     /// An intent too old to be resent safely: check Stripe by hand (docs/invoicing.md).
     Unresolved,
-    /// Stripe refused a push.
+    /// Stripe refused the bucket's last write: fix the cause, then `--retry-failed`.
     Failed,
 }
 
@@ -90,14 +102,60 @@ impl Status {
             Status::StripeLagging => "stripe_lagging",
             Status::Push => "push",
             Status::Correct => "correct",
+            Status::Repair => "repair",
             Status::Pending => "pending",
             Status::Future => "future",
             Status::TooOldForStripe => "too_old_for_stripe",
+            Status::PeriodClosed => "period_closed",
+            Status::StripeMissing => "stripe_missing",
             Status::StripeAhead => "stripe_ahead",
             Status::NeedsCredit => "needs_credit",
             Status::Unmapped => "unmapped",
             Status::Unresolved => "unresolved",
             Status::Failed => "failed",
+        }
+    }
+}
+
+/// Why Stripe refused a write, as far as it decides what becomes of the bucket. Stored as the
+/// prefix of the `failed` ledger row's detail (`period_closed: <Stripe's message>`), so that a
+/// refusal that cannot succeed on retry is never sent again as a new push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A usage record before the subscription's current billing period (legacy mode).
+    PeriodClosed,
+    /// A meter event outside Stripe's 35-day window.
+    TooOld,
+    /// Anything else (unknown customer, inactive meter, ...): a person fixes the cause and runs
+    /// `reconcile --apply --retry-failed`.
+    Other,
+}
+
+impl Refusal {
+    /// Classifies a definitive refusal of a write whose timestamp was `event_ts`. Stripe names the
+    /// refused parameter in `error.param`: `timestamp` for both time rules.
+    pub fn classify(legacy: bool, event_ts: i64, now: i64, param: Option<&str>) -> Refusal {
+        match param {
+            Some("timestamp") if legacy => Refusal::PeriodClosed,
+            Some("timestamp") if event_ts < now => Refusal::TooOld,
+            _ => Refusal::Other,
+        }
+    }
+
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Refusal::PeriodClosed => "period_closed",
+            Refusal::TooOld => "too_old_for_stripe",
+            Refusal::Other => "refused",
+        }
+    }
+
+    /// The class recorded in a `failed` row's detail.
+    pub fn of_detail(detail: &str) -> Refusal {
+        match detail.split_once(':').map(|(p, _)| p) {
+            Some("period_closed") => Refusal::PeriodClosed,
+            Some("too_old_for_stripe") => Refusal::TooOld,
+            _ => Refusal::Other,
         }
     }
 }
@@ -110,6 +168,10 @@ pub struct BucketPlan {
     pub ledger: u64,
     /// Over-reported amount that needs a credit note.
     pub needs_credit: u64,
+    /// Under-billed amount Stripe does not hold and will not get without action: lost by Stripe
+    /// (`stripe_missing`), or no longer accepted (`period_closed`, `too_old_for_stripe`), or
+    /// refused (`failed`).
+    pub unbilled: u64,
     /// Cancels come first; pushes are planned again once the cancels are done.
     pub actions: Vec<Entry>,
     pub note: String,
@@ -121,11 +183,21 @@ pub struct Ctx<'a> {
     pub now: i64,
     /// Legacy usage records cannot be cancelled.
     pub can_cancel: bool,
+    /// Seconds after a bucket's last write before Stripe must show it (`stripe.settle_secs`).
+    pub settle_secs: i64,
+    /// Plan pushes of what Stripe lost (`--repair-missing`).
+    pub repair_missing: bool,
+    /// Plan a bucket again although Stripe refused its last write (`--retry-failed`).
+    pub retry_failed: bool,
 }
 
 impl BucketPlan {
     fn status(status: Status, ledger: u64, note: impl Into<String>) -> Self {
-        BucketPlan { status, ledger, needs_credit: 0, actions: Vec::new(), note: note.into() }
+        BucketPlan { status, ledger, needs_credit: 0, unbilled: 0, actions: Vec::new(), note: note.into() }
+    }
+
+    fn unbilled(status: Status, ledger: u64, amount: u64, note: impl Into<String>) -> Self {
+        BucketPlan { unbilled: amount, ..BucketPlan::status(status, ledger, note) }
     }
 }
 
@@ -151,7 +223,7 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         );
     }
     let next_seq = b.pushes.iter().map(|p| p.entry.seq).max().unwrap_or(0) + 1;
-    let entry = |action: Action, seq: u32, value: u64, cancels: &str, event_ts: i64| Entry {
+    let entry = |action: Action, seq: u32, value: u64, cancels: &str, event_ts: i64, reason: String| Entry {
         push_id: push_id(ctx.mode, ctx.account, action, &t.customer, &t.target, b.start, b.end, seq),
         action,
         org_id: b.org_id.clone(),
@@ -165,16 +237,69 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         value,
         cancels: cancels.to_string(),
         event_ts,
+        reason,
     };
     let done = |p: &&&Push| p.outcome == Outcome::Done;
     let oldest_allowed = ctx.now - MAX_EVENT_AGE_SECS + AGE_MARGIN_SECS;
+    // Stripe's refusal of the bucket's last write decides the bucket until it is retried: a
+    // refusal that cannot succeed is reported with its amount, never sent again as a new push.
+    let refused = b
+        .pushes
+        .iter()
+        .filter(|p| p.entry.action != Action::Cancel)
+        .max_by_key(|p| p.entry.seq)
+        .and_then(|p| match &p.outcome {
+            Outcome::Failed(d) => Some((Refusal::of_detail(d), d.as_str())),
+            _ => None,
+        });
+    let blocked = |ledger: u64, amount: u64| -> Option<BucketPlan> {
+        let (r, detail) = refused?;
+        match r {
+            Refusal::PeriodClosed => {
+                Some(BucketPlan::unbilled(Status::PeriodClosed, ledger, amount, "Stripe refused: billing period closed"))
+            }
+            Refusal::TooOld => {
+                Some(BucketPlan::unbilled(Status::TooOldForStripe, ledger, amount, "Stripe refused: older than 35 days"))
+            }
+            Refusal::Other if ctx.retry_failed => None,
+            Refusal::Other => Some(BucketPlan::unbilled(
+                Status::Failed,
+                ledger,
+                amount,
+                format!("{detail} (fix the cause, then reconcile --apply --retry-failed)"),
+            )),
+        }
+    };
+    // Stripe's time rules for a write at `ts`: legacy usage records only inside the current
+    // billing period, meter events within 35 days.
+    let closed = |ts: i64, ledger: u64, amount: u64| -> Option<BucketPlan> {
+        match b.open_from {
+            Some(open) if ts < open => Some(BucketPlan::unbilled(
+                Status::PeriodClosed,
+                ledger,
+                amount,
+                format!("the subscription's billing period now starts at {}", crate::timestamp::format_rfc3339(open)),
+            )),
+            Some(_) => None,
+            None if ts < oldest_allowed => {
+                Some(BucketPlan::unbilled(Status::TooOldForStripe, ledger, amount, "older than Stripe's 35 days"))
+            }
+            None => None,
+        }
+    };
+    let last_done = |f: &dyn Fn(Action) -> bool| -> Option<i64> {
+        b.pushes.iter().filter(done).filter(|p| f(p.entry.action)).filter_map(|p| p.done_at).max()
+    };
+    let settle = Settle {
+        now: ctx.now,
+        secs: ctx.settle_secs,
+        last_add: last_done(&|a| a != Action::Cancel),
+        last_cancel: last_done(&|a| a == Action::Cancel),
+    };
 
     if b.unique {
         let last = b.pushes.iter().filter(done).filter(|p| p.entry.action == Action::Set).max_by_key(|p| p.entry.seq);
         let ledger = last.map_or(0, |p| p.entry.value);
-        if b.tally == ledger {
-            return compare(b, ledger);
-        }
         let ts = match (ctx.can_cancel, last) {
             // Legacy `set` replaces the quantity at a timestamp: keep the first one.
             (false, Some(p)) => p.entry.event_ts,
@@ -185,14 +310,28 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
                 last.map_or(base, |p| base.max(p.entry.event_ts + 1))
             }
         };
-        if ts < oldest_allowed {
-            return BucketPlan::status(Status::TooOldForStripe, ledger, "older than Stripe's 35 days");
+        let (value, reason, status) = if b.tally == ledger {
+            let c = compare(b, ledger, &settle);
+            if c.status != Status::StripeMissing {
+                return c;
+            }
+            let why = format!("repair: Stripe's last value {} != the ledger's {ledger} after the settle time", b.stripe.unwrap_or(0));
+            if !ctx.repair_missing {
+                return c;
+            }
+            (ledger, why, Status::Repair)
+        } else {
+            (b.tally, String::new(), Status::Push)
+        };
+        let amount = value.saturating_sub(b.stripe.unwrap_or(ledger).min(ledger));
+        if let Some(p) = blocked(ledger, amount).or_else(|| closed(ts, ledger, amount)) {
+            return p;
         }
         if ts >= b.end || ts > ctx.now + MAX_FUTURE_SECS {
             return BucketPlan::status(Status::Future, ledger, "no later timestamp left for a new value");
         }
-        let mut p = BucketPlan::status(Status::Push, ledger, "");
-        p.actions.push(entry(Action::Set, next_seq, b.tally, "", ts));
+        let mut p = BucketPlan::status(status, ledger, "");
+        p.actions.push(entry(Action::Set, next_seq, value, "", ts, reason));
         return p;
     }
 
@@ -203,7 +342,7 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         .filter(|p| p.entry.action == Action::Cancel)
         .map(|p| p.entry.cancels.as_str())
         .collect();
-    let refused: Vec<&str> = b
+    let refused_cancels: Vec<&str> = b
         .pushes
         .iter()
         .filter(|p| matches!(p.outcome, Outcome::Failed(_)) && p.entry.action == Action::Cancel)
@@ -216,19 +355,38 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         .filter(|p| p.entry.action == Action::Push && !cancelled.contains(&p.entry.push_id.as_str()))
         .collect();
     let ledger: u64 = live.iter().map(|p| p.entry.value).sum();
+    // A bucket is written at its first second, or at the earliest second Stripe still accepts.
+    let ts = if b.open_from.is_some() { b.start } else { b.start.max(oldest_allowed) };
     if b.tally == ledger {
-        return compare(b, ledger);
+        let c = compare(b, ledger, &settle);
+        if c.status != Status::StripeMissing {
+            return c;
+        }
+        let missing = c.unbilled;
+        if let Some(p) = blocked(ledger, missing).or_else(|| closed(ts.min(b.end - 1), ledger, missing)) {
+            return BucketPlan { note: format!("Stripe lost {missing} of {ledger}; {}", p.note), ..p };
+        }
+        if !ctx.repair_missing {
+            return c;
+        }
+        let why = format!(
+            "repair: Stripe held {} of the ledger's {ledger} after the settle time",
+            b.stripe.unwrap_or(0)
+        );
+        let mut p = BucketPlan::unbilled(Status::Repair, ledger, missing, format!("push the {missing} Stripe lost"));
+        p.actions.push(entry(Action::Repair, next_seq, missing, "", ts, why));
+        return p;
     }
     if b.tally > ledger {
-        let ts = b.start.max(oldest_allowed);
-        if ts >= b.end {
-            return BucketPlan::status(Status::TooOldForStripe, ledger, "older than Stripe's 35 days");
+        let amount = b.tally - ledger;
+        if let Some(p) = blocked(ledger, amount).or_else(|| closed(ts.min(b.end - 1), ledger, amount)) {
+            return p;
         }
         if ts > ctx.now + MAX_FUTURE_SECS {
             return BucketPlan::status(Status::Future, ledger, "bucket starts in the future");
         }
         let mut p = BucketPlan::status(Status::Push, ledger, "");
-        p.actions.push(entry(Action::Push, next_seq, b.tally - ledger, "", ts));
+        p.actions.push(entry(Action::Push, next_seq, amount, "", ts, String::new()));
         return p;
     }
     // Over-report: the ledger holds more than tally.
@@ -236,7 +394,7 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         .iter()
         .filter(|p| {
             ctx.can_cancel
-                && !refused.contains(&p.entry.push_id.as_str())
+                && !refused_cancels.contains(&p.entry.push_id.as_str())
                 && p.done_at.is_some_and(|d| ctx.now - d < CANCEL_WINDOW_SECS)
         })
         .collect();
@@ -252,21 +410,58 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         format!("cancel {} push(es), then push {}", cancellable.len(), b.tally - (ledger - c)),
     );
     for (i, q) in cancellable.iter().enumerate() {
-        p.actions.push(entry(Action::Cancel, next_seq + i as u32, q.entry.value, &q.entry.push_id, q.entry.event_ts));
+        p.actions.push(entry(
+            Action::Cancel,
+            next_seq + i as u32,
+            q.entry.value,
+            &q.entry.push_id,
+            q.entry.event_ts,
+            String::new(),
+        ));
     }
     p
 }
 
-/// tally and the ledger agree: compare with Stripe's own figure where there is one.
-fn compare(b: &Bucket, ledger: u64) -> BucketPlan {
+/// When the bucket was last written to, for telling Stripe's lag from Stripe's loss.
+struct Settle {
+    now: i64,
+    secs: i64,
+    /// Latest done push, set or repair.
+    last_add: Option<i64>,
+    /// Latest done cancel.
+    last_cancel: Option<i64>,
+}
+
+impl Settle {
+    fn recent(&self, t: Option<i64>) -> bool {
+        t.is_some_and(|t| self.now - t < self.secs)
+    }
+}
+
+/// tally and the ledger agree: compare with Stripe's own figure where there is one. Within the
+/// settle time of the write that moved the ledger, a difference is Stripe's lag; after it, it is
+/// drift, whichever way it goes.
+fn compare(b: &Bucket, ledger: u64, settle: &Settle) -> BucketPlan {
     match b.stripe {
         Some(s) if s > ledger => {
+            // A cancel (or, for `last` meters, a newer lower value) not visible yet.
+            if settle.recent(settle.last_cancel) || (b.unique && settle.recent(settle.last_add)) {
+                return BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up");
+            }
             let mut p = BucketPlan::status(Status::StripeAhead, ledger, "Stripe holds usage tally did not push");
             p.needs_credit = s - b.tally.min(s);
             p
         }
         Some(s) if s < ledger => {
-            BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up")
+            if settle.recent(settle.last_add) {
+                return BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up");
+            }
+            BucketPlan::unbilled(
+                Status::StripeMissing,
+                ledger,
+                ledger - s,
+                format!("Stripe holds {s} of the {ledger} pushed (settled); reconcile --apply --repair-missing"),
+            )
         }
         _ => BucketPlan::status(Status::Ok, ledger, ""),
     }
@@ -281,7 +476,15 @@ mod tests {
     const H: i64 = NOW - 1800 - 3 * 3600;
 
     fn ctx() -> Ctx<'static> {
-        Ctx { mode: "meters", account: "", now: NOW, can_cancel: true }
+        Ctx {
+            mode: "meters",
+            account: "",
+            now: NOW,
+            can_cancel: true,
+            settle_secs: 7200,
+            repair_missing: false,
+            retry_failed: false,
+        }
     }
 
     fn bucket<'a>(tally: u64, pushes: Vec<&'a Push>) -> Bucket<'a> {
@@ -294,12 +497,17 @@ mod tests {
             target: Some(Target { customer: "cus_1".into(), target: "mtr_1".into(), event_name: "ev".into() }),
             tally,
             stripe: None,
+            open_from: None,
             pushes,
         }
     }
 
     fn done(entry: Entry, at: i64) -> Push {
-        Push { entry, outcome: Outcome::Done, intent_at: at, done_at: Some(at) }
+        Push { entry, outcome: Outcome::Done, intent_at: at, done_at: Some(at), run_id: "r".into() }
+    }
+
+    fn failed(entry: Entry, detail: &str) -> Push {
+        Push { entry, outcome: Outcome::Failed(detail.into()), intent_at: NOW, done_at: None, run_id: "r".into() }
     }
 
     #[test]
@@ -326,18 +534,130 @@ mod tests {
     #[test]
     fn pending_intents_block_planning_until_resent() {
         let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
-        let pending = Push { entry: e, outcome: Outcome::Pending, intent_at: NOW - 60, done_at: None };
+        let pending = Push { entry: e, outcome: Outcome::Pending, intent_at: NOW - 60, done_at: None, run_id: "r".into() };
         assert_eq!(plan(&ctx(), &bucket(10, vec![&pending])).status, Status::Pending);
         let stale = Push { intent_at: NOW - 24 * 3600, ..pending.clone() };
         assert_eq!(plan(&ctx(), &bucket(10, vec![&stale])).status, Status::Unresolved);
     }
 
     #[test]
-    fn failed_pushes_count_for_nothing() {
+    fn refused_writes_count_for_nothing_and_are_not_sent_again_unasked() {
         let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
-        let failed = Push { entry: e, outcome: Outcome::Failed("no".into()), intent_at: NOW, done_at: None };
-        let p = plan(&ctx(), &bucket(10, vec![&failed]));
+        let refused = failed(e.clone(), "refused: stripe 404 invalid_request_error (resource_missing): No such customer");
+        let p = plan(&ctx(), &bucket(10, vec![&refused]));
+        assert_eq!((p.status, p.ledger, p.unbilled, p.actions.len()), (Status::Failed, 0, 10, 0));
+        assert!(p.note.contains("No such customer") && p.note.contains("--retry-failed"), "{}", p.note);
+        let retry = Ctx { retry_failed: true, ..ctx() };
+        let p = plan(&retry, &bucket(10, vec![&refused]));
         assert_eq!((p.status, p.ledger, p.actions[0].value, p.actions[0].seq), (Status::Push, 0, 10, 2));
+        // Refusals that cannot succeed on retry keep their own status, even with --retry-failed.
+        for (detail, status) in [
+            ("period_closed: stripe 400 ...", Status::PeriodClosed),
+            ("too_old_for_stripe: stripe 400 ...", Status::TooOldForStripe),
+        ] {
+            let r = failed(e.clone(), detail);
+            let p = plan(&retry, &bucket(12, vec![&r]));
+            assert_eq!((p.status, p.unbilled, p.actions.len()), (status, 12, 0), "{detail}");
+        }
+        assert_eq!(Refusal::classify(true, NOW - 10, NOW, Some("timestamp")), Refusal::PeriodClosed);
+        assert_eq!(Refusal::classify(false, NOW - 40 * 86_400, NOW, Some("timestamp")), Refusal::TooOld);
+        assert_eq!(Refusal::classify(false, NOW - 10, NOW, Some("payload")), Refusal::Other);
+        for r in [Refusal::PeriodClosed, Refusal::TooOld, Refusal::Other] {
+            assert_eq!(Refusal::of_detail(&format!("{}: x: y", r.prefix())), r);
+        }
+    }
+
+    #[test]
+    fn stripe_below_the_ledger_is_lag_within_the_settle_time_and_missing_after() {
+        let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
+        let fresh = done(e.clone(), NOW - 7199);
+        let mut b = bucket(10, vec![&fresh]);
+        b.stripe = Some(4);
+        assert_eq!(plan(&ctx(), &b).status, Status::StripeLagging);
+        let settled = done(e.clone(), NOW - 7200);
+        b.pushes = vec![&settled];
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::StripeMissing, 6, 0));
+        b.stripe = None; // Stripe holds nothing at all for the bucket
+        b.stripe = Some(0);
+        assert_eq!((plan(&ctx(), &b).status, plan(&ctx(), &b).unbilled), (Status::StripeMissing, 10));
+        b.stripe = Some(4);
+        // --repair-missing pushes exactly the missing amount under a new deterministic id.
+        let repair = Ctx { repair_missing: true, ..ctx() };
+        let p = plan(&repair, &b);
+        assert_eq!(p.status, Status::Repair);
+        let a = &p.actions[0];
+        assert_eq!((a.action, a.value, a.seq, a.event_ts), (Action::Repair, 6, 2, H));
+        assert!(a.reason.starts_with("repair: Stripe held 4 of the ledger's 10"), "{}", a.reason);
+        assert_eq!(plan(&repair, &b).actions, p.actions, "rerun-safe: the same id");
+        // The repair does not change the ledger's value; Stripe's lag after it is lag again.
+        let r = done(a.clone(), NOW - 60);
+        b.pushes = vec![&settled, &r];
+        assert_eq!((plan(&repair, &b).status, plan(&repair, &b).ledger), (Status::StripeLagging, 10));
+        b.stripe = Some(10);
+        assert_eq!(plan(&repair, &b).status, Status::Ok);
+        // Lost usage older than Stripe's window cannot be pushed again.
+        let mut old = bucket(10, vec![&settled]);
+        old.start = NOW - 40 * 86_400 - 1800;
+        old.end = old.start + 3600;
+        old.stripe = Some(0);
+        let p = plan(&repair, &old);
+        assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::TooOldForStripe, 10, 0));
+    }
+
+    #[test]
+    fn stripe_above_the_ledger_after_a_cancel_is_lag_until_settled() {
+        let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
+        let pushed = done(e.clone(), NOW - 3 * 3600);
+        let c = plan(&ctx(), &bucket(7, vec![&pushed])).actions[0].clone();
+        let cancel = done(c, NOW - 60);
+        let again = done(plan(&ctx(), &bucket(7, vec![&pushed, &cancel])).actions[0].clone(), NOW - 30);
+        let mut b = bucket(7, vec![&pushed, &cancel, &again]);
+        b.stripe = Some(17);
+        assert_eq!(plan(&ctx(), &b).status, Status::StripeLagging);
+        let late = Ctx { now: NOW + 7200, ..ctx() };
+        let p = plan(&late, &b);
+        assert_eq!((p.status, p.needs_credit), (Status::StripeAhead, 10));
+    }
+
+    #[test]
+    fn legacy_usage_before_the_current_period_is_period_closed() {
+        let legacy = Ctx { mode: "legacy", can_cancel: false, ..ctx() };
+        let mut b = bucket(10, vec![]);
+        b.open_from = Some(H + 3600);
+        let p = plan(&legacy, &b);
+        assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::PeriodClosed, 10, 0));
+        b.open_from = Some(H);
+        assert_eq!(plan(&legacy, &b).status, Status::Push);
+        // Legacy usage records have no 35-day rule, only the period.
+        let mut old = bucket(3, vec![]);
+        old.start = NOW - 40 * 86_400 - 1800;
+        old.end = old.start + 3600;
+        old.open_from = Some(old.start);
+        assert_eq!(plan(&legacy, &old).status, Status::Push);
+        let mut u = bucket(40, vec![]);
+        u.unique = true;
+        u.start = NOW - 1800 - 10 * 86_400;
+        u.end = NOW - 1800 + 3600;
+        u.open_from = Some(NOW + 3600);
+        let p = plan(&legacy, &u);
+        assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40));
+    }
+
+    #[test]
+    fn a_lost_last_value_is_set_again() {
+        let mut b = bucket(40, vec![]);
+        b.unique = true;
+        b.start = NOW - 1800 - 10 * 86_400;
+        b.end = NOW - 1800 + 3600;
+        let first = done(plan(&ctx(), &b).actions[0].clone(), NOW - 3 * 3600);
+        b.pushes = vec![&first];
+        b.stripe = Some(0);
+        assert_eq!((plan(&ctx(), &b).status, plan(&ctx(), &b).unbilled), (Status::StripeMissing, 40));
+        let p = plan(&Ctx { repair_missing: true, ..ctx() }, &b);
+        let a = &p.actions[0];
+        assert_eq!((p.status, a.action, a.value, a.seq), (Status::Repair, Action::Set, 40, 2));
+        assert!(a.event_ts > first.entry.event_ts && a.reason.starts_with("repair:"));
     }
 
     #[test]

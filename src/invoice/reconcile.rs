@@ -11,7 +11,7 @@ use super::config::{Granularity, InvoicerConfig, StripeMode};
 use super::ledger::{Action, Entry, Ledger, Outcome, Push, State};
 use super::mapping::Mapping;
 use super::period::Period;
-use super::plan::{plan, Bucket, BucketPlan, Ctx, Target};
+use super::plan::{plan, Bucket, BucketPlan, Ctx, Refusal, Target};
 use super::progress::Progress;
 use super::report::{Report, Row};
 use super::stripe::meters::{self, MeterInfo};
@@ -43,6 +43,10 @@ pub struct Options {
     pub apply: bool,
     pub granularity: Granularity,
     pub progress: bool,
+    /// Push again what Stripe lost after accepting it (`stripe_missing` buckets).
+    pub repair_missing: bool,
+    /// Plan buckets again whose last write Stripe refused for a reason that may be fixed.
+    pub retry_failed: bool,
 }
 
 /// What a run needs: configuration, clients, mapping and meter definitions.
@@ -126,13 +130,13 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     let keys: BTreeSet<Key> = tally.keys().cloned().chain(by_key.keys().cloned()).collect();
     let stripe_before = read_stripe(env, &resolved, &keys, period, g)?;
 
-    let mut plans = plan_all(env, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
+    let mut plans = plan_all(env, opts, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
     let before: BTreeMap<Key, BucketPlan> = plans.clone();
     // Plans again from the ledger as it is now.
     let replan = |stripe: &StripeView| -> Result<BTreeMap<Key, BucketPlan>, ReconcileError> {
         let pushes = ledger.read(period.from, period.to)?;
         let by_key = group_pushes(&pushes, period, g)?;
-        Ok(plan_all(env, mode, &resolved, &keys, &tally, &by_key, stripe))
+        Ok(plan_all(env, opts, mode, &resolved, &keys, &tally, &by_key, stripe))
     };
     if opts.apply {
         let cancels: Vec<Entry> =
@@ -180,8 +184,12 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     for (st, n) in report.drift_by_status() {
         metrics::gauge!(super::metrics::DRIFT_BUCKETS, "status" => st).set(n as f64);
     }
+    for (st, v) in report.drift_value_by_status() {
+        metrics::gauge!(super::metrics::DRIFT_VALUE, "status" => st).set(v as f64);
+    }
     metrics::gauge!(super::metrics::NEEDS_CREDIT)
         .set(report.rows.iter().map(|r: &Row| r.needs_credit).sum::<u64>() as f64);
+    metrics::gauge!(super::metrics::UNBILLED).set(report.rows.iter().map(|r: &Row| r.unbilled).sum::<u64>() as f64);
     metrics::gauge!(super::metrics::RUN_SECONDS).set(started.elapsed().as_secs_f64());
     Ok(report)
 }
@@ -293,6 +301,8 @@ fn group_pushes(pushes: &[Push], period: Period, g: Granularity) -> Result<BTree
 pub struct StripeView {
     pub bucket: BTreeMap<Key, u64>,
     pub pair: BTreeMap<(String, String), u64>,
+    /// Legacy mode: start of each (org, meter)'s current billing period.
+    pub open_from: BTreeMap<(String, String), i64>,
 }
 
 impl StripeView {
@@ -301,6 +311,7 @@ impl StripeView {
         self.bucket.retain(|k, _| !pairs.contains(&(k.0.clone(), k.1.clone())));
         self.bucket.extend(other.bucket);
         self.pair.extend(other.pair);
+        self.open_from.extend(other.open_from);
     }
 }
 
@@ -319,23 +330,27 @@ fn read_stripe(
     }
     let list: Vec<(&(String, String), &Target)> = pairs.iter().collect();
     let unique = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation == Aggregation::Unique);
-    let results =
-        parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Vec<(i64, u64)>, StripeError> {
-            match env.cfg.stripe.mode {
-                StripeMode::Meters => {
-                    let window = (!unique(meter)).then(|| g.stripe_window());
-                    let s = meters::summaries(env.stripe, &t.target, &t.customer, period.from, period.to, window)?;
-                    Ok(s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect())
-                }
-                StripeMode::Legacy => {
-                    let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
-                    Ok(vec![(period.from, total.max(0) as u64)])
-                }
+    type Read = (Vec<(i64, u64)>, Option<i64>);
+    let results = parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Read, StripeError> {
+        match env.cfg.stripe.mode {
+            StripeMode::Meters => {
+                let window = (!unique(meter)).then(|| g.stripe_window());
+                let s = meters::summaries(env.stripe, &t.target, &t.customer, period.from, period.to, window)?;
+                Ok((s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect(), None))
             }
-        });
+            StripeMode::Legacy => {
+                let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
+                let (_, open) = legacy::current_period_start(env.stripe, &t.target)?;
+                Ok((vec![(period.from, total.max(0) as u64)], Some(open)))
+            }
+        }
+    });
     let mut view = StripeView::default();
     for (((org, meter), _), r) in list.iter().zip(results) {
-        let values = r?;
+        let (values, open) = r?;
+        if let Some(open) = open {
+            view.open_from.insert((org.clone(), meter.clone()), open);
+        }
         let total: u64 = values.iter().map(|(_, v)| v).sum();
         view.pair.insert((org.clone(), meter.clone()), total);
         if env.cfg.stripe.mode == StripeMode::Meters {
@@ -352,8 +367,10 @@ fn read_stripe(
     Ok(view)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plan_all(
     env: &Env,
+    opts: &Options,
     mode: &str,
     resolved: &Resolved,
     keys: &BTreeSet<Key>,
@@ -366,6 +383,9 @@ fn plan_all(
         account: &env.cfg.stripe.account,
         now: now_secs(),
         can_cancel: env.cfg.stripe.mode == StripeMode::Meters,
+        settle_secs: i64::from(env.cfg.stripe.settle_secs),
+        repair_missing: opts.repair_missing,
+        retry_failed: opts.retry_failed,
     };
     keys.iter()
         .map(|k| {
@@ -380,6 +400,10 @@ fn plan_all(
                 stripe: match env.cfg.stripe.mode {
                     StripeMode::Meters if target.is_some() => Some(stripe.bucket.get(k).copied().unwrap_or(0)),
                     _ => None,
+                },
+                open_from: match env.cfg.stripe.mode {
+                    StripeMode::Legacy => stripe.open_from.get(&(k.0.clone(), k.1.clone())).copied(),
+                    StripeMode::Meters => None,
                 },
                 target,
                 tally: tally.get(k).copied().unwrap_or(0),
@@ -428,7 +452,7 @@ fn execute(
         if sent.aborted.is_some() {
             break;
         }
-        let intents: Vec<(&Entry, State, &str)> = chunk.iter().map(|e| (e, State::Intent, "")).collect();
+        let intents: Vec<(&Entry, State, &str)> = chunk.iter().map(|e| (e, State::Intent, e.reason.as_str())).collect();
         ledger.append(&intents, now_secs())?;
         let results = parallel(chunk, env.cfg.stripe.concurrency, |e| {
             if streak.load(Ordering::SeqCst) >= limit {
@@ -458,14 +482,23 @@ fn execute(
                     sent.indeterminate.push((key_of(e), err.to_string()));
                 }
                 Err(err) => {
+                    // The class decides the bucket's later runs (plan.rs): a refusal that cannot
+                    // succeed on retry is reported, never planned again as a new push.
+                    let class = Refusal::classify(
+                        env.cfg.stripe.mode == StripeMode::Legacy,
+                        e.event_ts,
+                        now_secs(),
+                        err.param(),
+                    );
                     metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "failed").increment(1);
-                    tracing::warn!(push_id = %e.push_id, error = %err, "stripe refused a write");
+                    tracing::warn!(push_id = %e.push_id, class = class.prefix(), error = %err, "stripe refused a write");
+                    let detail = format!("{}: {err}", class.prefix());
                     if e.action == Action::Cancel {
-                        sent.cancels_refused.push((key_of(e), err.to_string()));
+                        sent.cancels_refused.push((key_of(e), detail.clone()));
                     } else {
-                        sent.failed.push((key_of(e), err.to_string()));
+                        sent.failed.push((key_of(e), detail.clone()));
                     }
-                    outcomes.push((e, State::Failed, err.to_string()));
+                    outcomes.push((e, State::Failed, detail));
                 }
             }
         }
@@ -489,7 +522,7 @@ fn execute(
 /// One Stripe call for one ledger entry.
 fn send(env: &Env, resolved: &Resolved, e: &Entry) -> Result<(), StripeError> {
     let r = match (env.cfg.stripe.mode, e.action) {
-        (StripeMode::Meters, Action::Push | Action::Set) => {
+        (StripeMode::Meters, Action::Push | Action::Set | Action::Repair) => {
             let info = resolved
                 .infos
                 .get(&e.target)
@@ -499,7 +532,7 @@ fn send(env: &Env, resolved: &Resolved, e: &Entry) -> Result<(), StripeError> {
         (StripeMode::Meters, Action::Cancel) => {
             meters::cancel_meter_event(env.stripe, &e.event_name, &e.cancels, &e.push_id)
         }
-        (StripeMode::Legacy, Action::Push | Action::Set) => {
+        (StripeMode::Legacy, Action::Push | Action::Set | Action::Repair) => {
             legacy::create_usage_record(env.stripe, &e.target, e.value, e.event_ts, e.action == Action::Set, &e.push_id)
         }
         (StripeMode::Legacy, Action::Cancel) => Err(StripeError::Client("usage records cannot be cancelled".into())),

@@ -46,6 +46,8 @@ pub struct Row {
     pub delta_pushed: i64,
     pub stripe_after: Option<u64>,
     pub needs_credit: u64,
+    /// Usage Stripe does not hold and will not get without action (see [`BucketPlan::unbilled`]).
+    pub unbilled: u64,
     pub status: String,
     pub buckets: usize,
     pub buckets_unsettled: usize,
@@ -63,6 +65,8 @@ pub struct Problem {
     pub tally: u64,
     pub ledger: u64,
     pub stripe: Option<u64>,
+    pub needs_credit: u64,
+    pub unbilled: u64,
     pub note: String,
 }
 
@@ -79,6 +83,7 @@ pub struct Summary {
     pub pushes_done: usize,
     pub sets_done: usize,
     pub cancels_done: usize,
+    pub repairs_done: usize,
     pub writes_failed: usize,
     pub cancels_refused: usize,
     pub writes_pending: usize,
@@ -138,7 +143,9 @@ impl Report {
             } else if pending {
                 "pending".to_string()
             } else if worst.settled() {
-                if did(Action::Cancel) {
+                if did(Action::Repair) {
+                    "repaired".into()
+                } else if did(Action::Cancel) {
                     "corrected".into()
                 } else if did(Action::Push) || did(Action::Set) {
                     "pushed".into()
@@ -149,6 +156,8 @@ impl Report {
                 "would_push".into()
             } else if !applied && worst == Status::Correct {
                 "would_correct".into()
+            } else if !applied && worst == Status::Repair {
+                "would_repair".into()
             } else {
                 worst.as_str().into()
             };
@@ -172,11 +181,17 @@ impl Report {
                     meter: k.1.clone(),
                     bucket_start: format_rfc3339(k.2),
                     bucket_end: format_rfc3339(k.3),
-                    status: if !applied && p.status == Status::Push { "would_push" } else { p.status.as_str() },
+                    status: match p.status {
+                        Status::Push if !applied => "would_push",
+                        Status::Repair if !applied => "would_repair",
+                        s => s.as_str(),
+                    },
                     tally: tally.get(**k).copied().unwrap_or(0),
                     ledger: p.ledger,
                     stripe: (mode == "meters" && target.is_some())
                         .then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
+                    needs_credit: p.needs_credit,
+                    unbilled: p.unbilled,
                     note: p.note.clone(),
                 });
             }
@@ -204,6 +219,12 @@ impl Report {
                 },
                 stripe_after: target.as_ref().and(stripe_after.pair.get(pair).copied()),
                 needs_credit: sum(&|p| p.needs_credit, after),
+                unbilled: ks
+                    .iter()
+                    .filter_map(|k| after.get(*k))
+                    .filter(|p| !p.status.settled())
+                    .map(|p| p.unbilled)
+                    .sum(),
                 status,
                 buckets: ks.len(),
                 buckets_unsettled: unsettled.len(),
@@ -234,6 +255,7 @@ impl Report {
                 pushes_done: count(Action::Push),
                 sets_done: count(Action::Set),
                 cancels_done: count(Action::Cancel),
+                repairs_done: count(Action::Repair),
                 writes_failed: sent.failed.len(),
                 cancels_refused: sent.cancels_refused.len(),
                 writes_pending: sent.indeterminate.len(),
@@ -260,12 +282,22 @@ impl Report {
         m.into_iter().collect()
     }
 
+    /// Quantity in the unsettled buckets per status (for the drift value gauge): what is not
+    /// billed (lost, closed, refused) or over-billed (needs a credit).
+    pub fn drift_value_by_status(&self) -> Vec<(&'static str, u64)> {
+        let mut m: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for p in &self.problems {
+            *m.entry(p.status).or_default() += p.unbilled + p.needs_credit;
+        }
+        m.into_iter().collect()
+    }
+
     pub fn render(&self, format: Format) -> String {
         match format {
             Format::Json => serde_json::to_string_pretty(self).expect("report serializes") + "\n",
             Format::Csv => {
                 let mut out = String::from(
-                    "org_id,customer,meter,stripe_target,tally,stripe_before,delta_pushed,stripe_after,needs_credit,status,buckets,buckets_unsettled,note\n",
+                    "org_id,customer,meter,stripe_target,tally,stripe_before,delta_pushed,stripe_after,needs_credit,unbilled,status,buckets,buckets_unsettled,note\n",
                 );
                 for r in &self.rows {
                     let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
@@ -279,6 +311,7 @@ impl Report {
                         r.delta_pushed.to_string(),
                         opt(r.stripe_after),
                         r.needs_credit.to_string(),
+                        r.unbilled.to_string(),
                         csv(&r.status),
                         r.buckets.to_string(),
                         r.buckets_unsettled.to_string(),
@@ -294,9 +327,10 @@ impl Report {
     }
 
     fn table(&self) -> String {
-        let head = ["ORG", "CUSTOMER", "METER", "TALLY", "STRIPE BEFORE", "DELTA", "STRIPE AFTER", "CREDIT", "STATUS"];
+        let head =
+            ["ORG", "CUSTOMER", "METER", "TALLY", "STRIPE BEFORE", "DELTA", "STRIPE AFTER", "CREDIT", "UNBILLED", "STATUS"];
         let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-        let cells: Vec<[String; 9]> = self
+        let cells: Vec<[String; 10]> = self
             .rows
             .iter()
             .map(|r| {
@@ -309,6 +343,7 @@ impl Report {
                     format!("{:+}", r.delta_pushed),
                     opt(r.stripe_after),
                     r.needs_credit.to_string(),
+                    r.unbilled.to_string(),
                     r.status.clone(),
                 ]
             })
@@ -323,7 +358,7 @@ impl Report {
             let mut s = String::new();
             for (i, v) in vals.iter().enumerate() {
                 let pad = w[i] - v.chars().count();
-                if (3..8).contains(&i) {
+                if (3..9).contains(&i) {
                     s.push_str(&" ".repeat(pad));
                     s.push_str(v);
                 } else {
@@ -340,7 +375,7 @@ impl Report {
         }
         let s = &self.summary;
         out.push_str(&format!(
-            "\n{} {}..{} ({} mode): {} rows, {} buckets, {} not reconciled; {} writes to Stripe ({} pushes, {} sets, {} cancels), \
+            "\n{} {}..{} ({} mode): {} rows, {} buckets, {} not reconciled; {} writes to Stripe ({} pushes, {} sets, {} cancels, {} repairs), \
              {} refused, {} pending; {} Stripe requests in {:.1} s; exit {}\n",
             if s.applied { "applied" } else { "dry run" },
             s.period_from,
@@ -353,6 +388,7 @@ impl Report {
             s.pushes_done,
             s.sets_done,
             s.cancels_done,
+            s.repairs_done,
             s.writes_failed,
             s.writes_pending,
             s.stripe_requests,
@@ -367,7 +403,7 @@ impl Report {
             out.push_str("\nbuckets not reconciled:\n");
             for p in self.problems.iter().take(SHOWN) {
                 out.push_str(&format!(
-                    "  {} {} {}..{} {} tally={} ledger={} stripe={} {}\n",
+                    "  {} {} {}..{} {} tally={} ledger={} stripe={} unbilled={} credit={} {}\n",
                     p.org_id,
                     p.meter,
                     p.bucket_start,
@@ -376,6 +412,8 @@ impl Report {
                     p.tally,
                     p.ledger,
                     opt(p.stripe),
+                    p.unbilled,
+                    p.needs_credit,
                     p.note
                 ));
             }

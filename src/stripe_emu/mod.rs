@@ -34,6 +34,9 @@ pub struct Faults {
     pub rate_500: f64,
     /// POSTs only: do the write, then drop the connection without answering.
     pub rate_drop_after_write: f64,
+    /// Meter events only: accept the event (200), then drop it as Stripe's asynchronous
+    /// validation would: it never counts in a summary.
+    pub rate_async_drop: f64,
 }
 
 /// What the emulator counted (for tests and the demo).
@@ -50,6 +53,7 @@ pub struct Stats {
     pub identifier_conflicts: u64,
     pub adjustments_created: u64,
     pub usage_records_created: u64,
+    pub meter_events_dropped: u64,
 }
 
 struct Saved {
@@ -227,7 +231,18 @@ fn handle(shared: &Shared, req: Request) -> Reply {
     };
     if status == 200 {
         match req.path.as_str() {
-            "/v1/billing/meter_events" => inner.stats.meter_events_created += 1,
+            "/v1/billing/meter_events" => {
+                inner.stats.meter_events_created += 1;
+                let drop_roll: f64 = inner.rng.gen();
+                if drop_roll < f.rate_async_drop {
+                    let id = out["identifier"].as_str().unwrap_or_default().to_string();
+                    if let Some(acct) = inner.accounts.get_mut(&account) {
+                        if acct.drop_meter_event(&id).is_ok() {
+                            inner.stats.meter_events_dropped += 1;
+                        }
+                    }
+                }
+            }
             "/v1/billing/meter_event_adjustments" => inner.stats.adjustments_created += 1,
             p if p.ends_with("/usage_records") => inner.stats.usage_records_created += 1,
             _ => {}
@@ -261,6 +276,7 @@ fn route(a: &mut Account, method: &str, path: &str, p: &Value, now: i64) -> Resu
         ("POST", ["v1", "billing", "meter_events"]) => a.create_meter_event(p, now),
         ("POST", ["v1", "billing", "meter_event_adjustments"]) => a.create_adjustment(p, now),
         ("POST", ["v1", "subscriptions"]) => a.create_subscription(p, now),
+        ("GET", ["v1", "subscriptions", id]) => a.subscription(id, now),
         ("POST", ["v1", "subscription_items"]) => a.create_item(p, now),
         ("GET", ["v1", "subscription_items"]) => a.list_items(p, now),
         ("GET", ["v1", "subscription_items", id]) => a.item(id, now),
@@ -284,6 +300,7 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
                 rate_429: get("rate_429"),
                 rate_500: get("rate_500"),
                 rate_drop_after_write: get("rate_drop_after_write"),
+                rate_async_drop: get("rate_async_drop"),
             };
             Reply::json(200, &serde_json::to_value(&inner.faults).expect("json"))
         }
@@ -295,6 +312,16 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
                 &json!({"now": now_real() + inner.clock_offset_secs, "offset_secs": inner.clock_offset_secs}),
             )
         }
+        ("POST", "drop_meter_event") => {
+            let id = p.get("identifier").and_then(Value::as_str).unwrap_or("").to_string();
+            match inner.accounts.entry(account).or_default().drop_meter_event(&id) {
+                Ok(v) => {
+                    inner.stats.meter_events_dropped += 1;
+                    Reply::json(200, &v)
+                }
+                Err(e) => error_reply(e),
+            }
+        }
         ("GET", "stats") => Reply::json(200, &serde_json::to_value(&inner.stats).expect("json")),
         ("GET", "meter_events") => {
             let events: Vec<Value> = inner
@@ -305,7 +332,8 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
                         .iter()
                         .map(|e| {
                             json!({"identifier": e.identifier, "event_name": e.event_name, "customer": e.customer,
-                                "value": e.value, "timestamp": e.timestamp, "created": e.created, "cancelled": e.cancelled})
+                                "value": e.value, "timestamp": e.timestamp, "created": e.created, "cancelled": e.cancelled,
+                                "dropped": e.dropped})
                         })
                         .collect()
                 })

@@ -61,6 +61,9 @@ pub struct MeterEvent {
     pub timestamp: i64,
     pub created: i64,
     pub cancelled: bool,
+    /// Dropped after it was accepted (Stripe's asynchronous validation found it invalid): it
+    /// counts in no summary, as with Stripe's `meter_event_error_report` cases.
+    pub dropped: bool,
     payload: Value,
 }
 
@@ -330,6 +333,7 @@ impl Account {
             timestamp,
             created: now,
             cancelled: false,
+            dropped: false,
             payload: obj["payload"].clone(),
         });
         Ok(obj)
@@ -402,6 +406,7 @@ impl Account {
             .iter()
             .filter(|e| {
                 !e.cancelled
+                    && !e.dropped
                     && e.event_name == meter.event_name
                     && e.customer == customer
                     && e.timestamp >= start
@@ -501,6 +506,18 @@ impl Account {
         })
     }
 
+    /// A subscription with its current billing period (`current_period_start`/`_end` on the
+    /// subscription, as API versions before 2025-03-31.basil have them).
+    pub fn subscription(&self, id: &str, now: i64) -> Result<Value> {
+        let mut obj = self.subscriptions.get(id).cloned().ok_or_else(|| missing("subscription", id, "id"))?;
+        let start = obj["start_date"].as_i64().unwrap_or(0);
+        let n = ((now - start).max(0)) / PERIOD_SECS;
+        obj["current_period_start"] = json!(start + n * PERIOD_SECS);
+        obj["current_period_end"] = json!(start + (n + 1) * PERIOD_SECS);
+        obj["billing_cycle_anchor"] = json!(start);
+        Ok(obj)
+    }
+
     pub fn create_item(&mut self, p: &Value, now: i64) -> Result<Value> {
         let sub = required(p, "subscription")?.to_string();
         let start = self
@@ -587,6 +604,16 @@ impl Account {
             })
             .collect();
         list(&format!("/v1/subscription_items/{item_id}/usage_record_summaries"), items, p)
+    }
+
+    /// Drops an accepted meter event, as Stripe does when its asynchronous validation fails.
+    pub fn drop_meter_event(&mut self, identifier: &str) -> Result<Value> {
+        let idx = *self
+            .by_identifier
+            .get(identifier)
+            .ok_or_else(|| missing("meter event", identifier, "identifier"))?;
+        self.events[idx].dropped = true;
+        Ok(json!({"identifier": identifier, "dropped": true}))
     }
 
     pub fn meter_event_payload(&self, identifier: &str) -> Option<&Value> {

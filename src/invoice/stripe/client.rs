@@ -21,7 +21,7 @@ use crate::retry::Backoff;
 pub enum StripeError {
     /// Stripe answered with an error object.
     #[error("stripe {status} {kind}{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
-    Api { status: u16, kind: String, code: Option<String>, message: String },
+    Api { status: u16, kind: String, code: Option<String>, param: Option<String>, message: String },
     /// No answer: connection refused/reset/dropped, timeout.
     #[error("stripe unreachable: {0}")]
     Transport(String),
@@ -35,6 +35,14 @@ impl StripeError {
     pub fn code(&self) -> Option<&str> {
         match self {
             StripeError::Api { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The request parameter Stripe's error names (`error.param`), e.g. `timestamp`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            StripeError::Api { param, .. } => param.as_deref(),
             _ => None,
         }
     }
@@ -275,6 +283,7 @@ impl StripeHttp {
             status,
             kind: text("type").unwrap_or_else(|| "unknown".into()),
             code: text("code"),
+            param: text("param"),
             message: text("message").unwrap_or_else(|| format!("HTTP {status}")),
         }
     }

@@ -72,3 +72,21 @@ pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i
         }
     }
 }
+
+/// Start of the billing period Stripe currently records usage in for `item`: the item's
+/// subscription's `current_period_start` (on the subscription in API versions before
+/// 2025-03-31.basil). Stripe refuses usage records timestamped before it.
+pub fn current_period_start(c: &StripeHttp, item: &str) -> Result<(String, i64), StripeError> {
+    let body = c.send(StripeMethod::Get, &format!("/subscription_items/{}", enc(item)), None, None, None)?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+    let sub = v["subscription"]
+        .as_str()
+        .ok_or_else(|| StripeError::Decode(format!("subscription item {item} has no subscription")))?
+        .to_string();
+    let body = c.send(StripeMethod::Get, &format!("/subscriptions/{}", enc(&sub)), None, None, None)?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+    let start = v["current_period_start"]
+        .as_i64()
+        .ok_or_else(|| StripeError::Decode(format!("subscription {sub} has no current_period_start")))?;
+    Ok((sub, start))
+}
