@@ -748,3 +748,194 @@ fn totals_beyond_64_bits_are_refused_by_name() {
     }
     assert!(b.emulator_events("").is_empty(), "nothing was pushed");
 }
+
+/// Moves the emulator's clock (Stripe's "now") on by `secs`.
+fn advance_stripe_clock(b: &Billing, secs: i64) {
+    ureq::post(&format!("{}_emulator/clock", b.emu.base_url())).send_string(&format!("advance_secs={secs}")).unwrap();
+}
+
+/// The `problems` of a report with the given status: (org, meter, unbilled) each.
+fn problems_with(report: &Value, status: &str) -> Vec<(String, String, u64)> {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == status)
+        .map(|p| {
+            (p["org_id"].as_str().unwrap().into(), p["meter"].as_str().unwrap().into(), p["unbilled"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// PRODUCT.md §7, "exit 0 means Stripe is right". After `--apply`, Stripe loses accepted usage:
+/// one meter event cancelled through Stripe's public API, one dropped by the emulator as Stripe's
+/// asynchronous validation would, and one org's `last` value dropped. Within the settle time the
+/// buckets are `stripe_lagging` (exit 0); after it they are `stripe_missing` with the amounts,
+/// exit 2 on every run, until `--apply --repair-missing` pushes exactly the missing amounts
+/// under new identifiers; then exit 0 and Stripe equals tally. Then a Stripe that holds none of
+/// the ledger's pushes (an emulator restarted empty): every bucket is missing, and repaired.
+#[test]
+fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
+    let mut b = Billing::new("invmissing", 20, 1, 6_000);
+    b.provision("", &[]);
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    let client = b.client("");
+    let map = b.billing("");
+    let org_of: HashMap<String, String> = map.customers.iter().map(|(o, c)| (c.clone(), o.clone())).collect();
+    let events = b.emulator_events("");
+    let additive: Vec<&Value> = events.iter().filter(|e| e["event_name"] != "tally_unique_users").collect();
+    let (cancelled, dropped) = (additive[0], additive[additive.len() / 2]);
+    let unique = events.iter().find(|e| e["event_name"] == "tally_unique_users").unwrap();
+    meters::cancel_meter_event(
+        &client,
+        cancelled["event_name"].as_str().unwrap(),
+        cancelled["identifier"].as_str().unwrap(),
+        "outside-cancel-1",
+    )
+    .unwrap();
+    for e in [dropped, unique] {
+        let url = format!("{}_emulator/drop_meter_event", b.emu.base_url());
+        ureq::post(&url).send_string(&format!("identifier={}", e["identifier"].as_str().unwrap())).unwrap();
+    }
+    advance_stripe_clock(&b, 3 * 3600);
+    let lost = |e: &Value| -> (String, String, u64) {
+        let org = org_of[e["customer"].as_str().unwrap()].clone();
+        (org, e["event_name"].as_str().unwrap().trim_start_matches("tally_").to_string(), e["value"].as_u64().unwrap())
+    };
+    let mut want: Vec<(String, String, u64)> = vec![lost(cancelled), lost(dropped), lost(unique)];
+    want.sort();
+
+    // Within the settle time (default 2 h after the push): Stripe may still be catching up.
+    let (code, rep) = b.reconcile("", &[]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    assert_eq!(rows_with(&rep, "stripe_lagging").len(), 3, "{}", rep["rows"]);
+
+    // After it (settle time 0: the pushes are settled): missing, with the amounts, on every run.
+    let settled = |b: &Billing, extra: &[&str]| -> (i32, Value) {
+        report_of(b.reconcile_cmd("", extra).env("TALLY_STRIPE_SETTLE_SECS", "0").output().unwrap())
+    };
+    let posts = b.emu.stats().posts;
+    for extra in [&[][..], &["--apply"][..], &["--repair-missing"][..]] {
+        let (code, rep) = settled(&b, extra);
+        let mut got = problems_with(&rep, if extra == ["--repair-missing"] { "would_repair" } else { "stripe_missing" });
+        got.sort();
+        assert_eq!((code, &got), (2, &want), "{extra:?}: {}", rep["problems"]);
+        eprintln!(
+            "[measure] Stripe lost 3 pushes: `reconcile {}` exit {code}, {} bucket(s) reported ({:?})",
+            extra.join(" "),
+            got.len(),
+            got.iter().map(|g| g.2).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(b.emu.stats().posts, posts, "reporting wrote nothing to Stripe");
+
+    let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    assert_eq!(rep["summary"]["repairs_done"].as_u64(), Some(3), "{}", rep["summary"]);
+    assert_eq!(rep["summary"]["sets_done"].as_u64(), Some(1), "the lost last value set again: {}", rep["summary"]);
+    let repaired: Vec<(&str, &str)> = rows_with(&rep, "repaired")
+        .iter()
+        .map(|r| (r["org_id"].as_str().unwrap(), r["meter"].as_str().unwrap()))
+        .collect();
+    let mut want_pairs: Vec<(&str, &str)> = want.iter().map(|w| (w.0.as_str(), w.1.as_str())).collect();
+    want_pairs.dedup();
+    assert_eq!(repaired, want_pairs);
+    b.assert_stripe_equals_tally("");
+    let repaired: Vec<Vec<String>> = b.w.rows(
+        "SELECT action, toString(value), detail FROM stripe_ledger WHERE state = 'intent' AND detail LIKE 'repair:%' ORDER BY action, value",
+    );
+    assert_eq!(repaired.len(), 3, "each repair says why in the ledger: {repaired:?}");
+    let mut amounts: Vec<u64> = repaired.iter().map(|r| r[1].parse().unwrap()).collect();
+    amounts.sort();
+    let mut lost_amounts: Vec<u64> = want.iter().map(|w| w.2).collect();
+    lost_amounts.sort();
+    assert_eq!(amounts, lost_amounts, "exactly the missing amounts");
+    let ids: BTreeSet<String> =
+        b.emulator_events("").iter().map(|e| e["identifier"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), b.emulator_events("").len(), "new identifiers, none reused");
+    for extra in [&["--apply", "--repair-missing"][..], &[][..]] {
+        let (code, rep) = settled(&b, extra);
+        assert_eq!((code, rep["summary"]["writes_done"].as_u64()), (0, Some(0)), "{}", rep["problems"]);
+    }
+
+    // A Stripe that holds none of the ledger's pushes.
+    b.emu = Emulator::start("127.0.0.1:0", KEY, 12).unwrap();
+    b.provision("", &[]);
+    let (code, rep) = b.reconcile("", &[]);
+    assert_eq!(code, 0, "within the settle time: lag, {}", rep["problems"]);
+    let (code, rep) = settled(&b, &[]);
+    let missing = problems_with(&rep, "stripe_missing");
+    let buckets = rep["summary"]["buckets"].as_u64().unwrap();
+    let nonzero = b.want_additive().len() as u64 + b.want_unique().values().filter(|v| **v > 0).count() as u64;
+    assert_eq!((code, missing.len() as u64), (2, nonzero), "every bucket with usage is missing");
+    let unbilled: u64 = missing.iter().map(|m| m.2).sum();
+    let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally("");
+    eprintln!(
+        "[measure] Stripe restarted empty: {buckets} buckets, {} stripe_missing ({unbilled} units), exit 2; \
+         --apply --repair-missing: {} repairs + {} sets, exit 0",
+        missing.len(),
+        rep["summary"]["repairs_done"],
+        rep["summary"]["sets_done"]
+    );
+    let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
+    assert_eq!((code, rep["summary"]["writes_done"].as_u64()), (0, Some(0)));
+}
+
+/// PRODUCT.md §7, closed periods. Legacy subscriptions whose billing period ends 2 h from now;
+/// usage for the current hours; Stripe's clock moved 3 h on (the period rolled over). Every
+/// bucket is reported `period_closed` with its amount, exit 2, and no write is attempted — on the
+/// first run and on the second. Usage pushed before the roll-over stays counted; late usage for
+/// the closed period is reported, not sent.
+#[test]
+fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
+    let mut b = Billing::new("invclosed", 10, 1, 3_000);
+    let now = tally::invoice::reconcile::now_secs();
+    let period_end = now + 2 * 3600;
+    let start = arg_time(period_end - tally::stripe_emu::state::PERIOD_SECS);
+    b.provision("acct_closed", &["--legacy-start", &start]);
+    let run = |extra: &[&str]| -> (i32, Value) {
+        report_of(b.reconcile_cmd("acct_closed", extra).env("TALLY_STRIPE_MODE", "legacy").output().unwrap())
+    };
+    advance_stripe_clock(&b, 3 * 3600);
+    let posts = b.emu.stats().posts;
+    let tally_total: u64 = b.want_additive().values().sum::<u64>() + b.want_unique().values().sum::<u64>();
+    for round in 1..=2 {
+        let (code, rep) = run(&["--apply"]);
+        let closed = problems_with(&rep, "period_closed");
+        let unbilled: u64 = closed.iter().map(|c| c.2).sum();
+        assert_eq!(code, 2, "{}", rep["problems"]);
+        assert_eq!(rep["problems"].as_array().unwrap().len(), closed.len(), "only period_closed: {}", rep["problems"]);
+        assert_eq!(unbilled, tally_total, "the amounts are tally's whole usage");
+        assert!(rows_with(&rep, "failed").is_empty());
+        assert_eq!(b.emu.stats().posts, posts, "run {round}: no write attempted");
+        eprintln!(
+            "[measure] legacy period rolled over, run {round}: {} buckets period_closed ({unbilled} units), exit {code}, {} Stripe writes",
+            closed.len(),
+            b.emu.stats().posts - posts
+        );
+    }
+
+    // Pushed before a roll-over: counted; late usage for the closed period: reported, not sent.
+    let start = arg_time(now + 2 * 3600 + 3 * 3600 - tally::stripe_emu::state::PERIOD_SECS);
+    b.provision("acct_late", &["--legacy-start", &start]);
+    let late = |b: &Billing, extra: &[&str]| -> (i32, Value) {
+        report_of(b.reconcile_cmd("acct_late", extra).env("TALLY_STRIPE_MODE", "legacy").output().unwrap())
+    };
+    let (code, rep) = late(&b, &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    let before = b.want_additive();
+    b.ingest(600);
+    advance_stripe_clock(&b, 3 * 3600);
+    let posts = b.emu.stats().posts;
+    let (code, rep) = late(&b, &["--apply"]);
+    let closed: u64 = problems_with(&rep, "period_closed").iter().map(|c| c.2).sum();
+    let grown: u64 = b.want_additive().iter().map(|(k, v)| v - before.get(k).copied().unwrap_or(0)).sum();
+    assert_eq!(code, 2, "{}", rep["problems"]);
+    assert!(closed >= grown && grown > 0, "the late usage is reported: {closed} >= {grown}");
+    assert_eq!(b.emu.stats().posts, posts, "and not sent");
+    let (code, _) = late(&b, &["--apply"]);
+    assert_eq!((code, b.emu.stats().posts), (2, posts));
+}

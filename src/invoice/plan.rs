@@ -331,6 +331,10 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
             return BucketPlan::status(Status::Future, ledger, "no later timestamp left for a new value");
         }
         let mut p = BucketPlan::status(status, ledger, "");
+        if status == Status::Repair {
+            p.unbilled = amount;
+            p.note = format!("set the last value {value} Stripe lost again");
+        }
         p.actions.push(entry(Action::Set, next_seq, value, "", ts, reason));
         return p;
     }
@@ -656,7 +660,7 @@ mod tests {
         assert_eq!((plan(&ctx(), &b).status, plan(&ctx(), &b).unbilled), (Status::StripeMissing, 40));
         let p = plan(&Ctx { repair_missing: true, ..ctx() }, &b);
         let a = &p.actions[0];
-        assert_eq!((p.status, a.action, a.value, a.seq), (Status::Repair, Action::Set, 40, 2));
+        assert_eq!((p.status, p.unbilled, a.action, a.value, a.seq), (Status::Repair, 40, Action::Set, 40, 2));
         assert!(a.event_ts > first.entry.event_ts && a.reason.starts_with("repair:"));
     }
 

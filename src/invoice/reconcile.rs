@@ -420,6 +420,8 @@ pub struct Sent {
     pub keys: Vec<Key>,
     /// (action, key, value) of writes Stripe accepted.
     pub done: Vec<(Action, Key, u64)>,
+    /// Writes Stripe accepted that repair what it lost (additive repairs and `last` values set again).
+    pub repaired: Vec<Key>,
     pub failed: Vec<(Key, String)>,
     /// Cancels Stripe refused (too old): the over-report stays and is reported `needs_credit`.
     pub cancels_refused: Vec<(Key, String)>,
@@ -474,6 +476,9 @@ fn execute(
                     metrics::counter!(super::metrics::PUSHES, "action" => action, "outcome" => "done").increment(1);
                     metrics::counter!(super::metrics::PUSHED_VALUE, "action" => action).increment(e.value);
                     sent.done.push((e.action, key_of(e), e.value));
+                    if e.action == Action::Repair || e.reason.starts_with("repair:") {
+                        sent.repaired.push(key_of(e));
+                    }
                     outcomes.push((e, State::Done, String::new()));
                 }
                 Err(err) if err.is_indeterminate() => {

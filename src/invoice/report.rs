@@ -143,7 +143,7 @@ impl Report {
             } else if pending {
                 "pending".to_string()
             } else if worst.settled() {
-                if did(Action::Repair) {
+                if sent.repaired.iter().any(|k| pair_of(k) == *pair) {
                     "repaired".into()
                 } else if did(Action::Cancel) {
                     "corrected".into()
@@ -255,7 +255,7 @@ impl Report {
                 pushes_done: count(Action::Push),
                 sets_done: count(Action::Set),
                 cancels_done: count(Action::Cancel),
-                repairs_done: count(Action::Repair),
+                repairs_done: sent.repaired.len(),
                 writes_failed: sent.failed.len(),
                 cancels_refused: sent.cancels_refused.len(),
                 writes_pending: sent.indeterminate.len(),
