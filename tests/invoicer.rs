@@ -818,7 +818,8 @@ fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
     let posts = b.emu.stats().posts;
     for extra in [&[][..], &["--apply"][..], &["--repair-missing"][..]] {
         let (code, rep) = settled(&b, extra);
-        let mut got = problems_with(&rep, if extra == ["--repair-missing"] { "would_repair" } else { "stripe_missing" });
+        let mut got =
+            problems_with(&rep, if extra == ["--repair-missing"] { "would_repair" } else { "stripe_missing" });
         got.sort();
         assert_eq!((code, &got), (2, &want), "{extra:?}: {}", rep["problems"]);
         eprintln!(
@@ -938,4 +939,153 @@ fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
     assert_eq!(b.emu.stats().posts, posts, "and not sent");
     let (code, _) = late(&b, &["--apply"]);
     assert_eq!((code, b.emu.stats().posts), (2, posts));
+}
+
+/// `tally-invoicer explain --format json` for one (customer, meter).
+fn explain(b: &Billing, customer: &str, meter: &str, extra: &[&str]) -> Value {
+    let mut args: Vec<String> = vec!["explain".into()];
+    args.extend(b.period_args());
+    args.extend(["--customer", customer, "--meter", meter, "--format", "json"].iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = b.invoicer("", &refs).output().unwrap();
+    assert!(out.status.success(), "explain: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// PRODUCT.md §7, Audit: `explain` drills from an invoice line to the Stripe writes, the buckets
+/// and projects behind them and the events behind an hour; for a reconciled month that went
+/// through late events (a second push of the same hours) and a correction (cancels and re-pushes),
+/// the totals agree at every level, with tally, with Stripe's summaries and with the meter
+/// events Stripe holds.
+#[test]
+fn explain_adds_up_at_every_level() {
+    let mut b = Billing::new("invexplain", 4, 2, 4_000);
+    b.provision("", &[]);
+    assert_eq!(b.reconcile("", &["--apply"]).0, 0);
+    b.ingest(1_500);
+    assert_eq!(b.reconcile("", &["--apply"]).0, 0, "late events pushed");
+    delete_project(&b.w, "org-001", "proj-001-00");
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    assert!(!rows_with(&rep, "corrected").is_empty(), "a correction was cancelled and re-pushed");
+
+    let map = b.billing("");
+    let events = b.emulator_events("");
+    let tally: BTreeMap<(String, String), u64> = b
+        .w
+        .rows(&format!(
+            "SELECT org_id, meter, sum(value) FROM usage_hourly WHERE hour >= toDateTime({}) AND hour < toDateTime({}) GROUP BY org_id, meter",
+            b.from, b.to
+        ))
+        .into_iter()
+        .map(|r| ((r[0].clone(), r[1].clone()), r[2].parse().unwrap()))
+        .collect();
+    let (mut late_buckets, mut cancels, mut cancelled, mut levels) = (0, 0, 0, 0);
+    let mut busiest: Option<(String, String, String, u64)> = None;
+    for (org, customer) in &map.customers {
+        for meter in ADDITIVE.iter().chain(["unique_users"].iter()) {
+            let x = explain(&b, customer, meter, &[]);
+            let line = &x["line"];
+            let buckets = x["buckets"].as_array().unwrap();
+            assert_eq!(line["org_ids"], serde_json::json!([org]));
+            let billed: u64 = buckets.iter().map(|b| u(&b["billed"])).sum();
+            assert_eq!(u(&line["billed"]), billed, "line billed = Σ buckets");
+            for bk in buckets {
+                let writes = bk["writes"].as_array().unwrap();
+                assert_eq!(u(&bk["billed"]), writes.iter().map(|w| u(&w["counted"])).sum::<u64>(), "bucket = Σ writes");
+                levels += 2;
+                if *meter != "unique_users" {
+                    let projects: u64 = bk["projects"].as_array().unwrap().iter().map(|p| u(&p["value"])).sum();
+                    assert_eq!(u(&bk["tally"]), projects, "bucket tally = Σ projects");
+                    assert_eq!(u(&bk["tally"]), u(&bk["billed"]), "reconciled bucket {bk}");
+                    let pushes = writes.iter().filter(|w| w["action"] == "push").count();
+                    late_buckets += usize::from(pushes >= 2);
+                    cancels += writes.iter().filter(|w| w["action"] == "cancel").count();
+                    cancelled += writes.iter().filter(|w| w["state"] == "cancelled").count();
+                    if busiest.as_ref().is_none_or(|x| u(&bk["tally"]) > x.3) && *meter == "events" {
+                        let hour = bk["bucket_start"].as_str().unwrap().to_string();
+                        busiest = Some((customer.clone(), meter.to_string(), hour, u(&bk["tally"])));
+                    }
+                }
+                // Every counted write is a meter event Stripe holds, uncancelled, with that value.
+                for w in writes.iter().filter(|w| u(&w["counted"]) > 0) {
+                    let e = events.iter().find(|e| e["identifier"] == w["push_id"]).expect("pushed");
+                    assert_eq!((e["cancelled"].as_bool(), u(&e["value"])), (Some(false), u(&w["value"])));
+                }
+            }
+            if *meter != "unique_users" {
+                assert_eq!(u(&line["tally"]), buckets.iter().map(|b| u(&b["tally"])).sum::<u64>(), "line = Σ buckets");
+            }
+            let want = tally.get(&(org.clone(), meter.to_string())).copied().unwrap_or(0);
+            let held: u64 = events
+                .iter()
+                .filter(|e| {
+                    e["customer"] == customer.as_str()
+                        && e["event_name"] == format!("tally_{meter}")
+                        && e["cancelled"] == false
+                        && *meter != "unique_users"
+                })
+                .map(|e| u(&e["value"]))
+                .sum();
+            if *meter != "unique_users" {
+                assert_eq!((u(&line["tally"]), billed, held), (want, want, want), "{org} {meter}");
+            }
+            assert_eq!(line["stripe"].as_u64(), Some(u(&line["tally"])), "Stripe's summary for {org} {meter}");
+        }
+    }
+    assert!(
+        late_buckets > 0 && cancels > 0 && cancels == cancelled,
+        "late {late_buckets}, cancels {cancels}/{cancelled}"
+    );
+
+    // The events behind the busiest hour, 7 per page: all pages sum to the hour's tally.
+    let (customer, meter, hour, hour_tally) = busiest.unwrap();
+    let (mut after, mut sum, mut ids, mut pages) = (None::<String>, 0u64, BTreeSet::new(), 0);
+    loop {
+        let mut extra = vec!["--events".to_string(), hour.clone(), "--limit".into(), "7".into()];
+        if let Some(a) = &after {
+            extra.extend(["--after".to_string(), a.clone()]);
+        }
+        let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let page = explain(&b, &customer, &meter, &refs);
+        pages += 1;
+        assert_eq!(u(&page["hour_tally"]), hour_tally);
+        let evs = page["events"].as_array().unwrap();
+        assert_eq!(u(&page["page_value"]), evs.iter().map(|e| u(&e["value"])).sum::<u64>());
+        sum += u(&page["page_value"]);
+        for e in evs {
+            assert!(ids.insert(e["event_id"].as_str().unwrap().to_string()), "an event on two pages");
+        }
+        match page["next_after"].as_str() {
+            Some(a) => after = Some(a.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(sum, hour_tally, "the hour's events sum to its tally");
+    eprintln!(
+        "[measure] explain: {} customers x 7 meters, {levels} bucket-level sums checked, {late_buckets} buckets with late pushes, \
+         {cancels} cancels; busiest hour {hour}: {} events in {pages} pages of 7 sum to {hour_tally}",
+        map.customers.len(),
+        ids.len()
+    );
+    // CSV and table render the same figures.
+    let out = b
+        .invoicer(
+            "",
+            &[
+                &["explain", "--customer", &customer, "--meter", &meter][..],
+                &b.period_args().iter().map(String::as_str).collect::<Vec<_>>()[..],
+                &["--format", "csv"][..],
+            ]
+            .concat(),
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("level,org_id,") && text.lines().nth(1).unwrap().starts_with("line,"), "{text}");
 }

@@ -13,7 +13,7 @@ use tally::invoice::period::Period;
 use tally::invoice::reconcile::{reconcile, Env, Options, ReconcileError};
 use tally::invoice::report::{csv, Format};
 use tally::invoice::stripe::StripeHttp;
-use tally::invoice::{metrics as m, provision, usage};
+use tally::invoice::{explain, metrics as m, provision, usage};
 use tally::meter::Meters;
 use tally::sink::clickhouse::ClickHouse;
 
@@ -102,6 +102,37 @@ enum Command {
         #[arg(long)]
         retry_failed: bool,
     },
+    /// Drill down from an invoice line (customer, meter, period) to the Stripe writes behind it,
+    /// the buckets and projects behind each write, and with --events the events behind one hour.
+    /// Totals add up at every level (additive meters).
+    Explain {
+        #[command(flatten)]
+        period: PeriodArgs,
+        /// Stripe customer id of the invoice line.
+        #[arg(long)]
+        customer: String,
+        /// tally meter (or the Stripe meter id, event name or subscription item it is mapped to).
+        #[arg(long)]
+        meter: String,
+        /// Bucket size: hour or day (default: billing.granularity).
+        #[arg(long)]
+        granularity: Option<Granularity>,
+        /// List the events behind this hour instead (RFC 3339 or 2026-11-29T13), one page.
+        #[arg(long)]
+        events: Option<String>,
+        /// With --events: only this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// With --events: events per page (1..=100000).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// With --events: the `next_after` cursor printed by the previous page.
+        #[arg(long)]
+        after: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
     /// Apply the ClickHouse schema, including the invoicer's ledger (idempotent).
     Migrate,
     /// Create Stripe meters and customers (and subscriptions in legacy mode) for the orgs with
@@ -169,6 +200,47 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let (mismatches, compared) = usage::verify(&ch, period)?;
             print!("{}", render_mismatches(&mismatches, compared, period, format));
             Ok(if mismatches.is_empty() { 0 } else { 1 })
+        }
+        Command::Explain { period, customer, meter, granularity, events, project, limit, after, format } => {
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
+            // The drill-down reads the ledger and ClickHouse; Stripe only for the line's own figure.
+            let stripe = StripeHttp::new(&cfg.stripe, cfg.stripe.mode == StripeMode::Meters);
+            let mut mapping = Mapping::load(&cfg.billing.mapping_path)?;
+            if cfg.billing.customer_source == CustomerSource::Metadata {
+                cfg.require_api_key()?;
+                mapping.add_metadata_customers(&tally::invoice::stripe::meters::list_customers(&stripe)?)?;
+            }
+            let env = Env {
+                cfg: &cfg,
+                ch: &ch,
+                stripe: &stripe,
+                mapping: &mapping,
+                meters: &meters,
+                run_id: String::new(),
+                ch_wait: Duration::from_secs(cli.wait_secs),
+            };
+            if let Some(hour) = events {
+                let hour = tally::invoice::period::parse_time(&hour).map_err(anyhow::Error::msg)?;
+                let q = explain::EventsQuery {
+                    customer: &customer,
+                    meter: &meter,
+                    hour,
+                    project: project.as_deref(),
+                    limit,
+                    after: after.as_deref(),
+                };
+                print!("{}", explain::events(&env, &q)?.render(format));
+            } else {
+                let q = explain::Query {
+                    customer: &customer,
+                    meter: &meter,
+                    period: period.period()?,
+                    granularity: granularity.unwrap_or(cfg.billing.granularity),
+                };
+                print!("{}", explain::explain(&env, &q)?.render(format));
+            }
+            Ok(0)
         }
         Command::Migrate => {
             migrate(&clickhouse(&cfg, cli.wait_secs)?)?;

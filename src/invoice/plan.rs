@@ -243,24 +243,28 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     let oldest_allowed = ctx.now - MAX_EVENT_AGE_SECS + AGE_MARGIN_SECS;
     // Stripe's refusal of the bucket's last write decides the bucket until it is retried: a
     // refusal that cannot succeed is reported with its amount, never sent again as a new push.
-    let refused = b
-        .pushes
-        .iter()
-        .filter(|p| p.entry.action != Action::Cancel)
-        .max_by_key(|p| p.entry.seq)
-        .and_then(|p| match &p.outcome {
+    let refused =
+        b.pushes.iter().filter(|p| p.entry.action != Action::Cancel).max_by_key(|p| p.entry.seq).and_then(|p| match &p
+            .outcome
+        {
             Outcome::Failed(d) => Some((Refusal::of_detail(d), d.as_str())),
             _ => None,
         });
     let blocked = |ledger: u64, amount: u64| -> Option<BucketPlan> {
         let (r, detail) = refused?;
         match r {
-            Refusal::PeriodClosed => {
-                Some(BucketPlan::unbilled(Status::PeriodClosed, ledger, amount, "Stripe refused: billing period closed"))
-            }
-            Refusal::TooOld => {
-                Some(BucketPlan::unbilled(Status::TooOldForStripe, ledger, amount, "Stripe refused: older than 35 days"))
-            }
+            Refusal::PeriodClosed => Some(BucketPlan::unbilled(
+                Status::PeriodClosed,
+                ledger,
+                amount,
+                "Stripe refused: billing period closed",
+            )),
+            Refusal::TooOld => Some(BucketPlan::unbilled(
+                Status::TooOldForStripe,
+                ledger,
+                amount,
+                "Stripe refused: older than 35 days",
+            )),
             Refusal::Other if ctx.retry_failed => None,
             Refusal::Other => Some(BucketPlan::unbilled(
                 Status::Failed,
@@ -315,7 +319,10 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
             if c.status != Status::StripeMissing {
                 return c;
             }
-            let why = format!("repair: Stripe's last value {} != the ledger's {ledger} after the settle time", b.stripe.unwrap_or(0));
+            let why = format!(
+                "repair: Stripe's last value {} != the ledger's {ledger} after the settle time",
+                b.stripe.unwrap_or(0)
+            );
             if !ctx.repair_missing {
                 return c;
             }
@@ -373,10 +380,8 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         if !ctx.repair_missing {
             return c;
         }
-        let why = format!(
-            "repair: Stripe held {} of the ledger's {ledger} after the settle time",
-            b.stripe.unwrap_or(0)
-        );
+        let why =
+            format!("repair: Stripe held {} of the ledger's {ledger} after the settle time", b.stripe.unwrap_or(0));
         let mut p = BucketPlan::unbilled(Status::Repair, ledger, missing, format!("push the {missing} Stripe lost"));
         p.actions.push(entry(Action::Repair, next_seq, missing, "", ts, why));
         return p;
@@ -538,7 +543,8 @@ mod tests {
     #[test]
     fn pending_intents_block_planning_until_resent() {
         let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
-        let pending = Push { entry: e, outcome: Outcome::Pending, intent_at: NOW - 60, done_at: None, run_id: "r".into() };
+        let pending =
+            Push { entry: e, outcome: Outcome::Pending, intent_at: NOW - 60, done_at: None, run_id: "r".into() };
         assert_eq!(plan(&ctx(), &bucket(10, vec![&pending])).status, Status::Pending);
         let stale = Push { intent_at: NOW - 24 * 3600, ..pending.clone() };
         assert_eq!(plan(&ctx(), &bucket(10, vec![&stale])).status, Status::Unresolved);
@@ -547,7 +553,8 @@ mod tests {
     #[test]
     fn refused_writes_count_for_nothing_and_are_not_sent_again_unasked() {
         let e = plan(&ctx(), &bucket(10, vec![])).actions[0].clone();
-        let refused = failed(e.clone(), "refused: stripe 404 invalid_request_error (resource_missing): No such customer");
+        let refused =
+            failed(e.clone(), "refused: stripe 404 invalid_request_error (resource_missing): No such customer");
         let p = plan(&ctx(), &bucket(10, vec![&refused]));
         assert_eq!((p.status, p.ledger, p.unbilled, p.actions.len()), (Status::Failed, 0, 10, 0));
         assert!(p.note.contains("No such customer") && p.note.contains("--retry-failed"), "{}", p.note);

@@ -327,8 +327,18 @@ impl Report {
     }
 
     fn table(&self) -> String {
-        let head =
-            ["ORG", "CUSTOMER", "METER", "TALLY", "STRIPE BEFORE", "DELTA", "STRIPE AFTER", "CREDIT", "UNBILLED", "STATUS"];
+        let head = [
+            "ORG",
+            "CUSTOMER",
+            "METER",
+            "TALLY",
+            "STRIPE BEFORE",
+            "DELTA",
+            "STRIPE AFTER",
+            "CREDIT",
+            "UNBILLED",
+            "STATUS",
+        ];
         let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         let cells: Vec<[String; 10]> = self
             .rows

@@ -12,6 +12,9 @@ pub const USAGE_UNIQUE: &str = include_str!("../../sql/invoicer/usage_unique.sql
 pub const VERIFY_AGGREGATES: &str = include_str!("../../sql/invoicer/verify_aggregates.sql");
 pub const VERIFY_EVENTS: &str = include_str!("../../sql/invoicer/verify_events.sql");
 pub const LEDGER_READ: &str = include_str!("../../sql/invoicer/ledger_read.sql");
+pub const EXPLAIN_PROJECTS: &str = include_str!("../../sql/invoicer/explain_projects.sql");
+pub const EXPLAIN_PROJECTS_UNIQUE: &str = include_str!("../../sql/invoicer/explain_projects_unique.sql");
+pub const EXPLAIN_EVENTS: &str = include_str!("../../sql/invoicer/explain_events.sql");
 pub const OVERFLOW_HOURS: &str = include_str!("../../sql/invoicer/overflow_hours.sql");
 
 /// Fills `${name}` placeholders. Values are inserted verbatim: quote strings with [`quote`].

@@ -608,10 +608,8 @@ impl Account {
 
     /// Drops an accepted meter event, as Stripe does when its asynchronous validation fails.
     pub fn drop_meter_event(&mut self, identifier: &str) -> Result<Value> {
-        let idx = *self
-            .by_identifier
-            .get(identifier)
-            .ok_or_else(|| missing("meter event", identifier, "identifier"))?;
+        let idx =
+            *self.by_identifier.get(identifier).ok_or_else(|| missing("meter event", identifier, "identifier"))?;
         self.events[idx].dropped = true;
         Ok(json!({"identifier": identifier, "dropped": true}))
     }
