@@ -594,18 +594,25 @@ fn over_reports_are_cancelled_or_credited() {
     assert!(out.status.success(), "after the repair: {}", String::from_utf8_lossy(&out.stdout));
 }
 
+fn legacy_cmd(b: &Billing, extra: &[&str]) -> Command {
+    let mut c = b.reconcile_cmd("acct_legacy", extra);
+    c.env("TALLY_STRIPE_MODE", "legacy");
+    c
+}
+
+fn legacy_run(b: &Billing, extra: &[&str]) -> (i32, Value) {
+    report_of(legacy_cmd(b, extra).output().unwrap())
+}
+
 /// Legacy usage records: the same totals, per subscription item over the period; rerun-safe.
 #[test]
 fn legacy_usage_records_match_totals() {
-    let b = Billing::new("invlegacy", 30, 1, 8_000);
+    let mut b = Billing::new("invlegacy", 30, 1, 8_000);
     let start = arg_time(b.from);
     b.provision("acct_legacy", &["--legacy-start", &start]);
-    let run = |extra: &[&str]| -> (i32, Value) {
-        report_of(b.reconcile_cmd("acct_legacy", extra).env("TALLY_STRIPE_MODE", "legacy").output().unwrap())
-    };
-    let (code, _) = run(&[]);
+    let (code, _) = legacy_run(&b, &[]);
     assert_eq!(code, 2);
-    let (code, rep) = run(&["--apply"]);
+    let (code, rep) = legacy_run(&b, &["--apply"]);
     assert_eq!(code, 0, "{}", rep["problems"]);
     assert!(b.emu.stats().usage_records_created > 0);
 
@@ -630,8 +637,37 @@ fn legacy_usage_records_match_totals() {
     }
     want.retain(|_, v| *v > 0);
     assert_eq!(got, want, "usage record summaries equal tally per (org, meter) over the period");
-    let (code, again) = run(&["--apply"]);
+    let (code, again) = legacy_run(&b, &["--apply"]);
     assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)));
+
+    // A Stripe that holds none of the usage records the ledger says were accepted (an account
+    // restored empty): each item's billing period is compared with the ledger, and repaired.
+    b.emu = Emulator::start("127.0.0.1:0", KEY, 13).unwrap();
+    b.provision("acct_legacy", &["--legacy-start", &start]);
+    let (code, rep) = legacy_run(&b, &[]);
+    assert_eq!(code, 0, "within the settle time: lag, {}", rep["problems"]);
+    let settled = |b: &Billing, extra: &[&str]| -> (i32, Value) {
+        report_of(legacy_cmd(b, extra).env("TALLY_STRIPE_SETTLE_SECS", "0").output().unwrap())
+    };
+    let (code, rep) = settled(&b, &[]);
+    let missing = problems_with(&rep, "stripe_missing");
+    let unbilled: u64 = missing.iter().map(|m| m.2).sum();
+    assert_eq!((code, missing.len()), (2, want.len()), "one per subscription item with usage: {}", rep["problems"]);
+    assert_eq!(unbilled, want.values().sum::<u64>());
+    let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    let c = b.client("acct_legacy");
+    for ((org, meter), v) in &want {
+        let item = map.item(org, meter).unwrap();
+        assert_eq!(legacy::usage_total(&c, item, b.from, b.to).unwrap() as u64, *v, "{org} {meter} repaired");
+    }
+    eprintln!(
+        "[measure] legacy Stripe restarted empty: {} items stripe_missing ({unbilled} units), exit 2; --apply --repair-missing: {} repairs, exit 0",
+        missing.len(),
+        rep["summary"]["repairs_done"]
+    );
+    let (code, again) = settled(&b, &["--apply", "--repair-missing"]);
+    assert_eq!((code, again["summary"]["writes_done"].as_u64()), (0, Some(0)), "{}", again["problems"]);
 }
 
 /// ClickHouse cut in the middle of `--apply` (refused connections, requests in flight reset): the

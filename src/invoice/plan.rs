@@ -6,6 +6,8 @@
 //! `last` value. Over-reports are cancelled (our own pushes younger than [`CANCEL_WINDOW_SECS`])
 //! and re-pushed at the right value, or reported as `needs_credit`.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::ledger::{push_id, Action, Entry, Outcome, Push};
@@ -431,6 +433,204 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     p
 }
 
+/// Legacy mode: Stripe's figures are per subscription item and billing period (usage record
+/// summaries), not per bucket, so the ledger is compared with them period by period.
+pub struct Item<'a> {
+    pub org_id: String,
+    pub meter: String,
+    pub target: Target,
+    pub unique: bool,
+    /// Stripe's usage record summaries: (period start, period end, total usage).
+    pub periods: Vec<(i64, i64, u64)>,
+    /// The subscription's current billing period.
+    pub current: (i64, i64),
+    /// The ledger's writes of this (org, meter) over every period compared.
+    pub pushes: Vec<&'a Push>,
+    /// The reconciled period and bucket size: a repair goes into one of its buckets.
+    pub period: (i64, i64),
+    pub bucket_secs: i64,
+}
+
+/// The outcome of comparing one billing period of a subscription item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemCheck {
+    pub org_id: String,
+    pub meter: String,
+    /// The billing period compared ([`Item::period`] for writes outside every period Stripe lists).
+    pub start: i64,
+    pub end: i64,
+    pub stripe: u64,
+    pub plan: BucketPlan,
+}
+
+/// Compares the ledger with Stripe's usage record summaries, billing period by billing period,
+/// with the same time bound as [`compare`]: settled writes Stripe does not show are
+/// `stripe_missing` in the current period (repaired by an increment, or a `set` again, with
+/// `--repair-missing`) and `period_closed` in a closed one; Stripe showing more is `stripe_ahead`.
+/// Returns the periods that are not `ok`.
+pub fn check_item(ctx: &Ctx, item: &Item) -> Vec<ItemCheck> {
+    let writes: Vec<&&Push> = item
+        .pushes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Done && matches!(p.entry.action, Action::Push | Action::Set | Action::Repair))
+        .collect();
+    // Which period a timestamp falls in: one Stripe lists, the current one, or none (`None`).
+    let period_of = |ts: i64| -> Option<(i64, i64)> {
+        item.periods.iter().map(|(s, e, _)| (*s, *e)).chain([item.current]).find(|(s, e)| *s <= ts && ts < *e)
+    };
+    let mut groups: BTreeMap<Option<(i64, i64)>, Vec<&&Push>> = BTreeMap::new();
+    for p in &writes {
+        groups.entry(period_of(p.entry.event_ts)).or_default().push(p);
+    }
+    for (s, e, total) in &item.periods {
+        if *total > 0 && *s < item.period.1 && *e > item.period.0 {
+            groups.entry(Some((*s, *e))).or_default();
+        }
+    }
+    let mut out = Vec::new();
+    for (group, ps) in groups {
+        // What Stripe should hold: every increment pushed (repairs replace lost ones), and per
+        // timestamp the latest value set.
+        let mut sets: BTreeMap<i64, (u32, u64)> = BTreeMap::new();
+        let mut ledger = 0u64;
+        for p in &ps {
+            match p.entry.action {
+                Action::Push => ledger += p.entry.value,
+                Action::Set => {
+                    let slot = sets.entry(p.entry.event_ts).or_insert((p.entry.seq, p.entry.value));
+                    if p.entry.seq >= slot.0 {
+                        *slot = (p.entry.seq, p.entry.value);
+                    }
+                }
+                _ => {}
+            }
+        }
+        ledger += sets.values().map(|(_, v)| v).sum::<u64>();
+        let stripe =
+            group.and_then(|(s, e)| item.periods.iter().find(|p| (p.0, p.1) == (s, e)).map(|p| p.2)).unwrap_or(0);
+        if stripe == ledger {
+            continue;
+        }
+        let settle = Settle {
+            now: ctx.now,
+            secs: ctx.settle_secs,
+            last_add: ps.iter().filter_map(|p| p.done_at).max(),
+            last_cancel: None,
+        };
+        let (start, end) = group.unwrap_or(item.period);
+        let when = |t: i64| crate::timestamp::format_rfc3339(t);
+        let plan = if settle.recent(settle.last_add) {
+            BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up")
+        } else if stripe > ledger {
+            BucketPlan {
+                needs_credit: stripe - ledger,
+                ..BucketPlan::status(
+                    Status::StripeAhead,
+                    ledger,
+                    format!("Stripe's usage for the billing period holds {stripe}, tally pushed {ledger}"),
+                )
+            }
+        } else if group != Some(item.current) {
+            BucketPlan::unbilled(
+                Status::PeriodClosed,
+                ledger,
+                ledger - stripe,
+                match group {
+                    Some((s, e)) => format!(
+                        "Stripe's usage for the closed billing period {}..{} holds {stripe} of the {ledger} pushed",
+                        when(s),
+                        when(e)
+                    ),
+                    None => format!("{ledger} pushed at times outside every billing period Stripe lists"),
+                },
+            )
+        } else {
+            let missing = ledger - stripe;
+            let mut plan = BucketPlan::unbilled(
+                Status::StripeMissing,
+                ledger,
+                missing,
+                format!("Stripe's usage for the current billing period holds {stripe} of the {ledger} pushed (settled); reconcile --apply --repair-missing"),
+            );
+            if ctx.repair_missing {
+                plan = repair_item(ctx, item, &ps, &sets, stripe, ledger, plan);
+            }
+            plan
+        };
+        out.push(ItemCheck { org_id: item.org_id.clone(), meter: item.meter.clone(), start, end, stripe, plan });
+    }
+    out
+}
+
+/// The write that gives Stripe back what it lost in the current billing period: an increment of
+/// the missing amount at the latest write's timestamp, or the latest value `set` again at its
+/// own timestamp. It goes into the bucket of that timestamp, which must lie in the reconciled period.
+fn repair_item(
+    ctx: &Ctx,
+    item: &Item,
+    ps: &[&&Push],
+    sets: &BTreeMap<i64, (u32, u64)>,
+    stripe: u64,
+    ledger: u64,
+    missing_plan: BucketPlan,
+) -> BucketPlan {
+    let Some(latest) = ps.iter().max_by_key(|p| (p.entry.event_ts, p.entry.seq)) else { return missing_plan };
+    let ts = latest.entry.event_ts;
+    let (action, value) = if item.unique {
+        (Action::Set, sets.get(&ts).map_or(0, |(_, v)| *v))
+    } else {
+        (Action::Repair, ledger - stripe)
+    };
+    let (bs, be) = if item.unique {
+        (latest.entry.bucket_start, latest.entry.bucket_end)
+    } else {
+        let b = ts - ts.rem_euclid(item.bucket_secs);
+        (b, b + item.bucket_secs)
+    };
+    if bs < item.period.0 || be > item.period.1 {
+        return BucketPlan {
+            note: format!(
+                "{}; the repair belongs to {}..{}: reconcile that period with --repair-missing",
+                missing_plan.note,
+                crate::timestamp::format_rfc3339(bs),
+                crate::timestamp::format_rfc3339(be)
+            ),
+            ..missing_plan
+        };
+    }
+    let seq = item
+        .pushes
+        .iter()
+        .filter(|p| (p.entry.bucket_start, p.entry.bucket_end) == (bs, be))
+        .map(|p| p.entry.seq)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let t = &item.target;
+    let entry = Entry {
+        push_id: push_id(ctx.mode, ctx.account, action, &t.customer, &t.target, bs, be, seq),
+        action,
+        org_id: item.org_id.clone(),
+        customer: t.customer.clone(),
+        meter: item.meter.clone(),
+        target: t.target.clone(),
+        event_name: t.event_name.clone(),
+        bucket_start: bs,
+        bucket_end: be,
+        seq,
+        value,
+        cancels: String::new(),
+        event_ts: ts,
+        reason: format!("repair: Stripe's usage for the current billing period held {stripe} of the {ledger} pushed"),
+    };
+    BucketPlan {
+        status: Status::Repair,
+        note: format!("push the {} Stripe lost", ledger - stripe),
+        actions: vec![entry],
+        ..missing_plan
+    }
+}
+
 /// When the bucket was last written to, for telling Stripe's lag from Stripe's loss.
 struct Settle {
     now: i64,
@@ -755,5 +955,74 @@ mod tests {
         assert_eq!(plan(&ctx(), &b).status, Status::Unmapped);
         b.tally = 0;
         assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+    }
+
+    fn item<'a>(pushes: Vec<&'a Push>, periods: Vec<(i64, i64, u64)>, current: (i64, i64)) -> Item<'a> {
+        Item {
+            org_id: "o".into(),
+            meter: "events".into(),
+            target: Target { customer: "cus_1".into(), target: "si_1".into(), event_name: String::new() },
+            unique: false,
+            periods,
+            current,
+            pushes,
+            period: (H - 10 * 86_400, H + 86_400),
+            bucket_secs: 3600,
+        }
+    }
+
+    #[test]
+    fn legacy_items_are_compared_period_by_period() {
+        let legacy = Ctx { mode: "legacy", can_cancel: false, settle_secs: 0, ..ctx() };
+        let cur = (H - 5 * 86_400, H + 26 * 86_400);
+        let old = (cur.0 - 31 * 86_400, cur.0);
+        let mk = |start: i64, value: u64, seq: u32| {
+            let mut e = plan(&ctx(), &bucket(value, vec![])).actions[0].clone();
+            e.bucket_start = start;
+            e.bucket_end = start + 3600;
+            e.event_ts = start;
+            e.seq = seq;
+            e.push_id = format!("p{start}{seq}");
+            done(e, NOW - 60)
+        };
+        let (a, b2, c) = (mk(H, 10, 1), mk(H, 5, 2), mk(old.1 - 3600, 7, 1));
+        // Stripe holds it all: nothing to say.
+        let all = item(vec![&a, &b2, &c], vec![(cur.0, cur.1, 15), (old.0, old.1, 7)], cur);
+        assert_eq!(check_item(&legacy, &all), vec![]);
+        // Within the settle time a shortfall is lag.
+        let short = item(vec![&a, &b2, &c], vec![(cur.0, cur.1, 10), (old.0, old.1, 3)], cur);
+        let lag = check_item(&Ctx { settle_secs: 7200, ..legacy }, &short);
+        assert!(lag.iter().all(|c| c.plan.status == Status::StripeLagging), "{lag:?}");
+        // After it: missing in the current period, period_closed in the closed one.
+        let mut got = check_item(&legacy, &short);
+        got.sort_by_key(|c| c.start);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].start, got[0].plan.status, got[0].plan.unbilled), (old.0, Status::PeriodClosed, 4));
+        assert_eq!((got[1].start, got[1].plan.status, got[1].plan.unbilled), (cur.0, Status::StripeMissing, 5));
+        // Repaired by an increment of exactly the missing amount, in the latest write's bucket.
+        let repair = Ctx { repair_missing: true, ..legacy };
+        let r = check_item(&repair, &short).into_iter().find(|c| c.start == cur.0).unwrap();
+        let e = &r.plan.actions[0];
+        assert_eq!(
+            (r.plan.status, e.action, e.value, e.bucket_start, e.seq),
+            (Status::Repair, Action::Repair, 5, H, 3)
+        );
+        // The repair restores Stripe, and does not count as usage pushed.
+        let fixed = mk(H, 5, 3);
+        let fixed = Push { entry: Entry { action: Action::Repair, ..fixed.entry.clone() }, ..fixed };
+        let whole = item(vec![&a, &b2, &c, &fixed], vec![(cur.0, cur.1, 15), (old.0, old.1, 7)], cur);
+        assert_eq!(check_item(&repair, &whole), vec![]);
+        // Nothing listed by Stripe at all: everything pushed is missing (current) or closed.
+        let none = item(vec![&a, &c], vec![], cur);
+        let mut got = check_item(&legacy, &none);
+        got.sort_by_key(|c| c.plan.status);
+        assert_eq!(
+            got.iter().map(|c| (c.plan.status, c.plan.unbilled)).collect::<Vec<_>>(),
+            vec![(Status::PeriodClosed, 7), (Status::StripeMissing, 10)]
+        );
+        // More than pushed: another system's usage.
+        let more = item(vec![&a, &b2], vec![(cur.0, cur.1, 20)], cur);
+        let got = check_item(&legacy, &more);
+        assert_eq!((got[0].plan.status, got[0].plan.needs_credit), (Status::StripeAhead, 5));
     }
 }

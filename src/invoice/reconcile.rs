@@ -11,7 +11,7 @@ use super::config::{Granularity, InvoicerConfig, StripeMode};
 use super::ledger::{Action, Entry, Ledger, Outcome, Push, State};
 use super::mapping::Mapping;
 use super::period::Period;
-use super::plan::{plan, Bucket, BucketPlan, Ctx, Refusal, Target};
+use super::plan::{check_item, plan, Bucket, BucketPlan, Ctx, Item, ItemCheck, Refusal, Target};
 use super::progress::Progress;
 use super::report::{Report, Row};
 use super::stripe::meters::{self, MeterInfo};
@@ -131,6 +131,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     let stripe_before = read_stripe(env, &resolved, &keys, period, g)?;
 
     let mut plans = plan_all(env, opts, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
+    let checks_before = item_checks(env, opts, mode, &ledger, &resolved, &stripe_before)?;
     let before: BTreeMap<Key, BucketPlan> = plans.clone();
     // Plans again from the ledger as it is now.
     let replan = |stripe: &StripeView| -> Result<BTreeMap<Key, BucketPlan>, ReconcileError> {
@@ -145,8 +146,11 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
             execute(env, &ledger, &resolved, cancels, &mut progress, &mut sent)?;
             plans = replan(&stripe_before)?;
         }
-        let writes: Vec<Entry> =
-            plans.values().flat_map(|p| p.actions.iter().filter(|a| a.action != Action::Cancel).cloned()).collect();
+        let writes: Vec<Entry> = plans
+            .values()
+            .chain(checks_before.iter().map(|c| &c.plan))
+            .flat_map(|p| p.actions.iter().filter(|a| a.action != Action::Cancel).cloned())
+            .collect();
         execute(env, &ledger, &resolved, writes, &mut progress, &mut sent)?;
         progress.finish();
     }
@@ -166,6 +170,8 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         (plans, stripe_before.clone())
     };
 
+    let checks_after =
+        if opts.apply { item_checks(env, opts, mode, &ledger, &resolved, &stripe_after)? } else { checks_before };
     let report = Report::build(
         period,
         mode,
@@ -178,6 +184,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         &stripe_after,
         &sent,
         &resolved.targets,
+        &checks_after,
         env.stripe.requests(),
         started.elapsed().as_secs_f64(),
     );
@@ -303,6 +310,16 @@ pub struct StripeView {
     pub pair: BTreeMap<(String, String), u64>,
     /// Legacy mode: start of each (org, meter)'s current billing period.
     pub open_from: BTreeMap<(String, String), i64>,
+    /// Legacy mode: each (org, meter)'s usage record summaries and current billing period.
+    pub items: BTreeMap<(String, String), LegacyItem>,
+}
+
+/// Legacy mode: what Stripe says about one subscription item.
+#[derive(Debug, Clone, Default)]
+pub struct LegacyItem {
+    /// (period start, period end, total usage) of every billing period with usage.
+    pub periods: Vec<(i64, i64, u64)>,
+    pub current: (i64, i64),
 }
 
 impl StripeView {
@@ -312,6 +329,7 @@ impl StripeView {
         self.bucket.extend(other.bucket);
         self.pair.extend(other.pair);
         self.open_from.extend(other.open_from);
+        self.items.extend(other.items);
     }
 }
 
@@ -330,7 +348,7 @@ fn read_stripe(
     }
     let list: Vec<(&(String, String), &Target)> = pairs.iter().collect();
     let unique = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation == Aggregation::Unique);
-    type Read = (Vec<(i64, u64)>, Option<i64>);
+    type Read = (Vec<(i64, u64)>, Option<LegacyItem>);
     let results = parallel(&list, env.cfg.stripe.concurrency, |((_, meter), t)| -> Result<Read, StripeError> {
         match env.cfg.stripe.mode {
             StripeMode::Meters => {
@@ -339,17 +357,22 @@ fn read_stripe(
                 Ok((s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect(), None))
             }
             StripeMode::Legacy => {
-                let total = legacy::usage_total(env.stripe, &t.target, period.from, period.to)?;
-                let (_, open) = legacy::current_period_start(env.stripe, &t.target)?;
-                Ok((vec![(period.from, total.max(0) as u64)], Some(open)))
+                let periods: Vec<(i64, i64, u64)> = legacy::summaries(env.stripe, &t.target)?
+                    .into_iter()
+                    .map(|(s, e, v)| (s, e, v.max(0) as u64))
+                    .collect();
+                let total = periods.iter().filter(|(s, e, _)| *s < period.to && *e > period.from).map(|p| p.2).sum();
+                let current = legacy::current_period(env.stripe, &t.target)?;
+                Ok((vec![(period.from, total)], Some(LegacyItem { periods, current })))
             }
         }
     });
     let mut view = StripeView::default();
     for (((org, meter), _), r) in list.iter().zip(results) {
-        let (values, open) = r?;
-        if let Some(open) = open {
-            view.open_from.insert((org.clone(), meter.clone()), open);
+        let (values, item) = r?;
+        if let Some(item) = item {
+            view.open_from.insert((org.clone(), meter.clone()), item.current.0);
+            view.items.insert((org.clone(), meter.clone()), item);
         }
         let total: u64 = values.iter().map(|(_, v)| v).sum();
         view.pair.insert((org.clone(), meter.clone()), total);
@@ -367,6 +390,64 @@ fn read_stripe(
     Ok(view)
 }
 
+fn ctx<'a>(env: &'a Env, opts: &Options, mode: &'a str) -> Ctx<'a> {
+    Ctx {
+        mode,
+        account: &env.cfg.stripe.account,
+        now: now_secs(),
+        can_cancel: env.cfg.stripe.mode == StripeMode::Meters,
+        settle_secs: i64::from(env.cfg.stripe.settle_secs),
+        repair_missing: opts.repair_missing,
+        retry_failed: opts.retry_failed,
+    }
+}
+
+/// Legacy mode: compares the ledger with each subscription item's usage record summaries,
+/// billing period by billing period (plan.rs [`check_item`]). The ledger is read over every
+/// billing period that overlaps the reconciled one.
+fn item_checks(
+    env: &Env,
+    opts: &Options,
+    mode: &str,
+    ledger: &Ledger,
+    resolved: &Resolved,
+    stripe: &StripeView,
+) -> Result<Vec<ItemCheck>, ReconcileError> {
+    if env.cfg.stripe.mode != StripeMode::Legacy || stripe.items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let period = opts.period;
+    let overlapping = |it: &LegacyItem| -> Vec<(i64, i64)> {
+        it.periods
+            .iter()
+            .map(|(s, e, _)| (*s, *e))
+            .chain([it.current])
+            .filter(|(s, e)| *s < period.to && *e > period.from)
+            .collect()
+    };
+    let from = stripe.items.values().flat_map(overlapping).map(|p| p.0).min().unwrap_or(period.from).min(period.from);
+    let to = stripe.items.values().flat_map(overlapping).map(|p| p.1).max().unwrap_or(period.to).max(period.to);
+    let pushes = ledger.read(from, to)?;
+    let ctx = ctx(env, opts, mode);
+    let mut out = Vec::new();
+    for ((org, meter), it) in &stripe.items {
+        let Some(Some(target)) = resolved.targets.get(&(org.clone(), meter.clone())) else { continue };
+        let item = Item {
+            org_id: org.clone(),
+            meter: meter.clone(),
+            target: target.clone(),
+            unique: env.meters.get(meter).is_some_and(|d| d.aggregation == Aggregation::Unique),
+            periods: it.periods.clone(),
+            current: it.current,
+            pushes: pushes.iter().filter(|p| p.entry.org_id == *org && p.entry.meter == *meter).collect(),
+            period: (period.from, period.to),
+            bucket_secs: opts.granularity.secs(),
+        };
+        out.extend(check_item(&ctx, &item));
+    }
+    Ok(out)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn plan_all(
     env: &Env,
@@ -378,15 +459,7 @@ fn plan_all(
     by_key: &BTreeMap<Key, Vec<&Push>>,
     stripe: &StripeView,
 ) -> BTreeMap<Key, BucketPlan> {
-    let ctx = Ctx {
-        mode,
-        account: &env.cfg.stripe.account,
-        now: now_secs(),
-        can_cancel: env.cfg.stripe.mode == StripeMode::Meters,
-        settle_secs: i64::from(env.cfg.stripe.settle_secs),
-        repair_missing: opts.repair_missing,
-        retry_failed: opts.retry_failed,
-    };
+    let ctx = ctx(env, opts, mode);
     keys.iter()
         .map(|k| {
             let unique = env.meters.get(&k.1).is_some_and(|d| d.aggregation == Aggregation::Unique);

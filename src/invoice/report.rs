@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::ledger::Action;
 use super::period::Period;
-use super::plan::{BucketPlan, Status, Target};
+use super::plan::{BucketPlan, ItemCheck, Status, Target};
 use super::reconcile::{Sent, StripeView};
 use crate::timestamp::format_rfc3339;
 
@@ -115,6 +115,7 @@ impl Report {
         stripe_after: &StripeView,
         sent: &Sent,
         targets: &HashMap<(String, String), Option<Target>>,
+        items: &[ItemCheck],
         stripe_requests: u64,
         elapsed_secs: f64,
     ) -> Report {
@@ -132,7 +133,18 @@ impl Report {
             };
             let ledger_before = sum(&|p| p.ledger, before);
             let ledger_after = sum(&|p| p.ledger, after);
-            let worst = ks.iter().filter_map(|k| after.get(*k)).map(|p| p.status).max().unwrap_or(Status::Ok);
+            // Legacy mode: the item's billing periods compared with Stripe's usage record summaries.
+            let checks: Vec<&ItemCheck> = items
+                .iter()
+                .filter(|c| (c.org_id.as_str(), c.meter.as_str()) == (pair.0.as_str(), pair.1.as_str()))
+                .collect();
+            let worst = ks
+                .iter()
+                .filter_map(|k| after.get(*k))
+                .chain(checks.iter().map(|c| &c.plan))
+                .map(|p| p.status)
+                .max()
+                .unwrap_or(Status::Ok);
             let unsettled: Vec<&&Key> =
                 ks.iter().filter(|k| after.get(**k).is_some_and(|p| !p.status.settled())).collect();
             let did = |a: Action| sent.done.iter().any(|(x, k, _)| *x == a && pair_of(k) == *pair);
@@ -161,9 +173,11 @@ impl Report {
             } else {
                 worst.as_str().into()
             };
+            let unsettled_checks: Vec<&&ItemCheck> = checks.iter().filter(|c| !c.plan.status.settled()).collect();
             let note = unsettled
                 .iter()
                 .filter_map(|k| after.get(**k))
+                .chain(unsettled_checks.iter().map(|c| &c.plan))
                 .map(|p| p.note.clone())
                 .find(|n| !n.is_empty())
                 .or_else(|| {
@@ -195,6 +209,24 @@ impl Report {
                     note: p.note.clone(),
                 });
             }
+            for c in &unsettled_checks {
+                problems.push(Problem {
+                    org_id: c.org_id.clone(),
+                    meter: c.meter.clone(),
+                    bucket_start: format_rfc3339(c.start),
+                    bucket_end: format_rfc3339(c.end),
+                    status: match c.plan.status {
+                        Status::Repair if !applied => "would_repair",
+                        s => s.as_str(),
+                    },
+                    tally: 0,
+                    ledger: c.plan.ledger,
+                    stripe: Some(c.stripe),
+                    needs_credit: c.plan.needs_credit,
+                    unbilled: c.plan.unbilled,
+                    note: c.plan.note.clone(),
+                });
+            }
             rows.push(Row {
                 org_id: pair.0.clone(),
                 customer: target.as_ref().map(|t| t.customer.clone()).unwrap_or_default(),
@@ -218,23 +250,26 @@ impl Report {
                         .sum()
                 },
                 stripe_after: target.as_ref().and(stripe_after.pair.get(pair).copied()),
-                needs_credit: sum(&|p| p.needs_credit, after),
+                needs_credit: sum(&|p| p.needs_credit, after)
+                    + unsettled_checks.iter().map(|c| c.plan.needs_credit).sum::<u64>(),
                 unbilled: ks
                     .iter()
                     .filter_map(|k| after.get(*k))
+                    .chain(unsettled_checks.iter().map(|c| &c.plan))
                     .filter(|p| !p.status.settled())
                     .map(|p| p.unbilled)
                     .sum(),
                 status,
                 buckets: ks.len(),
-                buckets_unsettled: unsettled.len(),
+                buckets_unsettled: unsettled.len() + unsettled_checks.len(),
                 note,
             });
         }
         let count = |a: Action| sent.done.iter().filter(|(x, _, _)| *x == a).count();
         let any_error =
             !sent.failed.is_empty() || !sent.indeterminate.is_empty() || after.values().any(|p| p.status.is_error());
-        let buckets_unsettled = after.values().filter(|p| !p.status.settled()).count();
+        let buckets_unsettled = after.values().filter(|p| !p.status.settled()).count()
+            + items.iter().filter(|c| !c.plan.status.settled()).count();
         let exit_code = if any_error {
             1
         } else if buckets_unsettled > 0 {

@@ -48,9 +48,10 @@ pub fn create_usage_record(
     Ok(())
 }
 
-/// Total usage of the billing periods of `item` that overlap [start, end).
-pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i64, StripeError> {
-    let mut total = 0;
+/// Stripe's usage record summaries of `item`: (period start, period end, total usage), one per
+/// billing period that has usage, every page.
+pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(i64, i64, i64)>, StripeError> {
+    let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let mut q = "limit=100".to_string();
@@ -61,22 +62,24 @@ pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i
         let body = c.send(StripeMethod::Get, &path, Some(&q), None, None)?;
         let page: SummaryList = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
         for s in &page.data {
-            let (ps, pe) = (s.period.start.unwrap_or(i64::MIN), s.period.end.unwrap_or(i64::MAX));
-            if ps < end && pe > start {
-                total += s.total_usage;
-            }
+            out.push((s.period.start.unwrap_or(i64::MIN), s.period.end.unwrap_or(i64::MAX), s.total_usage));
         }
         after = page.data.last().map(|s| s.id.clone());
         if !page.has_more || after.is_none() {
-            return Ok(total);
+            return Ok(out);
         }
     }
 }
 
-/// Start of the billing period Stripe currently records usage in for `item`: the item's
-/// subscription's `current_period_start` (on the subscription in API versions before
-/// 2025-03-31.basil). Stripe refuses usage records timestamped before it.
-pub fn current_period_start(c: &StripeHttp, item: &str) -> Result<(String, i64), StripeError> {
+/// Total usage of the billing periods of `item` that overlap [start, end).
+pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i64, StripeError> {
+    Ok(summaries(c, item)?.iter().filter(|(ps, pe, _)| *ps < end && *pe > start).map(|(_, _, t)| t).sum())
+}
+
+/// The billing period Stripe currently records usage in for `item`: its subscription's
+/// `current_period_start` and `_end` (on the subscription in API versions before
+/// 2025-03-31.basil). Stripe refuses usage records timestamped before the start.
+pub fn current_period(c: &StripeHttp, item: &str) -> Result<(i64, i64), StripeError> {
     let body = c.send(StripeMethod::Get, &format!("/subscription_items/{}", enc(item)), None, None, None)?;
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
     let sub = v["subscription"]
@@ -85,8 +88,6 @@ pub fn current_period_start(c: &StripeHttp, item: &str) -> Result<(String, i64),
         .to_string();
     let body = c.send(StripeMethod::Get, &format!("/subscriptions/{}", enc(&sub)), None, None, None)?;
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
-    let start = v["current_period_start"]
-        .as_i64()
-        .ok_or_else(|| StripeError::Decode(format!("subscription {sub} has no current_period_start")))?;
-    Ok((sub, start))
+    let field = |k: &str| v[k].as_i64().ok_or_else(|| StripeError::Decode(format!("subscription {sub} has no {k}")));
+    Ok((field("current_period_start")?, field("current_period_end")?))
 }
