@@ -139,6 +139,22 @@ def check_invoicer_queries(q, s, h):
     )
     ledger = rows(render("ledger_read", {**v, "mode": "'meters'", "account": "''"}))
     assert len(ledger) == 1 and ledger[0][0] == "tally_x" and ledger[0][8] == str(hour) and ledger[0][11] == "3", ledger
+    assert ledger[0][16] == "r", ledger
+    # `explain`: per project and bucket (the duplicate narrow row counts twice in the aggregates,
+    # which `verify` reports), and the events of one hour paged in key order (FINAL: once each).
+    ex = {"meter": "'events'", "orgs": "'o1'", "bucket_secs": 3600}
+    got = rows(render("explain_projects", {**v, **ex}))
+    assert got == [["o1", "p1", str(hour), "0", "3"], ["o1", "p2", str(hour), "0", "1"]], got
+    got = rows(render("explain_projects_unique", {**v, **ex, "meter": "'unique_users'"}))
+    assert got == [["o1", "p1", "2"]], got
+    page = lambda after, limit: rows(render("explain_events", {
+        "database": DB, "arrays": "meters AS m, meter_values AS v", "meter": "'events'", "orgs": "'o1'",
+        "hour": hour, "project_filter": "", "after_org": f"'{after[0]}'", "after_project": f"'{after[1]}'",
+        "after_event": f"'{after[2]}'", "limit": limit}))
+    first = page(("", "", ""), 2)
+    assert [r[:3] for r in first] == [["o1", "p1", "e1"], ["o1", "p1", "e2"]] and first[0][5] == "1", first
+    rest = page(tuple(first[-1][:3]), 2)
+    assert [r[:3] for r in rest] == [["o1", "p2", "e1"]], rest
 
 
 if __name__ == "__main__":
