@@ -81,3 +81,7 @@ head -n 15 "$OUT/report.txt"; echo "   ... ($OUT/report.txt)"; grep '^applied' "
 echo "-- reconcile --apply again: nothing to push"
 $INV reconcile --from "$FROM" --to "$TO" --apply | grep '^applied'
 echo "(finance report as CSV: $INV reconcile --from $FROM --to $TO --format csv; metrics: $OUT/invoicer.prom)"
+CUS=$(grep -m1 -o 'cus_[A-Za-z0-9]*' "$OUT/billing.toml")
+echo "-- explain one invoice line: $CUS, meter events (writes, buckets, projects behind it)"
+$INV explain --customer "$CUS" --meter events --from "$FROM" --to "$TO" | head -n 8
+echo "   ... (--format json for all of it; --events <hour> for the events behind an hour)"
