@@ -866,6 +866,19 @@ fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
         );
     }
     assert_eq!(b.emu.stats().posts, posts, "reporting wrote nothing to Stripe");
+    // The drift gauges carry the missing buckets and amounts.
+    let textfile = b.w.dir.join("missing.prom");
+    let (code, _) = settled(&b, &["--metrics-textfile", textfile.to_str().unwrap()]);
+    let prom = std::fs::read_to_string(&textfile).unwrap();
+    let total: u64 = want.iter().map(|w| w.2).sum();
+    assert_eq!(code, 2);
+    for line in [
+        "tally_invoicer_drift_buckets{status=\"stripe_missing\"} 3".to_string(),
+        format!("tally_invoicer_drift_value{{status=\"stripe_missing\"}} {total}"),
+        format!("tally_invoicer_unbilled_value {total}"),
+    ] {
+        assert!(prom.lines().any(|l| l == line), "{line} in\n{prom}");
+    }
 
     let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
     assert_eq!(code, 0, "{}", rep["problems"]);
@@ -939,8 +952,9 @@ fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
     advance_stripe_clock(&b, 3 * 3600);
     let posts = b.emu.stats().posts;
     let tally_total: u64 = b.want_additive().values().sum::<u64>() + b.want_unique().values().sum::<u64>();
+    let textfile = b.w.dir.join("closed.prom");
     for round in 1..=2 {
-        let (code, rep) = run(&["--apply"]);
+        let (code, rep) = run(&["--apply", "--metrics-textfile", textfile.to_str().unwrap()]);
         let closed = problems_with(&rep, "period_closed");
         let unbilled: u64 = closed.iter().map(|c| c.2).sum();
         assert_eq!(code, 2, "{}", rep["problems"]);
@@ -948,6 +962,13 @@ fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
         assert_eq!(unbilled, tally_total, "the amounts are tally's whole usage");
         assert!(rows_with(&rep, "failed").is_empty());
         assert_eq!(b.emu.stats().posts, posts, "run {round}: no write attempted");
+        let prom = std::fs::read_to_string(&textfile).unwrap();
+        for line in [
+            format!("tally_invoicer_drift_buckets{{status=\"period_closed\"}} {}", closed.len()),
+            format!("tally_invoicer_drift_value{{status=\"period_closed\"}} {unbilled}"),
+        ] {
+            assert!(prom.lines().any(|l| l == line), "{line} in\n{prom}");
+        }
         eprintln!(
             "[measure] legacy period rolled over, run {round}: {} buckets period_closed ({unbilled} units), exit {code}, {} Stripe writes",
             closed.len(),
