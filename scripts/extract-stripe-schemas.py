@@ -21,17 +21,21 @@ ENDPOINTS = {
         ("get", "/v1/subscription_items/{subscription_item}/usage_record_summaries"),
     ],
 }
+# Objects the emulator serves on endpoints outside the spec subsets (GET subscriptions and
+# subscription items, which the invoicer reads for the current billing period in legacy mode):
+# validated against their component schemas.
+OBJECTS = {"stripe-legacy-usage-records.openapi.json": ["subscription", "subscription_item"]}
 out = {"paths": {}, "components": {"schemas": {}}}
 for fname, eps in ENDPOINTS.items():
     spec = json.load(open(os.path.join(spec_dir, fname)))
     schemas = spec["components"]["schemas"]
-    todo = ["error"]
+    todo = ["error"] + [{"$ref": f"#/components/schemas/{o}"} for o in OBJECTS.get(fname, [])]
     for method, path in eps:
         resp = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
         out["paths"].setdefault(path, {})[method] = resp
         todo.append(resp)
     seen = out["components"]["schemas"]
-    SHALLOW = {"customer"}
+    SHALLOW = {"customer", "price", "subscription_schedule", "invoice", "setup_intent", "payment_method", "account"}
     def walk(node):
         if isinstance(node, dict):
             ref = node.get("$ref")

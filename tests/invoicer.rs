@@ -920,9 +920,38 @@ fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
     let nonzero = b.want_additive().len() as u64 + b.want_unique().values().filter(|v| **v > 0).count() as u64;
     assert_eq!((code, missing.len() as u64), (2, nonzero), "every bucket with usage is missing");
     let unbilled: u64 = missing.iter().map(|m| m.2).sum();
+    // Repairs are crash-safe like every push: SIGKILL two repair runs while they write.
+    let mut rng = rand::thread_rng();
+    for _ in 0..2 {
+        let posts = b.emu.stats().posts;
+        let mut child = b
+            .reconcile_cmd("", &["--apply", "--repair-missing"])
+            .env("TALLY_STRIPE_SETTLE_SECS", "0")
+            .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b.emu.stats().posts == posts && child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the repair run never started writing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..800)));
+        common::sigkill(&mut child);
+    }
+    let killed_at = b.emu.stats().meter_events_created;
     let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
     assert_eq!(code, 0, "{}", rep["problems"]);
     b.assert_stripe_equals_tally("");
+    let events = b.emulator_events("");
+    let ids: BTreeSet<&str> = events.iter().map(|e| e["identifier"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), events.len(), "no repair identifier twice");
+    assert!(
+        killed_at > 0 && killed_at < events.len() as u64,
+        "the kills landed mid-repair: {killed_at} of {}",
+        events.len()
+    );
     eprintln!(
         "[measure] Stripe restarted empty: {buckets} buckets, {} stripe_missing ({unbilled} units), exit 2; \
          --apply --repair-missing: {} repairs + {} sets, exit 0",

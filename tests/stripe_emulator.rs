@@ -208,6 +208,19 @@ fn responses_match_stripes_schemas() {
     let (_, _, urs) = call(&emu, "GET", &format!("/v1/subscription_items/{si}/usage_record_summaries"), "", None);
     assert_shape(&spec, "/v1/subscription_items/{subscription_item}/usage_record_summaries", "get", &urs);
     assert_eq!(urs["data"][0]["total_usage"], 3);
+    // The invoicer reads the current billing period from the subscription (legacy API versions
+    // keep it there): both objects as Stripe's schemas define them.
+    let sid = sub["id"].as_str().unwrap().to_string();
+    for (path, schema) in [
+        (format!("/v1/subscriptions/{sid}"), "subscription"),
+        (format!("/v1/subscription_items/{si}"), "subscription_item"),
+    ] {
+        let (s, _, v) = call(&emu, "GET", &path, "", None);
+        assert_eq!(s, 200, "{v}");
+        let mut errors = Vec::new();
+        check(&spec, &json!({"$ref": format!("#/components/schemas/{schema}")}), &v, &path, &mut errors);
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+    }
 
     let (s, _, err) = call(&emu, "GET", "/v1/billing/meters/mtr_nope", "", None);
     assert_eq!(s, 404);

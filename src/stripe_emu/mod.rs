@@ -278,8 +278,8 @@ fn route(a: &mut Account, method: &str, path: &str, p: &Value, now: i64) -> Resu
         ("POST", ["v1", "subscriptions"]) => a.create_subscription(p, now),
         ("GET", ["v1", "subscriptions", id]) => a.subscription(id, now),
         ("POST", ["v1", "subscription_items"]) => a.create_item(p, now),
-        ("GET", ["v1", "subscription_items"]) => a.list_items(p, now),
-        ("GET", ["v1", "subscription_items", id]) => a.item(id, now),
+        ("GET", ["v1", "subscription_items"]) => a.list_items(p),
+        ("GET", ["v1", "subscription_items", id]) => a.item(id),
         ("POST", ["v1", "subscription_items", id, "usage_records"]) => a.create_usage_record(id, p, now),
         ("GET", ["v1", "subscription_items", id, "usage_record_summaries"]) => a.usage_summaries(id, p),
         _ => Err(ApiError {

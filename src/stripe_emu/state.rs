@@ -467,15 +467,17 @@ impl Account {
         for item in items.values() {
             let price = required(item, "price")?.to_string();
             let it = self.add_item(&id, &price, now, start);
-            item_objs.push(self.item_obj(&it, now));
+            item_objs.push(self.item_obj(&it));
         }
         let obj = json!({
             "id": id, "object": "subscription", "customer": customer, "created": now, "livemode": false,
-            "status": "active", "start_date": start, "metadata": metadata(p),
+            "status": "active", "start_date": start, "metadata": metadata(p), "billing_cycle_anchor": start,
+            "automatic_tax": {"enabled": false}, "cancel_at_period_end": false,
+            "collection_method": "charge_automatically", "currency": "usd",
             "items": {"object": "list", "data": item_objs, "has_more": false, "url": format!("/v1/subscription_items?subscription={id}")},
         });
-        self.subscriptions.insert(id, obj.clone());
-        Ok(obj)
+        self.subscriptions.insert(id.clone(), obj);
+        self.subscription(&id, now)
     }
 
     fn add_item(&mut self, sub: &str, price: &str, now: i64, period_start: i64) -> Item {
@@ -497,12 +499,19 @@ impl Account {
         (s, s + PERIOD_SECS)
     }
 
-    fn item_obj(&self, it: &Item, now: i64) -> Value {
-        let (s, e) = Self::period(it, now);
+    /// A subscription item as API versions before 2025-03-31.basil have it (the billing period is
+    /// on the subscription), with a metered monthly price.
+    fn item_obj(&self, it: &Item) -> Value {
         json!({
             "id": it.id, "object": "subscription_item", "created": it.created, "subscription": it.subscription,
-            "price": {"id": it.price, "object": "price"}, "metadata": {}, "quantity": null,
-            "current_period_start": s, "current_period_end": e, "discounts": [], "tax_rates": [], "billing_thresholds": null,
+            "price": {
+                "id": it.price, "object": "price", "active": true, "billing_scheme": "per_unit",
+                "created": it.created, "currency": "usd", "livemode": false, "metadata": {},
+                "product": format!("prod_{}", it.price.trim_start_matches("price_")), "type": "recurring",
+                "recurring": {"interval": "month", "interval_count": 1, "usage_type": "metered",
+                    "aggregate_usage": "sum", "meter": null, "trial_period_days": null},
+            },
+            "metadata": {}, "tax_rates": [], "billing_thresholds": null,
         })
     }
 
@@ -514,7 +523,6 @@ impl Account {
         let n = ((now - start).max(0)) / PERIOD_SECS;
         obj["current_period_start"] = json!(start + n * PERIOD_SECS);
         obj["current_period_end"] = json!(start + (n + 1) * PERIOD_SECS);
-        obj["billing_cycle_anchor"] = json!(start);
         Ok(obj)
     }
 
@@ -527,22 +535,18 @@ impl Account {
             .ok_or_else(|| missing("subscription", &sub, "subscription"))?;
         let price = required(p, "price")?.to_string();
         let it = self.add_item(&sub, &price, now, start);
-        Ok(self.item_obj(&it, now))
+        Ok(self.item_obj(&it))
     }
 
-    pub fn item(&self, id: &str, now: i64) -> Result<Value> {
+    pub fn item(&self, id: &str) -> Result<Value> {
         let it = self.items.get(id).ok_or_else(|| missing("subscription_item", id, "item"))?;
-        Ok(self.item_obj(it, now))
+        Ok(self.item_obj(it))
     }
 
-    pub fn list_items(&self, p: &Value, now: i64) -> Result<Value> {
+    pub fn list_items(&self, p: &Value) -> Result<Value> {
         let sub = required(p, "subscription")?;
-        let items = self
-            .items
-            .values()
-            .filter(|i| i.subscription == sub)
-            .map(|i| (i.id.clone(), self.item_obj(i, now)))
-            .collect();
+        let items =
+            self.items.values().filter(|i| i.subscription == sub).map(|i| (i.id.clone(), self.item_obj(i))).collect();
         list("/v1/subscription_items", items, p)
     }
 
