@@ -57,6 +57,11 @@ enum Command {
     },
     /// Summarise the dead-letter topic by reason.
     DeadLetters,
+    /// Manage API keys in the shared key store (auth.api_keys_store = "clickhouse").
+    Keys {
+        #[command(subcommand)]
+        command: tally::verify::cli::KeysCommand,
+    },
     /// Drop months of narrow rows older than clickhouse.events_retention_days.
     Prune {
         /// Only list what would be dropped.
@@ -119,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                 if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") }
             );
         }
+        Command::Keys { command } => tally::verify::cli::run(&cfg, command)?,
         Command::Run => {
             tally::metrics::install(&cfg.metrics.listen)?;
             let shutdown = Arc::new(AtomicBool::new(false));

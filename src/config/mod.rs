@@ -99,6 +99,35 @@ pub struct AuthConfig {
     /// Upper bound of the verified-credential cache (entries).
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
+    /// Where API keys live: `file` (`api_keys_path`, single node) or `clickhouse` (the table
+    /// `api_keys`, shared by every worker and managed with `tally-ingest keys`).
+    #[serde(default = "default_api_keys_store")]
+    pub api_keys_store: ApiKeysStore,
+    /// Server-side secret of the `clickhouse` key store: secrets are stored as
+    /// HMAC-SHA256(pepper, secret) (docs/identity.md). At least 32 bytes; set
+    /// `TALLY_AUTH_API_KEY_PEPPER`. Never logged.
+    #[serde(default)]
+    pub api_key_pepper: Redacted,
+}
+
+/// Where API keys are stored (PRODUCT.md §2, API key lifecycle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiKeysStore {
+    File,
+    #[serde(rename = "clickhouse")]
+    ClickHouse,
+}
+
+/// A secret configuration value: its `Debug` never shows it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "[redacted]" })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +227,9 @@ fn default_reload_interval_secs() -> u64 {
 }
 fn default_cache_entries() -> usize {
     100_000
+}
+fn default_api_keys_store() -> ApiKeysStore {
+    ApiKeysStore::File
 }
 fn default_window_secs() -> u64 {
     30 * 24 * 3600
@@ -335,6 +367,9 @@ impl IngestConfig {
         }
         if self.auth.leeway_secs > 86_400 {
             return bad("auth.leeway_secs", "must be at most one day (86400)");
+        }
+        if self.auth.api_keys_store == ApiKeysStore::ClickHouse && self.auth.api_key_pepper.0.len() < 32 {
+            return bad("auth.api_key_pepper", "must be at least 32 bytes with api_keys_store = \"clickhouse\" (set TALLY_AUTH_API_KEY_PEPPER)");
         }
         if self.clickhouse.events_retention_days.saturating_mul(86_400)
             < self.dedupe.window_secs + self.dedupe.replay_slack_secs

@@ -621,11 +621,38 @@ pub fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Waits until ClickHouse answers (or shutdown is asked).
+fn wait_for_clickhouse(store: &crate::sink::clickhouse::ClickHouse, cfg: &IngestConfig, shutdown: &AtomicBool) {
+    let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
+    while let Err(e) = store.ping() {
+        if shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        let delay = backoff.next_delay();
+        m::waiting("clickhouse", true);
+        warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
+        std::thread::sleep(delay);
+    }
+    m::waiting("clickhouse", false);
+}
+
 /// Builds the worker's clients and runs it until shutdown.
 pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     use crate::sink::clickhouse::ClickHouse;
     let meters = crate::meter::Meters::load(&cfg.meters.path).context("failed to load meters")?;
-    let verifier = crate::verify::Verifier::from_config(&cfg.auth).context("failed to load key material")?;
+    let store = ClickHouse::new(&cfg.clickhouse);
+    wait_for_clickhouse(&store, &cfg, &shutdown);
+    if shutdown.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let verifier = match cfg.auth.api_keys_store {
+        crate::config::ApiKeysStore::File => crate::verify::Verifier::from_config(&cfg.auth),
+        crate::config::ApiKeysStore::ClickHouse => crate::verify::Verifier::with_store(
+            &cfg.auth,
+            crate::verify::store::KeyStore::new(store.clone(), cfg.auth.api_key_pepper.0.as_bytes()),
+        ),
+    }
+    .context("failed to load key material")?;
     let processor = Processor {
         meters,
         verifier,
@@ -635,18 +662,6 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
             window_secs: cfg.dedupe.window_secs as i64,
         },
     };
-    let store = ClickHouse::new(&cfg.clickhouse);
-    let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
-    while let Err(e) = store.ping() {
-        if shutdown.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let delay = backoff.next_delay();
-        m::waiting("clickhouse", true);
-        warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting for clickhouse");
-        std::thread::sleep(delay);
-    }
-    m::waiting("clickhouse", false);
     let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
         .create_with_context(Context::new(&cfg.kafka.topic))
         .context("failed to create the kafka consumer")?;

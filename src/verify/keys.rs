@@ -16,9 +16,27 @@ pub enum JwtKey {
     Hs256(Vec<u8>),
 }
 
-/// One API key pair's stored record (the secret itself is never stored, only its SHA-256).
+/// How a secret is stored: never the secret itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretHash {
+    /// SHA-256 of the secret (the key file).
+    Sha256([u8; 32]),
+    /// HMAC-SHA256 of the secret under the server's pepper (the ClickHouse key store).
+    HmacSha256([u8; 32]),
+}
+
+/// A secret of a key, valid until an optional time (a rotated-out secret's grace end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    pub hash: SecretHash,
+    /// Unix seconds after which this secret is refused; `None`: while the key lives.
+    pub valid_until: Option<i64>,
+}
+
+/// One API key pair's stored record (the secret itself is never stored, only its hash). After a
+/// rotation a key has several secrets: the new one, and old ones until their grace ends.
 pub struct ApiKey {
-    pub secret_sha256: [u8; 32],
+    pub secrets: Vec<StoredSecret>,
     pub org_id: Arc<str>,
     pub project_id: Arc<str>,
     pub expires_at: Option<i64>,
@@ -39,6 +57,8 @@ pub enum KeyError {
     Read { path: String, source: std::io::Error },
     #[error("invalid key file {path}: {reason}")]
     Invalid { path: String, reason: String },
+    #[error("api key store: {0}")]
+    Store(String),
 }
 
 #[derive(Deserialize)]
@@ -82,11 +102,15 @@ impl KeySet {
     /// Loads both files. A missing file is an error, so that a typo never silently disables a
     /// credential type.
     pub fn load(jwks_path: &Path, api_keys_path: &Path) -> Result<Self, KeyError> {
-        let jwt = parse_jwks(&read(jwks_path)?)
-            .map_err(|reason| KeyError::Invalid { path: jwks_path.display().to_string(), reason })?;
-        let api = parse_api_keys(&read(api_keys_path)?)
-            .map_err(|reason| KeyError::Invalid { path: api_keys_path.display().to_string(), reason })?;
-        Ok(KeySet { jwt, api })
+        Ok(KeySet { jwt: Self::load_jwks(jwks_path)?, api: Self::load_api_keys(api_keys_path)? })
+    }
+
+    pub fn load_jwks(path: &Path) -> Result<HashMap<String, JwtKey>, KeyError> {
+        parse_jwks(&read(path)?).map_err(|reason| KeyError::Invalid { path: path.display().to_string(), reason })
+    }
+
+    pub fn load_api_keys(path: &Path) -> Result<HashMap<String, ApiKey>, KeyError> {
+        parse_api_keys(&read(path)?).map_err(|reason| KeyError::Invalid { path: path.display().to_string(), reason })
     }
 }
 
@@ -140,7 +164,7 @@ pub fn parse_api_keys(text: &str) -> Result<HashMap<String, ApiKey>, String> {
             return Err(format!("key {pk:?}: org_id and project_id must be 1..={max} bytes"));
         }
         let rec = ApiKey {
-            secret_sha256,
+            secrets: vec![StoredSecret { hash: SecretHash::Sha256(secret_sha256), valid_until: None }],
             org_id: e.org_id.into(),
             project_id: e.project_id.into(),
             expires_at,

@@ -7,8 +7,10 @@
 //! every `reload_interval`; a change clears the cache, so a revocation takes effect within it.
 
 pub mod api_key;
+pub mod cli;
 pub mod jwt;
 pub mod keys;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::config::AuthConfig;
 use crate::reject::Reason;
 use keys::{KeyError, KeySet};
+use store::KeyStore;
 
 /// The tenant a credential proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +100,10 @@ pub struct Verifier {
     cache_entries: usize,
     paths: (PathBuf, PathBuf),
     fingerprint: u64,
+    /// The shared key store (`auth.api_keys_store = "clickhouse"`), replacing the API key file.
+    store: Option<KeyStore>,
+    /// HMAC key of the store's secret hashes (empty with the key file).
+    pepper: Vec<u8>,
     reload_every: Duration,
     last_reload_check: Instant,
     pub cache_hits: u64,
@@ -104,37 +111,69 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// A verifier over the JWKS file and the API key file.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
-        let keys = KeySet::load(&cfg.jwks_path, &cfg.api_keys_path)?;
-        let paths = (cfg.jwks_path.clone(), cfg.api_keys_path.clone());
-        Ok(Verifier {
-            keys,
+        Self::build(cfg, None)
+    }
+
+    /// A verifier over the JWKS file and the shared key store in ClickHouse.
+    pub fn with_store(cfg: &AuthConfig, store: KeyStore) -> Result<Self, KeyError> {
+        Self::build(cfg, Some(store))
+    }
+
+    fn build(cfg: &AuthConfig, store: Option<KeyStore>) -> Result<Self, KeyError> {
+        let paths = (cfg.jwks_path.clone(), if store.is_some() { PathBuf::new() } else { cfg.api_keys_path.clone() });
+        let mut v = Verifier {
+            keys: KeySet::default(),
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             leeway: i64::try_from(cfg.leeway_secs).unwrap_or(i64::MAX),
             cache: HashMap::new(),
             cache_entries: cfg.cache_entries.max(1),
-            fingerprint: fingerprint(&paths),
+            fingerprint: 0,
             paths,
+            pepper: store.as_ref().map(|s| s.pepper().to_vec()).unwrap_or_default(),
+            store,
             reload_every: Duration::from_secs(cfg.reload_interval_secs),
             last_reload_check: Instant::now(),
             cache_hits: 0,
             cache_misses: 0,
-        })
+        };
+        let (keys, fp) = v.load()?;
+        v.keys = keys;
+        v.fingerprint = fp;
+        Ok(v)
     }
 
-    /// Re-reads the key files if `reload_interval` has passed and they changed. On a bad file the
-    /// old keys stay in force and the error is returned for logging.
+    /// Reads the key material and its fingerprint: the files, and the store's rows.
+    fn load(&self) -> Result<(KeySet, u64), KeyError> {
+        let mut fp = fingerprint(&self.paths);
+        let jwt = KeySet::load_jwks(&self.paths.0)?;
+        let api = match &self.store {
+            None => KeySet::load_api_keys(&self.paths.1)?,
+            Some(s) => {
+                let (events, f) = s.events().map_err(|e| KeyError::Store(e.to_string()))?;
+                fp ^= f;
+                store::fold(&events)
+            }
+        };
+        Ok((KeySet { jwt, api }, fp))
+    }
+
+    /// Re-reads the key material if `reload_interval` has passed and it changed. On a bad file
+    /// or an unreachable store the old keys stay in force and the error is returned for logging.
     pub fn maybe_reload(&mut self, now: Instant) -> Result<bool, KeyError> {
         if now.duration_since(self.last_reload_check) < self.reload_every {
             return Ok(false);
         }
         self.last_reload_check = now;
-        let fp = fingerprint(&self.paths);
+        if self.store.is_none() && fingerprint(&self.paths) == self.fingerprint {
+            return Ok(false);
+        }
+        let (keys, fp) = self.load()?;
         if fp == self.fingerprint {
             return Ok(false);
         }
-        let keys = KeySet::load(&self.paths.0, &self.paths.1)?;
         self.keys = keys;
         self.fingerprint = fp;
         self.cache.clear();
@@ -194,7 +233,7 @@ impl Verifier {
             let policy = jwt::JwtPolicy { issuer: &self.issuer, audience: &self.audience };
             jwt::verify(rest.trim(), &self.keys.jwt, &policy)
         } else if scheme.eq_ignore_ascii_case("basic") {
-            api_key::verify(rest, &self.keys.api)
+            api_key::verify(rest, &self.keys.api, &self.pepper)
         } else {
             Err(invalid)
         }
@@ -208,7 +247,7 @@ impl Verifier {
 
 fn fingerprint(paths: &(PathBuf, PathBuf)) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for p in [&paths.0, &paths.1] {
+    for p in [&paths.0, &paths.1].into_iter().filter(|p| !p.as_os_str().is_empty()) {
         match std::fs::read(p) {
             Ok(b) => h.update(&b),
             Err(_) => h.update(b"\0missing\0"),
