@@ -369,7 +369,10 @@ impl IngestConfig {
             return bad("auth.leeway_secs", "must be at most one day (86400)");
         }
         if self.auth.api_keys_store == ApiKeysStore::ClickHouse && self.auth.api_key_pepper.0.len() < 32 {
-            return bad("auth.api_key_pepper", "must be at least 32 bytes with api_keys_store = \"clickhouse\" (set TALLY_AUTH_API_KEY_PEPPER)");
+            return bad(
+                "auth.api_key_pepper",
+                "must be at least 32 bytes with api_keys_store = \"clickhouse\" (set TALLY_AUTH_API_KEY_PEPPER)",
+            );
         }
         if self.clickhouse.events_retention_days.saturating_mul(86_400)
             < self.dedupe.window_secs + self.dedupe.replay_slack_secs

@@ -8,6 +8,7 @@ use super::clickhouse::{quote, ChError, ClickHouse};
 pub const BUILTIN: &[(&str, &str)] = &[
     ("001_events.sql", include_str!("../../schemas/001_events.sql")),
     ("002_stripe_ledger.sql", include_str!("../../schemas/002_stripe_ledger.sql")),
+    ("003_api_keys.sql", include_str!("../../schemas/003_api_keys.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

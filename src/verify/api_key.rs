@@ -20,11 +20,7 @@ pub fn hmac_secret(pepper: &[u8], secret: &str) -> [u8; 32] {
 }
 
 /// Verifies `Basic <base64(public:secret)>` against `keys`; `pepper` is the key store's.
-pub fn verify(
-    basic: &str,
-    keys: &std::collections::HashMap<String, ApiKey>,
-    pepper: &[u8],
-) -> Result<Checked, Denied> {
+pub fn verify(basic: &str, keys: &std::collections::HashMap<String, ApiKey>, pepper: &[u8]) -> Result<Checked, Denied> {
     let invalid = Denied(Reason::InvalidCredentials);
     let decoded = STANDARD.decode(basic.trim()).map_err(|_| invalid)?;
     let decoded = std::str::from_utf8(&decoded).map_err(|_| invalid)?;

@@ -104,7 +104,9 @@ pub fn run(cfg: &IngestConfig, cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create { org, project, expires, reason, actor: who, format } => {
             let expires = expires
-                .map(|s| crate::timestamp::parse_rfc3339(&s).with_context(|| format!("--expires {s:?} is not RFC 3339")))
+                .map(|s| {
+                    crate::timestamp::parse_rfc3339(&s).with_context(|| format!("--expires {s:?} is not RFC 3339"))
+                })
                 .transpose()?;
             let issued = store.create(&org, &project, expires, &actor(who), &reason)?;
             print_issued(&issued, &format);
@@ -156,7 +158,11 @@ pub fn run(cfg: &IngestConfig, cmd: KeysCommand) -> anyhow::Result<()> {
                         e.project_id,
                         e.actor,
                         e.reason,
-                        if e.grace_until > 0 { format!(" (old secret valid until {})", format_rfc3339(e.grace_until)) } else { String::new() }
+                        if e.grace_until > 0 {
+                            format!(" (old secret valid until {})", format_rfc3339(e.grace_until))
+                        } else {
+                            String::new()
+                        }
                     );
                 }
             }

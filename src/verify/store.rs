@@ -249,7 +249,10 @@ impl KeyStore {
         if org_id.is_empty() || project_id.is_empty() || org_id.len() > max || project_id.len() > max {
             return Err(StoreError::Usage(format!("org and project must be 1..={max} bytes")));
         }
-        let issued = Issued { public_key: format!("pk-tly-{}", random_token(16)), secret: format!("sk-tly-{}", random_token(32)) };
+        let issued = Issued {
+            public_key: format!("pk-tly-{}", random_token(16)),
+            secret: format!("sk-tly-{}", random_token(32)),
+        };
         let mut e = self.event(&issued.public_key, KeyAction::Create, Some(&issued.secret), actor, reason);
         e.org_id = org_id.to_string();
         e.project_id = project_id.to_string();
