@@ -920,12 +920,18 @@ fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
     let nonzero = b.want_additive().len() as u64 + b.want_unique().values().filter(|v| **v > 0).count() as u64;
     assert_eq!((code, missing.len() as u64), (2, nonzero), "every bucket with usage is missing");
     let unbilled: u64 = missing.iter().map(|m| m.2).sum();
+    // The three buckets repaired above lost their repair too: those wait for a person
+    // (--retry-failed); the rest would be repaired.
+    let (code, rep) = settled(&b, &["--repair-missing"]);
+    let again = problems_with(&rep, "stripe_missing");
+    assert_eq!((code, again.len(), problems_with(&rep, "would_repair").len() as u64), (2, 3, nonzero - 3));
+    assert!(rep["problems"].to_string().contains("earlier repair"), "{}", rep["problems"]);
     // Repairs are crash-safe like every push: SIGKILL two repair runs while they write.
     let mut rng = rand::thread_rng();
     for _ in 0..2 {
         let posts = b.emu.stats().posts;
         let mut child = b
-            .reconcile_cmd("", &["--apply", "--repair-missing"])
+            .reconcile_cmd("", &["--apply", "--repair-missing", "--retry-failed"])
             .env("TALLY_STRIPE_SETTLE_SECS", "0")
             .env("TALLY_STRIPE_MAX_REQUESTS_PER_SEC", "300")
             .stdout(std::process::Stdio::null())
@@ -941,7 +947,7 @@ fn usage_stripe_lost_is_missing_after_the_settle_time_and_repaired() {
         common::sigkill(&mut child);
     }
     let killed_at = b.emu.stats().meter_events_created;
-    let (code, rep) = settled(&b, &["--apply", "--repair-missing"]);
+    let (code, rep) = settled(&b, &["--apply", "--repair-missing", "--retry-failed"]);
     assert_eq!(code, 0, "{}", rep["problems"]);
     b.assert_stripe_equals_tally("");
     let events = b.emulator_events("");

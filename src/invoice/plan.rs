@@ -22,6 +22,10 @@ pub const CANCEL_WINDOW_SECS: i64 = 23 * 3600;
 /// A pending intent older than this is not resent: Stripe keeps idempotency keys for 24 h, so a
 /// resend could no longer be recognised as one.
 pub const RESEND_WINDOW_SECS: i64 = 23 * 3600;
+/// Why a bucket whose repair was lost too is not repaired again unasked.
+const LOST_AGAIN: &str =
+    "an earlier repair of this bucket was lost too: fix the cause Stripe's meter error reports name, \
+                          then --repair-missing --retry-failed";
 /// Room for this many successive `last` values of a unique meter at the end of a past period.
 const SET_SLOTS: i64 = 1000;
 
@@ -136,10 +140,14 @@ pub enum Refusal {
 impl Refusal {
     /// Classifies a definitive refusal of a write whose timestamp was `event_ts`. Stripe names the
     /// refused parameter in `error.param`: `timestamp` for both time rules.
+    ///
+    /// Only a timestamp in the past is closed for good: a refused future timestamp (clock skew)
+    /// may succeed later, and meter events are too old only beyond the 35-day window (less the
+    /// planning margin).
     pub fn classify(legacy: bool, event_ts: i64, now: i64, param: Option<&str>) -> Refusal {
         match param {
-            Some("timestamp") if legacy => Refusal::PeriodClosed,
-            Some("timestamp") if event_ts < now => Refusal::TooOld,
+            Some("timestamp") if legacy && event_ts < now - MAX_FUTURE_SECS => Refusal::PeriodClosed,
+            Some("timestamp") if !legacy && event_ts < now - MAX_EVENT_AGE_SECS + AGE_MARGIN_SECS => Refusal::TooOld,
             _ => Refusal::Other,
         }
     }
@@ -166,7 +174,7 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketPlan {
     pub status: Status,
-    /// What the ledger says Stripe holds (pending pushes counted as pushed).
+    /// What the ledger says Stripe holds (done writes; 0 while a bucket has pending ones).
     pub ledger: u64,
     /// Over-reported amount that needs a credit note.
     pub needs_credit: u64,
@@ -328,6 +336,14 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
             if !ctx.repair_missing {
                 return c;
             }
+            let repaired_before = b
+                .pushes
+                .iter()
+                .filter(done)
+                .any(|p| p.entry.action == Action::Set && p.entry.reason.starts_with("repair:"));
+            if repaired_before && !ctx.retry_failed {
+                return BucketPlan { note: format!("{}; {LOST_AGAIN}", c.note), ..c };
+            }
             (ledger, why, Status::Repair)
         } else {
             (b.tally, String::new(), Status::Push)
@@ -369,7 +385,11 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         .collect();
     let ledger: u64 = live.iter().map(|p| p.entry.value).sum();
     // A bucket is written at its first second, or at the earliest second Stripe still accepts.
-    let ts = if b.open_from.is_some() { b.start } else { b.start.max(oldest_allowed) };
+    // Legacy: a bucket that straddles the current period's start is written at that start.
+    let ts = match b.open_from {
+        Some(open) => b.start.max(open),
+        None => b.start.max(oldest_allowed),
+    };
     if b.tally == ledger {
         let c = compare(b, ledger, &settle);
         if c.status != Status::StripeMissing {
@@ -381,6 +401,11 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         }
         if !ctx.repair_missing {
             return c;
+        }
+        let repaired_before = b.pushes.iter().filter(done).any(|p| p.entry.action == Action::Repair);
+        if repaired_before && !ctx.retry_failed {
+            // Stripe lost a repair too: the cause (customer, meter) is still there.
+            return BucketPlan { note: format!("{}; {LOST_AGAIN}", c.note), ..c };
         }
         let why =
             format!("repair: Stripe held {} of the ledger's {ledger} after the settle time", b.stripe.unwrap_or(0));
@@ -487,8 +512,16 @@ pub fn check_item(ctx: &Ctx, item: &Item) -> Vec<ItemCheck> {
             groups.entry(Some((*s, *e))).or_default();
         }
     }
+    // Only the periods that overlap the reconciled one: the ledger was read over all of them, so
+    // their writes are complete (a period beyond them would be judged from part of its writes).
+    let (pf, pt) = item.period;
     let mut out = Vec::new();
-    for (group, ps) in groups {
+    for (group, mut ps) in groups {
+        match group {
+            Some((s, e)) if !(s < pt && e > pf) => continue,
+            None => ps.retain(|p| (pf..pt).contains(&p.entry.event_ts)),
+            Some(_) => {}
+        }
         // What Stripe should hold: every increment pushed (repairs replace lost ones), and per
         // timestamp the latest value set.
         let mut sets: BTreeMap<i64, (u32, u64)> = BTreeMap::new();
@@ -517,9 +550,18 @@ pub fn check_item(ctx: &Ctx, item: &Item) -> Vec<ItemCheck> {
             last_add: ps.iter().filter_map(|p| p.done_at).max(),
             last_cancel: None,
         };
+        // Increments can only be behind: Stripe is judged against the settled ones alone, so
+        // that a period written every hour still shows a loss (a lower bound of it) while open.
+        let settled: u64 = ps
+            .iter()
+            .filter(|p| p.entry.action == Action::Push && p.done_at.is_some_and(|d| !settle.recent(Some(d))))
+            .map(|p| p.entry.value)
+            .sum();
+        let lagging = if item.unique { settle.recent(settle.last_add) } else { stripe < ledger && stripe >= settled };
+        let missing = if item.unique { ledger.saturating_sub(stripe) } else { settled.saturating_sub(stripe) };
         let (start, end) = group.unwrap_or(item.period);
         let when = |t: i64| crate::timestamp::format_rfc3339(t);
-        let plan = if settle.recent(settle.last_add) {
+        let plan = if lagging {
             BucketPlan::status(Status::StripeLagging, ledger, "Stripe's summary has not caught up")
         } else if stripe > ledger {
             BucketPlan {
@@ -534,7 +576,7 @@ pub fn check_item(ctx: &Ctx, item: &Item) -> Vec<ItemCheck> {
             BucketPlan::unbilled(
                 Status::PeriodClosed,
                 ledger,
-                ledger - stripe,
+                missing,
                 match group {
                     Some((s, e)) => format!(
                         "Stripe's usage for the closed billing period {}..{} holds {stripe} of the {ledger} pushed",
@@ -545,15 +587,25 @@ pub fn check_item(ctx: &Ctx, item: &Item) -> Vec<ItemCheck> {
                 },
             )
         } else {
-            let missing = ledger - stripe;
             let mut plan = BucketPlan::unbilled(
                 Status::StripeMissing,
                 ledger,
                 missing,
                 format!("Stripe's usage for the current billing period holds {stripe} of the {ledger} pushed (settled); reconcile --apply --repair-missing"),
             );
-            if ctx.repair_missing {
-                plan = repair_item(ctx, item, &ps, &sets, stripe, ledger, plan);
+            // A repair Stripe refused, or lost too, is not sent again without a person.
+            let tried = item.pushes.iter().any(|p| {
+                p.entry.reason.starts_with("repair:")
+                    && p.outcome != Outcome::Pending
+                    && (start..end).contains(&p.entry.event_ts)
+            }) || ps.iter().any(|p| p.entry.action == Action::Repair);
+            if tried && !ctx.retry_failed {
+                plan.note = format!(
+                    "{}; an earlier repair was refused or lost too: fix the cause, then --repair-missing --retry-failed",
+                    plan.note
+                );
+            } else if ctx.repair_missing {
+                plan = repair_item(ctx, item, &ps, &sets, stripe, missing, plan);
             }
             plan
         };
@@ -571,16 +623,11 @@ fn repair_item(
     ps: &[&&Push],
     sets: &BTreeMap<i64, (u32, u64)>,
     stripe: u64,
-    ledger: u64,
+    missing: u64,
     missing_plan: BucketPlan,
 ) -> BucketPlan {
     let Some(latest) = ps.iter().max_by_key(|p| (p.entry.event_ts, p.entry.seq)) else { return missing_plan };
     let ts = latest.entry.event_ts;
-    let (action, value) = if item.unique {
-        (Action::Set, sets.get(&ts).map_or(0, |(_, v)| *v))
-    } else {
-        (Action::Repair, ledger - stripe)
-    };
     let (bs, be) = if item.unique {
         (latest.entry.bucket_start, latest.entry.bucket_end)
     } else {
@@ -606,29 +653,40 @@ fn repair_item(
         .max()
         .unwrap_or(0)
         + 1;
-    let t = &item.target;
-    let entry = Entry {
-        push_id: push_id(ctx.mode, ctx.account, action, &t.customer, &t.target, bs, be, seq),
-        action,
-        org_id: item.org_id.clone(),
-        customer: t.customer.clone(),
-        meter: item.meter.clone(),
-        target: t.target.clone(),
-        event_name: t.event_name.clone(),
-        bucket_start: bs,
-        bucket_end: be,
-        seq,
-        value,
-        cancels: String::new(),
-        event_ts: ts,
-        reason: format!("repair: Stripe's usage for the current billing period held {stripe} of the {ledger} pushed"),
+    // An increment of the missing amount; or every value of the period set again (a set is
+    // idempotent per timestamp, and which one Stripe lost is unknown).
+    let writes: Vec<(Action, u64, i64)> = if item.unique {
+        sets.iter().map(|(t, (_, v))| (Action::Set, *v, *t)).collect()
+    } else {
+        vec![(Action::Repair, missing, ts)]
     };
-    BucketPlan {
-        status: Status::Repair,
-        note: format!("push the {} Stripe lost", ledger - stripe),
-        actions: vec![entry],
-        ..missing_plan
-    }
+    let t = &item.target;
+    let actions = writes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (action, value, event_ts))| {
+            let seq = seq + i as u32;
+            Entry {
+                push_id: push_id(ctx.mode, ctx.account, action, &t.customer, &t.target, bs, be, seq),
+                action,
+                org_id: item.org_id.clone(),
+                customer: t.customer.clone(),
+                meter: item.meter.clone(),
+                target: t.target.clone(),
+                event_name: t.event_name.clone(),
+                bucket_start: bs,
+                bucket_end: be,
+                seq,
+                value,
+                cancels: String::new(),
+                event_ts,
+                reason: format!(
+                    "repair: Stripe's usage for the current billing period held {stripe}, {missing} short of the settled pushes"
+                ),
+            }
+        })
+        .collect();
+    BucketPlan { status: Status::Repair, note: format!("push the {missing} Stripe lost"), actions, ..missing_plan }
 }
 
 /// When the bucket was last written to, for telling Stripe's lag from Stripe's loss.
@@ -770,9 +828,12 @@ mod tests {
             let p = plan(&retry, &bucket(12, vec![&r]));
             assert_eq!((p.status, p.unbilled, p.actions.len()), (status, 12, 0), "{detail}");
         }
-        assert_eq!(Refusal::classify(true, NOW - 10, NOW, Some("timestamp")), Refusal::PeriodClosed);
+        assert_eq!(Refusal::classify(true, NOW - 3600, NOW, Some("timestamp")), Refusal::PeriodClosed);
         assert_eq!(Refusal::classify(false, NOW - 40 * 86_400, NOW, Some("timestamp")), Refusal::TooOld);
         assert_eq!(Refusal::classify(false, NOW - 10, NOW, Some("payload")), Refusal::Other);
+        // A refused timestamp that is not in the past (clock skew) may succeed later.
+        assert_eq!(Refusal::classify(true, NOW + 600, NOW, Some("timestamp")), Refusal::Other);
+        assert_eq!(Refusal::classify(false, NOW - 3600, NOW, Some("timestamp")), Refusal::Other);
         for r in [Refusal::PeriodClosed, Refusal::TooOld, Refusal::Other] {
             assert_eq!(Refusal::of_detail(&format!("{}: x: y", r.prefix())), r);
         }
@@ -805,6 +866,14 @@ mod tests {
         let r = done(a.clone(), NOW - 60);
         b.pushes = vec![&settled, &r];
         assert_eq!((plan(&repair, &b).status, plan(&repair, &b).ledger), (Status::StripeLagging, 10));
+        // Lost again after the repair settled: a person looks first (--retry-failed to repair again).
+        let r_settled = done(a.clone(), NOW - 7200);
+        b.pushes = vec![&settled, &r_settled];
+        let p = plan(&repair, &b);
+        assert_eq!((p.status, p.actions.len()), (Status::StripeMissing, 0));
+        assert!(p.note.contains("earlier repair"), "{}", p.note);
+        let again = plan(&Ctx { retry_failed: true, ..repair }, &b);
+        assert_eq!((again.status, again.actions[0].seq), (Status::Repair, 3));
         b.stripe = Some(10);
         assert_eq!(plan(&repair, &b).status, Status::Ok);
         // Lost usage older than Stripe's window cannot be pushed again.
@@ -840,6 +909,10 @@ mod tests {
         assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::PeriodClosed, 10, 0));
         b.open_from = Some(H);
         assert_eq!(plan(&legacy, &b).status, Status::Push);
+        // A bucket straddling the period start is written at the start, not lost.
+        b.open_from = Some(H + 1383);
+        let p = plan(&legacy, &b);
+        assert_eq!((p.status, p.actions[0].event_ts), (Status::Push, H + 1383));
         // Legacy usage records have no 35-day rule, only the period.
         let mut old = bucket(3, vec![]);
         old.start = NOW - 40 * 86_400 - 1800;
@@ -869,6 +942,11 @@ mod tests {
         let a = &p.actions[0];
         assert_eq!((p.status, p.unbilled, a.action, a.value, a.seq), (Status::Repair, 40, Action::Set, 40, 2));
         assert!(a.event_ts > first.entry.event_ts && a.reason.starts_with("repair:"));
+        // The re-set lost too: a person looks first.
+        let reset = done(a.clone(), NOW - 7200);
+        b.pushes = vec![&first, &reset];
+        let p = plan(&Ctx { repair_missing: true, ..ctx() }, &b);
+        assert_eq!((p.status, p.actions.len()), (Status::StripeMissing, 0));
     }
 
     #[test]
@@ -1020,6 +1098,31 @@ mod tests {
             got.iter().map(|c| (c.plan.status, c.plan.unbilled)).collect::<Vec<_>>(),
             vec![(Status::PeriodClosed, 7), (Status::StripeMissing, 10)]
         );
+        // A period that does not overlap the reconciled one is not judged (its writes are partial).
+        let far = (old.0 - 31 * 86_400, old.0);
+        let c2 = mk(far.1 - 3600, 7, 1);
+        let partial = item(vec![&a, &b2, &c2], vec![(cur.0, cur.1, 15), (far.0, far.1, 1000)], cur);
+        assert_eq!(check_item(&legacy, &partial), vec![]);
+        // Written every hour: the settled writes alone still show a loss (a lower bound of it).
+        let mut z = mk(H - 7 * 3600, 4, 1);
+        z.done_at = Some(NOW - 8000);
+        let busy = item(vec![&a, &z], vec![(cur.0, cur.1, 3)], cur);
+        let got = check_item(&Ctx { settle_secs: 7200, ..legacy }, &busy);
+        assert_eq!(
+            got.iter().map(|c| (c.plan.status, c.plan.unbilled)).collect::<Vec<_>>(),
+            vec![(Status::StripeMissing, 1)]
+        );
+        // A repair Stripe refused is not sent again without --retry-failed.
+        let mut refused = mk(H, 5, 3);
+        refused.entry.action = Action::Repair;
+        refused.entry.reason = "repair: ...".into();
+        refused.outcome = Outcome::Failed("refused: no such customer".into());
+        let after = item(vec![&a, &b2, &c, &refused], vec![(cur.0, cur.1, 10), (old.0, old.1, 7)], cur);
+        let r = check_item(&repair, &after).into_iter().find(|c| c.start == cur.0).unwrap();
+        assert_eq!((r.plan.status, r.plan.actions.len()), (Status::StripeMissing, 0));
+        let r =
+            check_item(&Ctx { retry_failed: true, ..repair }, &after).into_iter().find(|c| c.start == cur.0).unwrap();
+        assert_eq!((r.plan.status, r.plan.actions[0].seq), (Status::Repair, 4));
         // More than pushed: another system's usage.
         let more = item(vec![&a, &b2], vec![(cur.0, cur.1, 20)], cur);
         let got = check_item(&legacy, &more);

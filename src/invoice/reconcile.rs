@@ -146,10 +146,15 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
             execute(env, &ledger, &resolved, cancels, &mut progress, &mut sent)?;
             plans = replan(&stripe_before)?;
         }
+        // A legacy item repair goes into a bucket with no write of its own this run (the next run
+        // plans it from the ledger as it is then), so that no two writes share a bucket and seq.
+        let busy: BTreeSet<Key> = plans.iter().filter(|(_, p)| !p.actions.is_empty()).map(|(k, _)| k.clone()).collect();
         let writes: Vec<Entry> = plans
             .values()
-            .chain(checks_before.iter().map(|c| &c.plan))
-            .flat_map(|p| p.actions.iter().filter(|a| a.action != Action::Cancel).cloned())
+            .flat_map(|p| p.actions.iter())
+            .chain(checks_before.iter().flat_map(|c| c.plan.actions.iter()).filter(|a| !busy.contains(&key_of(a))))
+            .filter(|a| a.action != Action::Cancel)
+            .cloned()
             .collect();
         execute(env, &ledger, &resolved, writes, &mut progress, &mut sent)?;
         progress.finish();
@@ -357,12 +362,18 @@ fn read_stripe(
                 Ok((s.into_iter().map(|(start, v)| (start, v.max(0.0).round() as u64)).collect(), None))
             }
             StripeMode::Legacy => {
+                let current = legacy::current_period(env.stripe, &t.target)?;
+                // The spec lets a summary's period bounds be null: the current period's end is
+                // the subscription's; a period without a start cannot be placed and is left out.
                 let periods: Vec<(i64, i64, u64)> = legacy::summaries(env.stripe, &t.target)?
                     .into_iter()
-                    .map(|(s, e, v)| (s, e, v.max(0) as u64))
+                    .filter_map(|(s, e, v)| {
+                        let s = s?;
+                        let e = e.unwrap_or(if s == current.0 { current.1 } else { s });
+                        (e > s).then_some((s, e, v.max(0) as u64))
+                    })
                     .collect();
                 let total = periods.iter().filter(|(s, e, _)| *s < period.to && *e > period.from).map(|p| p.2).sum();
-                let current = legacy::current_period(env.stripe, &t.target)?;
                 Ok((vec![(period.from, total)], Some(LegacyItem { periods, current })))
             }
         }

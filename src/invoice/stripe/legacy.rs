@@ -49,8 +49,8 @@ pub fn create_usage_record(
 }
 
 /// Stripe's usage record summaries of `item`: (period start, period end, total usage), one per
-/// billing period that has usage, every page.
-pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(i64, i64, i64)>, StripeError> {
+/// billing period that has usage, every page. The spec lets either bound be null.
+pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(Option<i64>, Option<i64>, i64)>, StripeError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -62,7 +62,7 @@ pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(i64, i64, i64)>, Str
         let body = c.send(StripeMethod::Get, &path, Some(&q), None, None)?;
         let page: SummaryList = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
         for s in &page.data {
-            out.push((s.period.start.unwrap_or(i64::MIN), s.period.end.unwrap_or(i64::MAX), s.total_usage));
+            out.push((s.period.start, s.period.end, s.total_usage));
         }
         after = page.data.last().map(|s| s.id.clone());
         if !page.has_more || after.is_none() {
@@ -73,7 +73,11 @@ pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(i64, i64, i64)>, Str
 
 /// Total usage of the billing periods of `item` that overlap [start, end).
 pub fn usage_total(c: &StripeHttp, item: &str, start: i64, end: i64) -> Result<i64, StripeError> {
-    Ok(summaries(c, item)?.iter().filter(|(ps, pe, _)| *ps < end && *pe > start).map(|(_, _, t)| t).sum())
+    Ok(summaries(c, item)?
+        .iter()
+        .filter(|(ps, pe, _)| ps.unwrap_or(i64::MIN) < end && pe.unwrap_or(i64::MAX) > start)
+        .map(|(_, _, t)| t)
+        .sum())
 }
 
 /// The billing period Stripe currently records usage in for `item`: its subscription's
