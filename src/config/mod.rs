@@ -108,6 +108,53 @@ pub struct AuthConfig {
     /// `TALLY_AUTH_API_KEY_PEPPER`. Never logged.
     #[serde(default)]
     pub api_key_pepper: Redacted,
+    /// The main issuer's keys over HTTP as well as (or instead of, with `jwks_path = ""`) the
+    /// file: its OIDC discovery base URL (`{url}/.well-known/openid-configuration` → `jwks_uri`)…
+    #[serde(default)]
+    pub oidc_issuer_url: String,
+    /// …or its JWKS URL directly.
+    #[serde(default)]
+    pub jwks_url: String,
+    /// More identity providers, each with its own claim names (docs/identity.md).
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    /// Least seconds between two fetches of one issuer's key set (an unknown `kid` triggers one).
+    #[serde(default = "default_jwks_refetch_min_secs")]
+    pub jwks_refetch_min_secs: u64,
+    /// How long a fetched key set is used when the answer has no `Cache-Control: max-age`.
+    #[serde(default = "default_jwks_cache_secs")]
+    pub jwks_cache_secs: u64,
+    /// Timeout of one request to an identity provider, milliseconds.
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+}
+
+/// One more identity provider (`[[auth.issuers]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// `iss` of its tokens, exactly.
+    pub issuer: String,
+    /// OIDC discovery base URL (usually the issuer URL)…
+    #[serde(default)]
+    pub oidc_issuer_url: String,
+    /// …or the JWKS URL directly.
+    #[serde(default)]
+    pub jwks_url: String,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Claim with the org id (a string).
+    #[serde(default = "default_org_claim")]
+    pub org_claim: String,
+    /// Claim with the project id (a string).
+    #[serde(default = "default_project_claim")]
+    pub project_claim: String,
+    /// Claim with the scopes: a space-separated string or an array of strings.
+    #[serde(default = "default_scope_claim")]
+    pub scope_claim: String,
+    /// The scope that allows ingest.
+    #[serde(default = "default_required_scope")]
+    pub required_scope: String,
 }
 
 /// Where API keys are stored (PRODUCT.md §2, API key lifecycle).
@@ -227,6 +274,27 @@ fn default_reload_interval_secs() -> u64 {
 }
 fn default_cache_entries() -> usize {
     100_000
+}
+fn default_jwks_refetch_min_secs() -> u64 {
+    30
+}
+fn default_jwks_cache_secs() -> u64 {
+    300
+}
+fn default_jwks_timeout_ms() -> u64 {
+    5000
+}
+fn default_org_claim() -> String {
+    "org_id".into()
+}
+fn default_project_claim() -> String {
+    "project_id".into()
+}
+fn default_scope_claim() -> String {
+    "scope".into()
+}
+fn default_required_scope() -> String {
+    "ingest".into()
 }
 fn default_api_keys_store() -> ApiKeysStore {
     ApiKeysStore::File
@@ -367,6 +435,17 @@ impl IngestConfig {
         }
         if self.auth.leeway_secs > 86_400 {
             return bad("auth.leeway_secs", "must be at most one day (86400)");
+        }
+        for iss in &self.auth.issuers {
+            if iss.issuer.is_empty() || (iss.oidc_issuer_url.is_empty() == iss.jwks_url.is_empty()) {
+                return bad("auth.issuers", "each needs an issuer and exactly one of oidc_issuer_url or jwks_url");
+            }
+        }
+        if !self.auth.oidc_issuer_url.is_empty() && !self.auth.jwks_url.is_empty() {
+            return bad("auth.jwks_url", "set auth.oidc_issuer_url or auth.jwks_url, not both");
+        }
+        if self.auth.jwks_timeout_ms == 0 || self.auth.jwks_timeout_ms > 60_000 {
+            return bad("auth.jwks_timeout_ms", "must be between 1 and 60000");
         }
         if self.auth.api_keys_store == ApiKeysStore::ClickHouse && self.auth.api_key_pepper.0.len() < 32 {
             return bad(

@@ -653,6 +653,21 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
     }
     .context("failed to load key material")?;
+    // Tokens of an identity provider whose key set was never fetched cannot be verified: wait
+    // for it rather than dead-letter its tenants' events.
+    let mut verifier = verifier;
+    let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
+    loop {
+        let pending = verifier.unready_issuers();
+        if pending.is_empty() || shutdown.load(Ordering::Relaxed) {
+            break;
+        }
+        m::waiting("identity_provider", true);
+        let delay = backoff.next_delay();
+        warn!(issuers = ?pending, retry_ms = delay.as_millis() as u64, "waiting for identity provider key sets");
+        std::thread::sleep(delay);
+    }
+    m::waiting("identity_provider", false);
     let processor = Processor {
         meters,
         verifier,

@@ -1,5 +1,6 @@
-//! JWT (RFC 7519) verification: EdDSA (Ed25519) and HS256 only, key chosen by `kid`, and the key's
-//! type fixes its algorithm (no `alg: none`, no HS/EdDSA confusion).
+//! JWT (RFC 7519) verification: EdDSA (Ed25519), HS256, RS256 and ES256, the issuer chosen by
+//! `iss`, the key by `kid`, and the key's type fixes its algorithm (no `alg: none`, no confusion
+//! between RSA, EC, OKP and oct keys).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use super::keys::JwtKey;
 use super::{Checked, Denied, Principal};
@@ -23,26 +25,62 @@ struct Header<'a> {
     kid: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
+/// A claim set with every member kept as raw JSON. A repeated member name is an error (which copy
+/// counts must never be a parser's choice), the same rule as the header's.
+struct ClaimMap<'a>(HashMap<Cow<'a, str>, &'a RawValue>);
+
+impl<'de> Deserialize<'de> for ClaimMap<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ClaimMap<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut out = HashMap::new();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let v: &'de RawValue = m.next_value()?;
+                    if out.insert(k, v).is_some() {
+                        return Err(serde::de::Error::custom("repeated claim"));
+                    }
+                }
+                Ok(ClaimMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
-#[derive(Deserialize)]
-struct Claims<'a> {
-    iss: Option<String>,
-    aud: Option<Audience>,
-    #[serde(default, borrow)]
-    exp: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    nbf: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    iat: Option<&'a RawValue>,
-    org_id: Option<String>,
-    project_id: Option<String>,
-    scope: Option<String>,
+impl<'a> ClaimMap<'a> {
+    fn raw(&self, name: &str) -> Option<&'a RawValue> {
+        self.0.get(name).copied()
+    }
+
+    /// A string claim; absent or `null` is `None`, another type is invalid.
+    fn string(&self, name: &str) -> Result<Option<String>, Denied> {
+        match self.raw(name).map(RawValue::get) {
+            None | Some("null") => Ok(None),
+            Some(t) => serde_json::from_str(t).map(Some).map_err(|_| Denied(Reason::InvalidCredentials)),
+        }
+    }
+
+    /// A claim that is a string or an array of strings (`aud`; `scp`/`roles` of some IdPs).
+    fn strings(&self, name: &str) -> Result<Vec<String>, Denied> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match self.raw(name).map(RawValue::get) {
+            None | Some("null") => Ok(Vec::new()),
+            Some(t) => match serde_json::from_str(t).map_err(|_| Denied(Reason::InvalidCredentials))? {
+                OneOrMany::One(s) => Ok(vec![s]),
+                OneOrMany::Many(v) => Ok(v),
+            },
+        }
+    }
 }
 
 /// A NumericDate claim (RFC 7519 §2) as whole seconds: any JSON number, of any size, saturated
@@ -54,29 +92,66 @@ fn numeric_date(raw: Option<&RawValue>) -> Result<Option<i64>, Denied> {
     }
 }
 
-/// What the verifier needs to know about the deployment.
-pub struct JwtPolicy<'a> {
-    pub issuer: &'a str,
-    pub audience: &'a str,
+/// How one issuer's tokens are read: identity providers name the tenant claims differently
+/// (docs/identity.md maps Keycloak, Auth0, Azure AD and Dex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerPolicy {
+    /// `iss` exactly.
+    pub issuer: String,
+    /// Must be in `aud`.
+    pub audience: String,
+    /// Claim holding the org id (a string).
+    pub org_claim: String,
+    /// Claim holding the project id (a string).
+    pub project_claim: String,
+    /// Claim holding the scopes: a space-separated string (`scope`, Azure's `scp`) or an array
+    /// of strings (`roles`, `scp` in some IdPs).
+    pub scope_claim: String,
+    /// The scope that allows ingest.
+    pub required_scope: String,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtError {
+    /// The token's `kid` is not in its issuer's key set (index into the policies): a key set
+    /// fetched from the issuer may be refreshed and the token tried again.
+    UnknownKid(usize),
+    Denied(Denied),
+}
+
+impl From<Denied> for JwtError {
+    fn from(d: Denied) -> Self {
+        JwtError::Denied(d)
+    }
 }
 
 /// Verifies a compact JWS and its claims, except the time checks, which depend on when the
 /// message was produced and are applied by the caller on every use (see [`Checked`]).
-pub fn verify(
+/// `key(i, kid)` looks `kid` up in the key set of `policies[i]`, the issuer named by `iss`.
+pub fn verify<'k>(
     token: &str,
-    keys: &std::collections::HashMap<String, JwtKey>,
-    policy: &JwtPolicy<'_>,
-) -> Result<Checked, Denied> {
+    policies: &[IssuerPolicy],
+    key: impl Fn(usize, &str) -> Option<&'k JwtKey>,
+) -> Result<Checked, JwtError> {
     let invalid = Denied(Reason::InvalidCredentials);
     let mut parts = token.split('.');
     let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(invalid);
+        return Err(invalid.into());
     };
     let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| invalid)?;
     let header: Header = serde_json::from_slice(&header_bytes).map_err(|_| invalid)?;
-    let key = header.kid.as_deref().and_then(|kid| keys.get(kid)).ok_or(invalid)?;
+    let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| invalid)?;
+    let c: ClaimMap = serde_json::from_slice(&payload).map_err(|_| invalid)?;
+    // The issuer only selects the keys; nothing of the claims is trusted before the signature.
+    let iss = c.string("iss")?.ok_or(invalid)?;
+    let which = policies.iter().position(|p| p.issuer == iss).ok_or(invalid)?;
+    let policy = &policies[which];
+    let kid = header.kid.as_deref().ok_or(invalid)?;
+    let key = key(which, kid).ok_or(JwtError::UnknownKid(which))?;
     let signature = URL_SAFE_NO_PAD.decode(s64).map_err(|_| invalid)?;
     let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
+    // The key's type fixes the one algorithm it verifies: no `none`, no HS256 with a public key.
     match (&*header.alg, key) {
         ("EdDSA", JwtKey::Ed25519(vk)) => {
             let sig = ed25519_dalek::Signature::from_slice(&signature).map_err(|_| invalid)?;
@@ -87,29 +162,34 @@ pub fn verify(
             mac.update(signed);
             mac.verify_slice(&signature).map_err(|_| invalid)?; // constant-time
         }
-        _ => return Err(invalid), // alg none, unknown alg, or an alg the key does not allow
+        ("RS256", JwtKey::Rs256(pk)) => {
+            use rsa::signature::Verifier as _;
+            let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new((**pk).clone());
+            let sig = rsa::pkcs1v15::Signature::try_from(signature.as_slice()).map_err(|_| invalid)?;
+            vk.verify(signed, &sig).map_err(|_| invalid)?;
+        }
+        ("ES256", JwtKey::Es256(vk)) => {
+            use p256::ecdsa::signature::Verifier as _;
+            // JWS ES256 signatures are r || s, 64 bytes (RFC 7518 §3.4), never DER.
+            let sig = p256::ecdsa::Signature::from_slice(&signature).map_err(|_| invalid)?;
+            vk.verify(signed, &sig).map_err(|_| invalid)?;
+        }
+        _ => return Err(invalid.into()), // alg none, unknown alg, or an alg the key does not allow
     }
-    let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| invalid)?;
-    let c: Claims = serde_json::from_slice(&payload).map_err(|_| invalid)?;
-    if c.iss.as_deref() != Some(policy.issuer) {
-        return Err(invalid);
+    if !c.strings("aud")?.iter().any(|a| *a == policy.audience) {
+        return Err(invalid.into());
     }
-    let aud_ok = match &c.aud {
-        Some(Audience::One(a)) => a == policy.audience,
-        Some(Audience::Many(v)) => v.iter().any(|a| a == policy.audience),
-        None => false,
+    let exp = numeric_date(c.raw("exp"))?.ok_or(invalid)?;
+    let (nbf, iat) = (numeric_date(c.raw("nbf"))?, numeric_date(c.raw("iat"))?);
+    let (Some(org), Some(project)) = (c.string(&policy.org_claim)?, c.string(&policy.project_claim)?) else {
+        return Err(invalid.into());
     };
-    if !aud_ok {
-        return Err(invalid);
-    }
-    let exp = numeric_date(c.exp)?.ok_or(invalid)?;
-    let (nbf, iat) = (numeric_date(c.nbf)?, numeric_date(c.iat)?);
-    let (Some(org), Some(project)) = (c.org_id, c.project_id) else { return Err(invalid) };
     let id_ok = |s: &str| !s.is_empty() && s.len() <= super::MAX_TENANT_ID_BYTES;
     if !id_ok(&org) || !id_ok(&project) {
-        return Err(invalid);
+        return Err(invalid.into());
     }
-    let scope_ok = c.scope.as_deref().is_some_and(|s| s.split(' ').any(|x| x == "ingest"));
+    let scope_ok =
+        c.strings(&policy.scope_claim)?.iter().any(|s| s.split(' ').any(|x| x == policy.required_scope));
     Ok(Checked {
         principal: Principal { org_id: org.into(), project_id: project.into() },
         not_before: nbf.max(iat),

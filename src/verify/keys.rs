@@ -14,6 +14,10 @@ pub enum JwtKey {
     Ed25519(ed25519_dalek::VerifyingKey),
     /// `kty: oct` → `alg: HS256`.
     Hs256(Vec<u8>),
+    /// `kty: RSA` (at least 2048 bits) → `alg: RS256`.
+    Rs256(Box<rsa::RsaPublicKey>),
+    /// `kty: EC, crv: P-256` → `alg: ES256`.
+    Es256(Box<p256::ecdsa::VerifyingKey>),
 }
 
 /// How a secret is stored: never the secret itself.
@@ -72,8 +76,13 @@ struct Jwk {
     kid: Option<String>,
     crv: Option<String>,
     x: Option<String>,
+    y: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
     k: Option<String>,
     alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -105,7 +114,11 @@ impl KeySet {
         Ok(KeySet { jwt: Self::load_jwks(jwks_path)?, api: Self::load_api_keys(api_keys_path)? })
     }
 
+    /// The JWKS file; an empty path means none (keys come from an identity provider).
     pub fn load_jwks(path: &Path) -> Result<HashMap<String, JwtKey>, KeyError> {
+        if path.as_os_str().is_empty() {
+            return Ok(HashMap::new());
+        }
         parse_jwks(&read(path)?).map_err(|reason| KeyError::Invalid { path: path.display().to_string(), reason })
     }
 
@@ -115,33 +128,82 @@ impl KeySet {
 }
 
 pub fn parse_jwks(text: &str) -> Result<HashMap<String, JwtKey>, String> {
+    parse_jwks_with(text, false).map(|(keys, _)| keys)
+}
+
+/// Smallest RSA modulus accepted, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// Parses a JWKS. A key file (`lenient = false`) must hold only keys tally can use; an identity
+/// provider's set (`lenient = true`) also publishes keys for other uses (encryption keys,
+/// RS384, …): those are skipped and counted (the second value), never an error.
+pub fn parse_jwks_with(text: &str, lenient: bool) -> Result<(HashMap<String, JwtKey>, usize), String> {
     let jwks: Jwks = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
+    let mut skipped = 0;
     for (i, k) in jwks.keys.into_iter().enumerate() {
-        let kid = k.kid.ok_or_else(|| format!("keys[{i}]: missing kid"))?;
-        let b64 = |v: Option<String>, what: &str| -> Result<Vec<u8>, String> {
-            let v = v.ok_or_else(|| format!("key {kid:?}: missing {what}"))?;
-            URL_SAFE_NO_PAD.decode(v.trim_end_matches('=')).map_err(|e| format!("key {kid:?}: {what}: {e}"))
-        };
-        let key = match (k.kty.as_str(), k.crv.as_deref(), k.alg.as_deref()) {
-            ("OKP", Some("Ed25519"), None | Some("EdDSA")) => {
-                let x: [u8; 32] = b64(k.x, "x")?.try_into().map_err(|_| format!("key {kid:?}: x must be 32 bytes"))?;
-                JwtKey::Ed25519(ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| format!("key {kid:?}: {e}"))?)
-            }
-            ("oct", _, None | Some("HS256")) => {
-                let secret = b64(k.k, "k")?;
-                if secret.len() < 32 {
-                    return Err(format!("key {kid:?}: HS256 secret must be at least 32 bytes"));
+        match parse_jwk(i, k) {
+            Ok((kid, key)) => {
+                if out.insert(kid.clone(), key).is_some() {
+                    return Err(format!("kid {kid:?} appears twice"));
                 }
-                JwtKey::Hs256(secret)
             }
-            (kty, crv, alg) => return Err(format!("key {kid:?}: unsupported kty/crv/alg {kty}/{crv:?}/{alg:?}")),
-        };
-        if out.insert(kid.clone(), key).is_some() {
-            return Err(format!("kid {kid:?} appears twice"));
+            Err(e) if lenient => {
+                tracing::debug!(reason = %e, "JWKS key skipped");
+                skipped += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
-    Ok(out)
+    Ok((out, skipped))
+}
+
+fn parse_jwk(i: usize, k: Jwk) -> Result<(String, JwtKey), String> {
+    let kid = k.kid.ok_or_else(|| format!("keys[{i}]: missing kid"))?;
+    if k.use_.as_deref().is_some_and(|u| u != "sig") {
+        return Err(format!("key {kid:?}: use {:?} is not sig", k.use_));
+    }
+    let b64 = |v: Option<String>, what: &str| -> Result<Vec<u8>, String> {
+        let v = v.ok_or_else(|| format!("key {kid:?}: missing {what}"))?;
+        URL_SAFE_NO_PAD.decode(v.trim_end_matches('=')).map_err(|e| format!("key {kid:?}: {what}: {e}"))
+    };
+    let key = match (k.kty.as_str(), k.crv.as_deref(), k.alg.as_deref()) {
+        ("OKP", Some("Ed25519"), None | Some("EdDSA")) => {
+            let x: [u8; 32] = b64(k.x, "x")?.try_into().map_err(|_| format!("key {kid:?}: x must be 32 bytes"))?;
+            JwtKey::Ed25519(ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| format!("key {kid:?}: {e}"))?)
+        }
+        ("oct", _, None | Some("HS256")) => {
+            let secret = b64(k.k, "k")?;
+            if secret.len() < 32 {
+                return Err(format!("key {kid:?}: HS256 secret must be at least 32 bytes"));
+            }
+            JwtKey::Hs256(secret)
+        }
+        ("RSA", _, None | Some("RS256")) => {
+            let n = rsa::BigUint::from_bytes_be(&b64(k.n, "n")?);
+            let e = rsa::BigUint::from_bytes_be(&b64(k.e, "e")?);
+            let key = rsa::RsaPublicKey::new(n, e).map_err(|err| format!("key {kid:?}: {err}"))?;
+            let bits = rsa::traits::PublicKeyParts::size(&key) * 8;
+            if bits < MIN_RSA_BITS {
+                return Err(format!("key {kid:?}: RSA keys need at least {MIN_RSA_BITS} bits, not {bits}"));
+            }
+            JwtKey::Rs256(Box::new(key))
+        }
+        ("EC", Some("P-256"), None | Some("ES256")) => {
+            let (x, y) = (b64(k.x, "x")?, b64(k.y, "y")?);
+            if x.len() != 32 || y.len() != 32 {
+                return Err(format!("key {kid:?}: P-256 coordinates must be 32 bytes"));
+            }
+            let mut point = vec![4u8];
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
+                .map_err(|_| format!("key {kid:?}: not a point of P-256"))?;
+            JwtKey::Es256(Box::new(vk))
+        }
+        (kty, crv, alg) => return Err(format!("key {kid:?}: unsupported kty/crv/alg {kty}/{crv:?}/{alg:?}")),
+    };
+    Ok((kid, key))
 }
 
 pub fn parse_api_keys(text: &str) -> Result<HashMap<String, ApiKey>, String> {

@@ -8,6 +8,7 @@
 
 pub mod api_key;
 pub mod cli;
+pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod store;
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::AuthConfig;
 use crate::reject::Reason;
-use keys::{KeyError, KeySet};
+use jwks::{RemoteConfig, RemoteJwks};
+use jwt::{IssuerPolicy, JwtError};
+use keys::{JwtKey, KeyError, KeySet};
 use store::KeyStore;
 
 /// The tenant a credential proves.
@@ -93,8 +96,10 @@ pub struct Denied(pub Reason);
 /// Verifies `authorization` header values, with a cache and hot reload of key files.
 pub struct Verifier {
     keys: KeySet,
-    issuer: String,
-    audience: String,
+    /// The issuers accepted; `[0]` is `auth.issuer` (the JWKS file's).
+    policies: Vec<IssuerPolicy>,
+    /// Per policy, the key set fetched from the identity provider, if it has one.
+    remote: Vec<Option<RemoteJwks>>,
     leeway: i64,
     cache: HashMap<Box<[u8]>, Result<Checked, Denied>>,
     cache_entries: usize,
@@ -122,11 +127,44 @@ impl Verifier {
     }
 
     fn build(cfg: &AuthConfig, store: Option<KeyStore>) -> Result<Self, KeyError> {
+        // `jwks_path = ""`: the main issuer's keys come only from its identity provider.
         let paths = (cfg.jwks_path.clone(), if store.is_some() { PathBuf::new() } else { cfg.api_keys_path.clone() });
-        let mut v = Verifier {
-            keys: KeySet::default(),
+        let remote_cfg = |issuer: &str, discovery: &str, jwks: &str| -> Option<RemoteJwks> {
+            (!discovery.is_empty() || !jwks.is_empty()).then(|| {
+                RemoteJwks::new(RemoteConfig {
+                    issuer: issuer.to_string(),
+                    discovery_url: discovery.to_string(),
+                    jwks_url: jwks.to_string(),
+                    min_refetch: Duration::from_secs(cfg.jwks_refetch_min_secs),
+                    default_max_age: Duration::from_secs(cfg.jwks_cache_secs),
+                    timeout: Duration::from_millis(cfg.jwks_timeout_ms),
+                })
+            })
+        };
+        let mut policies = vec![IssuerPolicy {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
+            org_claim: "org_id".into(),
+            project_claim: "project_id".into(),
+            scope_claim: "scope".into(),
+            required_scope: "ingest".into(),
+        }];
+        let mut remote = vec![remote_cfg(&cfg.issuer, &cfg.oidc_issuer_url, &cfg.jwks_url)];
+        for i in &cfg.issuers {
+            policies.push(IssuerPolicy {
+                issuer: i.issuer.clone(),
+                audience: i.audience.clone(),
+                org_claim: i.org_claim.clone(),
+                project_claim: i.project_claim.clone(),
+                scope_claim: i.scope_claim.clone(),
+                required_scope: i.required_scope.clone(),
+            });
+            remote.push(remote_cfg(&i.issuer, &i.oidc_issuer_url, &i.jwks_url));
+        }
+        let mut v = Verifier {
+            keys: KeySet::default(),
+            policies,
+            remote,
             leeway: i64::try_from(cfg.leeway_secs).unwrap_or(i64::MAX),
             cache: HashMap::new(),
             cache_entries: cfg.cache_entries.max(1),
@@ -142,7 +180,52 @@ impl Verifier {
         let (keys, fp) = v.load()?;
         v.keys = keys;
         v.fingerprint = fp;
+        // A first fetch of every identity provider's keys; the worker waits for the ones that
+        // did not answer ([`Verifier::unready_issuers`]).
+        let now = Instant::now();
+        for r in v.remote.iter_mut().flatten() {
+            if let Err(e) = r.fetch(now) {
+                tracing::warn!(issuer = %r.issuer(), error = %e, "identity provider: no key set yet");
+            }
+        }
         Ok(v)
+    }
+
+    /// Issuers whose key set was never fetched; tries each once more now. The worker waits
+    /// until this is empty before it consumes (their tokens could not be verified).
+    pub fn unready_issuers(&mut self) -> Vec<String> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for r in self.remote.iter_mut().flatten().filter(|r| !r.ready()) {
+            if let Err(e) = r.fetch(now) {
+                tracing::debug!(issuer = %r.issuer(), error = %e, "identity provider still unreachable");
+                out.push(r.issuer().to_string());
+            }
+        }
+        out
+    }
+
+    /// The key `kid` of issuer `i`: the JWKS file's for the main issuer, then the fetched set.
+    fn key(&self, i: usize, kid: &str) -> Option<&JwtKey> {
+        let file = if i == 0 { self.keys.jwt.get(kid) } else { None };
+        file.or_else(|| self.remote.get(i)?.as_ref()?.keys().get(kid))
+    }
+
+    /// Refreshes stale key sets of identity providers; on a failure the last good set stays.
+    /// Returns whether any set changed.
+    fn refresh_remote(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for r in self.remote.iter_mut().flatten() {
+            match r.refresh_if_stale(now) {
+                Ok(c) => changed |= c,
+                Err(e) => tracing::warn!(
+                    issuer = %r.issuer(), error = %e,
+                    "identity provider unreachable; the last good key set keeps serving"
+                ),
+            }
+            r.report_age(now);
+        }
+        changed
     }
 
     /// Reads the key material and its fingerprint: the files, and the store's rows.
@@ -167,12 +250,16 @@ impl Verifier {
             return Ok(false);
         }
         self.last_reload_check = now;
+        let remote_changed = self.refresh_remote(now);
+        if remote_changed {
+            self.cache.clear();
+        }
         if self.store.is_none() && fingerprint(&self.paths) == self.fingerprint {
-            return Ok(false);
+            return Ok(remote_changed);
         }
         let (keys, fp) = self.load()?;
         if fp == self.fingerprint {
-            return Ok(false);
+            return Ok(remote_changed);
         }
         self.keys = keys;
         self.fingerprint = fp;
@@ -225,13 +312,35 @@ impl Verifier {
         Ok(c.principal.clone())
     }
 
-    fn verify_uncached(&self, value: &[u8]) -> Result<Checked, Denied> {
+    fn verify_uncached(&mut self, value: &[u8]) -> Result<Checked, Denied> {
         let invalid = Denied(Reason::InvalidCredentials);
         let value = std::str::from_utf8(value).map_err(|_| invalid)?.trim();
         let (scheme, rest) = value.split_once(' ').ok_or(invalid)?;
         if scheme.eq_ignore_ascii_case("bearer") {
-            let policy = jwt::JwtPolicy { issuer: &self.issuer, audience: &self.audience };
-            jwt::verify(rest.trim(), &self.keys.jwt, &policy)
+            let token = rest.trim();
+            let attempt = |v: &Self| jwt::verify(token, &v.policies, |i, kid| v.key(i, kid));
+            match attempt(self) {
+                Ok(c) => Ok(c),
+                Err(JwtError::Denied(d)) => Err(d),
+                Err(JwtError::UnknownKid(i)) => {
+                    // The issuer may have rotated its keys: refetch (rate-limited) and try again.
+                    let Some(r) = self.remote.get_mut(i).and_then(Option::as_mut) else { return Err(invalid) };
+                    match r.on_unknown_kid(Instant::now()) {
+                        Ok(true) => {
+                            self.cache.clear();
+                            attempt(self).map_err(|e| match e {
+                                JwtError::Denied(d) => d,
+                                JwtError::UnknownKid(_) => invalid,
+                            })
+                        }
+                        Ok(false) => Err(invalid),
+                        Err(e) => {
+                            tracing::warn!(issuer = %r.issuer(), error = %e, "identity provider unreachable on an unknown kid");
+                            Err(invalid)
+                        }
+                    }
+                }
+            }
         } else if scheme.eq_ignore_ascii_case("basic") {
             api_key::verify(rest, &self.keys.api, &self.pepper)
         } else {

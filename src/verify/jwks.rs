@@ -1,0 +1,204 @@
+//! Key sets fetched from identity providers over HTTP (PRODUCT.md §2, OIDC): discovery through
+//! `/.well-known/openid-configuration` (OpenID Connect Discovery 1.0 §4) → `jwks_uri`, or a
+//! configured `jwks_url`. The set is kept for `Cache-Control: max-age` (RFC 9111 §5.2.2.1; a
+//! default when absent); an unknown `kid` triggers a refetch at most once per
+//! `auth.jwks_refetch_min_secs` (forged `kid`s cannot flood the IdP); when the IdP is down or
+//! answers garbage, the last good set keeps serving (counted in `tally_auth_jwks_fetches_total`,
+//! its age in `tally_auth_jwks_age_seconds`, and logged).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge};
+
+use super::keys::{parse_jwks_with, JwtKey};
+
+pub const JWKS_FETCHES: &str = "tally_auth_jwks_fetches_total";
+pub const JWKS_AGE: &str = "tally_auth_jwks_age_seconds";
+pub const JWKS_KEYS: &str = "tally_auth_jwks_keys";
+
+/// Where and how often to fetch one issuer's keys.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `iss` of the tokens; also what discovery must answer as `issuer`.
+    pub issuer: String,
+    /// Discovery base URL (the issuer URL), or empty.
+    pub discovery_url: String,
+    /// The JWKS URL, or empty (then discovery finds it).
+    pub jwks_url: String,
+    /// Least time between two fetches (refetches on unknown `kid`s, refreshes, retries).
+    pub min_refetch: Duration,
+    /// How long a set is fresh when the answer has no `max-age`.
+    pub default_max_age: Duration,
+    pub timeout: Duration,
+}
+
+/// One issuer's key set, as last fetched.
+pub struct RemoteJwks {
+    cfg: RemoteConfig,
+    agent: ureq::Agent,
+    jwks_uri: Option<String>,
+    keys: HashMap<String, JwtKey>,
+    fresh_until: Option<Instant>,
+    last_attempt: Option<Instant>,
+    last_success: Option<Instant>,
+    /// HTTP fetches of the key set made (successful or not), for tests and metrics.
+    pub fetches: u64,
+}
+
+/// `max-age` of a `Cache-Control` value; `no-store`/`no-cache` as 0.
+pub fn max_age(cache_control: &str) -> Option<Duration> {
+    let mut out = None;
+    for d in cache_control.split(',').map(str::trim) {
+        let d = d.to_ascii_lowercase();
+        if d == "no-store" || d == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(v) = d.strip_prefix("max-age=") {
+            out = v.trim_matches('"').parse::<u64>().ok().map(Duration::from_secs);
+        }
+    }
+    out
+}
+
+impl RemoteJwks {
+    pub fn new(cfg: RemoteConfig) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout_connect(cfg.timeout).timeout(cfg.timeout).build();
+        let jwks_uri = (!cfg.jwks_url.is_empty()).then(|| cfg.jwks_url.clone());
+        RemoteJwks {
+            cfg,
+            agent,
+            jwks_uri,
+            keys: HashMap::new(),
+            fresh_until: None,
+            last_attempt: None,
+            last_success: None,
+            fetches: 0,
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.cfg.issuer
+    }
+
+    pub fn keys(&self) -> &HashMap<String, JwtKey> {
+        &self.keys
+    }
+
+    /// Whether a set was ever fetched.
+    pub fn ready(&self) -> bool {
+        self.last_success.is_some()
+    }
+
+    fn may_fetch(&self, now: Instant) -> bool {
+        self.last_attempt.is_none_or(|t| now.duration_since(t) >= self.cfg.min_refetch)
+    }
+
+    /// Fetches when the set is stale (or was never fetched), at most once per `min_refetch`.
+    /// `Ok(true)`: the keys changed.
+    pub fn refresh_if_stale(&mut self, now: Instant) -> Result<bool, String> {
+        let stale = self.fresh_until.is_none_or(|t| now >= t);
+        if !stale || !self.may_fetch(now) {
+            return Ok(false);
+        }
+        self.fetch(now)
+    }
+
+    /// A token named a `kid` the set lacks: the IdP may have rotated. Refetches unless a fetch
+    /// happened less than `min_refetch` ago. `Ok(true)`: the keys changed.
+    pub fn on_unknown_kid(&mut self, now: Instant) -> Result<bool, String> {
+        if !self.may_fetch(now) {
+            counter!(JWKS_FETCHES, "issuer" => self.cfg.issuer.clone(), "result" => "rate_limited").increment(1);
+            return Ok(false);
+        }
+        self.fetch(now)
+    }
+
+    fn get(&self, url: &str) -> Result<(String, Option<Duration>), String> {
+        let resp = self.agent.get(url).call().map_err(|e| format!("GET {url}: {e}"))?;
+        let age = resp.header("cache-control").and_then(max_age);
+        let body = resp.into_string().map_err(|e| format!("GET {url}: {e}"))?;
+        Ok((body, age))
+    }
+
+    fn discover(&self) -> Result<String, String> {
+        let base = self.cfg.discovery_url.trim_end_matches('/');
+        let url = format!("{base}/.well-known/openid-configuration");
+        let (body, _) = self.get(&url)?;
+        let doc: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{url}: {e}"))?;
+        // OpenID Connect Discovery §4.3: the document's issuer must be the one configured.
+        if doc["issuer"].as_str() != Some(self.cfg.issuer.as_str()) {
+            return Err(format!("{url}: issuer {} is not {:?}", doc["issuer"], self.cfg.issuer));
+        }
+        doc["jwks_uri"].as_str().map(str::to_string).ok_or_else(|| format!("{url}: no jwks_uri"))
+    }
+
+    /// Fetches the set now. On failure the last good set stays.
+    pub fn fetch(&mut self, now: Instant) -> Result<bool, String> {
+        self.last_attempt = Some(now);
+        self.fetches += 1;
+        let result = self.try_fetch();
+        let issuer = self.cfg.issuer.clone();
+        match result {
+            Ok((keys, skipped, age)) => {
+                counter!(JWKS_FETCHES, "issuer" => issuer.clone(), "result" => "ok").increment(1);
+                gauge!(JWKS_KEYS, "issuer" => issuer).set(keys.len() as f64);
+                if skipped > 0 {
+                    tracing::debug!(issuer = %self.cfg.issuer, skipped, "JWKS keys for other uses skipped");
+                }
+                let mut old: Vec<&String> = self.keys.keys().collect();
+                let mut new: Vec<&String> = keys.keys().collect();
+                old.sort();
+                new.sort();
+                let changed = old != new || self.last_success.is_none();
+                self.keys = keys;
+                self.last_success = Some(now);
+                self.fresh_until = Some(now + age.unwrap_or(self.cfg.default_max_age));
+                Ok(changed)
+            }
+            Err(e) => {
+                counter!(JWKS_FETCHES, "issuer" => issuer, "result" => "error").increment(1);
+                // Rediscover next time: the IdP may have moved its key set.
+                if !self.cfg.discovery_url.is_empty() {
+                    self.jwks_uri = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn try_fetch(&mut self) -> Result<(HashMap<String, JwtKey>, usize, Option<Duration>), String> {
+        let uri = match &self.jwks_uri {
+            Some(u) => u.clone(),
+            None => {
+                let u = self.discover()?;
+                self.jwks_uri = Some(u.clone());
+                u
+            }
+        };
+        let (body, age) = self.get(&uri)?;
+        let (keys, skipped) = parse_jwks_with(&body, true).map_err(|e| format!("{uri}: {e}"))?;
+        Ok((keys, skipped, age))
+    }
+
+    /// Seconds since the last good fetch (for the age gauge).
+    pub fn report_age(&self, now: Instant) {
+        if let Some(t) = self.last_success {
+            gauge!(JWKS_AGE, "issuer" => self.cfg.issuer.clone()).set(now.duration_since(t).as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_max_age() {
+        assert_eq!(max_age("public, max-age=300, must-revalidate"), Some(Duration::from_secs(300)));
+        assert_eq!(max_age("Max-Age=\"60\""), Some(Duration::from_secs(60)));
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=abc"), None);
+    }
+}
