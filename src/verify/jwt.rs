@@ -188,8 +188,7 @@ pub fn verify<'k>(
     if !id_ok(&org) || !id_ok(&project) {
         return Err(invalid.into());
     }
-    let scope_ok =
-        c.strings(&policy.scope_claim)?.iter().any(|s| s.split(' ').any(|x| x == policy.required_scope));
+    let scope_ok = c.strings(&policy.scope_claim)?.iter().any(|s| s.split(' ').any(|x| x == policy.required_scope));
     Ok(Checked {
         principal: Principal { org_id: org.into(), project_id: project.into() },
         not_before: nbf.max(iat),

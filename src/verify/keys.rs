@@ -122,7 +122,11 @@ impl KeySet {
         parse_jwks(&read(path)?).map_err(|reason| KeyError::Invalid { path: path.display().to_string(), reason })
     }
 
+    /// The API key file; an empty path means none (tokens only, or the ClickHouse key store).
     pub fn load_api_keys(path: &Path) -> Result<HashMap<String, ApiKey>, KeyError> {
+        if path.as_os_str().is_empty() {
+            return Ok(HashMap::new());
+        }
         parse_api_keys(&read(path)?).map_err(|reason| KeyError::Invalid { path: path.display().to_string(), reason })
     }
 }
