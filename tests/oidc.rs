@@ -17,6 +17,7 @@ use tally::verify::{Credential, Verifier};
 
 const MAIN: &str = "https://idp.tally.test/realms/acme";
 const AZURE: &str = "https://login.tally.test/tenant-x/v2.0";
+const DEX: &str = "https://dex.customer.test/dex";
 
 /// What the stand-in IdP serves, and how.
 #[derive(Default)]
@@ -168,6 +169,11 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
             "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-az", "azp": "proj-az", "scp": "read ingest"}}),
         json!({"name": "azure-no-scope", "kid": "az-1", "alg": "RS256", "claims": {
             "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-az", "azp": "proj-az", "scp": "read"}}),
+        // Dex style: the customer's own IdP (org fixed by the issuer entry), one client per project
+        // (`azp`), tally's audience by cross-client trust, the scope as a group.
+        json!({"name": "dex", "kid": "dex-1", "alg": "RS256", "claims": {
+            "iss": DEX, "aud": ["proj-dex", "tally-ingest"], "azp": "proj-dex", "exp": now() + 3600,
+            "groups": ["devs", "tally-ingest"], "org_id": "someone-elses-org"}}),
         json!({"name": "azure-claims-at-main", "kid": "az-1", "alg": "RS256", "claims": claims(AZURE, "org-az")}),
         json!({"name": "main-kid-as-azure", "kid": "rsa-1", "alg": "RS256", "claims": {
             "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-az", "azp": "proj-az", "scp": "ingest"}}),
@@ -178,7 +184,7 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
     let keys = json!([
         {"kid": "rsa-1", "kty": "RSA"}, {"kid": "ec-1", "kty": "EC"}, {"kid": "okp-1", "kty": "OKP"},
         {"kid": "rsa-2", "kty": "RSA"}, {"kid": "oct-1", "kty": "oct"}, {"kid": "az-1", "kty": "RSA"},
-        {"kid": "enc-1", "kty": "RSA", "use": "enc", "alg": "RSA-OAEP"}
+        {"kid": "enc-1", "kty": "RSA", "use": "enc", "alg": "RSA-OAEP"}, {"kid": "dex-1", "kty": "RSA"}
     ]);
     let (jwks, t) = pyjwt(json!({"keys": keys, "tokens": tokens_req}));
     let by_kid = |kids: &[&str]| -> Value {
@@ -187,18 +193,33 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
     // The main IdP publishes an encryption key too (skipped, not an error), found by discovery.
     let main = Idp::start(MAIN, by_kid(&["rsa-1", "ec-1", "okp-1", "enc-1"]));
     let azure = Idp::start(AZURE, by_kid(&["az-1"]));
+    let dex = Idp::start(DEX, by_kid(&["dex-1"]));
     let cfg = auth(
         &main.url,
-        vec![IssuerConfig {
-            issuer: AZURE.into(),
-            oidc_issuer_url: String::new(),
-            jwks_url: format!("{}/keys", azure.url),
-            audience: "tally-ingest".into(),
-            org_claim: "tid".into(),
-            project_claim: "azp".into(),
-            scope_claim: "scp".into(),
-            required_scope: "ingest".into(),
-        }],
+        vec![
+            IssuerConfig {
+                issuer: AZURE.into(),
+                oidc_issuer_url: String::new(),
+                jwks_url: format!("{}/keys", azure.url),
+                audience: "tally-ingest".into(),
+                org_claim: "tid".into(),
+                org_id: None,
+                project_claim: "azp".into(),
+                scope_claim: "scp".into(),
+                required_scope: "ingest".into(),
+            },
+            IssuerConfig {
+                issuer: DEX.into(),
+                oidc_issuer_url: dex.url.clone(),
+                jwks_url: String::new(),
+                audience: "tally-ingest".into(),
+                org_claim: "org_id".into(),
+                org_id: Some("org-dex".into()),
+                project_claim: "azp".into(),
+                scope_claim: "groups".into(),
+                required_scope: "tally-ingest".into(),
+            },
+        ],
     );
     let mut v = Verifier::from_config(&cfg).unwrap();
     assert!(v.unready_issuers().is_empty());
@@ -209,6 +230,7 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
     }
     assert_eq!(check(&mut v, &t["azure"]), Ok(("org-az".into(), "proj-az".into())), "Azure claim names");
     assert_eq!(check(&mut v, &t["azure-no-scope"]), Err(Reason::ForbiddenScope));
+    assert_eq!(check(&mut v, &t["dex"]), Ok(("org-dex".into(), "proj-dex".into())), "org fixed by the issuer entry");
     assert_eq!(check(&mut v, &t["azure-claims-at-main"]), Err(Reason::InvalidCredentials), "org claim named tid there");
     let before = main.jwks_requests();
     for forged in [

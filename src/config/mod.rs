@@ -146,6 +146,9 @@ pub struct IssuerConfig {
     /// Claim with the org id (a string).
     #[serde(default = "default_org_claim")]
     pub org_claim: String,
+    /// Every token of this issuer belongs to this org (the org's own IdP); `org_claim` unused.
+    #[serde(default)]
+    pub org_id: Option<String>,
     /// Claim with the project id (a string).
     #[serde(default = "default_project_claim")]
     pub project_claim: String,

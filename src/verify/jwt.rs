@@ -102,6 +102,9 @@ pub struct IssuerPolicy {
     pub audience: String,
     /// Claim holding the org id (a string).
     pub org_claim: String,
+    /// The org of every token of this issuer, when the IdP is the org's own (a self-hosted
+    /// customer's Dex or Keycloak); `org_claim` is then not read.
+    pub fixed_org: Option<String>,
     /// Claim holding the project id (a string).
     pub project_claim: String,
     /// Claim holding the scopes: a space-separated string (`scope`, Azure's `scp`) or an array
@@ -162,9 +165,8 @@ pub fn verify<'k>(
             mac.update(signed);
             mac.verify_slice(&signature).map_err(|_| invalid)?; // constant-time
         }
-        ("RS256", JwtKey::Rs256(pk)) => {
+        ("RS256", JwtKey::Rs256(vk)) => {
             use rsa::signature::Verifier as _;
-            let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new((**pk).clone());
             let sig = rsa::pkcs1v15::Signature::try_from(signature.as_slice()).map_err(|_| invalid)?;
             vk.verify(signed, &sig).map_err(|_| invalid)?;
         }
@@ -181,7 +183,11 @@ pub fn verify<'k>(
     }
     let exp = numeric_date(c.raw("exp"))?.ok_or(invalid)?;
     let (nbf, iat) = (numeric_date(c.raw("nbf"))?, numeric_date(c.raw("iat"))?);
-    let (Some(org), Some(project)) = (c.string(&policy.org_claim)?, c.string(&policy.project_claim)?) else {
+    let org = match &policy.fixed_org {
+        Some(o) => Some(o.clone()),
+        None => c.string(&policy.org_claim)?,
+    };
+    let (Some(org), Some(project)) = (org, c.string(&policy.project_claim)?) else {
         return Err(invalid.into());
     };
     let id_ok = |s: &str| !s.is_empty() && s.len() <= super::MAX_TENANT_ID_BYTES;

@@ -14,8 +14,8 @@ pub enum JwtKey {
     Ed25519(ed25519_dalek::VerifyingKey),
     /// `kty: oct` → `alg: HS256`.
     Hs256(Vec<u8>),
-    /// `kty: RSA` (at least 2048 bits) → `alg: RS256`.
-    Rs256(Box<rsa::RsaPublicKey>),
+    /// `kty: RSA` (at least 2048 bits) → `alg: RS256` (PKCS #1 v1.5 with SHA-256, RFC 7518 §3.3).
+    Rs256(Box<rsa::pkcs1v15::VerifyingKey<sha2::Sha256>>),
     /// `kty: EC, crv: P-256` → `alg: ES256`.
     Es256(Box<p256::ecdsa::VerifyingKey>),
 }
@@ -191,7 +191,7 @@ fn parse_jwk(i: usize, k: Jwk) -> Result<(String, JwtKey), String> {
             if bits < MIN_RSA_BITS {
                 return Err(format!("key {kid:?}: RSA keys need at least {MIN_RSA_BITS} bits, not {bits}"));
             }
-            JwtKey::Rs256(Box::new(key))
+            JwtKey::Rs256(Box::new(rsa::pkcs1v15::VerifyingKey::new(key)))
         }
         ("EC", Some("P-256"), None | Some("ES256")) => {
             let (x, y) = (b64(k.x, "x")?, b64(k.y, "y")?);
