@@ -55,10 +55,20 @@ pub fn describe() {
     describe_counter!(COMMITS, "Offset commits.");
     describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
     describe_counter!(BROKER_ERRORS, "Errors reported by the Kafka client.");
-    describe_gauge!(WAITING, "1 while the worker waits for a dependency (label on=clickhouse|broker).");
+    describe_gauge!(WAITING, "1 while the worker waits for a dependency (label on=clickhouse|broker|identity_provider).");
     describe_counter!(RETRY_SECONDS, "Seconds spent backing off, by dependency.");
     describe_gauge!(PARTITIONS, "Partitions currently assigned.");
     describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");
+    describe_counter!(
+        crate::verify::jwks::JWKS_FETCHES,
+        "Key set fetches from identity providers, by issuer and result (ok|error|rate_limited)."
+    );
+    describe_gauge!(
+        crate::verify::jwks::JWKS_AGE,
+        Unit::Seconds,
+        "Seconds since an identity provider's key set was last fetched (the last good set serves meanwhile)."
+    );
+    describe_gauge!(crate::verify::jwks::JWKS_KEYS, "Keys in an identity provider's last fetched set.");
     describe_gauge!(
         STALLED,
         "1 while a partition's batch cannot go through because of an error retrying does not fix \
