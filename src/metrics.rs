@@ -55,7 +55,10 @@ pub fn describe() {
     describe_counter!(COMMITS, "Offset commits.");
     describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
     describe_counter!(BROKER_ERRORS, "Errors reported by the Kafka client.");
-    describe_gauge!(WAITING, "1 while the worker waits for a dependency (label on=clickhouse|broker|identity_provider).");
+    describe_gauge!(
+        WAITING,
+        "1 while the worker waits for a dependency (label on=clickhouse|broker|identity_provider)."
+    );
     describe_counter!(RETRY_SECONDS, "Seconds spent backing off, by dependency.");
     describe_gauge!(PARTITIONS, "Partitions currently assigned.");
     describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");

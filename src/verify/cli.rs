@@ -125,8 +125,8 @@ pub fn run(cfg: &IngestConfig, cmd: KeysCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
             } else {
                 println!(
-                    "{:<30} {:<16} {:<16} {:<8} {:<21} {:<12} {:>7} {}",
-                    "PUBLIC KEY", "ORG", "PROJECT", "STATUS", "CREATED", "BY", "SECRETS", "GRACE UNTIL"
+                    "{:<30} {:<16} {:<16} {:<8} {:<21} {:<12} {:>7} GRACE UNTIL",
+                    "PUBLIC KEY", "ORG", "PROJECT", "STATUS", "CREATED", "BY", "SECRETS"
                 );
                 for k in keys {
                     println!(

@@ -17,6 +17,9 @@ pub const JWKS_FETCHES: &str = "tally_auth_jwks_fetches_total";
 pub const JWKS_AGE: &str = "tally_auth_jwks_age_seconds";
 pub const JWKS_KEYS: &str = "tally_auth_jwks_keys";
 
+/// A fetched set: its keys, how many were skipped (other uses), its `max-age`.
+type Fetched = (HashMap<String, JwtKey>, usize, Option<Duration>);
+
 /// Where and how often to fetch one issuer's keys.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -167,7 +170,8 @@ impl RemoteJwks {
         }
     }
 
-    fn try_fetch(&mut self) -> Result<(HashMap<String, JwtKey>, usize, Option<Duration>), String> {
+    /// (keys, keys skipped, max-age).
+    fn try_fetch(&mut self) -> Result<Fetched, String> {
         let uri = match &self.jwks_uri {
             Some(u) => u.clone(),
             None => {

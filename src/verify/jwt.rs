@@ -178,7 +178,7 @@ pub fn verify<'k>(
         }
         _ => return Err(invalid.into()), // alg none, unknown alg, or an alg the key does not allow
     }
-    if !c.strings("aud")?.iter().any(|a| *a == policy.audience) {
+    if !c.strings("aud")?.contains(&policy.audience) {
         return Err(invalid.into());
     }
     let exp = numeric_date(c.raw("exp"))?.ok_or(invalid)?;

@@ -48,9 +48,12 @@ pub fn create_usage_record(
     Ok(())
 }
 
-/// Stripe's usage record summaries of `item`: (period start, period end, total usage), one per
-/// billing period that has usage, every page. The spec lets either bound be null.
-pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<(Option<i64>, Option<i64>, i64)>, StripeError> {
+/// One usage record summary: (period start, period end, total usage); the spec lets either bound
+/// be null.
+pub type PeriodUsage = (Option<i64>, Option<i64>, i64);
+
+/// Stripe's usage record summaries of `item`, one per billing period that has usage, every page.
+pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<PeriodUsage>, StripeError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
