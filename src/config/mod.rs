@@ -447,6 +447,37 @@ impl IngestConfig {
         if !self.auth.oidc_issuer_url.is_empty() && !self.auth.jwks_url.is_empty() {
             return bad("auth.jwks_url", "set auth.oidc_issuer_url or auth.jwks_url, not both");
         }
+        let mut seen = vec![self.auth.issuer.as_str()];
+        for iss in &self.auth.issuers {
+            // Tokens choose their issuer entry by `iss`: two entries for one `iss` would make the
+            // second one's org and claim names silently unused.
+            if seen.contains(&iss.issuer.as_str()) {
+                return bad("auth.issuers", "two entries for the same issuer (or the same as auth.issuer)");
+            }
+            seen.push(&iss.issuer);
+            for url in [&iss.oidc_issuer_url, &iss.jwks_url].into_iter().filter(|u| !u.is_empty()) {
+                if crate::verify::jwks::check_url(url).is_err() {
+                    return bad("auth.issuers", "identity provider URLs must be https (plain http only to loopback)");
+                }
+            }
+        }
+        for url in [&self.auth.oidc_issuer_url, &self.auth.jwks_url].into_iter().filter(|u| !u.is_empty()) {
+            if crate::verify::jwks::check_url(url).is_err() {
+                return bad(
+                    "auth.oidc_issuer_url",
+                    "identity provider URLs must be https (plain http only to loopback)",
+                );
+            }
+        }
+        if self.auth.jwks_refetch_min_secs == 0 || self.auth.jwks_refetch_min_secs > 86_400 {
+            return bad(
+                "auth.jwks_refetch_min_secs",
+                "must be between 1 and 86400 (it rate-limits fetches on unknown kids)",
+            );
+        }
+        if self.auth.jwks_cache_secs > 86_400 {
+            return bad("auth.jwks_cache_secs", "must be at most 86400");
+        }
         if self.auth.jwks_timeout_ms == 0 || self.auth.jwks_timeout_ms > 60_000 {
             return bad("auth.jwks_timeout_ms", "must be between 1 and 60000");
         }

@@ -621,6 +621,9 @@ pub fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// How long a starting worker waits for identity providers' first key sets.
+const IDP_STARTUP_WAIT: Duration = Duration::from_secs(60);
+
 /// Waits until ClickHouse answers (or shutdown is asked).
 fn wait_for_clickhouse(store: &crate::sink::clickhouse::ClickHouse, cfg: &IngestConfig, shutdown: &AtomicBool) {
     let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
@@ -656,10 +659,18 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     // Tokens of an identity provider whose key set was never fetched cannot be verified: wait
     // for it rather than dead-letter its tenants' events.
     let mut verifier = verifier;
+    // Bounded: one customer's IdP that never answers must not keep every tenant waiting; past
+    // the bound the worker consumes, and that issuer's tokens are refused (dead-lettered, so
+    // they can be produced again) until its keys arrive by an unknown-kid refetch or a refresh.
     let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
+    let give_up = Instant::now() + IDP_STARTUP_WAIT;
     loop {
         let pending = verifier.unready_issuers();
         if pending.is_empty() || shutdown.load(Ordering::Relaxed) {
+            break;
+        }
+        if Instant::now() >= give_up {
+            error!(issuers = ?pending, "identity providers still unreachable; consuming without their keys");
             break;
         }
         m::waiting("identity_provider", true);

@@ -18,7 +18,7 @@ pub const JWKS_AGE: &str = "tally_auth_jwks_age_seconds";
 pub const JWKS_KEYS: &str = "tally_auth_jwks_keys";
 
 /// A fetched set: its keys, how many were skipped (other uses), its `max-age`.
-type Fetched = (HashMap<String, JwtKey>, usize, Option<Duration>);
+type Fetched = (HashMap<String, JwtKey>, usize, Option<Duration>, u64);
 
 /// Where and how often to fetch one issuer's keys.
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub struct RemoteJwks {
     agent: ureq::Agent,
     jwks_uri: Option<String>,
     keys: HashMap<String, JwtKey>,
+    /// Hash of the last good JWKS body: a change of key material under the same `kid`s counts.
+    body_hash: u64,
     fresh_until: Option<Instant>,
     last_attempt: Option<Instant>,
     last_success: Option<Instant>,
@@ -49,7 +51,11 @@ pub struct RemoteJwks {
     pub fetches: u64,
 }
 
-/// `max-age` of a `Cache-Control` value; `no-store`/`no-cache` as 0.
+/// Longest a fetched key set is trusted without asking again, whatever the IdP says: a key the
+/// IdP withdrew stops verifying within this.
+pub const MAX_AGE_CAP: Duration = Duration::from_secs(86_400);
+
+/// `max-age` of a `Cache-Control` value, at most [`MAX_AGE_CAP`]; `no-store`/`no-cache` as 0.
 pub fn max_age(cache_control: &str) -> Option<Duration> {
     let mut out = None;
     for d in cache_control.split(',').map(str::trim) {
@@ -58,10 +64,31 @@ pub fn max_age(cache_control: &str) -> Option<Duration> {
             return Some(Duration::ZERO);
         }
         if let Some(v) = d.strip_prefix("max-age=") {
-            out = v.trim_matches('"').parse::<u64>().ok().map(Duration::from_secs);
+            out = v.trim_matches('"').parse::<u64>().ok().map(|s| Duration::from_secs(s).min(MAX_AGE_CAP));
         }
     }
     out
+}
+
+/// Key sets come over HTTPS: anyone on the path of a plain-HTTP fetch could add keys and mint
+/// tokens. Plain HTTP is allowed only to the loopback interface (tests, a local sidecar).
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let name = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    if matches!(name, "localhost" | "127.0.0.1" | "::1") || name.starts_with("127.") {
+        Ok(())
+    } else {
+        Err(format!("{url:?}: identity provider URLs must be https (plain http only to loopback)"))
+    }
 }
 
 impl RemoteJwks {
@@ -73,6 +100,7 @@ impl RemoteJwks {
             agent,
             jwks_uri,
             keys: HashMap::new(),
+            body_hash: 0,
             fresh_until: None,
             last_attempt: None,
             last_success: None,
@@ -125,6 +153,7 @@ impl RemoteJwks {
     }
 
     fn discover(&self) -> Result<String, String> {
+        check_url(&self.cfg.discovery_url)?;
         let base = self.cfg.discovery_url.trim_end_matches('/');
         let url = format!("{base}/.well-known/openid-configuration");
         let (body, _) = self.get(&url)?;
@@ -143,20 +172,18 @@ impl RemoteJwks {
         let result = self.try_fetch();
         let issuer = self.cfg.issuer.clone();
         match result {
-            Ok((keys, skipped, age)) => {
+            Ok((keys, skipped, age, body_hash)) => {
                 counter!(JWKS_FETCHES, "issuer" => issuer.clone(), "result" => "ok").increment(1);
                 gauge!(JWKS_KEYS, "issuer" => issuer).set(keys.len() as f64);
                 if skipped > 0 {
                     tracing::debug!(issuer = %self.cfg.issuer, skipped, "JWKS keys for other uses skipped");
                 }
-                let mut old: Vec<&String> = self.keys.keys().collect();
-                let mut new: Vec<&String> = keys.keys().collect();
-                old.sort();
-                new.sort();
-                let changed = old != new || self.last_success.is_none();
+                let changed = body_hash != self.body_hash || self.last_success.is_none();
+                self.body_hash = body_hash;
                 self.keys = keys;
                 self.last_success = Some(now);
-                self.fresh_until = Some(now + age.unwrap_or(self.cfg.default_max_age));
+                let age = age.unwrap_or(self.cfg.default_max_age).min(MAX_AGE_CAP);
+                self.fresh_until = Some(now.checked_add(age).unwrap_or(now));
                 Ok(changed)
             }
             Err(e) => {
@@ -181,8 +208,9 @@ impl RemoteJwks {
             }
         };
         let (body, age) = self.get(&uri)?;
+        check_url(&uri)?;
         let (keys, skipped) = parse_jwks_with(&body, true).map_err(|e| format!("{uri}: {e}"))?;
-        Ok((keys, skipped, age))
+        Ok((keys, skipped, age, xxhash_rust::xxh3::xxh3_64(body.as_bytes())))
     }
 
     /// Seconds since the last good fetch (for the age gauge).
@@ -198,11 +226,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_https_or_loopback() {
+        assert!(check_url("https://idp.example/keys").is_ok());
+        assert!(check_url("http://127.0.0.1:8080/keys").is_ok());
+        assert!(check_url("http://localhost/keys").is_ok());
+        assert!(check_url("http://[::1]:9/k").is_ok());
+        assert!(check_url("http://idp.example/keys").is_err());
+        assert!(check_url("http://127.0.0.1@evil.example/keys").is_err());
+        assert!(check_url("ftp://x").is_err());
+    }
+
+    #[test]
     fn cache_control_max_age() {
         assert_eq!(max_age("public, max-age=300, must-revalidate"), Some(Duration::from_secs(300)));
         assert_eq!(max_age("Max-Age=\"60\""), Some(Duration::from_secs(60)));
         assert_eq!(max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(max_age("public"), None);
         assert_eq!(max_age("max-age=abc"), None);
+        assert_eq!(max_age("max-age=10000000000000000000"), Some(MAX_AGE_CAP), "capped, never an overflow");
+        assert_eq!(max_age("max-age=99999999999999999999"), None, "beyond u64: ignored");
+        assert_eq!(max_age("max-age=18446744073709551615"), Some(MAX_AGE_CAP));
     }
 }

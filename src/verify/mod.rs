@@ -287,7 +287,12 @@ impl Verifier {
             }
             None => {
                 self.cache_misses += 1;
-                let result = self.verify_uncached(value);
+                let (result, cacheable) = self.verify_uncached(value);
+                if !cacheable {
+                    // An unknown kid the IdP was not asked about (rate limit, outage): the next
+                    // use asks again instead of finding this denial in the cache.
+                    return Err(result.err().map_or(Reason::InvalidCredentials, |d| d.0));
+                }
                 if self.cache.len() >= self.cache_entries {
                     self.cache.clear();
                 }
@@ -314,39 +319,43 @@ impl Verifier {
         Ok(c.principal.clone())
     }
 
-    fn verify_uncached(&mut self, value: &[u8]) -> Result<Checked, Denied> {
+    /// Verifies afresh; the flag says whether the verdict may be cached (not when it rests on a
+    /// `kid` the issuer's key set lacked and that could not be refetched just now).
+    fn verify_uncached(&mut self, value: &[u8]) -> (Result<Checked, Denied>, bool) {
         let invalid = Denied(Reason::InvalidCredentials);
-        let value = std::str::from_utf8(value).map_err(|_| invalid)?.trim();
-        let (scheme, rest) = value.split_once(' ').ok_or(invalid)?;
+        let Some((scheme, rest)) = std::str::from_utf8(value).ok().and_then(|v| v.trim().split_once(' ')) else {
+            return (Err(invalid), true);
+        };
         if scheme.eq_ignore_ascii_case("bearer") {
             let token = rest.trim();
             let attempt = |v: &Self| jwt::verify(token, &v.policies, |i, kid| v.key(i, kid));
             match attempt(self) {
-                Ok(c) => Ok(c),
-                Err(JwtError::Denied(d)) => Err(d),
+                Ok(c) => (Ok(c), true),
+                Err(JwtError::Denied(d)) => (Err(d), true),
                 Err(JwtError::UnknownKid(i)) => {
                     // The issuer may have rotated its keys: refetch (rate-limited) and try again.
-                    let Some(r) = self.remote.get_mut(i).and_then(Option::as_mut) else { return Err(invalid) };
+                    let Some(r) = self.remote.get_mut(i).and_then(Option::as_mut) else { return (Err(invalid), true) };
                     match r.on_unknown_kid(Instant::now()) {
                         Ok(true) => {
                             self.cache.clear();
-                            attempt(self).map_err(|e| match e {
-                                JwtError::Denied(d) => d,
-                                JwtError::UnknownKid(_) => invalid,
-                            })
+                            match attempt(self) {
+                                Ok(c) => (Ok(c), true),
+                                Err(JwtError::Denied(d)) => (Err(d), true),
+                                Err(JwtError::UnknownKid(_)) => (Err(invalid), true),
+                            }
                         }
-                        Ok(false) => Err(invalid),
+                        Ok(false) => (Err(invalid), false),
                         Err(e) => {
                             tracing::warn!(issuer = %r.issuer(), error = %e, "identity provider unreachable on an unknown kid");
-                            Err(invalid)
+                            (Err(invalid), false)
                         }
                     }
                 }
             }
         } else if scheme.eq_ignore_ascii_case("basic") {
-            api_key::verify(rest, &self.keys.api, &self.pepper)
+            (api_key::verify(rest, &self.keys.api, &self.pepper), true)
         } else {
-            Err(invalid)
+            (Err(invalid), true)
         }
     }
 

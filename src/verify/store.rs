@@ -124,8 +124,14 @@ pub fn fold(events: &[KeyEvent]) -> HashMap<String, ApiKey> {
                 k.secrets.retain(|s| s.valid_until.is_none_or(|v| v > e.at));
                 k.secrets.push(StoredSecret { hash: h, valid_until: None });
             }
-            (KeyAction::Revoke, Some(k)) => k.revoked = true,
             _ => {}
+        }
+    }
+    // A revocation holds whatever its timestamp: rows written from hosts whose clocks disagree
+    // must never bring a revoked key back.
+    for e in events.iter().filter(|e| e.action == KeyAction::Revoke) {
+        if let Some(k) = out.get_mut(&e.public_key) {
+            k.revoked = true;
         }
     }
     out
@@ -219,8 +225,18 @@ impl KeyStore {
         self.ch.insert(&insert, &w.buf)
     }
 
+    /// A new row, ordered after every row already in the store even if this host's clock is
+    /// behind the hosts that wrote them (rows are folded in `(at, seq)` order).
     fn event(&self, public_key: &str, action: KeyAction, secret: Option<&str>, actor: &str, reason: &str) -> KeyEvent {
-        let (at, seq) = now_nanos();
+        let (mut at, mut seq) = now_nanos();
+        if let Ok((events, _)) = self.events() {
+            if let Some(last) = events.iter().map(|e| (e.at, e.seq)).max() {
+                if (at, seq) <= last {
+                    tracing::warn!("this host's clock is behind the key store's newest row; ordering after it");
+                    (at, seq) = (last.0, last.1.saturating_add(1));
+                }
+            }
+        }
         KeyEvent {
             public_key: public_key.to_string(),
             action,
@@ -245,6 +261,9 @@ impl KeyStore {
         actor: &str,
         reason: &str,
     ) -> Result<Issued, StoreError> {
+        if expires_at.is_some_and(|x| x <= now_nanos().0) {
+            return Err(StoreError::Usage("--expires must be in the future".into()));
+        }
         let max = super::MAX_TENANT_ID_BYTES;
         if org_id.is_empty() || project_id.is_empty() || org_id.len() > max || project_id.len() > max {
             return Err(StoreError::Usage(format!("org and project must be 1..={max} bytes")));
@@ -381,6 +400,9 @@ mod tests {
         let mut rows = rows;
         rows.push(ev("pk", KeyAction::Revoke, "", 250, 0));
         assert!(fold(&rows)["pk"].revoked);
+        // A revoke stamped before the create (a host with a slow clock) still revokes.
+        let skewed = vec![ev("pk", KeyAction::Revoke, "", 50, 0), ev("pk", KeyAction::Create, "s1", 100, 0)];
+        assert!(fold(&skewed)["pk"].revoked);
         // A second rotation after the first grace drops the expired secret.
         let rows = vec![
             ev("pk", KeyAction::Create, "s1", 100, 0),
