@@ -45,6 +45,7 @@ fn main() {
         .map(|(i, t)| if i % 2 == 0 { bearer(&keys.sign_eddsa(&keys.claims(t, NOW, 3600))) } else { basic(t) })
         .collect();
 
+    let mut results = Vec::new();
     for (label, per_message) in [("single-event messages", 1usize), ("batches of 50 events", 50)] {
         let total: u64 = env_or("BENCH_EVENTS", 1_000_000);
         let values: Vec<String> = (0..total / per_message as u64)
@@ -76,6 +77,7 @@ fn main() {
             limits: Limits { max_message_bytes: 1 << 20, max_future_secs: 300, window_secs: 30 * 86_400 },
         };
         let mut best = f64::MAX;
+        let mut dedupe_bytes_per_key = 0.0;
         for _ in 0..env_or("BENCH_ROUNDS", 3) {
             let mut states = HashMap::new();
             states.insert(0, PartitionState::new(16 << 20, 262_144, 0));
@@ -90,13 +92,34 @@ fn main() {
             }
             assert_eq!(n as u64, total);
             best = best.min(t.elapsed().as_secs_f64());
+            let st = &states[&0];
+            dedupe_bytes_per_key = st.memory_bytes() as f64 / st.keys().max(1) as f64;
+        }
+        // The yardstick (issue 9): a plain serde_json validation pass over the same bytes.
+        let mut yard = f64::MAX;
+        for _ in 0..env_or("BENCH_ROUNDS", 3) {
+            let t = Instant::now();
+            for v in &values {
+                let _: serde::de::IgnoredAny = serde_json::from_slice(std::hint::black_box(v.as_bytes())).unwrap();
+            }
+            yard = yard.min(t.elapsed().as_secs_f64());
         }
         let bytes: usize = values.iter().map(String::len).sum();
         println!(
-            "{label:<24} {:>10.0} events/s  ({:.0} MB/s of JSON, best of the rounds, 1 core, {} events)",
+            "{label:<24} {:>10.0} events/s  ({:.0} MB/s of JSON, best of the rounds, 1 core, {} events); \
+             serde_json IgnoredAny over the same bytes: {:.0} events/s; core / yardstick = {:.2}",
             total as f64 / best,
             bytes as f64 / best / 1e6,
-            total
+            total,
+            total as f64 / yard,
+            yard / best
         );
+        results.push(serde_json::json!({
+            "messages": label, "events": total, "core_events_per_s": total as f64 / best,
+            "yardstick_events_per_s": total as f64 / yard, "core_vs_yardstick": yard / best,
+            "dedupe_bytes_per_key": dedupe_bytes_per_key,
+        }));
     }
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write("target/bench/core.json", serde_json::to_string_pretty(&results).unwrap()).unwrap();
 }

@@ -18,6 +18,7 @@ if ! ch_up >/dev/null 2>&1; then
       -e "s|<interserver_http_port>9009</interserver_http_port>||" \
       -e "s|<listen_host>::1</listen_host>||" \
       -e "s|<!-- <timezone>Europe/Moscow</timezone> -->|<timezone>UTC</timezone>|" \
+      -e "s|<keep_alive_timeout>3</keep_alive_timeout>|<keep_alive_timeout>30</keep_alive_timeout>|" \
       /etc/clickhouse-server/config.xml > "$CH/config.xml"
   cp /etc/clickhouse-server/users.xml "$CH/users.xml"
   log "starting clickhouse-server (data in $CH)"

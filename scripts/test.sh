@@ -9,4 +9,4 @@ scripts/check-alerts.sh
 # Integration tests spawn workers and use real topics; run them one at a time on 2 cores.
 cargo test --release --locked -- --test-threads=1
 # Every fuzz target for a fixed time from its seed corpus (fails on a crash or a broken invariant).
-scripts/fuzz.sh 30
+scripts/fuzz.sh 20

@@ -10,6 +10,7 @@ pub const MESSAGES: &str = "tally_messages_total";
 pub const BATCHES: &str = "tally_batches_total";
 pub const BATCH_EVENTS: &str = "tally_batch_events";
 pub const CH_INSERT_SECONDS: &str = "tally_clickhouse_insert_seconds";
+pub const STAGE_SECONDS: &str = "tally_batch_stage_seconds";
 pub const CH_ERRORS: &str = "tally_clickhouse_errors_total";
 pub const DEDUPE_LOOKUPS: &str = "tally_dedupe_lookups_total";
 pub const DEDUPE_KEYS: &str = "tally_dedupe_state_keys";
@@ -39,6 +40,12 @@ pub fn describe() {
     describe_counter!(BATCHES, "Batches written to ClickHouse and committed.");
     describe_histogram!(BATCH_EVENTS, "Events per batch.");
     describe_histogram!(CH_INSERT_SECONDS, Unit::Seconds, "Latency of a successful ClickHouse insert.");
+    describe_histogram!(
+        STAGE_SECONDS,
+        Unit::Seconds,
+        "Time per batch in each step of the loop (label stage=stage|lookup|encode|dlq_wait|insert_wait|commit; \
+         insert_wait is how long landing a batch waited for its INSERT beyond the overlap)."
+    );
     describe_counter!(CH_ERRORS, "Failed ClickHouse requests, by op and class (transient|permanent).");
     describe_counter!(DEDUPE_LOOKUPS, "Event keys looked up in ClickHouse (the in-memory state could not decide).");
     describe_gauge!(DEDUPE_KEYS, "Keys in the dedupe filters of the assigned partitions.");

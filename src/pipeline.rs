@@ -14,6 +14,7 @@ use crate::decode::{
 use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
+use crate::sink::flight::Flight;
 use crate::sink::rowbinary::RowWriter;
 use crate::timestamp::parse_rfc3339;
 use crate::verify::{Credential, Principal, Verifier};
@@ -422,6 +423,25 @@ impl<'a> Staged<'a> {
 
     /// Writes the rows of the accepted events; returns how many.
     pub fn encode(&self, w: &mut RowWriter, meters: &Meters, topic: &str, ingested_at: i64) -> usize {
+        self.encode_rows(w, meters, topic, ingested_at, &mut |_, _| {})
+    }
+
+    /// The rows of the accepted events as an owned [`Flight`] (byte range and partition per row).
+    pub fn flight(&self, meters: &Meters, topic: &str, ingested_at: i64) -> Flight {
+        Flight::encode(|w, row| {
+            self.encode_rows(w, meters, topic, ingested_at, row);
+        })
+    }
+
+    /// [`Staged::encode`], calling `row(w, partition)` after each row.
+    fn encode_rows(
+        &self,
+        w: &mut RowWriter,
+        meters: &Meters,
+        topic: &str,
+        ingested_at: i64,
+        row: &mut dyn FnMut(&RowWriter, i32),
+    ) -> usize {
         let mut n = 0;
         for e in self.events.iter().filter(|e| e.verdict != Verdict::Duplicate) {
             let p = &self.principals[e.principal as usize];
@@ -455,6 +475,7 @@ impl<'a> Staged<'a> {
             w.u64(e.offset as u64);
             w.i32(e.batch_index);
             w.datetime(ingested_at);
+            row(w, e.partition);
             n += 1;
         }
         n

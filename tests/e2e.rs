@@ -255,3 +255,74 @@ fn revocation_takes_effect_without_restart() {
     assert_eq!(events_of(&a), 1, "nothing accepted under the revoked key");
     assert_eq!(dl, vec![(2, None, "revoked_credentials".to_string())]);
 }
+
+/// Rule 3 of docs/exactly-once.md ("The loop"): a revocation waits for the INSERT in flight on
+/// the writer thread. Worker 1 reaches ClickHouse through a link that delivers every request 6 s
+/// late (`scripts/start.sh` keeps idle HTTP connections 30 s, so a held request still finds its
+/// connection open), so its INSERTs are in flight most of the time; worker 2 (direct) joins mid-traffic and
+/// takes half the partitions. Were the revocation not to wait, worker 2 would load its dedupe
+/// state before worker 1's last rows landed and write them a second time.
+#[test]
+fn revocation_waits_for_the_insert_in_flight() {
+    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = common::proxy::Proxy::start(&upstream);
+    let w = World::with("gate", &format!("http://{}", proxy.addr), "127.0.0.1:0");
+    let slow = w.worker("slow");
+    assert!(w.wait_assigned("slow", Duration::from_secs(60)));
+    let gen = tally::loadgen::GenConfig { rate: 3_000, ..w.gen_config(30_000, 41) };
+    let (e, fast) = std::thread::scope(|s| {
+        let producer = s.spawn(|| w.generate(&gen));
+        std::thread::sleep(Duration::from_secs(2));
+        proxy.hold_requests(Duration::from_secs(6));
+        std::thread::sleep(Duration::from_secs(1));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("fast")).unwrap();
+        let fast = w.cli(&["run"]).env("TALLY_CLICKHOUSE_URL", common::clickhouse_url()).stderr(log).spawn().unwrap();
+        assert!(w.wait_assigned("fast", Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_secs(2));
+        proxy.restore();
+        (producer.join().unwrap(), fast)
+    });
+    w.wait_caught_up(&e);
+    stop_all(vec![slow, fast]);
+    w.assert_totals(&e);
+    w.assert_dead_letters(&e, false);
+    let log = String::from_utf8_lossy(&std::fs::read(w.log_path("slow")).unwrap()).into_owned();
+    let waited: Vec<&str> = log.lines().filter(|l| l.contains("revocation waited for the INSERT in flight")).collect();
+    assert!(!waited.is_empty(), "a revocation found an INSERT in flight (the path under test ran)");
+    eprintln!("[measure] revocation gate: {}", waited[0].rsplit("INFO").next().unwrap_or(""));
+}
+
+/// The zombie writer (docs/exactly-once.md): an INSERT that reaches ClickHouse after the client
+/// timed out and after its retry's re-check. The proxy holds the request that moves a batch's rows
+/// into `events` for 5 s, past the worker's `clickhouse.timeout_secs` (2 s), then forwards it.
+/// The worker must fence that attempt (drop its staging table) before re-checking and sending the
+/// rows again, so the late request finds nothing to insert.
+#[test]
+fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
+    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = common::proxy::Proxy::start(&upstream);
+    let w = World::with("zombie", &format!("http://{}", proxy.addr), "127.0.0.1:0");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
+    let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    let warm = w.generate(&w.gen_config(2_000, 51));
+    w.wait_caught_up(&warm);
+    proxy.hold_next_matching(b"INSERT INTO events (", Duration::from_secs(5));
+    let gen = tally::loadgen::GenConfig { rate: 2_000, first_message_id: 1_000_000, ..w.gen_config(6_000, 52) };
+    let e = w.generate(&gen);
+    w.wait_caught_up(&e);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.held_and_forwarded() == 0 {
+        assert!(Instant::now() < deadline, "the held INSERT was forwarded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // time for the late request to do whatever it can
+    stop_all(vec![worker]);
+    let mut all = warm.clone();
+    merge(&mut all, &e);
+    w.assert_totals(&all);
+    w.assert_dead_letters(&all, true);
+    let log = String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap()).into_owned();
+    assert!(log.contains("op=\"insert\""), "the held attempt failed on the worker's side (timeout)");
+    eprintln!("[measure] zombie writer: a request held 5 s past a 2 s timeout, then forwarded; totals exact");
+}

@@ -232,3 +232,48 @@ fn a_permanent_clickhouse_error_stalls_visibly_and_resumes() {
     w.assert_totals(&all);
     w.assert_dead_letters(&all, false);
 }
+
+/// Dedupe look-ups (and the re-check after a failed INSERT) find exactly the stored keys, whatever
+/// they hold: 128-byte ids, 256-byte tenant ids, quotes, backslashes, control characters, and
+/// thousands of keys in one look-up (they travel as ClickHouse external data, not SQL).
+#[test]
+fn lookups_find_every_kind_of_key() {
+    use tally::sink::rowbinary::RowWriter;
+    use tally::sink::EventStore;
+    let w = World::new("lookups");
+    let org = "o".repeat(tally::verify::MAX_TENANT_ID_BYTES);
+    let ctl = format!("\u{1}'\\\n\t\u{7f}{}", "\u{2}".repeat(250));
+    let long_id = "é".repeat(64); // 128 bytes
+    let nasty_id = "'\n\0\\".repeat(32);
+    let ids: Vec<String> = (0..6000).map(|i| long_id[..120].to_string() + &format!("{i:08}")).collect();
+    let mut stored: Vec<(&str, &str, &str)> = vec![(&org, &ctl, &nasty_id), ("org-1", "proj-1", "")];
+    stored.extend(ids.iter().step_by(3).map(|id| ("org-1", "proj-1", id.as_str())));
+    let mut rows = RowWriter::default();
+    for (i, (o, p, id)) in stored.iter().enumerate() {
+        for s in [o, p, id, &"span-create"] {
+            rows.string(s);
+        }
+        rows.datetime(1_795_000_000);
+        rows.datetime(1_795_000_000 - 1_795_000_000 % 3600);
+        rows.u64(tally::dedupe::EventKey::new(o, p, id).short());
+        for _ in 0..4 {
+            rows.varint(0); // no meters, no unique meters
+        }
+        rows.string("t");
+        rows.u32(0);
+        rows.u64(i as u64);
+        rows.i32(-1);
+        rows.datetime(1_795_000_000);
+    }
+    w.ch.insert_events(&w.kafka.topic, &rows.buf).unwrap();
+    assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 0, "a written attempt leaves no staging table");
+
+    let mut asked: Vec<(&str, &str, &str)> = ids.iter().map(|id| ("org-1", "proj-1", id.as_str())).collect();
+    asked.extend([(&*org, &*ctl, &*nasty_id), (&*org, &*ctl, "x"), ("org-1", "proj-1", ""), ("org-1", "proj-2", "")]);
+    let found = w.ch.existing(&asked).unwrap();
+    let expected: std::collections::HashSet<_> =
+        stored.iter().map(|(o, p, id)| tally::dedupe::EventKey::new(o, p, id)).collect();
+    assert_eq!(found.len(), stored.len(), "{} of {} stored keys found", found.len(), stored.len());
+    assert_eq!(found, expected);
+    assert!(w.ch.existing(&[]).unwrap().is_empty());
+}

@@ -22,6 +22,11 @@ pub enum ChError {
     Server { status: u16, code: Option<u32>, body: String },
     #[error("clickhouse response: {0}")]
     Response(String),
+    /// An INSERT attempt's staging table was dropped under it: a worker loading a partition's
+    /// dedupe state fenced every attempt in flight (docs/exactly-once.md, "Zombie writers").
+    /// Transient: the attempt is re-checked and sent again.
+    #[error("insert attempt fenced: its staging table {0} was dropped by a dedupe-state load")]
+    Fenced(String),
     /// A total read from ClickHouse needs more than 64 bits: refused rather than wrapped
     /// (PRODUCT.md §1). No retry can change it; the events behind it must be looked at.
     #[error("total_overflow: the total of {0} does not fit in 64 bits; refusing to report or bill it")]
@@ -150,23 +155,37 @@ impl ClickHouse {
         if let Some(a) = &self.auth {
             req = req.set("Authorization", a);
         }
-        match req.send_bytes(body) {
-            Ok(resp) => {
-                let mut out = Vec::new();
-                resp.into_reader().read_to_end(&mut out).map_err(|e| ChError::Transport(e.to_string()))?;
-                Ok(out)
-            }
-            Err(ureq::Error::Status(status, resp)) => {
-                let header = resp.header("X-ClickHouse-Exception-Code").map(str::to_string);
-                let body = resp.into_string().unwrap_or_default();
-                let code = exception_code(header.as_deref(), &body);
-                Err(ChError::Server { status, code, body: body.trim().chars().take(2000).collect() })
-            }
-            // Not `t.to_string()`: that repeats the URL, i.e. the whole INSERT statement.
-            Err(ureq::Error::Transport(t)) => {
-                Err(ChError::Transport(format!("{}: {}", t.kind(), t.message().unwrap_or(""))))
-            }
+        read_response(req.send_bytes(body))
+    }
+
+    /// Runs `sql` with `rows` (RowBinary of `structure`, e.g. `o String, p String`) sent along as
+    /// the temporary table `name` — ClickHouse's "external data" (a `multipart/form-data` POST,
+    /// <https://clickhouse.com/docs/en/engines/table-engines/special/external-data>). The rows are
+    /// read as data, not parsed as SQL: no `max_query_size` or `max_ast_elements` limit applies.
+    pub fn query_with_table(&self, sql: &str, name: &str, structure: &str, rows: &[u8]) -> Result<Vec<u8>, ChError> {
+        const BOUNDARY: &str = "tally-external-data-7d1f0c";
+        let mut body = Vec::with_capacity(rows.len() + 256);
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(rows);
+        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        let mut req = self
+            .agent
+            .post(&format!("{}/", self.url))
+            .query("database", &self.database)
+            .query("query", sql)
+            .query(&format!("{name}_structure"), structure)
+            .query(&format!("{name}_format"), "RowBinary")
+            .set("Content-Type", &format!("multipart/form-data; boundary={BOUNDARY}"));
+        if let Some(a) = &self.auth {
+            req = req.set("Authorization", a);
         }
+        read_response(req.send_bytes(&body))
     }
 
     /// Runs a statement (DDL, ALTER), in the configured database unless `use_db` is false.
@@ -204,6 +223,28 @@ impl ClickHouse {
     /// `SELECT 1` succeeds.
     pub fn ping(&self) -> Result<(), ChError> {
         self.post(None, b"SELECT 1", false).map(|_| ())
+    }
+}
+
+/// The body of a successful answer, or the error: HTTP status with ClickHouse's exception code,
+/// or the transport failure.
+fn read_response(r: Result<ureq::Response, ureq::Error>) -> Result<Vec<u8>, ChError> {
+    match r {
+        Ok(resp) => {
+            let mut out = Vec::new();
+            resp.into_reader().read_to_end(&mut out).map_err(|e| ChError::Transport(e.to_string()))?;
+            Ok(out)
+        }
+        Err(ureq::Error::Status(status, resp)) => {
+            let header = resp.header("X-ClickHouse-Exception-Code").map(str::to_string);
+            let body = resp.into_string().unwrap_or_default();
+            let code = exception_code(header.as_deref(), &body);
+            Err(ChError::Server { status, code, body: body.trim().chars().take(2000).collect() })
+        }
+        // Not `t.to_string()`: that repeats the URL, i.e. the whole INSERT statement.
+        Err(ureq::Error::Transport(t)) => {
+            Err(ChError::Transport(format!("{}: {}", t.kind(), t.message().unwrap_or(""))))
+        }
     }
 }
 

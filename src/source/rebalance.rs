@@ -1,9 +1,14 @@
 //! Rebalance bookkeeping. librdkafka calls the context from inside `poll`, on the worker's own
-//! thread, so a callback never races a batch: the worker applies the recorded changes after each
-//! poll, drops the state and pending rows of revoked partitions, and never commits for a
-//! partition it no longer owns.
+//! thread: the worker applies the recorded changes after each poll, drops the state and pending
+//! rows of revoked partitions, and never commits for a partition it no longer owns.
+//!
+//! The one thing that runs beside `poll` is the writer thread's INSERT of the previous batch.
+//! A revocation waits for it ([`WriteGate`]) before librdkafka may hand the partitions to another
+//! member: the next owner loads its dedupe state only after every row this worker sent for them
+//! has landed or failed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
@@ -19,15 +24,65 @@ pub enum Change {
     Assigned(Vec<i32>),
 }
 
+/// Whether an INSERT is in flight on the writer thread; a revocation waits until none is.
+#[derive(Default)]
+pub struct WriteGate {
+    busy: Mutex<bool>,
+    idle: Condvar,
+}
+
+/// Marks an INSERT in flight until dropped (also when the writer thread panics).
+pub struct InFlight(Arc<WriteGate>);
+
+impl WriteGate {
+    /// Marks the start of an INSERT; the returned guard ends it.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        *self.busy.lock().expect("lock") = true;
+        InFlight(self.clone())
+    }
+
+    /// Waits until no INSERT is in flight, at most `max`; false if one still is.
+    pub fn wait_idle(&self, max: Duration) -> bool {
+        let until = Instant::now() + max;
+        let mut busy = self.busy.lock().expect("lock");
+        while *busy {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self.idle.wait_timeout(busy, left).expect("lock").0;
+        }
+        true
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.busy.lock().expect("lock") = false;
+        self.0.idle.notify_all();
+    }
+}
+
 #[derive(Default)]
 pub struct Context {
     topic: String,
     changes: Mutex<Vec<Change>>,
+    /// The writer thread's INSERT, waited for by revocations.
+    pub gate: Arc<WriteGate>,
+    /// How long a revocation waits for an INSERT in flight: the request's own timeout and then
+    /// some (it cannot take longer unless the HTTP client hangs).
+    revoke_wait: Duration,
 }
 
 impl Context {
-    pub fn new(topic: &str) -> Self {
-        Context { topic: topic.to_string(), changes: Mutex::default() }
+    /// `insert_timeout` is `clickhouse.timeout_secs`.
+    pub fn new(topic: &str, insert_timeout: Duration) -> Self {
+        Context {
+            topic: topic.to_string(),
+            changes: Mutex::default(),
+            gate: Arc::default(),
+            revoke_wait: insert_timeout + Duration::from_secs(5),
+        }
     }
 
     /// Takes the changes recorded since the last call.
@@ -70,6 +125,24 @@ impl ConsumerContext for Context {
             let ps = self.partitions(tpl);
             counter!(m::REBALANCES, "kind" => "revoke").increment(1);
             tracing::info!(partitions = ?ps, "partitions revoked");
+            // The previous batch's INSERT may be in flight: let it land (or fail) before the
+            // partitions can be assigned to someone who will rebuild their state from ClickHouse.
+            let t = Instant::now();
+            let idle = self.gate.wait_idle(self.revoke_wait);
+            if idle && t.elapsed() >= Duration::from_millis(1) {
+                tracing::info!(
+                    partitions = ?ps,
+                    waited_ms = t.elapsed().as_millis() as u64,
+                    "revocation waited for the INSERT in flight"
+                );
+            }
+            if !idle {
+                tracing::error!(
+                    partitions = ?ps,
+                    "an INSERT is still in flight past clickhouse.timeout_secs at revocation; \
+                     the next owner fences it before loading its state (docs/exactly-once.md, zombie writers)"
+                );
+            }
             self.changes.lock().expect("lock").push(Change::Revoked(ps));
         }
     }

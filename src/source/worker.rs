@@ -24,12 +24,15 @@ use crate::metrics as m;
 use crate::pipeline::{InMessage, Processor, Staged};
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{ChError, ErrorClass};
-use crate::sink::rowbinary::RowWriter;
-use crate::sink::EventStore;
+use crate::sink::flight::Flight;
+use crate::sink::{EventStore, InsertFailed};
 use crate::verify::Credential;
 
 /// Poll slice: how long one `poll` may block, so shutdown and batch deadlines are noticed.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
+/// INSERT is landed (committed) when no new messages arrive.
+const LANDING_SLICE: Duration = Duration::from_millis(5);
 /// A batch also closes at this many value bytes.
 const BATCH_MAX_BYTES: usize = 64 << 20;
 /// First retry delay of a failing dependency call.
@@ -50,7 +53,7 @@ pub struct Abandoned;
 
 type Held<'c> = Vec<(BorrowedMessage<'c>, u64)>;
 
-pub struct Worker<'c, S: EventStore> {
+pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     consumer: &'c BaseConsumer<Context>,
     dlq: DeadLetters,
     store: S,
@@ -69,7 +72,7 @@ pub struct Worker<'c, S: EventStore> {
     stalled: BTreeMap<i32, &'static str>,
 }
 
-impl<'c, S: EventStore> Worker<'c, S> {
+impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     pub fn new(
         consumer: &'c BaseConsumer<Context>,
         dlq: DeadLetters,
@@ -160,20 +163,52 @@ impl<'c, S: EventStore> Worker<'c, S> {
     }
 
     /// Runs until SIGTERM/SIGINT; returns after the last batch is written and committed.
+    ///
+    /// Two batches are open at a time: batch N's rows are inserted on a writer thread while
+    /// batch N+1 is gathered and staged; then N is landed (retried if it failed, committed) and
+    /// only then is N+1 resolved against ClickHouse and sent.
     pub fn run(&mut self) -> anyhow::Result<()> {
+        let mut flight: Option<Sent> = None;
         loop {
             let mut held = std::mem::take(&mut self.stash);
-            let stop = self.gather(&mut held);
-            if !held.is_empty() && self.process(&held).is_err() {
+            let stop = self.gather(&mut held, flight.as_ref());
+            if self.cycle(&held, &mut flight).is_err() {
                 warn!("batch abandoned at shutdown; it will be redelivered");
                 break;
             }
             drop(held);
-            if stop && self.stash.is_empty() {
+            if stop && self.stash.is_empty() && flight.is_none() {
                 break;
             }
         }
+        if let Some(f) = flight {
+            let _ = f.writer.join();
+        }
         info!("stopped: last batch committed");
+        Ok(())
+    }
+
+    /// Stages `held` (while the previous batch's INSERT is in flight), lands the previous batch,
+    /// then sends this one.
+    fn cycle(&mut self, held: &Held<'c>, flight: &mut Option<Sent>) -> Result<(), Abandoned> {
+        let staged = match held.is_empty() {
+            true => None,
+            false => match self.stage_batch(held) {
+                Ok(s) => Some(s),
+                Err(a) => {
+                    if let Some(f) = flight.take() {
+                        let _ = f.writer.join();
+                    }
+                    return Err(a);
+                }
+            },
+        };
+        if let Some(f) = flight.take() {
+            self.land(f)?;
+        }
+        if let Some(batch) = staged {
+            *flight = Some(self.send(held, batch)?);
+        }
         Ok(())
     }
 
@@ -217,8 +252,10 @@ impl<'c, S: EventStore> Worker<'c, S> {
         self.owned.get(&partition) == Some(&epoch)
     }
 
-    /// Polls until the batch is full or its time is up; returns whether shutdown was requested.
-    fn gather(&mut self, held: &mut Held<'c>) -> bool {
+    /// Polls until the batch is full or its time is up — or, while nothing is held, until the
+    /// batch in `flight` has finished its INSERT and can be landed. Returns whether shutdown
+    /// was requested.
+    fn gather(&mut self, held: &mut Held<'c>, flight: Option<&Sent>) -> bool {
         let max_messages = self.cfg.ingest.batch_max_messages;
         let max_wait = Duration::from_millis(self.cfg.ingest.batch_max_wait_ms);
         let mut started: Option<Instant> = (!held.is_empty()).then(Instant::now);
@@ -231,12 +268,14 @@ impl<'c, S: EventStore> Worker<'c, S> {
             if held.len() >= max_messages || bytes >= BATCH_MAX_BYTES {
                 return false;
             }
-            let slice = match started {
-                Some(t) => match max_wait.checked_sub(t.elapsed()) {
+            let slice = match (started, flight) {
+                (Some(t), _) => match max_wait.checked_sub(t.elapsed()) {
                     Some(left) if !left.is_zero() => left.min(POLL_SLICE),
                     _ => return false,
                 },
-                None => POLL_SLICE,
+                (None, Some(f)) if f.writer.is_finished() => return false,
+                (None, Some(_)) => LANDING_SLICE,
+                (None, None) => POLL_SLICE,
             };
             let polled = self.consumer.poll(slice);
             // Rebalance callbacks ran inside `poll`: apply them before tagging the message, which
@@ -283,20 +322,7 @@ impl<'c, S: EventStore> Worker<'c, S> {
         }
         let until = Instant::now() + delay;
         while Instant::now() < until {
-            let polled = self.consumer.poll(until.saturating_duration_since(Instant::now()).min(POLL_SLICE));
-            self.apply_changes(None);
-            if let Some(r) = polled {
-                match r {
-                    Ok(msg) => {
-                        let epoch = self.epoch_of(msg.partition());
-                        self.stash.push((msg, epoch));
-                    }
-                    Err(e) => {
-                        counter!(m::BROKER_ERRORS).increment(1);
-                        debug!(error = %e, "poll failed while waiting");
-                    }
-                }
-            }
+            self.poll_aside(until.saturating_duration_since(Instant::now()).min(POLL_SLICE));
             self.stopping();
         }
         if let Ok(a) = self.consumer.assignment() {
@@ -306,6 +332,24 @@ impl<'c, S: EventStore> Worker<'c, S> {
         match self.shutdown_since {
             Some(t) if t.elapsed() > SHUTDOWN_GRACE => Err(Abandoned),
             _ => Ok(()),
+        }
+    }
+
+    /// Polls once while the loop waits for something else: rebalances are applied, a message
+    /// that arrives is stashed for the next batch.
+    fn poll_aside(&mut self, slice: Duration) {
+        let polled = self.consumer.poll(slice);
+        self.apply_changes(None);
+        match polled {
+            Some(Ok(msg)) => {
+                let epoch = self.epoch_of(msg.partition());
+                self.stash.push((msg, epoch));
+            }
+            Some(Err(e)) => {
+                counter!(m::BROKER_ERRORS).increment(1);
+                debug!(error = %e, "poll failed while waiting");
+            }
+            None => {}
         }
     }
 
@@ -325,6 +369,28 @@ impl<'c, S: EventStore> Worker<'c, S> {
             v.dedup();
             v
         };
+        if need.is_empty() {
+            return Ok(());
+        }
+        // No earlier owner's INSERT may land after the states are read: fence every attempt of
+        // the topic still staged (a live worker whose attempt is dropped retries it).
+        let mut backoff = self.backoff();
+        loop {
+            match self.store.fence_all(&self.cfg.kafka.topic) {
+                Ok(n) => {
+                    if n > 0 {
+                        info!(staging_tables = n, "fenced INSERT attempts still staged before loading dedupe state");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    let ps: Vec<i32> = need.iter().map(|(p, _)| *p).collect();
+                    self.clickhouse_failed("fence", &e, &ps, delay);
+                    self.wait(delay, "clickhouse")?;
+                }
+            }
+        }
         let d = self.cfg.dedupe.clone();
         let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
         for (p, epoch) in need {
@@ -355,7 +421,9 @@ impl<'c, S: EventStore> Worker<'c, S> {
         Ok(())
     }
 
-    fn process(&mut self, held: &Held<'c>) -> Result<(), Abandoned> {
+    /// Ensures the dedupe states and stages the batch's messages still owned. Needs no
+    /// ClickHouse round trip unless a partition's state must be loaded.
+    fn stage_batch<'h>(&mut self, held: &'h Held<'c>) -> Result<Batch<'h>, Abandoned> {
         self.ensure_states(held)?;
         // The messages of this batch still owned (with state), in poll order.
         let idx: Vec<usize> = (0..held.len())
@@ -365,40 +433,95 @@ impl<'c, S: EventStore> Worker<'c, S> {
             })
             .collect();
         let epochs: BTreeMap<i32, u64> = idx.iter().map(|&i| (held[i].0.partition(), held[i].1)).collect();
-        let msgs: Vec<InMessage<'_>> = idx.iter().map(|&i| in_message(&held[i].0)).collect();
+        let msgs: Vec<InMessage<'h>> = idx.iter().map(|&i| in_message(&held[i].0)).collect();
         counter!(m::MESSAGES).increment(msgs.len() as u64);
-
         let (hits0, misses0) = (self.processor.verifier.cache_hits, self.processor.verifier.cache_misses);
-        let t0 = Instant::now();
-        let mut staged = self.processor.stage(&msgs, &mut self.states, now_secs()).expect("states ensured above");
-        let t_stage = t0.elapsed();
+        let t = Instant::now();
+        let staged = self.processor.stage(&msgs, &mut self.states, now_secs()).expect("states ensured above");
+        let stage = t.elapsed();
+        histogram!(m::STAGE_SECONDS, "stage" => "stage").record(stage.as_secs_f64());
         self.cache_metrics(hits0, misses0);
-
-        self.resolve_unknown(&mut staged, &epochs)?;
-        let t_lookup = t0.elapsed();
-        // Dead letters are queued first and acknowledged after the insert: the two overlap, and
-        // both complete before the commit.
-        let records = self.dlq_records(held, &idx, &staged);
-        let not_queued = self.dlq.enqueue(&records, &(0..records.len()).collect::<Vec<_>>());
-        let accepted = self.insert(&mut staged, &epochs)?;
-        let t_insert = t0.elapsed();
-        self.await_dead_letters(&records, &epochs, not_queued)?;
-        for r in records.iter().filter(|r| self.owns(r.partition, epochs[&r.partition])) {
-            counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
-        }
-        let t_dlq = t0.elapsed();
-
-        // Offsets: every message of the batch is accounted for (written, duplicate or
-        // dead-lettered) — commit the next offset of each partition we still own.
+        // Offsets: every message of the batch ends up written, duplicate or dead-lettered.
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         for &i in &idx {
             let msg = &held[i].0;
             let e = next.entry(msg.partition()).or_insert(0);
             *e = (*e).max(msg.offset() + 1);
         }
+        Ok(Batch { idx, epochs, next, staged, stage })
+    }
+
+    /// Resolves the batch's unknown keys (the previous batch has landed), queues its dead
+    /// letters, starts its INSERT on a writer thread and waits for the dead letters' acks.
+    fn send(&mut self, held: &Held<'c>, mut b: Batch<'_>) -> Result<Sent, Abandoned> {
+        let t = Instant::now();
+        self.resolve_unknown(&mut b.staged, &b.epochs)?;
+        let lookup = t.elapsed();
+        let records = self.dlq_records(held, &b.idx, &b.staged);
+        let not_queued = self.dlq.enqueue(&records, &(0..records.len()).collect::<Vec<_>>());
+        let t = Instant::now();
+        let flight = b.staged.flight(&self.processor.meters, &self.cfg.kafka.topic, now_secs());
+        histogram!(m::STAGE_SECONDS, "stage" => "encode").record(t.elapsed().as_secs_f64());
+        let writer = {
+            let store = self.store.clone();
+            let topic = self.cfg.kafka.topic.clone();
+            let in_flight = self.consumer.context().gate.begin();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let result = if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight.buf) };
+                drop(in_flight);
+                (flight, result, t.elapsed())
+            })
+        };
+        let t = Instant::now();
+        if let Err(a) = self.await_dead_letters(&records, &b.epochs, not_queued) {
+            let _ = writer.join();
+            return Err(a);
+        }
+        for r in records.iter().filter(|r| self.owns(r.partition, b.epochs[&r.partition])) {
+            counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
+        }
+        Ok(Sent {
+            writer,
+            epochs: b.epochs,
+            next: b.next,
+            messages: b.idx.len(),
+            duplicates: b.staged.duplicates,
+            rejections: b.staged.rejections.iter().map(|r| r.reason).collect(),
+            stage: b.stage,
+            lookup,
+            dlq_wait: t.elapsed(),
+        })
+    }
+
+    /// Waits for a sent batch's INSERT, retries it until it is written (rows that landed in a
+    /// failed attempt are found by key and not sent again), then commits its offsets.
+    fn land(&mut self, s: Sent) -> Result<(), Abandoned> {
+        let t = Instant::now();
+        // Keep serving the group while the INSERT runs: a revocation is seen at once (and its
+        // callback waits for this very INSERT, rule 3).
+        while !s.writer.is_finished() {
+            if self.stash.len() < self.cfg.ingest.batch_max_messages {
+                self.poll_aside(LANDING_SLICE);
+            } else {
+                std::thread::sleep(LANDING_SLICE); // a whole batch is waiting already
+            }
+        }
+        let (mut flight, result, took) = s.writer.join().expect("the writer thread does not panic");
+        let waited = t.elapsed();
+        let accepted = match result {
+            Ok(()) => {
+                if !flight.is_empty() {
+                    m::insert_latency(took.as_secs_f64(), flight.len());
+                }
+                flight.len()
+            }
+            Err(e) => self.retry_insert(&mut flight, &s.epochs, e)?,
+        };
+        let t = Instant::now();
         let mut tpl = TopicPartitionList::new();
-        for (p, off) in &next {
-            if self.owns(*p, epochs[p]) {
+        for (p, off) in &s.next {
+            if self.owns(*p, s.epochs[p]) {
                 tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(*off)).expect("valid offset");
             }
         }
@@ -411,25 +534,31 @@ impl<'c, S: EventStore> Worker<'c, S> {
                 }
             }
         }
-        self.unstall(epochs.keys().copied().filter(|p| self.owns(*p, epochs[p])).collect::<Vec<_>>());
+        let commit = t.elapsed();
+        for (stage, d) in [("lookup", s.lookup), ("dlq_wait", s.dlq_wait), ("insert_wait", waited), ("commit", commit)]
+        {
+            histogram!(m::STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
+        }
+        self.unstall(s.epochs.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
-        m::duplicates(staged.duplicates);
-        for r in &staged.rejections {
-            m::rejected(r.reason);
+        m::duplicates(s.duplicates);
+        for r in &s.rejections {
+            m::rejected(*r);
         }
         let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
         gauge!(m::DEDUPE_KEYS).set(keys as f64);
         gauge!(m::DEDUPE_BYTES).set(bytes as f64);
         debug!(
-            messages = msgs.len(),
+            messages = s.messages,
             accepted,
-            duplicates = staged.duplicates,
-            rejected = staged.rejections.len(),
-            stage_ms = t_stage.as_millis() as u64,
-            lookup_ms = (t_lookup - t_stage).as_millis() as u64,
-            insert_ms = (t_insert - t_lookup).as_millis() as u64,
-            dlq_wait_ms = (t_dlq - t_insert).as_millis() as u64,
-            commit_ms = (t0.elapsed() - t_dlq).as_millis() as u64,
+            duplicates = s.duplicates,
+            rejected = s.rejections.len(),
+            stage_ms = s.stage.as_millis() as u64,
+            lookup_ms = s.lookup.as_millis() as u64,
+            dlq_wait_ms = s.dlq_wait.as_millis() as u64,
+            insert_ms = took.as_millis() as u64,
+            insert_wait_ms = waited.as_millis() as u64,
+            commit_ms = commit.as_millis() as u64,
             "batch committed"
         );
         Ok(())
@@ -547,49 +676,68 @@ impl<'c, S: EventStore> Worker<'c, S> {
         }
     }
 
-    /// Inserts the accepted rows. After a failed attempt, the rows that did land (an attempt may
-    /// fail after the server wrote it, or write some months' parts only) are found by key and
-    /// not sent again.
-    fn insert(&mut self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<usize, Abandoned> {
+    /// After the writer thread's attempt failed: waits, fences the failed attempt (so that it
+    /// cannot land later), drops the rows that did land (an attempt may fail after the server
+    /// wrote it, or write some months' parts only) and those of partitions no longer owned, and
+    /// sends the rest again, until it goes through. Runs on the worker thread, so no rebalance
+    /// callback runs during a request. Returns the rows written.
+    fn retry_insert(
+        &mut self,
+        flight: &mut Flight,
+        epochs: &BTreeMap<i32, u64>,
+        mut failed: InsertFailed,
+    ) -> Result<usize, Abandoned> {
         let mut backoff = self.backoff();
-        let mut buf = RowWriter::default();
-        let mut written_before_retry = 0;
+        let mut landed = 0;
         loop {
-            self.keep_owned(staged, epochs);
-            buf.buf.clear();
-            let n = staged.encode(&mut buf, &self.processor.meters, &self.cfg.kafka.topic, now_secs());
-            if n == 0 {
-                return Ok(written_before_retry);
+            let delay = backoff.next_delay();
+            self.clickhouse_failed("insert", &failed.error, &self.owned_of(epochs), delay);
+            self.wait(delay, "clickhouse")?;
+            self.fence(&failed.stage, epochs)?;
+            landed += self.drop_landed(flight, epochs)?;
+            if flight.is_empty() {
+                return Ok(landed);
             }
             let t = Instant::now();
-            match self.store.insert_events(&buf.buf) {
+            match self.store.insert_events(&self.cfg.kafka.topic, &flight.buf) {
                 Ok(()) => {
-                    m::insert_latency(t.elapsed().as_secs_f64(), n);
-                    return Ok(n + written_before_retry);
+                    m::insert_latency(t.elapsed().as_secs_f64(), flight.len());
+                    return Ok(landed + flight.len());
                 }
+                Err(f) => failed = f,
+            }
+        }
+    }
+
+    /// Drops a failed attempt's staging table, retrying until ClickHouse confirms it.
+    fn fence(&mut self, stage: &str, epochs: &BTreeMap<i32, u64>) -> Result<(), Abandoned> {
+        let mut backoff = self.backoff();
+        loop {
+            match self.store.fence(stage) {
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    self.clickhouse_failed("insert", &e, &self.owned_of(epochs), delay);
+                    self.clickhouse_failed("fence", &e, &self.owned_of(epochs), delay);
                     self.wait(delay, "clickhouse")?;
-                    written_before_retry += self.drop_landed(staged, epochs)?;
                 }
             }
         }
     }
 
-    /// Marks the staged rows already present in ClickHouse as written; returns how many.
-    fn drop_landed(&mut self, staged: &mut Staged<'_>, epochs: &BTreeMap<i32, u64>) -> Result<usize, Abandoned> {
+    /// Removes from `flight` the rows of partitions no longer owned and the rows already present
+    /// in ClickHouse (those are written); returns how many were present.
+    fn drop_landed(&mut self, flight: &mut Flight, epochs: &BTreeMap<i32, u64>) -> Result<usize, Abandoned> {
         let mut backoff = self.backoff();
         loop {
-            self.keep_owned(staged, epochs);
-            let keys = staged.pending_keys();
+            flight.retain_partitions(|p| self.owns(p, epochs[&p]));
+            let keys = flight.keys();
             if keys.is_empty() {
                 return Ok(0);
             }
             match self.store.existing(&keys) {
                 Ok(found) => {
                     drop(keys);
-                    let n = staged.mark_written(&found);
+                    let n = flight.retain(|_, k| !found.contains(&k));
                     if n > 0 {
                         info!(rows = n, "rows of the failed attempt had landed; not sending them again");
                     }
@@ -604,6 +752,30 @@ impl<'c, S: EventStore> Worker<'c, S> {
             }
         }
     }
+}
+
+/// A staged batch, not yet resolved or sent.
+struct Batch<'h> {
+    /// Indices into the held messages of those staged (still owned, in poll order).
+    idx: Vec<usize>,
+    epochs: BTreeMap<i32, u64>,
+    /// Per partition, the offset to commit once the batch is written.
+    next: BTreeMap<i32, i64>,
+    staged: Staged<'h>,
+    stage: Duration,
+}
+
+/// A batch whose INSERT runs on the writer thread; its dead letters are acknowledged.
+struct Sent {
+    writer: std::thread::JoinHandle<(Flight, Result<(), InsertFailed>, Duration)>,
+    epochs: BTreeMap<i32, u64>,
+    next: BTreeMap<i32, i64>,
+    messages: usize,
+    duplicates: u64,
+    rejections: Vec<crate::reject::Reason>,
+    stage: Duration,
+    lookup: Duration,
+    dlq_wait: Duration,
 }
 
 fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
@@ -689,7 +861,7 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         },
     };
     let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
-        .create_with_context(Context::new(&cfg.kafka.topic))
+        .create_with_context(Context::new(&cfg.kafka.topic, Duration::from_secs(cfg.clickhouse.timeout_secs)))
         .context("failed to create the kafka consumer")?;
     consumer.subscribe(&[&cfg.kafka.topic]).context("failed to subscribe")?;
     let dlq = DeadLetters::new(&super::client_config(&cfg.kafka), &cfg.kafka.dlq_topic, &cfg.kafka.topic)

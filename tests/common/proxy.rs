@@ -3,15 +3,22 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub struct Proxy {
     pub addr: String,
     up: Arc<AtomicBool>,
     lose_responses: Arc<AtomicBool>,
+    hold_requests_ms: Arc<AtomicU64>,
+    hold_next: HoldNext,
     live: Arc<Mutex<Vec<TcpStream>>>,
 }
+
+/// The next request whose first bytes contain the pattern is held this long (once); the number
+/// of held requests forwarded so far.
+type HoldNext = Arc<(Mutex<Option<(Vec<u8>, Duration)>>, AtomicU64)>;
 
 impl Proxy {
     /// Listens on 127.0.0.1:<free port> and forwards to `upstream` (host:port) while up.
@@ -20,8 +27,12 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let up = Arc::new(AtomicBool::new(true));
         let lose_responses = Arc::new(AtomicBool::new(false));
+        let hold_requests_ms = Arc::new(AtomicU64::new(0));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (up2, lose2, live2, upstream) = (up.clone(), lose_responses.clone(), live.clone(), upstream.to_string());
+        let hold2 = hold_requests_ms.clone();
+        let hold_next: HoldNext = Arc::default();
+        let next2 = hold_next.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -36,16 +47,45 @@ impl Proxy {
                     l.push(server.try_clone().unwrap());
                 }
                 let pairs = [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap(), None),
-                    (server, client, Some(lose2.clone())),
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        None,
+                        Some((hold2.clone(), next2.clone())),
+                    ),
+                    (server, client, Some(lose2.clone()), None),
                 ];
-                for (mut from, mut to, lose) in pairs {
+                for (mut from, mut to, lose, hold) in pairs {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 64 * 1024];
+                        let mut last = Instant::now() - Duration::from_secs(1);
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
+                                    // A request's first bytes (after a quiet moment) are held.
+                                    if let Some((h, next)) = &hold {
+                                        let once = {
+                                            let mut g = next.0.lock().unwrap();
+                                            let hit = g.as_ref().is_some_and(|(pat, _)| {
+                                                buf[..n].windows(pat.len()).any(|w| w == &pat[..])
+                                            });
+                                            if hit {
+                                                g.take().map(|(_, d)| d)
+                                            } else {
+                                                None
+                                            }
+                                        };
+                                        if let Some(d) = once {
+                                            std::thread::sleep(d);
+                                            next.1.fetch_add(1, Ordering::SeqCst);
+                                        }
+                                        let ms = h.load(Ordering::SeqCst);
+                                        if ms > 0 && last.elapsed() > Duration::from_millis(50) {
+                                            std::thread::sleep(Duration::from_millis(ms));
+                                        }
+                                        last = Instant::now();
+                                    }
                                     // A response to lose: the server did the work, the client
                                     // only sees its connection die.
                                     if lose.as_ref().is_some_and(|l| l.load(Ordering::SeqCst)) {
@@ -64,7 +104,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, up, lose_responses, live }
+        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, live }
     }
 
     /// The outage starts: new connections are dropped, open ones are reset.
@@ -78,6 +118,25 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
         self.lose_responses.store(false, Ordering::SeqCst);
+        self.hold_requests_ms.store(0, Ordering::SeqCst);
+    }
+
+    /// The next request whose first bytes contain `pattern` reaches the server `d` late, the
+    /// others are not held: as a request parked in a congested link or an L7 proxy that still
+    /// forwards it after the client gave up.
+    pub fn hold_next_matching(&self, pattern: &[u8], d: Duration) {
+        *self.hold_next.0.lock().unwrap() = Some((pattern.to_vec(), d));
+    }
+
+    /// How many requests [`Proxy::hold_next_matching`] held and then forwarded.
+    pub fn held_and_forwarded(&self) -> u64 {
+        self.hold_next.1.load(Ordering::SeqCst)
+    }
+
+    /// Every request reaches the server `d` late (its first bytes are held), as on a slow or
+    /// congested link: an INSERT lands `d` after the client sent it.
+    pub fn hold_requests(&self, d: Duration) {
+        self.hold_requests_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Requests still reach the server, but every response is lost (the connection is reset as

@@ -1,0 +1,244 @@
+//! End to end on the real services (`scripts/start.sh`): one topic of generated traffic, and in
+//! the same run
+//!
+//! * the raw consume of it (librdkafka, nothing done with the messages),
+//! * `tally-ingest` with 1 worker, then with 2, from partitions assigned to caught up,
+//! * a replay: a new group re-reading the already-counted events,
+//! * the same narrow rows inserted into a plain copy of `events` (no views) and into the whole
+//!   schema (the views that keep the hourly aggregates),
+//!
+//! each as a ratio to its yardstick. Totals are checked against the generator after every run, so
+//! a fast wrong answer cannot pass. Results go to stdout and, as JSON, to `target/bench/ingest.json`
+//! (`scripts/bench.sh` turns them into `docs/benchmarks.md` and its plot).
+//!
+//! `BENCH_EVENTS` (default 1,000,000) and `BENCH_ROUNDS` (default 2) size a run.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+
+use common::World;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The production defaults for batching and dedupe memory (the test harness shrinks them).
+const PRODUCTION: [(&str, &str); 4] = [
+    ("TALLY_INGEST_BATCH_MAX_MESSAGES", "20000"),
+    ("TALLY_INGEST_BATCH_MAX_WAIT_MS", "250"),
+    ("TALLY_DEDUPE_BLOOM_BYTES_PER_PARTITION", "16777216"),
+    ("TALLY_DEDUPE_RECENT_KEYS_PER_PARTITION", "262144"),
+];
+
+/// Reads every partition from the beginning up to `end` and does nothing with the messages.
+fn raw_consume(world: &World, end: &BTreeMap<i32, i64>) -> f64 {
+    let mut cfg = tally::source::consumer_config(&world.kafka);
+    cfg.set("group.id", format!("raw-{}", world.name)).set("enable.auto.commit", "false");
+    let c: BaseConsumer = cfg.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in end.keys() {
+        tpl.add_partition_offset(&world.kafka.topic, *p, Offset::Beginning).unwrap();
+    }
+    let t = Instant::now();
+    c.assign(&tpl).unwrap();
+    let mut left: BTreeMap<i32, i64> = end.iter().filter(|(_, o)| **o > 0).map(|(p, o)| (*p, *o)).collect();
+    let mut bytes = 0usize;
+    while !left.is_empty() {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            bytes += m.payload_len();
+            if left.get(&m.partition()).is_some_and(|e| m.offset() + 1 >= *e) {
+                left.remove(&m.partition());
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "raw consume did not finish");
+    }
+    std::hint::black_box(bytes);
+    t.elapsed().as_secs_f64()
+}
+
+/// Starts `workers` workers in group `group`; returns seconds from the first assignment until
+/// every partition's committed offset reached `end`, and the time of the first group join.
+fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) -> (f64, f64) {
+    let t0 = Instant::now();
+    // Group ids are global on the broker: one per world and pass.
+    let group = &format!("{}-{group}", world.name);
+    let labels: Vec<String> = (0..workers).map(|i| format!("{group}-{i}")).collect();
+    let start = |l: &str| {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(world.log_path(l)).unwrap();
+        world.cli(&["run"]).envs(PRODUCTION).env("TALLY_KAFKA_GROUP_ID", group).stderr(log).spawn().unwrap()
+    };
+    // The first worker alone, then the others as soon as it has its partitions: tansu can leave a
+    // brand-new group without an assignment when its first members join at the same instant, so
+    // the rebalance that hands them their share is part of the measured time.
+    let mut children: Vec<Child> = vec![start(&labels[0])];
+    while world.assignments(&labels[0]) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no assignment");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let assigned = Instant::now();
+    children.extend(labels[1..].iter().map(|l| start(l)));
+    let mut cfg = tally::source::client_config(&world.kafka);
+    cfg.set("group.id", group).set("enable.auto.commit", "false");
+    let c: BaseConsumer = cfg.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in end.keys() {
+        tpl.add_partition(&world.kafka.topic, *p);
+    }
+    loop {
+        let got = c.committed_offsets(tpl.clone(), Duration::from_secs(10)).unwrap();
+        let done = got.elements().iter().all(|e| match e.offset() {
+            Offset::Offset(o) => o >= end[&e.partition()],
+            _ => end[&e.partition()] == 0,
+        });
+        if done {
+            break;
+        }
+        assert!(assigned.elapsed() < Duration::from_secs(900), "not caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let caught_up = assigned.elapsed().as_secs_f64();
+    common::stop_all(children);
+    (caught_up, (assigned - t0).as_secs_f64())
+}
+
+/// The narrow rows of `world`, in arrival order, as RowBinary chunks of `per` rows.
+fn export_rows(world: &World, per: u64) -> Vec<Vec<u8>> {
+    let n = world.scalar("SELECT count() FROM events");
+    (0..n.div_ceil(per))
+        .map(|i| {
+            world
+                .ch
+                .query(&format!(
+                    "SELECT * FROM events ORDER BY src_partition, src_offset, batch_index LIMIT {per} OFFSET {} FORMAT RowBinary",
+                    i * per
+                ))
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Inserts `chunks` into a fresh database holding `schema`; seconds.
+fn insert_into(world: &World, db: &str, schema: &str, chunks: &[Vec<u8>]) -> f64 {
+    let ch = &world.ch;
+    ch.execute(&format!("DROP DATABASE IF EXISTS {db}"), false).unwrap();
+    for stmt in schema.replace("${database}", db).split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let sql: String = stmt.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        if !sql.trim().is_empty() {
+            ch.execute(&sql, false).unwrap();
+        }
+    }
+    let t = Instant::now();
+    for c in chunks {
+        ch.insert(&format!("INSERT INTO {db}.events FORMAT RowBinary"), c).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    ch.execute(&format!("DROP DATABASE {db}"), false).unwrap();
+    s
+}
+
+/// `schemas/001_events.sql` cut down to the database and the `events` table.
+fn plain_schema(full: &str) -> String {
+    let mut out = String::new();
+    for stmt in full.split(';') {
+        let s = stmt.trim();
+        let body: String = s.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        if body.contains("CREATE DATABASE") || body.contains("CREATE TABLE IF NOT EXISTS ${database}.events\n") {
+            out.push_str(&body);
+            out.push_str(";\n");
+        }
+    }
+    out
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::MAX, f64::min)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let events = env_or("BENCH_EVENTS", 1_000_000);
+    let rounds = env_or("BENCH_ROUNDS", 2) as usize;
+    let world = World::tenants("bench", 10, 6);
+    let t = Instant::now();
+    let e = world.generate(&world.gen_config(events, 7));
+    let produce_s = t.elapsed().as_secs_f64();
+    let bytes: u64 = world.scalar("SELECT 0"); // keeps the connection warm
+    std::hint::black_box(bytes);
+    println!("generated {} events in {} messages ({} accepted) in {produce_s:.1} s", e.events, e.messages, e.accepted);
+
+    let mut raw = Vec::new();
+    let mut first = Vec::new();
+    let mut join = Vec::new();
+    let mut replay = Vec::new();
+    for r in 0..rounds {
+        raw.push(raw_consume(&world, &e.end_offsets));
+        println!("raw consume: {:.2} s", raw[r]);
+        // A first pass needs an empty store: every round but the first starts from a fresh database.
+        if r > 0 {
+            reset_store(&world);
+        }
+        let (s, j) = ingest(&world, &format!("first{r}"), 1, &e.end_offsets);
+        world.assert_totals(&e);
+        first.push(s);
+        join.push(j);
+        println!("tally-ingest, 1 worker, first pass: {s:.2} s (+{j:.1} s to the first assignment)");
+        let (s, _) = ingest(&world, &format!("replay{r}"), 1, &e.end_offsets);
+        world.assert_totals(&e);
+        replay.push(s);
+        println!("tally-ingest, 1 worker, replay: {s:.2} s");
+    }
+    reset_store(&world);
+    let (two, _) = ingest(&world, "two", 2, &e.end_offsets);
+    world.assert_totals(&e);
+    println!("tally-ingest, 2 workers, first pass: {two:.2} s");
+
+    let chunks = export_rows(&world, 75_000);
+    let rows = world.scalar("SELECT count() FROM events");
+    let full = std::fs::read_to_string("schemas/001_events.sql").unwrap();
+    let plain = plain_schema(&full);
+    let (mut plain_s, mut full_s) = (Vec::new(), Vec::new());
+    // Inserts are short and noisy: more rounds, interleaved.
+    for _ in 0..rounds.max(5) {
+        plain_s.push(insert_into(&world, &format!("{}_plain", world.ch.database()), &plain, &chunks));
+        full_s.push(insert_into(&world, &format!("{}_full", world.ch.database()), &full, &chunks));
+    }
+    println!("insert {rows} narrow rows: plain {:.2} s, with the aggregates {:.2} s", min(&plain_s), min(&full_s));
+
+    let (raw_b, first_b, replay_b, plain_b, full_b) =
+        (min(&raw), min(&first), min(&replay), min(&plain_s), min(&full_s));
+    let out = json!({
+        "events": e.events, "messages": e.messages, "accepted": e.accepted, "rows": rows,
+        "produce_s": produce_s,
+        "raw_consume_s": raw, "first_pass_s": first, "first_join_s": join, "replay_s": replay,
+        "two_workers_s": two,
+        "insert_plain_s": plain_s, "insert_full_s": full_s,
+        "ratios": {
+            "first_pass_vs_raw_consume": first_b / raw_b,
+            "two_workers_vs_one": two / first_b,
+            "replay_rate_vs_first_pass": first_b / replay_b,
+            "aggregates_vs_plain_insert": full_b / plain_b,
+        },
+        "events_per_s": { "first_pass": e.events as f64 / first_b, "replay": e.events as f64 / replay_b },
+    });
+    println!("{}", serde_json::to_string_pretty(&out["ratios"]).unwrap());
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write("target/bench/ingest.json", serde_json::to_string_pretty(&out).unwrap()).unwrap();
+}
+
+/// Empties the tables (not the topic) so that the next pass counts everything anew.
+fn reset_store(world: &World) {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+        world.ch.execute(&format!("TRUNCATE TABLE {t}"), true).unwrap();
+    }
+}
