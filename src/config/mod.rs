@@ -501,8 +501,8 @@ impl IngestConfig {
         if self.ingest.max_message_bytes == 0 {
             return bad("ingest.max_message_bytes", "must be > 0");
         }
-        // A worker must never be expelled from the group while one ClickHouse request is in
-        // flight (it does not poll then): see docs/exactly-once.md, "Zombie writer".
+        // A worker must never be expelled from the group while its ClickHouse requests are in
+        // flight (it does not poll then): see docs/exactly-once.md, "Zombie writers".
         let max_poll_ms: u64 = match self.kafka.options.get("max.poll.interval.ms") {
             Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
                 key: "kafka.options",
@@ -510,8 +510,10 @@ impl IngestConfig {
             })?,
             None => 300_000,
         };
-        if self.clickhouse.timeout_secs == 0 || self.clickhouse.timeout_secs.saturating_mul(2000) > max_poll_ms {
-            return bad("clickhouse.timeout_secs", "must be > 0 and at most half of kafka max.poll.interval.ms");
+        // The longest run of requests without a poll is one INSERT attempt: 4 requests
+        // (docs/exactly-once.md, "Zombie writers").
+        if self.clickhouse.timeout_secs == 0 || self.clickhouse.timeout_secs.saturating_mul(4000) > max_poll_ms {
+            return bad("clickhouse.timeout_secs", "must be > 0 and at most a quarter of kafka max.poll.interval.ms");
         }
         Ok(())
     }
@@ -628,9 +630,10 @@ mod tests {
 
     #[test]
     fn request_timeout_must_stay_below_the_poll_interval() {
-        let err = IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "200")])).unwrap_err();
+        // One INSERT attempt is 4 requests without a poll: 4 × 76 s > 300 s.
+        let err = IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "76")])).unwrap_err();
         assert!(err.to_string().contains("clickhouse.timeout_secs"), "{err}");
-        assert!(IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "150")])).is_ok());
+        assert!(IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "75")])).is_ok());
     }
 
     #[test]

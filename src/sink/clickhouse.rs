@@ -1,8 +1,10 @@
 //! A small ClickHouse HTTP client: DDL, RowBinary inserts and RowBinary queries.
 //!
 //! Works against ClickHouse 18.16 and current releases: it sends nothing but the SQL, the
-//! `database` parameter and basic-auth credentials (no query parameters, no settings that old
-//! servers reject).
+//! `database` parameter, basic-auth credentials and `wait_end_of_query=1` (no query parameters,
+//! no settings that old servers reject). `wait_end_of_query` makes the server buffer the whole
+//! answer before the status line: an error in the middle of a large result is an HTTP error, never
+//! a 200 whose body ends in the error's text (which a RowBinary reader could take for rows).
 
 use std::io::Read;
 use std::time::Duration;
@@ -145,7 +147,7 @@ impl ClickHouse {
     }
 
     fn post(&self, query_in_url: Option<&str>, body: &[u8], use_db: bool) -> Result<Vec<u8>, ChError> {
-        let mut req = self.agent.post(&format!("{}/", self.url));
+        let mut req = self.agent.post(&format!("{}/", self.url)).query("wait_end_of_query", "1");
         if use_db {
             req = req.query("database", &self.database);
         }
@@ -163,25 +165,34 @@ impl ClickHouse {
     /// <https://clickhouse.com/docs/en/engines/table-engines/special/external-data>). The rows are
     /// read as data, not parsed as SQL: no `max_query_size` or `max_ast_elements` limit applies.
     pub fn query_with_table(&self, sql: &str, name: &str, structure: &str, rows: &[u8]) -> Result<Vec<u8>, ChError> {
-        const BOUNDARY: &str = "tally-external-data-7d1f0c";
+        // A boundary that occurs nowhere in the rows (event ids are any text, so a fixed one could
+        // be forged to cut the part short): random, and drawn again in the unlikely case.
+        let boundary = loop {
+            let b = format!("tally-{:032x}", rand::random::<u128>());
+            if memchr::memmem::find(rows, b.as_bytes()).is_none() {
+                break b;
+            }
+        };
+        let boundary = boundary.as_str();
         let mut body = Vec::with_capacity(rows.len() + 256);
         body.extend_from_slice(
             format!(
-                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\
                  Content-Type: application/octet-stream\r\n\r\n"
             )
             .as_bytes(),
         );
         body.extend_from_slice(rows);
-        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let mut req = self
             .agent
             .post(&format!("{}/", self.url))
+            .query("wait_end_of_query", "1")
             .query("database", &self.database)
             .query("query", sql)
             .query(&format!("{name}_structure"), structure)
             .query(&format!("{name}_format"), "RowBinary")
-            .set("Content-Type", &format!("multipart/form-data; boundary={BOUNDARY}"));
+            .set("Content-Type", &format!("multipart/form-data; boundary={boundary}"));
         if let Some(a) = &self.auth {
             req = req.set("Authorization", a);
         }

@@ -37,8 +37,9 @@ pub trait EventStore {
         horizon: i64,
         state: &mut PartitionState,
     ) -> Result<u64, ChError>;
-    /// Inserts RowBinary rows of `topic`'s events as one fenced attempt (see [`InsertFailed`]).
-    fn insert_events(&self, topic: &str, rows: &[u8]) -> Result<(), InsertFailed>;
+    /// Inserts `count` RowBinary rows of `topic`'s events as one fenced attempt (see
+    /// [`InsertFailed`]).
+    fn insert_events(&self, topic: &str, rows: &[u8], count: usize) -> Result<(), InsertFailed>;
     /// Drops a failed attempt's staging table: once this returns Ok, the attempt has either
     /// moved its rows into `events` or never will (a request of it still on its way fails).
     fn fence(&self, stage: &str) -> Result<(), ChError>;
@@ -52,8 +53,8 @@ pub trait EventStore {
 /// looking for rows of the attempt that landed.
 ///
 /// An attempt is `CREATE TABLE <stage> AS events ENGINE = Memory`, the rows into `<stage>`,
-/// `INSERT INTO events SELECT … FROM <stage>` (the materialized views run here), `DROP TABLE
-/// <stage>`. Its rows can reach `events` only through its own staging table, so dropping that
+/// `INSERT INTO events SELECT … FROM <stage>` (the materialized views run here; it fails unless
+/// the staging table holds every row sent), `DROP TABLE <stage>`. Its rows can reach `events` only through its own staging table, so dropping that
 /// table fences the attempt: `DROP` waits for an `INSERT … SELECT` reading the table to finish,
 /// and any request of the attempt that reaches the server afterwards — held by a proxy past the
 /// client's timeout, or sent by a worker that was killed or expelled — finds no table and fails.
@@ -116,22 +117,30 @@ impl EventStore for ClickHouse {
         Ok(body.len() as u64 / 8)
     }
 
-    fn insert_events(&self, topic: &str, rows: &[u8]) -> Result<(), InsertFailed> {
+    fn insert_events(&self, topic: &str, rows: &[u8], count: usize) -> Result<(), InsertFailed> {
         let stage = format!("{}{:032x}", stage_prefix(topic), rand::random::<u128>());
         let failed = |error: ChError| {
-            // The table is gone although this attempt never dropped it: a state load fenced it.
-            let error = match error.code() {
-                Some(60) => ChError::Fenced(stage.clone()),
-                _ => error,
-            };
+            // This attempt's own table is gone although it never dropped it: a state load fenced
+            // it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the DROP). Any other missing
+            // table is a real error, classified by its code.
+            let fenced = matches!(&error, ChError::Server { code: Some(60 | 218), body, .. } if body.contains(&stage));
+            let error = if fenced { ChError::Fenced(stage.clone()) } else { error };
             InsertFailed { error, stage: stage.clone() }
         };
         // The first request: nothing can be missing yet, so a code 60 here is a real error.
         self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
             .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
         self.insert(&format!("INSERT INTO {stage} ({EVENTS_COLUMNS}) FORMAT RowBinary"), rows).map_err(failed)?;
-        self.execute(&format!("INSERT INTO events ({EVENTS_COLUMNS}) SELECT {EVENTS_COLUMNS} FROM {stage}"), true)
-            .map_err(failed)?;
+        // The staging table must still hold every row: a Memory table comes back empty after a
+        // server restart, and copying nothing must fail, not succeed (code 395, transient).
+        self.execute(
+            &format!(
+                "INSERT INTO events ({EVENTS_COLUMNS}) SELECT {EVENTS_COLUMNS} FROM {stage} \
+                 WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
+            ),
+            true,
+        )
+        .map_err(failed)?;
         // Written. A staging table left behind (this DROP failed) is empty of consequences: its
         // one INSERT … SELECT is done; the next state load or fence drops it.
         if let Err(e) = self.fence(&stage) {

@@ -171,13 +171,19 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         let mut flight: Option<Sent> = None;
         loop {
             let mut held = std::mem::take(&mut self.stash);
-            let stop = self.gather(&mut held, flight.as_ref());
-            if self.cycle(&held, &mut flight).is_err() {
-                warn!("batch abandoned at shutdown; it will be redelivered");
+            if self.gather(&mut held, flight.as_ref()) {
+                // Shutdown: finish the batch in flight (write, commit) and start nothing new;
+                // what was gathered or stashed since is not committed and will be redelivered.
+                drop(held);
+                if let Some(f) = flight.take() {
+                    if self.land(f).is_err() {
+                        warn!("batch abandoned at shutdown; it will be redelivered");
+                    }
+                }
                 break;
             }
-            drop(held);
-            if stop && self.stash.is_empty() && flight.is_none() {
+            if self.cycle(&held, &mut flight).is_err() {
+                warn!("batch abandoned at shutdown; it will be redelivered");
                 break;
             }
         }
@@ -396,6 +402,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         for (p, epoch) in need {
             let mut backoff = self.backoff();
             loop {
+                self.poll_aside(Duration::ZERO); // one request per partition: serve the group between them
                 if !self.owns(p, epoch) {
                     break;
                 }
@@ -468,7 +475,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             let in_flight = self.consumer.context().gate.begin();
             std::thread::spawn(move || {
                 let t = Instant::now();
-                let result = if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight.buf) };
+                let result =
+                    if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight.buf, flight.len()) };
                 drop(in_flight);
                 (flight, result, t.elapsed())
             })
@@ -501,7 +509,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         // Keep serving the group while the INSERT runs: a revocation is seen at once (and its
         // callback waits for this very INSERT, rule 3).
         while !s.writer.is_finished() {
-            if self.stash.len() < self.cfg.ingest.batch_max_messages {
+            if self.stash.len() < self.cfg.ingest.batch_max_messages && !self.shutdown.load(Ordering::Relaxed) {
                 self.poll_aside(LANDING_SLICE);
             } else {
                 std::thread::sleep(LANDING_SLICE); // a whole batch is waiting already
@@ -695,11 +703,15 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             self.wait(delay, "clickhouse")?;
             self.fence(&failed.stage, epochs)?;
             landed += self.drop_landed(flight, epochs)?;
+            // Serve the group between the requests (a live worker must never stay away from
+            // `poll` long enough to be expelled), then send only what is still ours.
+            self.poll_aside(Duration::ZERO);
+            flight.retain_partitions(|p| self.owns(p, epochs[&p]));
             if flight.is_empty() {
                 return Ok(landed);
             }
             let t = Instant::now();
-            match self.store.insert_events(&self.cfg.kafka.topic, &flight.buf) {
+            match self.store.insert_events(&self.cfg.kafka.topic, &flight.buf, flight.len()) {
                 Ok(()) => {
                     m::insert_latency(t.elapsed().as_secs_f64(), flight.len());
                     return Ok(landed + flight.len());
