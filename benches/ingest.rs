@@ -215,6 +215,19 @@ fn main() {
     }
     println!("insert {rows} narrow rows: plain {:.2} s, with the aggregates {:.2} s", min(&plain_s), min(&full_s));
 
+    // Latency: the group of the 2-worker pass is caught up; one worker keeps consuming while new
+    // traffic arrives at a steady rate, and reports each message's event-to-aggregate latency.
+    let max_rate = e.events as f64 / min(&first);
+    let rate = (max_rate / 2.0).min(GENERATOR_RATE) as u64;
+    let lat = latency(&world, &e, rate);
+    println!(
+        "latency at {rate} events/s ({:.2}× the first pass's rate): p50 ≤ {} s, p99 ≤ {} s over {} messages",
+        rate as f64 / max_rate,
+        lat.0,
+        lat.1,
+        lat.2
+    );
+
     let (raw_b, first_b, replay_b, plain_b, full_b) =
         (min(&raw), min(&first), min(&replay), min(&plain_s), min(&full_s));
     let out = json!({
@@ -230,10 +243,58 @@ fn main() {
             "aggregates_vs_plain_insert": full_b / plain_b,
         },
         "events_per_s": { "first_pass": e.events as f64 / first_b, "replay": e.events as f64 / replay_b },
+        "latency": { "rate_events_per_s": rate, "vs_max_rate": rate as f64 / max_rate,
+                     "p50_le_s": lat.0, "p99_le_s": lat.1, "messages": lat.2 },
     });
     println!("{}", serde_json::to_string_pretty(&out["ratios"]).unwrap());
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/ingest.json", serde_json::to_string_pretty(&out).unwrap()).unwrap();
+}
+
+/// The load generator's own ceiling on this machine (it signs a credential per message): a
+/// latency pass asks for at most this rate, whatever half the maximum is.
+const GENERATOR_RATE: f64 = 20_000.0;
+
+/// Produces `rate` events/s for 15 s while one worker of the caught-up group `two` consumes;
+/// returns the upper bounds of the buckets holding p50 and p99 of
+/// `tally_event_to_aggregate_seconds`, and how many messages it counted.
+fn latency(world: &World, before: &tally::loadgen::expected::Expected, rate: u64) -> (f64, f64, u64) {
+    let metrics = common::free_addr();
+    let group = format!("{}-two", world.name);
+    let label = format!("{group}-latency");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(world.log_path(&label)).unwrap();
+    let worker = world
+        .cli(&["run"])
+        .envs(PRODUCTION)
+        .env("TALLY_KAFKA_GROUP_ID", &group)
+        .env("TALLY_METRICS_LISTEN", &metrics)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(world.wait_assigned(&label, Duration::from_secs(120)), "latency worker joined");
+    let gen = tally::loadgen::GenConfig { rate, first_message_id: 10_000_000, ..world.gen_config(rate * 15, 8) };
+    let e = world.generate(&gen);
+    let kafka = tally::config::KafkaConfig { group_id: group, ..world.kafka.clone() };
+    tally::admin::wait_committed(&kafka, &e.end_offsets, Duration::from_secs(300)).unwrap();
+    let text = common::scrape(&metrics);
+    common::stop_all(vec![worker]);
+    let mut all = before.clone();
+    common::merge(&mut all, &e);
+    world.assert_totals(&all);
+    // Cumulative buckets → the smallest upper bound holding the quantile.
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("tally_event_to_aggregate_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let n: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, n))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |q: f64| buckets.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |b| b.0);
+    (q(0.5), q(0.99), total as u64)
 }
 
 /// Empties the tables (not the topic) so that the next pass counts everything anew.

@@ -11,6 +11,7 @@ pub const BATCHES: &str = "tally_batches_total";
 pub const BATCH_EVENTS: &str = "tally_batch_events";
 pub const CH_INSERT_SECONDS: &str = "tally_clickhouse_insert_seconds";
 pub const STAGE_SECONDS: &str = "tally_batch_stage_seconds";
+pub const EVENT_LATENCY: &str = "tally_event_to_aggregate_seconds";
 pub const CH_ERRORS: &str = "tally_clickhouse_errors_total";
 pub const DEDUPE_LOOKUPS: &str = "tally_dedupe_lookups_total";
 pub const DEDUPE_KEYS: &str = "tally_dedupe_state_keys";
@@ -45,6 +46,12 @@ pub fn describe() {
         Unit::Seconds,
         "Time per batch in each step of the loop (label stage=stage|lookup|encode|dlq_wait|insert_wait|commit; \
          insert_wait is how long landing a batch waited for its INSERT beyond the overlap)."
+    );
+    describe_histogram!(
+        EVENT_LATENCY,
+        Unit::Seconds,
+        "Per message: from its Kafka timestamp (the producer's CreateTime) until the INSERT of its batch \
+         returned, i.e. until its events count in the hourly aggregates."
     );
     describe_counter!(CH_ERRORS, "Failed ClickHouse requests, by op and class (transient|permanent).");
     describe_counter!(DEDUPE_LOOKUPS, "Event keys looked up in ClickHouse (the in-memory state could not decide).");
@@ -122,7 +129,13 @@ pub fn install(listen: &str) -> anyhow::Result<()> {
     // across replicas (`histogram_quantile` over `sum by (le)`).
     const SECONDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     const EVENTS_PER_BATCH: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0];
+    // Event-to-aggregate latency: finer around what a healthy loop achieves (a batch or two).
+    const LATENCY: &[f64] =
+        &[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0];
+    // A `Full` matcher takes precedence over a `Suffix` one (the exporter sorts them).
     metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(EVENT_LATENCY.into()), LATENCY)
+        .expect("valid buckets")
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .expect("valid buckets")
         .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), EVENTS_PER_BATCH)

@@ -455,7 +455,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             let e = next.entry(msg.partition()).or_insert(0);
             *e = (*e).max(msg.offset() + 1);
         }
-        Ok(Batch { idx, epochs, next, staged, stage })
+        let timestamps_ms = idx.iter().filter_map(|&i| held[i].0.timestamp().to_millis()).collect();
+        Ok(Batch { idx, epochs, next, staged, stage, timestamps_ms })
     }
 
     /// Resolves the batch's unknown keys (the previous batch has landed), queues its dead
@@ -499,6 +500,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             stage: b.stage,
             lookup,
             dlq_wait: t.elapsed(),
+            timestamps_ms: b.timestamps_ms,
         })
     }
 
@@ -526,6 +528,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             }
             Err(e) => self.retry_insert(&mut flight, &s.epochs, e)?,
         };
+        let written_ms = now_millis();
+        for t in &s.timestamps_ms {
+            histogram!(m::EVENT_LATENCY).record((written_ms - t).max(0) as f64 / 1000.0);
+        }
         let t = Instant::now();
         let mut tpl = TopicPartitionList::new();
         for (p, off) in &s.next {
@@ -775,6 +781,8 @@ struct Batch<'h> {
     next: BTreeMap<i32, i64>,
     staged: Staged<'h>,
     stage: Duration,
+    /// The messages' Kafka timestamps (ms), for `tally_event_to_aggregate_seconds`.
+    timestamps_ms: Vec<i64>,
 }
 
 /// A batch whose INSERT runs on the writer thread; its dead letters are acknowledged.
@@ -788,6 +796,7 @@ struct Sent {
     stage: Duration,
     lookup: Duration,
     dlq_wait: Duration,
+    timestamps_ms: Vec<i64>,
 }
 
 fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
@@ -799,6 +808,10 @@ fn in_message<'a>(msg: &'a BorrowedMessage<'_>) -> InMessage<'a> {
         value: msg.payload(),
         authorization,
     }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub fn now_secs() -> i64 {
