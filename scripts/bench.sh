@@ -3,7 +3,7 @@
 #   cargo bench --bench pipeline   the core without I/O, with serde_json's IgnoredAny pass as yardstick
 #   cargo bench --bench ingest     raw consume, 1 and 2 workers, replay, plain vs aggregated insert
 # in one run, and writes docs/benchmarks.md with a table and docs/benchmarks.png.
-# BENCH_EVENTS (default 1,000,000) and BENCH_ROUNDS (default 2) size the run; ~6 min on 2 cores.
+# BENCH_EVENTS (default 1,000,000) and BENCH_ROUNDS (default 2) size the run; ~8 min on 2 cores.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 "$ROOT/scripts/start.sh"
