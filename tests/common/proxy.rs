@@ -13,6 +13,7 @@ pub struct Proxy {
     lose_responses: Arc<AtomicBool>,
     hold_requests_ms: Arc<AtomicU64>,
     hold_next: HoldNext,
+    lose_answers_to: Arc<Mutex<Option<Vec<u8>>>>,
     live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -33,6 +34,8 @@ impl Proxy {
         let hold2 = hold_requests_ms.clone();
         let hold_next: HoldNext = Arc::default();
         let next2 = hold_next.clone();
+        let lose_answers_to: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let answers2 = lose_answers_to.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -46,14 +49,16 @@ impl Proxy {
                     l.push(client.try_clone().unwrap());
                     l.push(server.try_clone().unwrap());
                 }
+                // This connection's request matched `lose_answers_to`: lose its answer.
+                let lose_this = Arc::new(AtomicBool::new(false));
                 let pairs = [
                     (
                         client.try_clone().unwrap(),
                         server.try_clone().unwrap(),
                         None,
-                        Some((hold2.clone(), next2.clone())),
+                        Some((hold2.clone(), next2.clone(), answers2.clone(), lose_this.clone())),
                     ),
-                    (server, client, Some(lose2.clone()), None),
+                    (server, client, Some((lose2.clone(), lose_this)), None),
                 ];
                 for (mut from, mut to, lose, hold) in pairs {
                     std::thread::spawn(move || {
@@ -64,7 +69,12 @@ impl Proxy {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
                                     // A request's first bytes (after a quiet moment) are held.
-                                    if let Some((h, next)) = &hold {
+                                    if let Some((h, next, answers, lose_this)) = &hold {
+                                        if let Some(pat) = answers.lock().unwrap().as_ref() {
+                                            if buf[..n].windows(pat.len()).any(|w| w == &pat[..]) {
+                                                lose_this.store(true, Ordering::SeqCst);
+                                            }
+                                        }
                                         let once = {
                                             let mut g = next.0.lock().unwrap();
                                             let hit = g.as_ref().is_some_and(|(pat, _)| {
@@ -88,7 +98,9 @@ impl Proxy {
                                     }
                                     // A response to lose: the server did the work, the client
                                     // only sees its connection die.
-                                    if lose.as_ref().is_some_and(|l| l.load(Ordering::SeqCst)) {
+                                    if lose.as_ref().is_some_and(|(all, this)| {
+                                        all.load(Ordering::SeqCst) || this.load(Ordering::SeqCst)
+                                    }) {
                                         let _ = to.shutdown(Shutdown::Both);
                                         let _ = from.shutdown(Shutdown::Both);
                                         break;
@@ -104,7 +116,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, live }
+        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, lose_answers_to, live }
     }
 
     /// The outage starts: new connections are dropped, open ones are reset.
@@ -118,6 +130,7 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
         self.lose_responses.store(false, Ordering::SeqCst);
+        *self.lose_answers_to.lock().unwrap() = None;
         self.hold_requests_ms.store(0, Ordering::SeqCst);
     }
 
@@ -137,6 +150,12 @@ impl Proxy {
     /// congested link: an INSERT lands `d` after the client sent it.
     pub fn hold_requests(&self, d: Duration) {
         self.hold_requests_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Like [`Proxy::lose_responses`], only for requests whose first bytes contain `pattern`
+    /// (the connection is reset when their answer arrives; the server did the work).
+    pub fn lose_answers_to(&self, pattern: &[u8]) {
+        *self.lose_answers_to.lock().unwrap() = Some(pattern.to_vec());
     }
 
     /// Requests still reach the server, but every response is lost (the connection is reset as
