@@ -140,8 +140,7 @@ fn crashes_and_replays_change_nothing() {
 /// data, and catches up exactly when ClickHouse is back.
 #[test]
 fn clickhouse_outage_is_waited_out() {
-    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
-    let proxy = common::proxy::Proxy::start(&upstream);
+    let proxy = common::proxy::Proxy::to_clickhouse();
     let metrics = common::free_addr();
     let w = World::with("outage", &format!("http://{}", proxy.addr), &metrics);
     let mut worker = w.worker("1");
@@ -183,8 +182,7 @@ fn clickhouse_outage_is_waited_out() {
 /// that did take effect): the retry finds the rows that landed and does not send them again.
 #[test]
 fn inserts_with_lost_answers_are_not_repeated() {
-    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
-    let proxy = common::proxy::Proxy::start(&upstream);
+    let proxy = common::proxy::Proxy::to_clickhouse();
     let w = World::with("lostack", &format!("http://{}", proxy.addr), "127.0.0.1:0");
     let worker = w.worker("1");
     assert!(w.wait_assigned("1", Duration::from_secs(60)));
@@ -266,8 +264,7 @@ fn revocation_takes_effect_without_restart() {
 /// state before worker 1's last rows landed and write them a second time.
 #[test]
 fn revocation_waits_for_the_insert_in_flight() {
-    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
-    let proxy = common::proxy::Proxy::start(&upstream);
+    let proxy = common::proxy::Proxy::to_clickhouse();
     let w = World::with("gate", &format!("http://{}", proxy.addr), "127.0.0.1:0");
     let slow = w.worker("slow");
     assert!(w.wait_assigned("slow", Duration::from_secs(60)));
@@ -301,8 +298,7 @@ fn revocation_waits_for_the_insert_in_flight() {
 /// rows again, so the late request finds nothing to insert.
 #[test]
 fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
-    let upstream = common::clickhouse_url().trim_start_matches("http://").trim_end_matches('/').to_string();
-    let proxy = common::proxy::Proxy::start(&upstream);
+    let proxy = common::proxy::Proxy::to_clickhouse();
     let w = World::with("zombie", &format!("http://{}", proxy.addr), "127.0.0.1:0");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
     let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();

@@ -119,6 +119,11 @@ impl Proxy {
         Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, lose_answers_to, live }
     }
 
+    /// A proxy in front of the test ClickHouse server (`common::clickhouse_url`).
+    pub fn to_clickhouse() -> Proxy {
+        Proxy::start(super::clickhouse_url().trim_start_matches("http://").trim_end_matches('/'))
+    }
+
     /// The outage starts: new connections are dropped, open ones are reset.
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
