@@ -5,6 +5,7 @@
 //! step between source and sink.
 
 pub mod admin;
+pub mod api;
 pub mod config;
 pub mod decode;
 pub mod dedupe;

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::keys::{ApiKey, SecretHash};
-use super::{Checked, Denied, Principal};
+use super::{Checked, Denied, Principal, Scopes};
 use crate::reject::Reason;
 
 /// HMAC-SHA256(pepper, secret): how the key store keeps a secret.
@@ -46,7 +46,7 @@ pub fn verify(basic: &str, keys: &std::collections::HashMap<String, ApiKey>, pep
         not_before: None,
         expires_at,
         leeway: false,
-        scope_ok: true,
+        scopes: Scopes::API_KEY,
         revoked: rec.revoked,
     })
 }

@@ -187,20 +187,24 @@ pub fn verify<'k>(
         Some(o) => Some(o.clone()),
         None => c.string(&policy.org_claim)?,
     };
-    let (Some(org), Some(project)) = (org, c.string(&policy.project_claim)?) else {
+    let Some(org) = org else {
         return Err(invalid.into());
     };
+    // No project claim: an org-wide credential (the usage API accepts it; ingest does not).
+    let project = c.string(&policy.project_claim)?;
     let id_ok = |s: &str| !s.is_empty() && s.len() <= super::MAX_TENANT_ID_BYTES;
-    if !id_ok(&org) || !id_ok(&project) {
+    if !id_ok(&org) || project.as_deref().is_some_and(|p| !id_ok(p)) {
         return Err(invalid.into());
     }
-    let scope_ok = c.strings(&policy.scope_claim)?.iter().any(|s| s.split(' ').any(|x| x == policy.required_scope));
+    let project = project.unwrap_or_default();
+    let granted = c.strings(&policy.scope_claim)?;
+    let scopes = super::Scopes::parse(granted.iter().map(String::as_str), &policy.required_scope);
     Ok(Checked {
         principal: Principal { org_id: org.into(), project_id: project.into() },
         not_before: nbf.max(iat),
         expires_at: Some(exp),
         leeway: true,
-        scope_ok,
+        scopes,
         revoked: false,
     })
 }

@@ -40,8 +40,44 @@ pub struct Checked {
     pub expires_at: Option<i64>,
     /// Whether the configured clock-skew leeway applies to the time checks (JWTs, not API keys).
     pub leeway: bool,
-    pub scope_ok: bool,
+    /// The scopes the credential grants (from the scope claim; API keys: see [`Scopes::API_KEY`]).
+    pub scopes: Scopes,
     pub revoked: bool,
+}
+
+/// The scopes tally reads from a credential (PRODUCT.md §2 and §11), as bit flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Produce events (`ingest`, or the issuer's `required_scope`).
+    pub const INGEST: Scopes = Scopes(1);
+    /// Read one's own org's (or project's) usage and entitlements: `usage:read`.
+    pub const USAGE_READ: Scopes = Scopes(2);
+    /// Read every org's usage and entitlements: `usage:admin`.
+    pub const USAGE_ADMIN: Scopes = Scopes(4);
+    /// What a Langfuse-style API key pair grants: ingest, and reading its own project's usage
+    /// (Langfuse's key pairs authorize its public API of the project the same way).
+    pub const API_KEY: Scopes = Scopes(1 | 2);
+
+    /// The scopes named in `granted` (scope strings, each possibly space-separated);
+    /// `ingest` is the issuer's name for the ingest scope.
+    pub fn parse<'s>(granted: impl IntoIterator<Item = &'s str>, ingest: &str) -> Scopes {
+        let mut out = Scopes::default();
+        for s in granted.into_iter().flat_map(|s| s.split(' ')) {
+            out.0 |= match s {
+                _ if s == ingest => Scopes::INGEST.0,
+                "usage:read" => Scopes::USAGE_READ.0,
+                "usage:admin" => Scopes::USAGE_ADMIN.0,
+                _ => 0,
+            };
+        }
+        out
+    }
+
+    pub fn contains(self, other: Scopes) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 /// Longest `org_id` / `project_id` a credential may carry, in bytes. Ids are stored with every
@@ -272,6 +308,23 @@ impl Verifier {
     /// Verifies one message's credential as of `at` (Unix seconds; the message's timestamp, any
     /// value: every time comparison saturates instead of wrapping).
     pub fn verify(&mut self, authorization: Credential<'_>, at: i64) -> Result<Principal, Reason> {
+        let (principal, scopes) = self.verify_scopes(authorization, at)?;
+        if !scopes.contains(Scopes::INGEST) {
+            return Err(Reason::ForbiddenScope);
+        }
+        // Events are attributed to a project: an org-wide credential (no project claim) cannot
+        // produce them.
+        if principal.project_id.is_empty() {
+            return Err(Reason::InvalidCredentials);
+        }
+        Ok(principal)
+    }
+
+    /// Verifies a credential as of `at` like [`Verifier::verify`] (signature or secret, expiry,
+    /// not-before, revocation) and returns the principal with the scopes it grants, for callers
+    /// that decide on scopes themselves (the usage API). `project_id` is empty for a JWT
+    /// without the project claim: an org-wide credential.
+    pub fn verify_scopes(&mut self, authorization: Credential<'_>, at: i64) -> Result<(Principal, Scopes), Reason> {
         let value = match authorization {
             Credential::Missing => return Err(Reason::MissingCredentials),
             Credential::Conflicting => return Err(Reason::InvalidCredentials),
@@ -313,10 +366,7 @@ impl Verifier {
         if c.not_before.is_some_and(|nbf| at.saturating_add(leeway) < nbf) {
             return Err(Reason::InvalidCredentials);
         }
-        if !c.scope_ok {
-            return Err(Reason::ForbiddenScope);
-        }
-        Ok(c.principal.clone())
+        Ok((c.principal.clone(), c.scopes))
     }
 
     /// Verifies afresh; the flag says whether the verdict may be cached (not when it rests on a

@@ -1,0 +1,137 @@
+//! Configuration of `tally-api` (PRODUCT.md §10, §11): one TOML file, every key overridable by
+//! `TALLY_<SECTION>_<KEY>` (e.g. `TALLY_API_LISTEN`), unknown keys are errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{
+    default_from_serde, load_sections, AuthConfig, ClickHouseConfig, ConfigError, DedupeConfig, KafkaConfig,
+    MetersConfig,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default)]
+    pub api: ApiSection,
+    /// The ingest workers' source topic and consumer group: `complete_until` is read from the
+    /// group's committed offsets (src/api/progress.rs).
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    /// Credentials as for ingest (PRODUCT.md §2); the audience is `api.audience`.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `window_secs` must be the ingest workers': it decides `final_until`.
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub meters: MetersConfig,
+    #[serde(default)]
+    pub metrics: ApiMetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// HTTP listen address (`TALLY_API_LISTEN`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Plans and their assignment to orgs.
+    #[serde(default = "default_plans_path")]
+    pub plans_path: PathBuf,
+    /// Required JWT `aud` for the API (tokens for ingest carry `tally-ingest`; one token may carry both).
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// How often the ingest group's progress (`complete_until`) is read from Kafka, milliseconds.
+    #[serde(default = "default_progress_refresh_ms")]
+    pub progress_refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiMetricsConfig {
+    /// Prometheus address ("" = none).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8480".into()
+}
+fn default_plans_path() -> PathBuf {
+    "config/plans.toml".into()
+}
+fn default_audience() -> String {
+    "tally-api".into()
+}
+fn default_progress_refresh_ms() -> u64 {
+    2000
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9466".into()
+}
+
+default_from_serde!(ApiSection, ApiMetricsConfig);
+
+pub const API_SECTIONS: &[&str] = &["api", "kafka", "clickhouse", "auth", "dedupe", "meters", "metrics"];
+
+impl ApiConfig {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let cfg: ApiConfig = load_sections(path, env, API_SECTIONS)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("api.listen", "must be an address such as 127.0.0.1:8480");
+        }
+        if self.api.progress_refresh_ms == 0 {
+            return bad("api.progress_refresh_ms", "must be at least 1");
+        }
+        if self.api.audience.is_empty() {
+            return bad("api.audience", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The credential settings with the API's audience.
+    pub fn auth(&self) -> AuthConfig {
+        AuthConfig { audience: self.api.audience.clone(), ..self.auth.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn contract_keys_and_env_names() {
+        let c = ApiConfig::load(None, env(&[("TALLY_API_LISTEN", "0.0.0.0:9999"), ("TALLY_KAFKA_GROUP_ID", "2024")])).unwrap();
+        assert_eq!(c.api.listen, "0.0.0.0:9999");
+        assert_eq!(c.kafka.group_id, "2024", "read as a string");
+        assert_eq!(c.auth().audience, "tally-api");
+        let d = ApiConfig::load(None, env(&[])).unwrap();
+        assert_eq!(d.api.listen, "127.0.0.1:8480", "PRODUCT.md §11 default");
+        assert_eq!(d.metrics.listen, "127.0.0.1:9466");
+        let e = ApiConfig::load(None, env(&[("TALLY_API_LISTN", "x")])).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let e = ApiConfig::load(None, env(&[("TALLY_API_LISTEN", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("api.listen"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/api.example.toml");
+        let c = ApiConfig::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.api.plans_path, PathBuf::from("config/plans.toml"));
+    }
+}
