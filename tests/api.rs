@@ -134,8 +134,12 @@ fn hours(e: &Expected) -> (i64, i64) {
 
 /// Ingests `events` generated events with one worker and returns the expectation.
 fn ingest(w: &World, events: u64, seed: u64) -> Expected {
+    ingest_with(w, &w.gen_config(events, seed))
+}
+
+fn ingest_with(w: &World, cfg: &tally::loadgen::GenConfig) -> Expected {
     let worker = w.worker("1");
-    let e = w.generate(&w.gen_config(events, seed));
+    let e = w.generate(cfg);
     w.wait_caught_up(&e);
     common::stop_all(vec![worker]);
     e
@@ -403,4 +407,29 @@ fn schemathesis_finds_no_failures() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis found failures:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn unique_meters_stay_within_two_percent_at_scale() {
+    // One project, more than 100,000 distinct users in one period, through the real ingest path.
+    let w = World::tenants("apiuniq", 1, 1);
+    let cfg = tally::loadgen::GenConfig { users_per_project: 100_000_000, dup_ratio: 0.0, ..w.gen_config(130_000, 96) };
+    let e = ingest_with(&w, &cfg);
+    let api = Api::start(&w, &common::clickhouse_url(), PLANS);
+    let t = &w.keys.tenants[0];
+    let (from, to) = hours(&e);
+    let read = token(&w, &t.org_id, None, "usage:read", 3600);
+    let body = api.ok(&format!("/v1/usage?from={}&to={}&meter=unique_users", rfc(from), rfc(to)), &read);
+    let got = body["data"][0]["value"].as_u64().unwrap();
+    let want = e.unique_overall.iter().find(|u| u.2 == "unique_users").unwrap().3;
+    assert!(want >= 100_000, "the test needs at least 100,000 distinct users, has {want}");
+    let error = (got as f64 - want as f64).abs() / want as f64;
+    assert!(error <= 0.02, "unique_users {got} vs {want} distinct: {:.3} % off", error * 100.0);
+    assert_eq!(body["data"][0]["approximate"], true);
+    // Merged per day, never summed: no day can exceed the whole range's count.
+    let days = api.ok(&format!("/v1/usage?from={}&to={}&meter=unique_users&window=day", rfc(from), rfc(to)), &read);
+    for d in days["data"].as_array().unwrap() {
+        assert!(d["value"].as_u64().unwrap() <= got + got / 50, "{d}");
+    }
+    eprintln!("[measure] unique_users over the range: {got} reported vs {want} distinct ({:.3} % off)", error * 100.0);
 }
