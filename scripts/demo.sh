@@ -2,8 +2,8 @@
 # The demo: services up, schema, sample traffic (duplicates, forged/expired/revoked credentials,
 # malformed and oversized messages), one worker until caught up, then the usage table and the
 # dead-letter counts by reason; then tally-invoicer reconciles the month with the local Stripe
-# emulator (dry run, --apply, and a rerun that has nothing to do). Each run uses its own topics,
-# group and database.
+# emulator (dry run, --apply, and a rerun that has nothing to do), and tally-api answers one org's
+# usage and entitlements. Each run uses its own topics, group and database.
 # Usage: scripts/demo.sh [EVENTS]   (default 50000)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,7 +63,7 @@ echo
 echo "== tally-invoicer against the local Stripe emulator"
 INV=target/release/tally-invoicer
 target/release/tally-stripe-emulator --listen 127.0.0.1:0 --api-key sk_test_tally_demo 2>"$OUT/emulator.log" & EMU=$!
-trap 'kill $WORKER $EMU 2>/dev/null || true' EXIT
+trap 'kill $WORKER $EMU ${API:-} 2>/dev/null || true' EXIT
 for _ in $(seq 50); do grep -q listening "$OUT/emulator.log" && break; sleep 0.1; done
 EMU_URL=$(grep -o 'http://[0-9.:]*/' "$OUT/emulator.log")
 export TALLY_INVOICER_CONFIG=config/invoicer.example.toml
@@ -85,3 +85,27 @@ CUS=$(grep -m1 -o 'cus_[A-Za-z0-9]*' "$OUT/billing.toml")
 echo "-- explain one invoice line: $CUS, meter events (writes, buckets, projects behind it)"
 $INV explain --customer "$CUS" --meter events --from "$FROM" --to "$TO" | head -n 8
 echo "   ... (--format json for all of it; --events <hour> for the events behind an hour)"
+
+echo
+echo "== tally-api: one org's usage and entitlements, from the same aggregates"
+API_ADDR="127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+TALLY_API_LISTEN="$API_ADDR" target/release/tally-api --config config/api.example.toml serve 2>"$OUT/api.log" & API=$!
+for _ in $(seq 100); do curl -sf "http://$API_ADDR/healthz" >/dev/null && break; sleep 0.1; done
+ORG=$(python3 -c "import json; print(json.load(open('config/dev/dev-keys.private.json'))['tenants'][0]['org_id'])")
+TOKEN=$($BIN token --dir config/dev --org "$ORG" --scope usage:read)
+sleep 2 # complete_until comes from the first read of the ingest group's offsets
+echo "-- GET /v1/usage?from=$FROM&to=$TO  (org $ORG, with an org-wide usage:read token)"
+curl -sf -H "authorization: Bearer $TOKEN" "http://$API_ADDR/v1/usage?from=$FROM&to=$TO" | python3 -c '
+import json, sys
+a = json.load(sys.stdin)
+for r in a["data"]:
+    print("   %-10s %-14s %12d%s" % (r["org_id"], r["meter"], r["value"], "  (approximate)" if r["approximate"] else ""))
+print("   complete_until %s   final_until %s" % (a["complete_until"], a["final_until"]))'
+echo "-- GET /v1/entitlements/$ORG  (plans: config/plans.toml)"
+curl -sf -H "authorization: Bearer $TOKEN" "http://$API_ADDR/v1/entitlements/$ORG" | python3 -c '
+import json, sys
+a = json.load(sys.stdin)
+print("   plan %s, has_access %s" % (a["plan"], a["has_access"]))
+for e in a["entitlements"]:
+    print("   %-14s used %10d of %10d (%s) -> %s, period %s .. %s" % (e["meter"], e["used"], e["limit"], e["enforcement"], e["state"], e["period_start"], e["period_end"]))'
+echo "(OpenAPI document: http://$API_ADDR/openapi.json; docs/api.md)"

@@ -44,6 +44,27 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         projects_per_org: usize,
     },
+    /// Sign a development JWT with the keys of `keygen` (to try tally-api or a producer), printed
+    /// to stdout. Never for production: the private key lives in the keys directory.
+    Token {
+        #[arg(long, default_value = "config/dev")]
+        dir: PathBuf,
+        /// org_id claim.
+        #[arg(long)]
+        org: String,
+        /// project_id claim; without it the token covers the whole org (tally-api only).
+        #[arg(long)]
+        project: Option<String>,
+        /// Space-separated scopes: ingest, usage:read, usage:admin.
+        #[arg(long, default_value = "usage:read")]
+        scope: String,
+        /// aud claim (tally-api's api.audience, or tally-ingest).
+        #[arg(long, default_value = "tally-api")]
+        audience: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
     /// Show, wait for, or reset the group's committed offsets.
     Offsets {
         /// Wait until the offsets reach the `end_offsets` of this expected-outcome file.
@@ -182,6 +203,19 @@ fn main() -> anyhow::Result<()> {
             let keys = tally::devkeys::DevKeys::generate(orgs, projects_per_org, &cfg.auth.issuer, &cfg.auth.audience);
             keys.write(&dir)?;
             eprintln!("wrote {} projects' keys to {}", keys.tenants.len(), dir.display());
+        }
+        Command::Token { dir, org, project, scope, audience, ttl_secs } => {
+            let keys = tally::devkeys::DevKeys::read(&dir)
+                .with_context(|| format!("no development keys in {} (run keygen first)", dir.display()))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let mut claims = serde_json::json!({
+                "iss": keys.issuer, "aud": [audience], "iat": now, "exp": now.saturating_add(ttl_secs),
+                "org_id": org, "scope": scope, "sub": "tally-dev",
+            });
+            if let Some(p) = project {
+                claims["project_id"] = p.into();
+            }
+            println!("{}", keys.sign_eddsa(&claims));
         }
         Command::Offsets { wait_for, timeout_secs, reset_to_earliest } => {
             if reset_to_earliest {
