@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::config::{
     default_from_serde, load_sections, AuthConfig, ClickHouseConfig, ConfigError, DedupeConfig, KafkaConfig,
-    MetersConfig,
+    MetersConfig, Redacted,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +31,43 @@ pub struct ApiConfig {
     pub meters: MetersConfig,
     #[serde(default)]
     pub metrics: ApiMetricsConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+}
+
+/// Threshold notifications (src/api/notify, docs/api.md "Notifications").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Whether this replica takes part in evaluating thresholds (any number of replicas may).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The compacted topic of org states (key org_id): the ingestion fleet's block/allow list and
+    /// the notifiers' ledger.
+    #[serde(default = "default_notify_topic")]
+    pub topic: String,
+    /// Consumer group of the notifiers: its partition assignment decides which replica owns an org.
+    #[serde(default = "default_notify_group")]
+    pub group_id: String,
+    /// How often the owned orgs are evaluated, milliseconds.
+    #[serde(default = "default_notify_interval_ms")]
+    pub interval_ms: u64,
+    /// Notifications of periods that ended more than this many days ago leave the org's record.
+    #[serde(default = "default_keep_days")]
+    pub keep_days: u32,
+    /// Webhook endpoint ("" = no webhooks).
+    #[serde(default)]
+    pub webhook_url: String,
+    /// HMAC-SHA256 signing key of the webhooks (`TALLY_NOTIFY_WEBHOOK_SECRET`). Never logged.
+    #[serde(default)]
+    pub webhook_secret: Redacted,
+    #[serde(default = "default_webhook_max_attempts")]
+    pub webhook_max_attempts: u32,
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub webhook_timeout_ms: u64,
+    /// First pause between attempts (doubling, at most 60 s).
+    #[serde(default = "default_webhook_backoff_ms")]
+    pub webhook_backoff_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,10 +110,34 @@ fn default_progress_refresh_ms() -> u64 {
 fn default_metrics_listen() -> String {
     "127.0.0.1:9466".into()
 }
+fn default_true() -> bool {
+    true
+}
+fn default_notify_topic() -> String {
+    "tally.entitlements".into()
+}
+fn default_notify_group() -> String {
+    "tally-api-notifier".into()
+}
+fn default_notify_interval_ms() -> u64 {
+    5000
+}
+fn default_keep_days() -> u32 {
+    62
+}
+fn default_webhook_max_attempts() -> u32 {
+    8
+}
+fn default_webhook_timeout_ms() -> u64 {
+    5000
+}
+fn default_webhook_backoff_ms() -> u64 {
+    500
+}
 
-default_from_serde!(ApiSection, ApiMetricsConfig);
+default_from_serde!(ApiSection, ApiMetricsConfig, NotifyConfig);
 
-pub const API_SECTIONS: &[&str] = &["api", "kafka", "clickhouse", "auth", "dedupe", "meters", "metrics"];
+pub const API_SECTIONS: &[&str] = &["api", "kafka", "clickhouse", "auth", "dedupe", "meters", "metrics", "notify"];
 
 impl ApiConfig {
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
@@ -95,6 +156,16 @@ impl ApiConfig {
         }
         if self.api.audience.is_empty() {
             return bad("api.audience", "must not be empty");
+        }
+        let n = &self.notify;
+        if n.interval_ms == 0 {
+            return bad("notify.interval_ms", "must be at least 1");
+        }
+        if !n.webhook_url.is_empty() && !(n.webhook_url.starts_with("http://") || n.webhook_url.starts_with("https://")) {
+            return bad("notify.webhook_url", "must be an http(s) URL");
+        }
+        if !n.webhook_url.is_empty() && n.webhook_secret.0.len() < 16 {
+            return bad("notify.webhook_secret", "must be at least 16 bytes when webhooks are on (TALLY_NOTIFY_WEBHOOK_SECRET)");
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! `GET /v1/entitlements/{org_id}` (PRODUCT.md §11): each limited meter of the org's plan with
 //! its use in the current period, read from the same aggregates as `/v1/usage` and the invoicer.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::plans::{period_at, Enforcement, Entitlement, OrgPlan};
 use super::usage::{usage, UsageQuery, Window};
@@ -10,7 +10,7 @@ use crate::sink::clickhouse::{ChError, ClickHouse};
 use crate::timestamp::format_rfc3339;
 
 /// Where an org stands on one meter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Below every threshold under 100 %.
@@ -44,7 +44,7 @@ pub fn highest_reached(e: &Entitlement, used: u64) -> Option<u32> {
 }
 
 /// One meter of the answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterEntitlement {
     pub meter: String,
     pub limit: u64,

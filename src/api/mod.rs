@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod entitlements;
 pub mod http;
+pub mod notify;
 pub mod plans;
 pub mod progress;
 pub mod usage;
@@ -79,6 +80,7 @@ pub fn serve(cfg: ApiConfig) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "key material could not be reloaded; the previous keys stay in force");
         }
     })?;
+    notify::spawn(&cfg, Arc::clone(&state))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         if !cfg.metrics.listen.is_empty() {

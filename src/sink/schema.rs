@@ -9,6 +9,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("001_events.sql", include_str!("../../schemas/001_events.sql")),
     ("002_stripe_ledger.sql", include_str!("../../schemas/002_stripe_ledger.sql")),
     ("003_api_keys.sql", include_str!("../../schemas/003_api_keys.sql")),
+    ("004_webhook_deliveries.sql", include_str!("../../schemas/004_webhook_deliveries.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
