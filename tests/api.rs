@@ -16,16 +16,21 @@ use tally::loadgen::expected::Expected;
 /// A running `tally-api` for a world.
 struct Api {
     addr: String,
-    _child: Running,
+    child: Running,
 }
 
 impl Api {
-    /// Starts `tally-api serve` reading `ch_url`, with `plans` as its plans file.
+    /// Starts `tally-api serve` reading `ch_url`, with `plans` as its plans file (notifier off).
     fn start(w: &World, ch_url: &str, plans: &str) -> Api {
+        Api::start_as(w, "api", ch_url, plans, "[notify]\nenabled = false\n")
+    }
+
+    /// Starts replica `label` with `extra` appended to its config.
+    fn start_as(w: &World, label: &str, ch_url: &str, plans: &str, extra: &str) -> Api {
         let addr = free_addr();
         let plans_path = w.dir.join("plans.toml");
         std::fs::write(&plans_path, plans).unwrap();
-        let config = w.dir.join("api.toml");
+        let config = w.dir.join(format!("{label}.toml"));
         std::fs::write(
             &config,
             format!(
@@ -53,6 +58,7 @@ window_secs = 604800
 path = "{dir}/meters.toml"
 [metrics]
 listen = ""
+{extra}
 "#,
                 plans = plans_path.display(),
                 brokers = common::brokers(),
@@ -63,7 +69,7 @@ listen = ""
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(w.dir.join("api.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(w.dir.join(format!("{label}.log"))).unwrap();
         let child: Child = Command::new(env!("CARGO_BIN_EXE_tally-api"))
             .arg("--config")
             .arg(&config)
@@ -72,10 +78,10 @@ listen = ""
             .stderr(log)
             .spawn()
             .unwrap();
-        let api = Api { addr, _child: Running(Some(child)) };
+        let api = Api { addr, child: Running(Some(child)) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while api.get("/healthz", None).0 != 200 {
-            assert!(Instant::now() < deadline, "tally-api did not start; see {}", w.dir.join("api.log").display());
+            assert!(Instant::now() < deadline, "tally-api did not start; see {}", w.dir.join(format!("{label}.log")).display());
             std::thread::sleep(Duration::from_millis(100));
         }
         api
@@ -432,4 +438,254 @@ fn unique_meters_stay_within_two_percent_at_scale() {
         assert!(d["value"].as_u64().unwrap() <= got + got / 50, "{d}");
     }
     eprintln!("[measure] unique_users over the range: {got} reported vs {want} distinct ({:.3} % off)", error * 100.0);
+}
+
+/// A webhook receiver: keeps every delivery (id, body), checks each signature, answers 503 to
+/// every third request (so deliveries are retried).
+struct Receiver {
+    addr: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+    bad_signatures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Receiver {
+    fn start(secret: &'static str) -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let bad = std::sync::Arc::new(AtomicU64::new(0));
+        let (g, b) = (got.clone(), bad.clone());
+        std::thread::spawn(move || {
+            let mut requests = 0u64;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut headers = BTreeMap::new();
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                requests += 1;
+                let status = if requests % 3 == 0 { "503 Service Unavailable" } else { "200 OK" };
+                if requests % 3 != 0 {
+                    let id = headers.get("webhook-id").cloned().unwrap_or_default();
+                    let ts: i64 = headers.get("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
+                    let want = tally::api::notify::webhook::signature(secret.as_bytes(), &id, ts, &body);
+                    if headers.get("webhook-signature") != Some(&want) {
+                        b.fetch_add(1, Ordering::Relaxed);
+                    }
+                    g.lock().unwrap().push((id, serde_json::from_slice(&body).unwrap()));
+                }
+                let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        Receiver { addr, got, bad_signatures: bad }
+    }
+}
+
+/// Every record of `topic` as (key, value), read from the start until 3 s pass without one.
+fn read_topic(topic: &str) -> Vec<(String, Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("reader-{topic}-{}", now()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..common::PARTITIONS {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(3) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            idle = Instant::now();
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+            if !key.is_empty() {
+                out.push((key, serde_json::from_slice(m.payload().unwrap()).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// (org, meter, threshold, kind, n) of every notification on the topic, with its id.
+fn notifications(records: &[(String, Value)]) -> Vec<((String, String, u64, String, u64), String)> {
+    let mut out: Vec<_> = records
+        .iter()
+        .filter_map(|(_, v)| {
+            let n = &v["notification"];
+            n.is_object().then(|| {
+                let key = (
+                    n["org_id"].as_str().unwrap().to_string(),
+                    n["meter"].as_str().unwrap().to_string(),
+                    n["threshold"].as_u64().unwrap(),
+                    n["kind"].as_str().unwrap().to_string(),
+                    n["n"].as_u64().unwrap(),
+                );
+                (key, n["id"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn threshold_notifications_exactly_once_across_replicas_and_kills() {
+    const SECRET: &str = "test-webhook-secret-0123456789";
+    let w = World::tenants("apinotify", 4, 1);
+    let topic = format!("entitlements-{}", w.name);
+    common::create_topics(&[&topic]);
+    let receiver = Receiver::start(SECRET);
+    // Phase 1, then limits set so that phase 1 is 70 % of each org's limit: 50 % is crossed.
+    let first = ingest(&w, 2_000, 97);
+    let (start, end) = tally::api::plans::period_at(now(), 1);
+    let meters = tally::meter::Meters::parse(tally::meter::DEFAULT_METERS_TOML).unwrap();
+    let q = tally::api::usage::UsageQuery {
+        from: start,
+        to: end,
+        org: None,
+        project: None,
+        meters: vec!["events".into()],
+        window: tally::api::usage::Window::None,
+        by_project: false,
+    };
+    let used: BTreeMap<String, u64> =
+        tally::api::usage::usage(&w.ch, &meters, &q).unwrap().into_iter().map(|r| (r.org_id, r.value)).collect();
+    assert_eq!(used.len(), 4, "every org has usage this period: {used:?}");
+    let mut plans = String::new();
+    for (org, u) in &used {
+        plans += &format!(
+            "[plans.p-{org}.meters.events]\nlimit = {}\nenforcement = \"hard\"\nthresholds = [50, 100]\n[orgs.{org}]\nplan = \"p-{org}\"\n",
+            (u * 100 / 70).max(1)
+        );
+    }
+    let notify = format!(
+        "[notify]\nenabled = true\ntopic = \"{topic}\"\ngroup_id = \"notifiers-{name}\"\ninterval_ms = 300\n\
+         webhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"{SECRET}\"\nwebhook_backoff_ms = 50\n\
+         [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+        name = w.name,
+        addr = receiver.addr
+    );
+    let ch = common::clickhouse_url();
+    let a = Api::start_as(&w, "a", &ch, &plans, &notify);
+    let b = Api::start_as(&w, "b", &ch, &plans, &notify);
+    let expect = |want: Vec<(String, u64, &str, u64)>| {
+        let want: Vec<_> =
+            want.into_iter().map(|(o, t, k, n)| (o, "events".to_string(), t, k.to_string(), n)).collect();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let got = notifications(&read_topic(&topic));
+            let keys: Vec<_> = got.iter().map(|g| g.0.clone()).collect();
+            let mut sorted = want.clone();
+            sorted.sort();
+            if keys == sorted {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline && keys.iter().all(|k| sorted.contains(k)) && keys.len() <= sorted.len(),
+                "topic notifications {keys:?}, want exactly {sorted:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let orgs: Vec<String> = used.keys().cloned().collect();
+    let mut want: Vec<(String, u64, &str, u64)> = orgs.iter().map(|o| (o.clone(), 50, "crossed", 1)).collect();
+    expect(want.clone());
+
+    // Phase 2 doubles the usage (≈ 140 %): 100 % is crossed while it is ingested, and one replica
+    // is SIGKILLed at a random moment meanwhile (before, during or after its evaluation of the
+    // crossing), then restarted.
+    let worker = w.worker("2");
+    let mut a = a;
+    let a2 = std::thread::scope(|s| {
+        let gen = s.spawn(|| {
+            let second =
+                w.generate(&tally::loadgen::GenConfig { first_message_id: 1_000_000, rate: 1_000, ..w.gen_config(2_000, 98) });
+            w.wait_caught_up(&second);
+        });
+        std::thread::sleep(Duration::from_millis(500 + rand_ms(2_000)));
+        common::sigkill(a.child.0.as_mut().unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        let a2 = Api::start_as(&w, "a", &ch, &plans, &notify);
+        gen.join().unwrap();
+        a2
+    });
+    common::stop_all(vec![worker]);
+    want.extend(orgs.iter().map(|o| (o.clone(), 100, "crossed", 1)));
+    expect(want.clone());
+
+    // A correction takes the first org back to zero: its 100 % and 50 % recover, once each.
+    let org0 = &orgs[0];
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+        w.ch.execute(&format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org0}'", w.ch.database()), false).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.scalar(&format!("SELECT count() FROM system.mutations WHERE database = '{}' AND is_done = 0", w.ch.database())) > 0 {
+        assert!(Instant::now() < deadline, "mutations did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    want.push((org0.clone(), 100, "recovered", 2));
+    want.push((org0.clone(), 50, "recovered", 2));
+    let got = expect(want.clone());
+    // A few more rounds: nothing more is written.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = notifications(&read_topic(&topic));
+    assert_eq!(again, got, "no notification written twice");
+
+    // The block list: each org's latest record says whether it may ingest.
+    let latest: BTreeMap<String, Value> = read_topic(&topic).into_iter().collect();
+    for o in &orgs {
+        // Past a hard limit: blocked; the corrected org is back under it.
+        assert_eq!(latest[o]["has_access"], o == org0, "{o}: {}", latest[o]);
+    }
+
+    // Webhooks: every notification delivered, signed; the receiver holds one per id.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: std::collections::BTreeSet<String> = receiver.got.lock().unwrap().iter().map(|d| d.0.clone()).collect();
+        let ids: std::collections::BTreeSet<String> = got.iter().map(|g| g.1.clone()).collect();
+        if delivered == ids {
+            break;
+        }
+        assert!(Instant::now() < deadline, "webhooks delivered {delivered:?}, notifications {ids:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(receiver.bad_signatures.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let deliveries = receiver.got.lock().unwrap().len();
+    eprintln!(
+        "[measure] {} notifications, each once on the topic; {} webhook deliveries accepted for {} ids (re-sends after the kill carry the same id)",
+        got.len(),
+        deliveries,
+        got.len()
+    );
+    // The delivery log has a final row for each.
+    let logged = w.scalar(&format!(
+        "SELECT uniqExact(id) FROM {}.webhook_deliveries WHERE outcome = 'delivered'",
+        w.ch.database()
+    ));
+    assert_eq!(logged as usize, got.len());
+    drop((a, a2, b, first));
+}
+
+fn rand_ms(max: u64) -> u64 {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64) % max
 }

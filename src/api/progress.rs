@@ -108,9 +108,10 @@ struct Probe {
 impl Probe {
     fn new(cfg: &KafkaConfig) -> Result<Probe, KafkaError> {
         let mut g = crate::source::consumer_config(cfg);
-        g.set("client.id", "tally-api");
+        g.set("client.id", "tally-api").set("statistics.interval.ms", "0");
         let mut r = crate::source::consumer_config(cfg);
         r.set("client.id", "tally-api")
+            .set("statistics.interval.ms", "0")
             .set("group.id", format!("{}.tally-api-progress", cfg.group_id))
             .set("enable.partition.eof", "true")
             .set("max.partition.fetch.bytes", "1")

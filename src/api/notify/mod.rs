@@ -94,7 +94,7 @@ impl Notifier {
         let kafka = crate::config::KafkaConfig { group_id: n.group_id.clone(), ..cfg.kafka.clone() };
         let mut c = crate::source::consumer_config(&kafka);
         // Never commits: every assignment reads its partition from the start (the ledger).
-        c.set("client.id", "tally-api-notifier").set("auto.offset.reset", "earliest");
+        c.set("client.id", "tally-api-notifier").set("auto.offset.reset", "earliest").set("statistics.interval.ms", "0");
         let mut p = crate::source::client_config(&kafka);
         p.set("client.id", "tally-api-notifier").set("acks", "all").set("message.timeout.ms", "10000");
         let webhooks = (!n.webhook_url.is_empty()).then(|| {
