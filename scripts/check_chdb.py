@@ -79,20 +79,47 @@ def main():
                    f"ARRAY JOIN meters AS meter, meter_values AS v GROUP BY meter ORDER BY meter")
         assert ledger.split("\n")[0] == "events\t3", ledger
         check_invoicer_queries(q, s, h)
-        print("schema OK on chDB: usage_hourly, unique sketches, ledger query and the invoicer's queries verified")
+        check_api_queries(q)
+        print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries verified")
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
 
 
-def render(name, variables):
-    """sql/invoicer/NAME.sql with ${var} placeholders filled, as src/invoice/sql.rs does."""
-    sql = "\n".join(l for l in open(os.path.join(ROOT, "sql", "invoicer", name + ".sql")).read().splitlines()
+def render(name, variables, folder="invoicer"):
+    """sql/FOLDER/NAME.sql with ${var} placeholders filled, as src/invoice/sql.rs does."""
+    sql = "\n".join(l for l in open(os.path.join(ROOT, "sql", folder, name + ".sql")).read().splitlines()
                     if not l.strip().startswith("--"))
     for k, v in variables.items():
         sql = sql.replace("${" + k + "}", str(v))
     assert "${" not in sql, sql
     return sql
+
+
+# Window start expressions of `GET /v1/usage`, as src/api/usage.rs (`Window::sql`) writes them.
+API_WINDOWS = {
+    "hour": "toUInt32(hour)",
+    "day": "intDiv(toUInt32(hour), 86400) * 86400",
+    "month": "toUInt32(toDateTime(toStartOfMonth(hour, 'UTC'), 'UTC'))",
+    "none": "toUInt32(0)",
+}
+
+
+def check_api_queries(q):
+    """tally-api's usage queries (sql/api/*.sql) on current ClickHouse, on the data above (o1 has
+    one duplicated narrow row, which the aggregates count twice)."""
+    hour = 1795860000  # 2026-11-28T10:00:00Z
+    rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
+    v = {"database": DB, "from": hour - 86400, "to": hour + 86400}
+    got = lambda name, project, window, filters: rows(render(name, {
+        **v, "project": project, "window": API_WINDOWS[window], "filters": filters}, folder="api"))
+    month = got("usage_additive", "''", "month", "AND org_id = 'o1' AND meter IN ('events', 'scores')")
+    assert month == [["o1", "", "events", "1793491200", "0", "4"], ["o1", "", "scores", "1793491200", "0", "1"]], month
+    day = got("usage_additive", "project_id", "day", "AND org_id = 'o1' AND meter IN ('scores')")
+    assert day == [["o1", "p2", "scores", str(hour - hour % 86400), "0", "1"]], day
+    assert got("usage_additive", "''", "hour", "AND meter IN ('events')")[0][3] == str(hour)
+    uniq = got("usage_unique", "''", "none", "AND meter IN ('unique_users')")
+    assert uniq == [["o1", "", "unique_users", "0", "0", "2"]], uniq
 
 
 def check_invoicer_queries(q, s, h):
