@@ -63,6 +63,27 @@ md = [
     "|---|---|---|---|---|",
 ]
 md += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+api_path = os.path.join(src, "api.json")
+if os.path.exists(api_path):
+    api = json.load(open(api_path))
+    md += [
+        "",
+        "## tally-api (issue 10)",
+        "",
+        f"`scripts/bench-api.sh`: wrk against tally-api on a fixture of {api['fixture']} "
+        f"({api['fixture_rows']:,} aggregate rows, merged), each request for a random org of the 1,000, "
+        "with an admin token; wrk, tally-api and ClickHouse share the 2 cores. Every answer was a 200.",
+        "",
+        "| endpoint | connections | requests/s | p50 | p90 | p99 | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("usage", "`GET /v1/usage` one org, 31 days, `window=day` (7 meters × 31 days)"),
+                        ("entitlements", "`GET /v1/entitlements/{org}` (3 limited meters, this period)")):
+        for c in ("c1", "c8"):
+            m = api[name][c]
+            target = f"p99 ≤ 50 ms: {ok(m['p99_ms'] <= 50)}" if c == "c1" else "reported"
+            md.append(f"| {label} | {c[1:]} | {m['requests_per_s']:.1f} | {m['p50_ms']:.1f} ms | "
+                      f"{m['p90_ms']:.1f} ms | {m['p99_ms']:.1f} ms | {target} |")
 md += [
     "",
     f"Events/s end to end: first pass {ing['events_per_s']['first_pass']:,.0f}, replay "
@@ -74,7 +95,7 @@ md += [
     "",
     "![seconds per pass](benchmarks.png)",
     "",
-    "Raw data: `target/bench/core.json`, `target/bench/ingest.json`.",
+    "Raw data: `target/bench/core.json`, `target/bench/ingest.json`, `target/bench/api.json`.",
     "",
 ]
 open(out_md, "w").write("\n".join(md))

@@ -175,21 +175,28 @@ pub fn usage(ch: &ClickHouse, meters: &Meters, q: &UsageQuery) -> Result<Vec<Usa
             ("filters", format!("{filters} AND meter IN ({})", names.join(", "))),
         ]
     };
-    let mut figures = Figures::new();
-    for (template, unique) in [(USAGE_ADDITIVE, false), (USAGE_UNIQUE, true)] {
+    // The additive and the unique query run at once: an answer waits for the slower one only.
+    let run = |template: &str, unique: bool| -> Result<Vec<Vec<String>>, ChError> {
         let names = list(unique);
         if names.is_empty() {
-            continue;
+            return Ok(Vec::new());
         }
-        for r in rows(ch, &render(template, &vars(&names)))? {
-            if r.len() != 6 {
-                return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
-            }
-            let what = || format!("{}/{}/{} in the window at {}", r[0], r[1], r[2], r[3]);
-            let value = exact_sum(&r[4], &r[5], &what)?;
-            let start = if q.window == Window::None { q.from } else { num::<i64>(&r[3])?.max(q.from) };
-            figures.insert((r[0].clone(), r[1].clone(), r[2].clone(), start), value);
+        rows(ch, &render(template, &vars(&names)))
+    };
+    let (additive, unique) = std::thread::scope(|s| {
+        let unique = s.spawn(|| run(USAGE_UNIQUE, true));
+        let additive = run(USAGE_ADDITIVE, false);
+        (additive, unique.join().unwrap_or_else(|_| Err(ChError::Response("unique-meter query panicked".into()))))
+    });
+    let mut figures = Figures::new();
+    for r in additive?.into_iter().chain(unique?) {
+        if r.len() != 6 {
+            return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
         }
+        let what = || format!("{}/{}/{} in the window at {}", r[0], r[1], r[2], r[3]);
+        let value = exact_sum(&r[4], &r[5], &what)?;
+        let start = if q.window == Window::None { q.from } else { num::<i64>(&r[3])?.max(q.from) };
+        figures.insert((r[0].clone(), r[1].clone(), r[2].clone(), start), value);
     }
     Ok(answer(q, &selected, figures))
 }
