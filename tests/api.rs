@@ -25,8 +25,16 @@ impl Api {
         Api::start_as(w, "api", ch_url, plans, "[notify]\nenabled = false\n")
     }
 
+    /// As [`Api::start`], serving Prometheus metrics on `metrics`.
+    fn start_with_metrics(w: &World, plans: &str, metrics: &str) -> Api {
+        let extra = format!("[notify]\nenabled = false\n[metrics]\nlisten = \"{metrics}\"\n");
+        Api::start_as(w, "api", &common::clickhouse_url(), plans, &extra)
+    }
+
     /// Starts replica `label` with `extra` appended to its config.
     fn start_as(w: &World, label: &str, ch_url: &str, plans: &str, extra: &str) -> Api {
+        // No metrics listener unless `extra` has a [metrics] section.
+        let extra = if extra.contains("[metrics]") { extra.to_string() } else { format!("[metrics]\nlisten = \"\"\n{extra}") };
         let addr = free_addr();
         let plans_path = w.dir.join("plans.toml");
         std::fs::write(&plans_path, plans).unwrap();
@@ -56,8 +64,6 @@ reload_interval_secs = 1
 window_secs = 604800
 [meters]
 path = "{dir}/meters.toml"
-[metrics]
-listen = ""
 {extra}
 "#,
                 plans = plans_path.display(),
@@ -177,7 +183,8 @@ fn usage_equals_the_aggregates_for_every_window_and_grouping() {
     let w = World::tenants("apiusage", 3, 2);
     let e = ingest(&w, 4_000, 91);
     w.assert_totals(&e);
-    let api = Api::start(&w, &common::clickhouse_url(), PLANS);
+    let metrics = free_addr();
+    let api = Api::start_with_metrics(&w, PLANS, &metrics);
     let admin = token(&w, "ops", None, "usage:admin", 3600);
     let (from, to) = hours(&e);
     let additive: Vec<&str> = vec!["events", "traces", "observations", "scores", "input_tokens", "output_tokens"];
@@ -245,6 +252,11 @@ fn usage_equals_the_aggregates_for_every_window_and_grouping() {
     assert!(!body["data"].as_array().unwrap().is_empty());
     assert!(body["data"].as_array().unwrap().iter().all(|r| r["value"] == 0));
     assert!(body["warnings"][0].as_str().unwrap().contains("no usage recorded"), "{body}");
+    // Prometheus: requests by route and status, latency histograms with buckets.
+    let text = common::scrape(&metrics);
+    let ok = common::sum_samples(&text, "tally_api_requests_total", "route=\"/v1/usage\",status=\"200\"");
+    assert!(ok >= 10.0, "tally_api_requests_total: {ok}\n{text}");
+    assert!(text.contains("tally_api_request_seconds_bucket{route=\"/v1/usage\""), "{text}");
     eprintln!("[measure] {checked} additive figures compared over 4 windows × 2 groupings, all equal");
 }
 
