@@ -67,3 +67,5 @@ create_topic() {
   fi
 }
 for t in ${TALLYDEV_TOPICS:-trace-events trace-events.rejected}; do create_topic "$t" 6; done
+# tally-api's org states and notifier ledger (compacted in production: docker-compose.yml).
+create_topic tally.entitlements 6
