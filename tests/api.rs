@@ -647,7 +647,7 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
 
     // A correction takes the first org back to zero: its 100 % and 50 % recover, once each.
     let org0 = &orgs[0];
-    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly", "usage_unique_daily"] {
         w.ch.execute(&format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org0}'", w.ch.database()), false).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -670,7 +670,8 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
         assert_eq!(latest[o]["has_access"], o == org0, "{o}: {}", latest[o]);
     }
 
-    // Webhooks: every notification delivered, signed; the receiver holds one per id.
+    // Webhooks: every notification delivered, signed, with one body per id; the receiver keeps one
+    // per id (Standard Webhooks: receivers deduplicate on webhook-id).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let delivered: std::collections::BTreeSet<String> = receiver.got.lock().unwrap().iter().map(|d| d.0.clone()).collect();
@@ -683,6 +684,14 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     }
     assert_eq!(receiver.bad_signatures.load(std::sync::atomic::Ordering::Relaxed), 0);
     let deliveries = receiver.got.lock().unwrap().len();
+    let mut bodies: BTreeMap<String, Value> = BTreeMap::new();
+    for (id, body) in receiver.got.lock().unwrap().iter() {
+        let first = bodies.entry(id.clone()).or_insert_with(|| body.clone());
+        assert_eq!(first, body, "every delivery of {id} carries the same body");
+    }
+    for (_, id) in &got {
+        assert_eq!(bodies[id]["data"]["id"], id.as_str(), "the body names its own id");
+    }
     eprintln!(
         "[measure] {} notifications, each once on the topic; {} webhook deliveries accepted for {} ids (re-sends after the kill carry the same id)",
         got.len(),

@@ -170,9 +170,16 @@ impl ApiConfig {
         Ok(())
     }
 
-    /// The credential settings with the API's audience.
+    /// The credential settings with the API's audience, for every issuer (a token for ingest
+    /// is not a token for the API).
     pub fn auth(&self) -> AuthConfig {
-        AuthConfig { audience: self.api.audience.clone(), ..self.auth.clone() }
+        let issuers = self
+            .auth
+            .issuers
+            .iter()
+            .map(|i| crate::config::IssuerConfig { audience: self.api.audience.clone(), ..i.clone() })
+            .collect();
+        AuthConfig { audience: self.api.audience.clone(), issuers, ..self.auth.clone() }
     }
 }
 

@@ -52,6 +52,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "only GET is served".into())
+        })
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -292,7 +295,14 @@ struct EntitlementItem {
     complete_until: Option<String>,
 }
 
-async fn get_entitlements(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(org): Path<String>) -> Response {
+async fn get_entitlements(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let Ok(Path(org)) = path else {
+        return ApiError::bad("org_id in the path is not valid UTF-8 text").into_response();
+    };
     let run = blocking(move || {
         authorize(&state, &headers)?.entitlements_of(&org)?;
         let completeness = completeness(&state);

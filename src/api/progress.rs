@@ -22,8 +22,8 @@
 //! `complete_until − window_secs` are final.
 //!
 //! The check runs on a background thread every `api.progress_refresh_ms`; requests read the last
-//! result. A check that fails (broker down) keeps the last result and is counted
-//! (`tally_api_progress_errors_total`); responses carry its age.
+//! result (an older result only understates what is complete). A check that fails (broker down)
+//! keeps the last result and is counted (`tally_api_progress_errors_total`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

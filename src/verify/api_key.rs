@@ -37,6 +37,10 @@ pub fn verify(basic: &str, keys: &std::collections::HashMap<String, ApiKey>, pep
         SecretHash::HmacSha256(h) => bool::from(h.ct_eq(&hmac)),
     });
     let Some(matched) = matched else { return Err(invalid) };
+    // A key pair always names its project (its usage scope is that project, never the org).
+    if rec.org_id.is_empty() || rec.project_id.is_empty() {
+        return Err(invalid);
+    }
     let expires_at = match (rec.expires_at, matched.valid_until) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

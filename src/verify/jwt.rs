@@ -112,6 +112,10 @@ pub struct IssuerPolicy {
     pub scope_claim: String,
     /// The scope that allows ingest.
     pub required_scope: String,
+    /// Whether this issuer may grant `usage:admin` (every org's usage). Only the operator's own
+    /// issuer (`auth.issuer`) may: a customer's identity provider (an org's Dex or Keycloak)
+    /// could otherwise mint admin tokens for itself.
+    pub grants_admin: bool,
 }
 
 /// Why a token was not accepted.
@@ -198,7 +202,10 @@ pub fn verify<'k>(
     }
     let project = project.unwrap_or_default();
     let granted = c.strings(&policy.scope_claim)?;
-    let scopes = super::Scopes::parse(granted.iter().map(String::as_str), &policy.required_scope);
+    let mut scopes = super::Scopes::parse(granted.iter().map(String::as_str), &policy.required_scope);
+    if !policy.grants_admin {
+        scopes = scopes.without(super::Scopes::USAGE_ADMIN);
+    }
     Ok(Checked {
         principal: Principal { org_id: org.into(), project_id: project.into() },
         not_before: nbf.max(iat),

@@ -78,6 +78,11 @@ impl Scopes {
     pub fn contains(self, other: Scopes) -> bool {
         self.0 & other.0 == other.0
     }
+
+    /// These scopes less `other`.
+    pub fn without(self, other: Scopes) -> Scopes {
+        Scopes(self.0 & !other.0)
+    }
 }
 
 /// Longest `org_id` / `project_id` a credential may carry, in bytes. Ids are stored with every
@@ -185,6 +190,7 @@ impl Verifier {
             project_claim: "project_id".into(),
             scope_claim: "scope".into(),
             required_scope: "ingest".into(),
+            grants_admin: true,
         }];
         let mut remote = vec![remote_cfg(&cfg.issuer, &cfg.oidc_issuer_url, &cfg.jwks_url)];
         for i in &cfg.issuers {
@@ -196,6 +202,7 @@ impl Verifier {
                 project_claim: i.project_claim.clone(),
                 scope_claim: i.scope_claim.clone(),
                 required_scope: i.required_scope.clone(),
+                grants_admin: false,
             });
             remote.push(remote_cfg(&i.issuer, &i.oidc_issuer_url, &i.jwks_url));
         }

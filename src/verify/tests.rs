@@ -309,3 +309,57 @@ fn one_credential_per_message() {
     assert_eq!(f.verifier.verify(h(&[("authorization", None)]), NOW), Err(Reason::MissingCredentials));
     assert!(f.verifier.verify(h(&[("authorization", Some(b)), ("AUTHORIZATION", Some(b))]), NOW).is_ok());
 }
+
+#[test]
+fn usage_scopes_never_widen_ingest() {
+    let mut f = fixture("scopes");
+    let mut c = f.claims();
+    // An org-wide token (no project claim) reads usage but cannot produce events.
+    c.as_object_mut().unwrap().remove("project_id");
+    c["scope"] = "ingest usage:read".into();
+    let org_wide = bearer(&f.keys.sign_eddsa(&c));
+    assert_eq!(f.check(&org_wide), Err(Reason::InvalidCredentials));
+    let (p, s) = f.verifier.verify_scopes(Credential::One(org_wide.as_bytes()), NOW).unwrap();
+    assert_eq!((&*p.org_id, &*p.project_id), (f.keys.tenants[1].org_id.as_str(), ""));
+    assert!(s.contains(Scopes::USAGE_READ) && s.contains(Scopes::INGEST));
+    // A usage token without `ingest` is still refused for ingest, as before the usage scopes.
+    let mut c = f.claims();
+    c["scope"] = "usage:admin".into();
+    let admin = bearer(&f.keys.sign_eddsa(&c));
+    assert_eq!(f.check(&admin), Err(Reason::ForbiddenScope));
+    let (_, s) = f.verifier.verify_scopes(Credential::One(admin.as_bytes()), NOW).unwrap();
+    assert!(s.contains(Scopes::USAGE_ADMIN) && !s.contains(Scopes::INGEST));
+    // An empty project claim is not "org-wide": it is invalid.
+    let mut c = f.claims();
+    c["project_id"] = "".into();
+    assert_eq!(f.check(&bearer(&f.keys.sign_eddsa(&c))), Err(Reason::InvalidCredentials));
+    // API key pairs read their project's usage, never more.
+    let (p, s) = f.verifier.verify_scopes(Credential::One(basic(&f.keys.tenants[0]).as_bytes()), NOW).unwrap();
+    assert!(!p.project_id.is_empty());
+    assert_eq!(s, Scopes::API_KEY);
+}
+
+#[test]
+fn only_the_main_issuer_grants_usage_admin() {
+    let policies = |grants_admin| {
+        vec![jwt::IssuerPolicy {
+            issuer: "https://customer-dex.example".into(),
+            audience: "tally-api".into(),
+            org_claim: "org_id".into(),
+            fixed_org: Some("org-dex".into()),
+            project_claim: "project_id".into(),
+            scope_claim: "groups".into(),
+            required_scope: "ingest".into(),
+            grants_admin,
+        }]
+    };
+    let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+    let key = keys::JwtKey::Hs256(secret.clone());
+    let claims = serde_json::json!({
+        "iss": "https://customer-dex.example", "aud": "tally-api", "exp": NOW + 60, "groups": ["usage:admin"],
+    });
+    let token = sign_hs256_with(&serde_json::json!({"alg": "HS256", "kid": "k"}), &claims, &secret);
+    let scopes = |grants| jwt::verify(&token, &policies(grants), |_, _| Some(&key)).unwrap().scopes;
+    assert!(scopes(true).contains(Scopes::USAGE_ADMIN));
+    assert!(!scopes(false).contains(Scopes::USAGE_ADMIN), "a customer's IdP cannot mint admin tokens");
+}

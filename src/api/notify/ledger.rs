@@ -39,6 +39,9 @@ pub struct Notification {
     pub limit: u64,
     /// RFC 3339, when it was decided.
     pub at: String,
+    /// The org's `has_access` as of this notification (part of the webhook: a re-send carries
+    /// the same body).
+    pub has_access: bool,
 }
 
 /// The value of an org's record on the topic (key: the org id).
@@ -139,6 +142,7 @@ pub fn due(
                 used: m.used,
                 limit: m.limit,
                 at: now.to_string(),
+                has_access,
             };
             notes.push(note.clone());
             out.push(record(&notes, Some(note), &mut seq));

@@ -46,6 +46,11 @@ pub const BARRIER_HEADER: &str = "tally-barrier";
 struct Owned {
     /// The barrier it waits for; `None` once read (the partition's ledger is complete).
     barrier: Option<String>,
+    /// A barrier is due but not yet written (written, or retried, every loop).
+    needs_barrier: bool,
+    /// Webhooks of the partition's taken-over notifications still to re-send (retried every
+    /// loop until the delivery log could be read).
+    resend: bool,
 }
 
 /// Starts the notifier thread (if `notify.enabled`).
@@ -96,7 +101,14 @@ impl Notifier {
         // Never commits: every assignment reads its partition from the start (the ledger).
         c.set("client.id", "tally-api-notifier").set("auto.offset.reset", "earliest").set("statistics.interval.ms", "0");
         let mut p = crate::source::client_config(&kafka);
-        p.set("client.id", "tally-api-notifier").set("acks", "all").set("message.timeout.ms", "10000");
+        // No retries inside librdkafka: a retried append whose first answer was lost would put the
+        // record on the topic twice unseen. Every unacknowledged write instead sends the owner
+        // back to a barrier read (step 4 of the design), which finds a record that did land.
+        p.set("client.id", "tally-api-notifier")
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .set("message.send.max.retries", "0")
+            .set("message.timeout.ms", "10000");
         let webhooks = (!n.webhook_url.is_empty()).then(|| {
             Webhooks::spawn(
                 WebhookConfig {
@@ -178,7 +190,8 @@ impl Notifier {
                 });
                 if mark.is_some() && mark.as_deref() == owned.barrier.as_deref().map(str::as_bytes) {
                     owned.barrier = None;
-                    self.partition_ready(p);
+                    owned.resend = true;
+                    tracing::info!(partition = p, "notifier: partition ready");
                 }
                 continue;
             }
@@ -228,33 +241,49 @@ impl Notifier {
         }
         for p in assigned {
             if !self.owned.contains_key(&p) {
-                self.owned.insert(p, Owned { barrier: None });
-                self.barrier(p)?;
+                self.owned.insert(p, Owned { barrier: None, needs_barrier: true, resend: false });
                 tracing::info!(partition = p, "notifier: partition assigned; reading its records up to a barrier");
             }
+        }
+        let due: Vec<i32> = self.owned.iter().filter(|(_, o)| o.needs_barrier).map(|(p, _)| *p).collect();
+        for p in due {
+            self.barrier(p)?;
+        }
+        let resend: Vec<i32> = self.owned.iter().filter(|(_, o)| o.resend).map(|(p, _)| *p).collect();
+        for p in resend {
+            self.resend(p);
         }
         Ok(())
     }
 
-    /// Writes a barrier to `p`; the partition is not evaluated until it is read back.
+    /// Writes a barrier to `p`; the partition is not evaluated until it is read back. A barrier
+    /// that could not be written stays due (`needs_barrier`) and is tried again next loop.
     fn barrier(&mut self, p: i32) -> Result<(), RoundError> {
         self.barriers += 1;
         let mark = format!("{}-{}", self.nonce, self.barriers);
-        if let Some(o) = self.owned.get_mut(&p) {
-            o.barrier = Some(mark.clone());
-        }
+        let Some(o) = self.owned.get_mut(&p) else { return Ok(()) };
+        o.barrier = Some(mark.clone());
+        o.needs_barrier = true;
         let headers = OwnedHeaders::new().insert(Header { key: BARRIER_HEADER, value: Some(mark.as_bytes()) });
         let record = FutureRecord::to(&self.cfg.topic).partition(p).key("").payload("").headers(headers);
         self.rt
             .block_on(self.producer.send(record, Duration::from_secs(10)))
-            .map(|_| ())
-            .map_err(|(e, _)| RoundError::Kafka(format!("barrier to partition {p}: {e}")))
+            .map_err(|(e, _)| RoundError::Kafka(format!("barrier to partition {p}: {e}")))?;
+        if let Some(o) = self.owned.get_mut(&p) {
+            o.needs_barrier = false;
+        }
+        Ok(())
     }
 
-    /// A partition's ledger is complete: re-send its notifications whose webhook never settled.
-    fn partition_ready(&mut self, p: i32) {
-        tracing::info!(partition = p, "notifier: partition ready");
-        let Some(webhooks) = &self.webhooks else { return };
+    /// A partition's ledger is complete: re-sends its notifications whose webhook never settled
+    /// (same id, same body). Stays due while the delivery log cannot be read.
+    fn resend(&mut self, p: i32) {
+        let Some(webhooks) = &self.webhooks else {
+            if let Some(o) = self.owned.get_mut(&p) {
+                o.resend = false;
+            }
+            return;
+        };
         let Ok(n) = self.partitions() else { return };
         let mine: Vec<&OrgRecord> =
             self.ledger.values().filter(|r| partition_of(r.org_id.as_bytes(), n) == p).collect();
@@ -263,11 +292,14 @@ impl Notifier {
             Ok(done) => {
                 for r in mine {
                     for note in r.notifications.iter().filter(|n| !done.contains(&n.id)) {
-                        webhooks.send(note.clone(), r.has_access);
+                        webhooks.send(note.clone());
                     }
                 }
+                if let Some(o) = self.owned.get_mut(&p) {
+                    o.resend = false;
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "notifier: delivery log unreadable; webhooks of taken-over orgs wait"),
+            Err(e) => tracing::warn!(error = %e, "notifier: delivery log unreadable; re-sends of taken-over orgs wait"),
         }
     }
 
@@ -336,7 +368,7 @@ impl Notifier {
                     .increment(1);
                     tracing::info!(org = %r.org_id, meter = %note.meter, threshold = note.threshold, kind = ?note.kind, id = %note.id, "notification");
                     if let Some(w) = &self.webhooks {
-                        w.send(note.clone(), r.has_access);
+                        w.send(note.clone());
                     }
                 }
                 self.ledger.insert(r.org_id.clone(), r);

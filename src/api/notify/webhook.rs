@@ -42,13 +42,13 @@ pub fn signature(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
-/// The JSON body of a notification's webhook.
-pub fn body(n: &Notification, has_access: bool) -> Vec<u8> {
+/// The JSON body of a notification's webhook (the same for every delivery of one id).
+pub fn body(n: &Notification) -> Vec<u8> {
     let ty = match n.kind {
         Kind::Crossed => "entitlement.threshold.crossed",
         Kind::Recovered => "entitlement.threshold.recovered",
     };
-    serde_json::to_vec(&serde_json::json!({"type": ty, "timestamp": n.at, "data": n, "has_access": has_access}))
+    serde_json::to_vec(&serde_json::json!({"type": ty, "timestamp": n.at, "data": n}))
         .expect("serializable")
 }
 
@@ -71,18 +71,18 @@ pub fn settled(ch: &ClickHouse, ids: &[String]) -> Result<HashSet<String>, ChErr
 /// A queue of deliveries served by one thread.
 #[derive(Clone)]
 pub struct Webhooks {
-    tx: mpsc::Sender<(Notification, bool)>,
+    tx: mpsc::Sender<Notification>,
 }
 
 impl Webhooks {
     pub fn spawn(cfg: WebhookConfig, ch: ClickHouse) -> Webhooks {
-        let (tx, rx) = mpsc::channel::<(Notification, bool)>();
+        let (tx, rx) = mpsc::channel::<Notification>();
         std::thread::Builder::new()
             .name("webhooks".into())
             .spawn(move || {
                 let agent = ureq::AgentBuilder::new().timeout(cfg.timeout).build();
-                for (n, has_access) in rx {
-                    deliver(&agent, &cfg, &ch, &n, has_access);
+                for n in rx {
+                    deliver(&agent, &cfg, &ch, &n);
                 }
             })
             .expect("spawn the webhook thread");
@@ -90,8 +90,8 @@ impl Webhooks {
     }
 
     /// Queues `n` (sent in order, one at a time).
-    pub fn send(&self, n: Notification, has_access: bool) {
-        let _ = self.tx.send((n, has_access));
+    pub fn send(&self, n: Notification) {
+        let _ = self.tx.send(n);
     }
 }
 
@@ -99,8 +99,8 @@ fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-fn deliver(agent: &ureq::Agent, cfg: &WebhookConfig, ch: &ClickHouse, n: &Notification, has_access: bool) {
-    let body = body(n, has_access);
+fn deliver(agent: &ureq::Agent, cfg: &WebhookConfig, ch: &ClickHouse, n: &Notification) {
+    let body = body(n);
     let mut pause = cfg.backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
         let ts = unix_now();
