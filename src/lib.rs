@@ -24,3 +24,15 @@ pub mod source;
 pub mod stripe_emu;
 pub mod timestamp;
 pub mod verify;
+
+/// Logs of the binaries: to stderr, filtered by `RUST_LOG` (else `default` such as `"info"`),
+/// coloured only on a terminal (log files and collectors get plain `key=value` fields).
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.to_string().into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

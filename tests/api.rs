@@ -34,7 +34,8 @@ impl Api {
     /// Starts replica `label` with `extra` appended to its config.
     fn start_as(w: &World, label: &str, ch_url: &str, plans: &str, extra: &str) -> Api {
         // No metrics listener unless `extra` has a [metrics] section.
-        let extra = if extra.contains("[metrics]") { extra.to_string() } else { format!("[metrics]\nlisten = \"\"\n{extra}") };
+        let extra =
+            if extra.contains("[metrics]") { extra.to_string() } else { format!("[metrics]\nlisten = \"\"\n{extra}") };
         let addr = free_addr();
         let plans_path = w.dir.join("plans.toml");
         std::fs::write(&plans_path, plans).unwrap();
@@ -75,7 +76,8 @@ path = "{dir}/meters.toml"
             ),
         )
         .unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(w.dir.join(format!("{label}.log"))).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(w.dir.join(format!("{label}.log"))).unwrap();
         let child: Child = Command::new(env!("CARGO_BIN_EXE_tally-api"))
             .arg("--config")
             .arg(&config)
@@ -87,7 +89,11 @@ path = "{dir}/meters.toml"
         let api = Api { addr, child: Running(Some(child)) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while api.get("/healthz", None).0 != 200 {
-            assert!(Instant::now() < deadline, "tally-api did not start; see {}", w.dir.join(format!("{label}.log")).display());
+            assert!(
+                Instant::now() < deadline,
+                "tally-api did not start; see {}",
+                w.dir.join(format!("{label}.log")).display()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         api
@@ -241,7 +247,11 @@ fn usage_equals_the_aggregates_for_every_window_and_grouping() {
     // One org, one project, one meter: filters narrow the answer.
     let (o, p) = (&w.keys.tenants[0].org_id, &w.keys.tenants[0].project_id);
     let body = api.ok(
-        &format!("/v1/usage?from={}&to={}&org_id={o}&project_id={p}&meter=events&group_by=project_id", rfc(from), rfc(to)),
+        &format!(
+            "/v1/usage?from={}&to={}&org_id={o}&project_id={p}&meter=events&group_by=project_id",
+            rfc(from),
+            rfc(to)
+        ),
         &admin,
     );
     let want: u64 = e.totals.iter().filter(|t| &t.0 == o && &t.1 == p && t.2 == "events").map(|t| t.4).sum();
@@ -381,7 +391,10 @@ fn complete_until_follows_the_committed_offsets() {
     let produced_by = now() + 1;
     std::thread::sleep(Duration::from_secs(2));
     let pending = complete().expect("known once the broker answered");
-    assert!(pending < produced_by, "complete_until {pending} claims messages not yet counted (produced by {produced_by})");
+    assert!(
+        pending < produced_by,
+        "complete_until {pending} claims messages not yet counted (produced by {produced_by})"
+    );
     // Consumed and committed: complete until (at least) when the check ran.
     let worker = w.worker("1");
     w.wait_caught_up(&e);
@@ -491,8 +504,8 @@ impl Receiver {
                 let mut body = vec![0; len];
                 reader.read_exact(&mut body).unwrap();
                 requests += 1;
-                let status = if requests % 3 == 0 { "503 Service Unavailable" } else { "200 OK" };
-                if requests % 3 != 0 {
+                let status = if requests.is_multiple_of(3) { "503 Service Unavailable" } else { "200 OK" };
+                if !requests.is_multiple_of(3) {
                     let id = headers.get("webhook-id").cloned().unwrap_or_default();
                     let ts: i64 = headers.get("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
                     let want = tally::api::notify::webhook::signature(secret.as_bytes(), &id, ts, &body);
@@ -630,8 +643,11 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     let mut a = a;
     let a2 = std::thread::scope(|s| {
         let gen = s.spawn(|| {
-            let second =
-                w.generate(&tally::loadgen::GenConfig { first_message_id: 1_000_000, rate: 1_000, ..w.gen_config(2_000, 98) });
+            let second = w.generate(&tally::loadgen::GenConfig {
+                first_message_id: 1_000_000,
+                rate: 1_000,
+                ..w.gen_config(2_000, 98)
+            });
             w.wait_caught_up(&second);
         });
         std::thread::sleep(Duration::from_millis(500 + rand_ms(2_000)));
@@ -651,7 +667,10 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
         w.ch.execute(&format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org0}'", w.ch.database()), false).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while w.scalar(&format!("SELECT count() FROM system.mutations WHERE database = '{}' AND is_done = 0", w.ch.database())) > 0 {
+    while w
+        .scalar(&format!("SELECT count() FROM system.mutations WHERE database = '{}' AND is_done = 0", w.ch.database()))
+        > 0
+    {
         assert!(Instant::now() < deadline, "mutations did not finish");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -674,7 +693,8 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     // per id (Standard Webhooks: receivers deduplicate on webhook-id).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let delivered: std::collections::BTreeSet<String> = receiver.got.lock().unwrap().iter().map(|d| d.0.clone()).collect();
+        let delivered: std::collections::BTreeSet<String> =
+            receiver.got.lock().unwrap().iter().map(|d| d.0.clone()).collect();
         let ids: std::collections::BTreeSet<String> = got.iter().map(|g| g.1.clone()).collect();
         if delivered == ids {
             break;

@@ -56,7 +56,11 @@ impl Access {
 
     /// Narrows a usage query's `org_id` / `project_id` to what this credential sees: its own
     /// when not given, refused when another is asked for.
-    pub fn scope(&self, org: Option<String>, project: Option<String>) -> Result<(Option<String>, Option<String>), Refused> {
+    pub fn scope(
+        &self,
+        org: Option<String>,
+        project: Option<String>,
+    ) -> Result<(Option<String>, Option<String>), Refused> {
         let own = |asked: Option<String>, mine: &str| match asked {
             None => Ok(Some(mine.to_string())),
             Some(a) if a == mine => Ok(Some(a)),

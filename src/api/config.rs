@@ -161,11 +161,15 @@ impl ApiConfig {
         if n.interval_ms == 0 {
             return bad("notify.interval_ms", "must be at least 1");
         }
-        if !n.webhook_url.is_empty() && !(n.webhook_url.starts_with("http://") || n.webhook_url.starts_with("https://")) {
+        let url = &n.webhook_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return bad("notify.webhook_url", "must be an http(s) URL");
         }
         if !n.webhook_url.is_empty() && n.webhook_secret.0.len() < 16 {
-            return bad("notify.webhook_secret", "must be at least 16 bytes when webhooks are on (TALLY_NOTIFY_WEBHOOK_SECRET)");
+            return bad(
+                "notify.webhook_secret",
+                "must be at least 16 bytes when webhooks are on (TALLY_NOTIFY_WEBHOOK_SECRET)",
+            );
         }
         Ok(())
     }
@@ -193,7 +197,8 @@ mod tests {
 
     #[test]
     fn contract_keys_and_env_names() {
-        let c = ApiConfig::load(None, env(&[("TALLY_API_LISTEN", "0.0.0.0:9999"), ("TALLY_KAFKA_GROUP_ID", "2024")])).unwrap();
+        let c = ApiConfig::load(None, env(&[("TALLY_API_LISTEN", "0.0.0.0:9999"), ("TALLY_KAFKA_GROUP_ID", "2024")]))
+            .unwrap();
         assert_eq!(c.api.listen, "0.0.0.0:9999");
         assert_eq!(c.kafka.group_id, "2024", "read as a string");
         assert_eq!(c.auth().audience, "tally-api");

@@ -8,7 +8,7 @@
 //! 503 ClickHouse unreachable (with `Retry-After`). Never an empty 200.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -27,6 +27,7 @@ use super::usage::{usage, UsageQuery, UsageRow, Window};
 use crate::invoice::period::parse_time;
 use crate::meter::Meters;
 use crate::sink::clickhouse::{ChError, ClickHouse, ErrorClass};
+use crate::source::worker::now_secs;
 use crate::timestamp::format_rfc3339;
 use crate::verify::{Credential, Verifier};
 
@@ -126,7 +127,9 @@ impl From<ChError> for ApiError {
         })
         .increment(1);
         match e {
-            ChError::TotalOverflow(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "total_overflow", e.to_string()),
+            ChError::TotalOverflow(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "total_overflow", e.to_string())
+            }
             _ if e.class() == ErrorClass::Transient => {
                 tracing::warn!(error = %e, "ClickHouse unavailable");
                 ApiError::new(
@@ -143,15 +146,11 @@ impl From<ChError> for ApiError {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Verifies the request's `authorization` header(s) as of now.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Access, ApiError> {
     let values: Vec<&[u8]> = headers.get_all(header::AUTHORIZATION).iter().map(HeaderValue::as_bytes).collect();
     let cred = Credential::from_headers(values.iter().map(|v| ("authorization", Some(*v))));
-    let verified = state.verifier.lock().unwrap_or_else(|e| e.into_inner()).verify_scopes(cred, unix_now());
+    let verified = state.verifier.lock().unwrap_or_else(|e| e.into_inner()).verify_scopes(cred, now_secs());
     let (principal, scopes) = verified.map_err(Refused::Unauthenticated)?;
     Ok(Access::of(principal, scopes)?)
 }
@@ -221,7 +220,8 @@ fn parse_usage_query(raw: Option<&str>) -> Result<UsageQuery, ApiError> {
     };
     let window = match window.as_deref() {
         None => Window::None,
-        Some(w) => Window::parse(w).ok_or_else(|| ApiError::bad(format!("window must be hour, day, month or none, not {w:?}")))?,
+        Some(w) => Window::parse(w)
+            .ok_or_else(|| ApiError::bad(format!("window must be hour, day, month or none, not {w:?}")))?,
     };
     let mut by_project = false;
     for g in group_by.as_deref().unwrap_or("").split(',').filter(|g| !g.is_empty()) {
@@ -308,7 +308,7 @@ async fn get_entitlements(
         let completeness = completeness(&state);
         let plan = state.plans.for_org(&org);
         let items = match plan {
-            Some(p) => entitlements(&state.ch, &state.meters, &org, p, unix_now())?,
+            Some(p) => entitlements(&state.ch, &state.meters, &org, p, now_secs())?,
             None => Vec::new(),
         };
         Ok(EntitlementsAnswer {

@@ -179,12 +179,7 @@ fn check_anchor(at: &str, day: u32) -> Result<(), String> {
     }
 }
 
-fn resolve(
-    at: &str,
-    d: &EntitlementDef,
-    base: Option<&Entitlement>,
-    meters: &Meters,
-) -> Result<Entitlement, String> {
+fn resolve(at: &str, d: &EntitlementDef, base: Option<&Entitlement>, meters: &Meters) -> Result<Entitlement, String> {
     let name = at.rsplit('.').next().unwrap_or_default();
     if meters.get(name).is_none() {
         return Err(format!("{at}: no meter named {name:?} in the meters file"));
@@ -272,7 +267,10 @@ mod tests {
         .unwrap();
         let free = plans.for_org("anyone").unwrap();
         assert_eq!(free.plan, "free");
-        assert_eq!(free.meters["events"], Entitlement { limit: 1000, enforcement: Enforcement::Hard, thresholds: vec![80, 100] });
+        assert_eq!(
+            free.meters["events"],
+            Entitlement { limit: 1000, enforcement: Enforcement::Hard, thresholds: vec![80, 100] }
+        );
         let acme = plans.for_org("acme").unwrap();
         assert_eq!(acme.anchor_day, 3);
         assert_eq!(acme.meters["events"].limit, 2000);

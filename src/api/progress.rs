@@ -26,13 +26,14 @@
 //! keeps the last result and is counted (`tally_api_progress_errors_total`).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::source::worker::now_secs;
 
 /// The last completed check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,10 +92,6 @@ pub fn final_until(complete_until: i64, window_secs: i64) -> i64 {
     t - t.rem_euclid(3600)
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Reads committed offsets of the ingest group and the message at each.
 struct Probe {
     topic: String,
@@ -120,11 +117,15 @@ impl Probe {
     }
 
     fn check(&mut self, timeout: Duration) -> Result<Snapshot, KafkaError> {
-        let started = unix_now();
+        let started = now_secs();
         let deadline = Instant::now() + timeout;
         let md = self.group.fetch_metadata(Some(&self.topic), timeout)?;
-        let partitions: Vec<i32> =
-            md.topics().iter().filter(|t| t.name() == self.topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
         if partitions.is_empty() {
             return Err(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition));
         }
@@ -152,12 +153,11 @@ impl Probe {
             }
             match self.reader.poll(left.min(Duration::from_millis(200))) {
                 None => {}
-                Some(Ok(m)) => {
-                    if pending.remove(&m.partition()) {
-                        let ts_ms = m.timestamp().to_millis().unwrap_or(0);
-                        complete = complete.min(ts_ms.div_euclid(1000));
-                    }
+                Some(Ok(m)) if pending.remove(&m.partition()) => {
+                    let ts_ms = m.timestamp().to_millis().unwrap_or(0);
+                    complete = complete.min(ts_ms.div_euclid(1000));
                 }
+                Some(Ok(_)) => {}
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     pending.remove(&p);
                 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::invoice::sql::{exact_sum, num, render, rows};
 use crate::meter::{Aggregation, Meters};
 use crate::sink::clickhouse::{quote, ChError, ClickHouse};
-use crate::timestamp::{civil_from_days, days_from_civil, format_rfc3339};
+use crate::timestamp::format_rfc3339;
 
 pub const USAGE_ADDITIVE: &str = include_str!("../../sql/api/usage_additive.sql");
 pub const USAGE_UNIQUE: &str = include_str!("../../sql/api/usage_unique.sql");
@@ -57,11 +57,8 @@ impl Window {
         match self {
             Window::Hour => (t - t.rem_euclid(3600), t - t.rem_euclid(3600) + 3600),
             Window::Day => (t - t.rem_euclid(86_400), t - t.rem_euclid(86_400) + 86_400),
-            Window::Month => {
-                let (y, m, _) = civil_from_days(t.div_euclid(86_400));
-                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                (days_from_civil(y, m, 1) * 86_400, days_from_civil(ny, nm, 1) * 86_400)
-            }
+            // A calendar month is the period of billing anchor day 1.
+            Window::Month => super::plans::period_at(t, 1),
             Window::None => range,
         }
     }
@@ -108,7 +105,11 @@ impl UsageQuery {
             return bad("from and to must be whole hours (usage is kept per hour)".into());
         }
         if self.from >= self.to {
-            return bad(format!("empty range: from {} is not before to {}", format_rfc3339(self.from), format_rfc3339(self.to)));
+            return bad(format!(
+                "empty range: from {} is not before to {}",
+                format_rfc3339(self.from),
+                format_rfc3339(self.to)
+            ));
         }
         if self.from < 0 || self.to > i64::from(u32::MAX) - 3600 {
             return bad("from and to must lie between 1970 and 2106 (ClickHouse DateTime)".into());
@@ -299,7 +300,8 @@ mod tests {
     #[test]
     fn one_org_in_view_lists_zeros() {
         let meters = Meters::parse(DEFAULT_METERS_TOML).unwrap();
-        let selected: Vec<_> = meters.meters().iter().filter(|m| ["events", "unique_users"].contains(&&*m.name)).collect();
+        let selected: Vec<_> =
+            meters.meters().iter().filter(|m| ["events", "unique_users"].contains(&&*m.name)).collect();
         let mut f = Figures::new();
         f.insert(("o".into(), "".into(), "events".into(), query().from), 7);
         let rows = answer(&query(), &selected, f.clone());

@@ -125,12 +125,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: log files and collectors get plain `key=value` fields.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tally::init_logging("info");
     let cli = Cli::parse();
     let cfg = IngestConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;
     match cli.command {

@@ -150,12 +150,7 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: log files and collectors get plain `key=value` fields.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tally::init_logging("warn");
     let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

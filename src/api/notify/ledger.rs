@@ -163,7 +163,13 @@ mod tests {
 
     fn m(used: u64, period: &str) -> MeterEntitlement {
         let limit = 1000;
-        let state = if used >= limit { State::Blocked } else if used >= 800 { State::Warning } else { State::Ok };
+        let state = if used >= limit {
+            State::Blocked
+        } else if used >= 800 {
+            State::Warning
+        } else {
+            State::Ok
+        };
         MeterEntitlement {
             meter: "events".into(),
             limit,

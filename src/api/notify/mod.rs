@@ -23,7 +23,7 @@ pub mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -34,6 +34,7 @@ use super::config::{ApiConfig, NotifyConfig};
 use super::entitlements::entitlements;
 use super::http::AppState;
 use crate::sink::clickhouse::ChError;
+use crate::source::worker::now_secs;
 use crate::timestamp::format_rfc3339;
 use ledger::{due, OrgRecord};
 use partition::partition_of;
@@ -78,10 +79,6 @@ struct Notifier {
     webhooks: Option<Webhooks>,
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Why a round stopped early; the next round starts over from the ledger.
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
@@ -99,7 +96,9 @@ impl Notifier {
         let kafka = crate::config::KafkaConfig { group_id: n.group_id.clone(), ..cfg.kafka.clone() };
         let mut c = crate::source::consumer_config(&kafka);
         // Never commits: every assignment reads its partition from the start (the ledger).
-        c.set("client.id", "tally-api-notifier").set("auto.offset.reset", "earliest").set("statistics.interval.ms", "0");
+        c.set("client.id", "tally-api-notifier")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "0");
         let mut p = crate::source::client_config(&kafka);
         // No retries inside librdkafka: a retried append whose first answer was lost would put the
         // record on the topic twice unseen. Every unacknowledged write instead sends the owner
@@ -185,9 +184,9 @@ impl Notifier {
             let Some(owned) = self.owned.get_mut(&p) else { continue };
             let key = m.key().unwrap_or_default();
             if key.is_empty() {
-                let mark = m.headers().and_then(|h| {
-                    h.iter().find(|h| h.key == BARRIER_HEADER).and_then(|h| h.value).map(|v| v.to_vec())
-                });
+                let mark = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == BARRIER_HEADER).and_then(|h| h.value).map(|v| v.to_vec()));
                 if mark.is_some() && mark.as_deref() == owned.barrier.as_deref().map(str::as_bytes) {
                     owned.barrier = None;
                     owned.resend = true;
@@ -202,7 +201,9 @@ impl Notifier {
                         self.ledger.insert(r.org_id.clone(), r);
                     }
                 }
-                Err(e) => tracing::warn!(partition = p, offset = m.offset(), error = %e, "notifier: unreadable record skipped"),
+                Err(e) => {
+                    tracing::warn!(partition = p, offset = m.offset(), error = %e, "notifier: unreadable record skipped")
+                }
             }
         }
     }
@@ -240,8 +241,8 @@ impl Notifier {
             tracing::info!(partitions = ?gone, "notifier: partitions revoked");
         }
         for p in assigned {
-            if !self.owned.contains_key(&p) {
-                self.owned.insert(p, Owned { barrier: None, needs_barrier: true, resend: false });
+            if let std::collections::btree_map::Entry::Vacant(e) = self.owned.entry(p) {
+                e.insert(Owned { barrier: None, needs_barrier: true, resend: false });
                 tracing::info!(partition = p, "notifier: partition assigned; reading its records up to a barrier");
             }
         }
@@ -316,7 +317,7 @@ impl Notifier {
                 now - 32 * 86_400
             );
             let body = self.state.ch.query(&sql)?;
-            orgs.extend(String::from_utf8_lossy(&body).lines().map(|l| crate::invoice::sql::unescape(l)));
+            orgs.extend(String::from_utf8_lossy(&body).lines().map(crate::invoice::sql::unescape));
         }
         Ok(orgs)
     }
@@ -324,7 +325,7 @@ impl Notifier {
     /// One round over the owned orgs; returns the records written.
     fn evaluate(&mut self) -> Result<usize, RoundError> {
         let n = self.partitions()?;
-        let now = unix_now();
+        let now = now_secs();
         let keep_after = format_rfc3339(now - i64::from(self.cfg.keep_days) * 86_400);
         let mut written = 0;
         for org in self.candidates(now)? {
@@ -337,8 +338,14 @@ impl Notifier {
                 Some(plan) => entitlements(&self.state.ch, &self.state.meters, &org, plan, now)?,
                 None => Vec::new(),
             };
-            let records =
-                due(&org, plan.map(|p| p.plan.as_str()), &items, self.ledger.get(&org), &format_rfc3339(now), &keep_after);
+            let records = due(
+                &org,
+                plan.map(|p| p.plan.as_str()),
+                &items,
+                self.ledger.get(&org),
+                &format_rfc3339(now),
+                &keep_after,
+            );
             for r in records {
                 self.write(p, r)?;
                 written += 1;
@@ -353,7 +360,7 @@ impl Notifier {
     /// Writes one record of `p` if `p` is still owned and its ledger complete; remembers it only
     /// once acknowledged. An unknown outcome re-reads the partition up to a new barrier.
     fn write(&mut self, p: i32, r: OrgRecord) -> Result<(), RoundError> {
-        if !self.owned.get(&p).is_some_and(|o| o.barrier.is_none()) {
+        if self.owned.get(&p).is_none_or(|o| o.barrier.is_some()) {
             return Err(RoundError::Revoked(p));
         }
         let value = serde_json::to_vec(&r).expect("serializable");

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -18,6 +18,7 @@ use sha2::Sha256;
 
 use super::ledger::{Kind, Notification};
 use crate::sink::clickhouse::{quote, ChError, ClickHouse};
+use crate::source::worker::now_secs;
 
 /// Where and how to deliver.
 #[derive(Clone)]
@@ -48,8 +49,7 @@ pub fn body(n: &Notification) -> Vec<u8> {
         Kind::Crossed => "entitlement.threshold.crossed",
         Kind::Recovered => "entitlement.threshold.recovered",
     };
-    serde_json::to_vec(&serde_json::json!({"type": ty, "timestamp": n.at, "data": n}))
-        .expect("serializable")
+    serde_json::to_vec(&serde_json::json!({"type": ty, "timestamp": n.at, "data": n})).expect("serializable")
 }
 
 /// Ids among `ids` whose delivery is final in the log.
@@ -95,15 +95,11 @@ impl Webhooks {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 fn deliver(agent: &ureq::Agent, cfg: &WebhookConfig, ch: &ClickHouse, n: &Notification) {
     let body = body(n);
     let mut pause = cfg.backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
-        let ts = unix_now();
+        let ts = now_secs();
         let result = agent
             .post(&cfg.url)
             .set("content-type", "application/json")
@@ -149,7 +145,7 @@ fn log(ch: &ClickHouse, n: &Notification, url: &str, attempt: u32, status: u16, 
         quote(url),
         quote(outcome),
         quote(error),
-        unix_now()
+        now_secs()
     );
     for i in 0..10 {
         match ch.execute(&sql, false) {
