@@ -203,7 +203,9 @@ fn main() {
 
     let chunks = export_rows(&world, 75_000);
     let rows = world.scalar("SELECT count() FROM events");
-    let full = std::fs::read_to_string("schemas/001_events.sql").unwrap();
+    // Every table the narrow rows feed: the hourly aggregates and the daily unique sketches.
+    let full = std::fs::read_to_string("schemas/001_events.sql").unwrap()
+        + &std::fs::read_to_string("schemas/005_unique_daily.sql").unwrap();
     let plain = plain_schema(&full);
     let (mut plain_s, mut full_s) = (Vec::new(), Vec::new());
     // Inserts are short and noisy: more rounds, interleaved.
@@ -308,7 +310,7 @@ fn latency(world: &World, before: &tally::loadgen::expected::Expected, rate: u64
 
 /// Empties the tables (not the topic) so that the next pass counts everything anew.
 fn reset_store(world: &World) {
-    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly", "usage_unique_daily"] {
         world.ch.execute(&format!("TRUNCATE TABLE {t}"), true).unwrap();
     }
 }

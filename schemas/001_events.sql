@@ -51,6 +51,9 @@ ARRAY JOIN meters AS meter, meter_values AS v
 GROUP BY org_id, project_id, meter, hour;
 
 -- Unique meters: mergeable sketches (uniqCombined) of the 64-bit hashes, per hour.
+-- A read deserialises every state of each granule it touches, so the granule is 256 rows, not
+-- 8192: one org-month is 7,440 states, and a granule of 8,192 made a read of one project's or
+-- one day's states pay for thousands of others (docs/api.md, "Performance").
 CREATE TABLE IF NOT EXISTS ${database}.usage_unique_hourly
 (
     org_id     String,
@@ -61,7 +64,8 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_unique_hourly
 )
 ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(hour)
-ORDER BY (org_id, project_id, meter, hour);
+ORDER BY (org_id, project_id, meter, hour)
+SETTINGS index_granularity = 256;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.usage_unique_hourly_mv TO ${database}.usage_unique_hourly AS
 SELECT org_id, project_id, meter, hour, uniqCombinedState(h) AS state

@@ -111,15 +111,22 @@ def check_api_queries(q):
     hour = 1795860000  # 2026-11-28T10:00:00Z
     rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
     v = {"database": DB, "from": hour - 86400, "to": hour + 86400}
-    got = lambda name, project, window, filters: rows(render(name, {
-        **v, "project": project, "window": API_WINDOWS[window], "filters": filters}, folder="api"))
+    day0 = hour - hour % 86400
+    got = lambda name, project, window, filters, days=(day0, day0 + 86400): rows(render(name, {
+        **v, "project": project, "window": API_WINDOWS[window], "filters": filters,
+        "day_from": days[0], "day_to": days[1]}, folder="api"))
     month = got("usage_additive", "''", "month", "AND org_id = 'o1' AND meter IN ('events', 'scores')")
     assert month == [["o1", "", "events", "1793491200", "0", "4"], ["o1", "", "scores", "1793491200", "0", "1"]], month
     day = got("usage_additive", "project_id", "day", "AND org_id = 'o1' AND meter IN ('scores')")
     assert day == [["o1", "p2", "scores", str(hour - hour % 86400), "0", "1"]], day
     assert got("usage_additive", "''", "hour", "AND meter IN ('events')")[0][3] == str(hour)
-    uniq = got("usage_unique", "''", "none", "AND meter IN ('unique_users')")
-    assert uniq == [["o1", "", "unique_users", "0", "0", "2"]], uniq
+    # Unique meters: the same count from the daily sketches (the whole day), from the hourly
+    # ones (no whole day), and from both (a whole day plus hours around it).
+    for days in [(day0, day0 + 86400), (v["from"], v["from"]), (day0 + 86400, day0 + 86400)]:
+        uniq = got("usage_unique", "''", "none", "AND meter IN ('unique_users')", days)
+        assert uniq == [["o1", "", "unique_users", "0", "0", "2"]], (days, uniq)
+    daily = q(f"SELECT org_id, project_id, toUInt32(day), uniqCombinedMerge(state) FROM {DB}.usage_unique_daily GROUP BY org_id, project_id, day")
+    assert daily == f"o1\tp1\t{day0}\t2", daily
 
 
 def check_invoicer_queries(q, s, h):

@@ -663,7 +663,7 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
 
     // A correction takes the first org back to zero: its 100 % and 50 % recover, once each.
     let org0 = &orgs[0];
-    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly", "usage_unique_daily"] {
         w.ch.execute(&format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org0}'", w.ch.database()), false).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);

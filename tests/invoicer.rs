@@ -433,7 +433,7 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
 }
 
 fn delete_project(w: &World, org: &str, project: &str) {
-    for t in ["events", "usage_hourly_agg", "usage_unique_hourly"] {
+    for t in ["events", "usage_hourly_agg", "usage_unique_hourly", "usage_unique_daily"] {
         w.ch.execute(
             &format!("ALTER TABLE {}.{t} DELETE WHERE org_id = '{org}' AND project_id = '{project}'", w.ch.database()),
             false,
@@ -590,6 +590,25 @@ fn over_reports_are_cancelled_or_credited() {
             )
             .unwrap();
     }
+    // The daily sketches of that project's day, rebuilt from the day's narrow rows.
+    let day = hour - hour.rem_euclid(86_400);
+    let in_day = format!("org_id = 'org-005' AND project_id = 'proj-005-00' AND day = toDateTime({day})");
+    b.w.ch.execute(&format!("ALTER TABLE {db}.usage_unique_daily DELETE WHERE {in_day}"), false).unwrap();
+    wait_mutations(&b.w);
+    b.w.ch
+        .execute(
+            &format!(
+                "INSERT INTO {db}.usage_unique_daily SELECT org_id, project_id, meter, \
+                 toDateTime(intDiv(toUInt32(hour), 86400) * 86400) AS day, uniqCombinedState(h) FROM \
+                 (SELECT org_id, project_id, hour, unique_meters, unique_hashes FROM {db}.events FINAL \
+                  WHERE org_id = 'org-005' AND project_id = 'proj-005-00' \
+                  AND hour >= toDateTime({day}) AND hour < toDateTime({})) \
+                 ARRAY JOIN unique_meters AS meter, unique_hashes AS h GROUP BY org_id, project_id, meter, day",
+                day + 86_400
+            ),
+            false,
+        )
+        .unwrap();
     let out = b.run("", "verify", &[]);
     assert!(out.status.success(), "after the repair: {}", String::from_utf8_lossy(&out.stdout));
 }

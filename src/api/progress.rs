@@ -28,9 +28,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::source::worker::now_secs;
@@ -99,8 +99,24 @@ struct Probe {
     /// subscribes, so it never joins the group.
     group: BaseConsumer,
     /// Assigned by hand at the committed offsets (its own group id; it commits nothing).
-    reader: BaseConsumer,
+    reader: BaseConsumer<ReaderContext>,
 }
+
+/// The reader's client context: the end of a partition is an answer of the check, not an error
+/// (librdkafka also reports it as a client error, which rdkafka's default context logs at ERROR
+/// level, once per partition and check); other client errors are logged as warnings.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode;
+        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF) | KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka client error (progress reader)");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 impl Probe {
     fn new(cfg: &KafkaConfig) -> Result<Probe, KafkaError> {
@@ -113,7 +129,7 @@ impl Probe {
             .set("enable.partition.eof", "true")
             .set("max.partition.fetch.bytes", "1")
             .set("fetch.wait.max.ms", "10");
-        Ok(Probe { topic: cfg.topic.clone(), group: g.create()?, reader: r.create()? })
+        Ok(Probe { topic: cfg.topic.clone(), group: g.create()?, reader: r.create_with_context(ReaderContext)? })
     }
 
     fn check(&mut self, timeout: Duration) -> Result<Snapshot, KafkaError> {

@@ -166,11 +166,14 @@ pub fn usage(ch: &ClickHouse, meters: &Meters, q: &UsageQuery) -> Result<Vec<Usa
     let list = |kind: bool| -> Vec<String> {
         selected.iter().filter(|m| (m.aggregation == Aggregation::Unique) == kind).map(|m| quote(&m.name)).collect()
     };
+    let (day_from, day_to) = whole_days(q);
     let vars = |names: &[String]| {
         vec![
             ("database", ch.database().to_string()),
             ("from", q.from.to_string()),
             ("to", q.to.to_string()),
+            ("day_from", day_from.to_string()),
+            ("day_to", day_to.to_string()),
             ("project", if q.by_project { "project_id".to_string() } else { "''".to_string() }),
             ("window", q.window.sql().to_string()),
             ("filters", format!("{filters} AND meter IN ({})", names.join(", "))),
@@ -200,6 +203,19 @@ pub fn usage(ch: &ClickHouse, meters: &Meters, q: &UsageQuery) -> Result<Vec<Usa
         figures.insert((r[0].clone(), r[1].clone(), r[2].clone(), start), value);
     }
     Ok(answer(q, &selected, figures))
+}
+
+/// The whole UTC days [day_from, day_to) of the range that unique meters read from the daily
+/// sketches; the hours of [from, day_from) and [day_to, to) come from the hourly ones. With
+/// `window=hour`, or no whole day in the range, both are `from`: hourly sketches only.
+fn whole_days(q: &UsageQuery) -> (i64, i64) {
+    let first = q.from + (86_400 - q.from.rem_euclid(86_400)) % 86_400;
+    let last = q.to - q.to.rem_euclid(86_400);
+    if q.window == Window::Hour || first >= last {
+        (q.from, q.from)
+    } else {
+        (first, last)
+    }
 }
 
 /// Turns the figures into rows; with one org in view, missing (project, meter, window) figures
@@ -279,6 +295,32 @@ mod tests {
             window: Window::Day,
             by_project: false,
         }
+    }
+
+    #[test]
+    fn unique_meters_read_whole_days_from_the_daily_sketches() {
+        let q = |from: &str, to: &str, window| UsageQuery {
+            from: t(from),
+            to: t(to),
+            window,
+            ..query()
+        };
+        let days = |from: &str, to: &str, w| {
+            let (a, b) = whole_days(&q(from, to, w));
+            (format_rfc3339(a), format_rfc3339(b))
+        };
+        let d = |s: &str| (s.to_string(), s.to_string());
+        assert_eq!(
+            days("2026-10-30T05:00:00Z", "2026-11-29T13:00:00Z", Window::Day),
+            ("2026-10-31T00:00:00Z".to_string(), "2026-11-29T00:00:00Z".to_string())
+        );
+        assert_eq!(
+            days("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", Window::None),
+            ("2026-11-01T00:00:00Z".to_string(), "2026-12-01T00:00:00Z".to_string())
+        );
+        // No whole day, or hourly windows: hourly sketches only.
+        assert_eq!(days("2026-11-01T05:00:00Z", "2026-11-02T04:00:00Z", Window::Month), d("2026-11-01T05:00:00Z"));
+        assert_eq!(days("2026-11-01T00:00:00Z", "2026-11-03T00:00:00Z", Window::Hour), d("2026-11-01T00:00:00Z"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("002_stripe_ledger.sql", include_str!("../../schemas/002_stripe_ledger.sql")),
     ("003_api_keys.sql", include_str!("../../schemas/003_api_keys.sql")),
     ("004_webhook_deliveries.sql", include_str!("../../schemas/004_webhook_deliveries.sql")),
+    ("005_unique_daily.sql", include_str!("../../schemas/005_unique_daily.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
