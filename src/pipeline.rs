@@ -9,7 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use crate::decode::{
-    self, decode_event_with, decode_message_with, Captured, Malformed, Message, SLOT_ID, SLOT_TIMESTAMP, SLOT_TYPE,
+    self, decode_event_with, decode_message_captured, decode_message_with, Captured, Malformed, Message, SLOT_ID,
+    SLOT_TIMESTAMP, SLOT_TYPE,
 };
 use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
@@ -115,6 +116,7 @@ impl Processor {
         let mut out = Staged::default();
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
         let mut seen = Vec::new();
+        let mut batch_caps: Vec<Captured<'a>> = Vec::new();
         let mut contribution = Contribution::default();
         for (i, m) in msgs.iter().enumerate() {
             let at = m.timestamp_secs.unwrap_or(now);
@@ -137,7 +139,23 @@ impl Processor {
             let p = out.push_principal(principal);
             let msg = MsgCtx { index: i, m, principal: p, at };
             caps.fill(Captured::Missing);
-            let decoded = decode_message_with(value, self.meters.tree(), &mut caps, &mut seen);
+            // One pass over the value; a batch's events are walked in place. Anything it cannot
+            // take as it is (a malformed value or event, an escape to repair, a batch too large)
+            // is read again the two-pass way below, which judges it event by event.
+            let tree = self.meters.tree();
+            let decoded =
+                decode_message_captured(value, tree, &mut caps, &mut seen, &mut batch_caps, MAX_BATCH_EVENTS);
+            if let Ok(Message::Captured(n)) = decoded {
+                self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);
+                continue;
+            }
+            let decoded = match decoded {
+                Ok(single) => Ok(single),
+                Err(_) => {
+                    caps.fill(Captured::Missing);
+                    decode_message_with(value, tree, &mut caps, &mut seen)
+                }
+            };
             // A value the parser refused may hold an unpaired surrogate escape where it reads a
             // key (strings it reads as values are repaired where they are read, strings it skips
             // are not checked): then it is decoded again from a copy with them replaced by U+FFFD,
@@ -197,6 +215,8 @@ impl Processor {
         match decoded {
             Err(_) => out.reject(msg.index, Reason::Malformed),
             Ok(Message::Batch(events)) if events.len() > MAX_BATCH_EVENTS => out.reject(msg.index, Reason::TooLarge),
+            // Only `decode_message_captured` returns it, and `stage` stages it itself.
+            Ok(Message::Captured(_)) => unreachable!("a one-pass batch is staged by stage_captured_batch"),
             Ok(Message::Single) => {
                 let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: -1, at: msg.at };
                 if let Err(reason) = self.stage_event(out, caps, contribution, state, ev, &own) {
@@ -226,6 +246,48 @@ impl Processor {
                     }
                 }
             }
+        }
+    }
+
+    /// Stages the `n` events of a batch read in one pass ([`decode_message_captured`]; their
+    /// captures in `events`, one slot array each). An event refused here is dead-lettered with
+    /// its own text: the spans of those events come from reading the value's batch as raw events,
+    /// which only messages with a refused event pay for.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_captured_batch<'a>(
+        &self,
+        out: &mut Staged<'a>,
+        value: &'a [u8],
+        events: &[Captured<'a>],
+        n: usize,
+        contribution: &mut Contribution,
+        state: &mut PartitionState,
+        msg: MsgCtx<'_, 'a>,
+    ) {
+        let first = out.rejections.len();
+        for (j, caps) in events.chunks_exact(events.len() / n).enumerate() {
+            let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
+            if let Err(reason) = self.stage_event(out, caps, contribution, state, ev, &Cow::clone) {
+                out.rejections.push(Rejection { msg: msg.index, batch_index: Some(j as u32), reason, span: None });
+            }
+        }
+        if out.rejections.len() == first {
+            return;
+        }
+        let mut scratch = vec![Captured::Missing; self.meters.tree().slots()];
+        let raws = match decode_message_with(value, self.meters.tree(), &mut scratch, &mut Vec::new()) {
+            Ok(Message::Batch(raws)) if raws.len() == n => raws,
+            // Cannot happen (the one pass accepts a subset of what the two passes accept); if it
+            // did, the dead-letter records would carry the whole message, still with the index.
+            _ => {
+                debug_assert!(false, "a value read in one pass as a batch reads as the same batch in two");
+                return;
+            }
+        };
+        for r in &mut out.rejections[first..] {
+            let raw = raws[r.batch_index.expect("an event's rejection") as usize].get();
+            let start = raw.as_ptr() as usize - value.as_ptr() as usize;
+            r.span = Some(start..start + raw.len());
         }
     }
 

@@ -11,7 +11,9 @@ use std::borrow::Cow;
 
 use libfuzzer_sys::fuzz_target;
 use serde::de::{self, Deserializer as _, MapAccess, SeqAccess, Visitor};
-use tally::decode::{decode_event, decode_message, number, surrogates, Captured, Message, PathTree};
+use tally::decode::{
+    decode_event, decode_message, decode_message_captured, number, surrogates, Captured, Message, PathTree,
+};
 
 /// A JSON value that keeps repeated keys and number texts.
 #[derive(Debug)]
@@ -135,6 +137,40 @@ fn reference(ev: &Lossless) -> Result<Vec<Captured<'static>>, ()> {
         .collect())
 }
 
+/// The one-pass batch reading takes a value exactly when the two-pass reading finds a batch of
+/// well-formed events (at most the limit), with the same captures; a single event alike.
+fn one_pass_agrees(value: &[u8], tree: &PathTree) {
+    const MAX: usize = 8;
+    let (mut caps, mut flat) = (vec![Captured::Missing; tree.slots()], Vec::new());
+    let one = decode_message_captured(value, tree, &mut caps, &mut Vec::new(), &mut flat, MAX);
+    let mut two_caps = vec![Captured::Missing; tree.slots()];
+    match decode_message(value, tree, &mut two_caps) {
+        Ok(Message::Single) => {
+            assert!(matches!(one, Ok(Message::Single)), "a single event not read in one pass");
+            assert_eq!(caps, two_caps);
+        }
+        Ok(Message::Batch(raws)) => {
+            let events: Vec<_> = raws
+                .iter()
+                .map(|raw| {
+                    let mut c = vec![Captured::Missing; tree.slots()];
+                    decode_event(raw, tree, &mut c).map(|()| c)
+                })
+                .collect();
+            if events.len() <= MAX && events.iter().all(Result::is_ok) {
+                assert!(matches!(one, Ok(Message::Captured(n)) if n == events.len()), "batch not read in one pass");
+                for (chunk, want) in flat.chunks_exact(tree.slots()).zip(&events) {
+                    assert_eq!(chunk, want.as_ref().unwrap().as_slice());
+                }
+            } else {
+                assert!(one.is_err(), "one pass took a batch the two passes refuse events of");
+            }
+        }
+        Ok(Message::Captured(_)) => unreachable!("decode_message reads batches in two passes"),
+        Err(_) => assert!(one.is_err(), "one pass took a value the two passes refuse"),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut tree = PathTree::new();
     for p in &PATHS[3..] {
@@ -145,6 +181,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(r) = &repaired {
         assert_eq!(r.len(), data.len(), "repair keeps every offset");
     }
+    one_pass_agrees(value, &tree);
     let mut caps = vec![Captured::Missing; tree.slots()];
     let ours = decode_message(value, &tree, &mut caps);
     let lossless = std::str::from_utf8(value).ok().and_then(parse);

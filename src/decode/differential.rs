@@ -234,3 +234,46 @@ proptest! {
         }
     }
 }
+
+/// One element of a generated batch: mostly events, sometimes a value that is not an object.
+fn batch_item() -> impl Strategy<Value = Doc> {
+    prop_oneof![8 => event(), 1 => Just(Doc::Null), 1 => Just(Doc::Num("5".to_string())), 1 => Just(Doc::Arr(vec![]))]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// The one-pass batch reading (`decode_message_captured`) succeeds exactly where the two-pass
+    /// one finds every event well-formed (and the batch no larger than its limit), with the same
+    /// captures event by event; everything else is left to the two-pass reading.
+    #[test]
+    fn one_pass_batches_agree_with_two_passes(items in proptest::collection::vec(batch_item(), 1..5), ws in proptest::sample::select(vec!["", " ", "\n"]), escape in any::<bool>(), max in 1usize..5) {
+        let mut t = PathTree::new();
+        for p in &PATHS[3..] {
+            t.add(p).unwrap();
+        }
+        let mut text = String::new();
+        render(&Doc::Obj(vec![("batch".to_string(), Doc::Arr(items))]), ws, escape, &mut text);
+        let mut caps = vec![Captured::Missing; t.slots()];
+        let two: Vec<Result<Vec<Captured<'_>>, Malformed>> = match decode_message(text.as_bytes(), &t, &mut caps) {
+            Ok(Message::Batch(raws)) => raws
+                .iter()
+                .map(|raw| {
+                    let mut c = vec![Captured::Missing; t.slots()];
+                    decode_event(raw, &t, &mut c).map(|()| c)
+                })
+                .collect(),
+            _ => unreachable!("a generated batch is well-formed at the top"),
+        };
+        let mut events = Vec::new();
+        let one = decode_message_captured(text.as_bytes(), &t, &mut caps, &mut Vec::new(), &mut events, max);
+        if two.len() <= max && two.iter().all(Result::is_ok) {
+            prop_assert!(matches!(one, Ok(Message::Captured(n)) if n == two.len()), "{}", text);
+            for (chunk, want) in events.chunks_exact(t.slots()).zip(&two) {
+                prop_assert_eq!(chunk, want.as_ref().unwrap().as_slice(), "{}", text);
+            }
+        } else {
+            prop_assert!(one.is_err(), "{}", text);
+        }
+    }
+}

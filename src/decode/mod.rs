@@ -152,6 +152,9 @@ pub enum Message<'a> {
     Single,
     /// `{"batch": [...]}`: the raw events, to decode one by one with [`decode_event`].
     Batch(Vec<&'a RawValue>),
+    /// `{"batch": [...]}` read in one pass by [`decode_message_captured`]: this many events, whose
+    /// captures fill its `events` buffer, [`PathTree::slots`] per event, in batch order.
+    Captured(usize),
 }
 
 /// The value is not JSON, or not of the shape §1 describes.
@@ -179,14 +182,95 @@ pub fn decode_message_with<'a>(
     // One UTF-8 check of the whole value (std's is fast on ASCII) instead of one per string the
     // parser returns; the parser then reads from a `&str` and validates nothing again.
     let value = std::str::from_utf8(value).map_err(|_| Malformed)?;
+    decode_top(value, tree, caps, seen, None)
+}
+
+/// [`decode_message_with`] reading a batch in the same pass: each event is walked where it
+/// stands and its captures are appended to `events` (cleared first), [`PathTree::slots`] per
+/// event, instead of being collected as raw text to parse a second time. Returns
+/// [`Message::Single`] or [`Message::Captured`].
+///
+/// It succeeds only where the two-pass reading ([`decode_message_with`], then [`decode_event`]
+/// per event) finds every event well-formed, and then with the same captures. Any value that the
+/// two-pass reading rejects, or in which it would reject an event (an event that is not an
+/// object or repeats a key), or with more than `max_events` events, is an `Err` here: the caller
+/// reads it again the two-pass way, which names what is wrong, event by event. Rejections are
+/// rare, so nearly every batch is parsed once.
+pub fn decode_message_captured<'a>(
+    value: &'a [u8],
+    tree: &PathTree,
+    caps: &mut [Captured<'a>],
+    seen: &mut Vec<Cow<'a, str>>,
+    events: &mut Vec<Captured<'a>>,
+    max_events: usize,
+) -> Result<Message<'a>, Malformed> {
+    events.clear();
+    let value = std::str::from_utf8(value).map_err(|_| Malformed)?;
+    decode_top(value, tree, caps, seen, Some(BatchOut { events, slots: tree.slots, max_events }))
+}
+
+fn decode_top<'a>(
+    value: &'a str,
+    tree: &PathTree,
+    caps: &mut [Captured<'a>],
+    seen: &mut Vec<Cow<'a, str>>,
+    batch: Option<BatchOut<'_, 'a>>,
+) -> Result<Message<'a>, Malformed> {
     let mut de = serde_json::Deserializer::from_str(value);
     seen.clear();
-    let out = TopSeed { node: &tree.root, caps, seen }.deserialize(&mut de).map_err(|_| Malformed)?;
+    let out = TopSeed { node: &tree.root, caps, seen, batch }.deserialize(&mut de).map_err(|_| Malformed)?;
     de.end().map_err(|_| Malformed)?;
     match out {
         Top::Batch(b) if !b.is_empty() => Ok(Message::Batch(b)),
+        Top::Captured(n) if n > 0 => Ok(Message::Captured(n)),
         Top::Object => Ok(Message::Single),
-        Top::Batch(_) | Top::NotObject => Err(Malformed),
+        Top::Batch(_) | Top::Captured(_) | Top::NotObject => Err(Malformed),
+    }
+}
+
+/// Where a one-pass batch goes (see [`decode_message_captured`]).
+struct BatchOut<'c, 'a> {
+    events: &'c mut Vec<Captured<'a>>,
+    slots: usize,
+    max_events: usize,
+}
+
+/// Reads a `batch` array in place: each event walked along the tree into its own slots.
+struct BatchSeed<'t, 'c, 'a> {
+    node: &'t Node,
+    out: BatchOut<'c, 'a>,
+    seen: &'c mut Vec<Cow<'a, str>>,
+}
+
+impl<'de, 't, 'c> DeserializeSeed<'de> for BatchSeed<'t, 'c, 'de> {
+    type Value = usize;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, 't, 'c> Visitor<'de> for BatchSeed<'t, 'c, 'de> {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of event objects")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let BatchOut { events, slots, max_events } = self.out;
+        let mut n = 0;
+        loop {
+            let start = events.len();
+            events.resize(start + slots, Captured::Missing);
+            let seed = NodeSeed { node: self.node, caps: &mut events[start..], seen: &mut *self.seen };
+            match seq.next_element_seed(seed)? {
+                None => {
+                    events.truncate(start);
+                    return Ok(n);
+                }
+                Some(Walked::Object) if n < max_events => n += 1,
+                // Not an object, or too many: the two-pass reading says which events are wrong.
+                Some(_) => return Err(de::Error::custom("an event the two-pass reading must judge")),
+            }
+        }
     }
 }
 
@@ -288,34 +372,43 @@ enum Top<'a> {
     Object,
     NotObject,
     Batch(Vec<&'a RawValue>),
+    Captured(usize),
 }
 
-struct TopSeed<'t, 'c, 'a> {
+struct TopSeed<'t, 'c, 'b, 'a> {
     node: &'t Node,
     caps: &'c mut [Captured<'a>],
     seen: &'c mut Vec<Cow<'a, str>>,
+    /// Read a batch in place (one pass) rather than as raw events.
+    batch: Option<BatchOut<'b, 'a>>,
 }
 
-impl<'de, 't, 'c> DeserializeSeed<'de> for TopSeed<'t, 'c, 'de> {
+impl<'de, 't, 'c, 'b> DeserializeSeed<'de> for TopSeed<'t, 'c, 'b, 'de> {
     type Value = Top<'de>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Top<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de, 't, 'c> Visitor<'de> for TopSeed<'t, 'c, 'de> {
+impl<'de, 't, 'c, 'b> Visitor<'de> for TopSeed<'t, 'c, 'b, 'de> {
     type Value = Top<'de>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an event object or {\"batch\": [...]}")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Top<'de>, A::Error> {
         let mut batch = None;
         let mut event_field = false;
         let mut seen = Seen::open(self.seen);
         while let Some(Key(key)) = map.next_key()? {
             seen.insert(&key)?;
             if key == "batch" {
-                batch = Some(map.next_value::<Vec<&'de RawValue>>()?);
+                batch = Some(match self.batch.take() {
+                    Some(out) => {
+                        Top::Captured(map.next_value_seed(BatchSeed { node: self.node, out, seen: &mut *seen.stack })?)
+                    }
+                    // A second `batch` is refused above (a repeated key), so one `take` suffices.
+                    None => Top::Batch(map.next_value::<Vec<&'de RawValue>>()?),
+                });
             } else {
                 event_field |= EVENT_FIELDS.contains(&&*key) || self.node.child(&key).is_some();
                 visit_entry(&mut map, self.node, &key, self.caps, seen.stack)?;
@@ -323,7 +416,7 @@ impl<'de, 't, 'c> Visitor<'de> for TopSeed<'t, 'c, 'de> {
         }
         match batch {
             Some(_) if event_field => Err(de::Error::custom("both batch and event fields")),
-            Some(b) => Ok(Top::Batch(b)),
+            Some(b) => Ok(b),
             None => Ok(Top::Object),
         }
     }
@@ -556,8 +649,13 @@ mod tests {
                     let mut c = vec![Captured::Missing; t.slots()];
                     decode_event(e, &t, &mut c)?;
                 }
+                // All well-formed: the one-pass reading takes the same batch.
+                let (mut flat, mut c) = (Vec::new(), vec![Captured::Missing; t.slots()]);
+                let one = decode_message_captured(v.as_bytes(), &t, &mut c, &mut Vec::new(), &mut flat, 1000);
+                assert!(matches!(one, Ok(Message::Captured(_))), "{v}");
                 Ok(Vec::new())
             }
+            Message::Captured(_) => unreachable!("decode_message reads batches in two passes"),
         }
     }
 

@@ -97,6 +97,46 @@ fn every_message_level_reason() {
     assert_eq!((rej, n), (vec![], 2));
 }
 
+/// Every event an object, none repeating a key: the batch is read in one pass, and the events
+/// refused while staging still dead-letter with their own text.
+#[test]
+fn one_pass_batches_keep_each_refused_events_text() {
+    let mut f = fx("onepass");
+    let good = f.auth();
+    let fractional = ev("c2", "generation-create", NOW, r#"{"usage":{"input":1.5}}"#);
+    let future = ev("c3", "span-create", NOW + 3600, "{}");
+    let value = format!(
+        r#"{{"batch":[{}, {},{} ,{}]}}"#,
+        ev("c1", "trace-create", NOW, "{}"),
+        fractional,
+        future,
+        ev("c4", "span-create", NOW, "{}"),
+    );
+    let mut caps = vec![Captured::Missing; f.p.meters.tree().slots()];
+    let one = crate::decode::decode_message_captured(
+        value.as_bytes(),
+        f.p.meters.tree(),
+        &mut caps,
+        &mut Vec::new(),
+        &mut Vec::new(),
+        MAX_BATCH_EVENTS,
+    );
+    assert!(matches!(one, Ok(Message::Captured(4))));
+    let msgs = [InMessage {
+        partition: 0,
+        offset: 3,
+        timestamp_secs: Some(NOW),
+        value: Some(value.as_bytes()),
+        authorization: Credential::One(good.as_bytes()),
+    }];
+    let staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+    let rej: Vec<_> = staged.rejections.iter().map(|r| (r.batch_index, r.reason)).collect();
+    assert_eq!(rej, [(Some(1), Reason::Malformed), (Some(2), Reason::FutureTimestamp)]);
+    assert_eq!(&value[staged.rejections[0].span.clone().unwrap()], fractional);
+    assert_eq!(&value[staged.rejections[1].span.clone().unwrap()], future);
+    assert_eq!(staged.accepted(), 2);
+}
+
 #[test]
 fn batch_events_are_judged_one_by_one() {
     let mut f = fx("batch");
