@@ -143,8 +143,7 @@ impl Processor {
             // take as it is (a malformed value or event, an escape to repair, a batch too large)
             // is read again the two-pass way below, which judges it event by event.
             let tree = self.meters.tree();
-            let decoded =
-                decode_message_captured(value, tree, &mut caps, &mut seen, &mut batch_caps, MAX_BATCH_EVENTS);
+            let decoded = decode_message_captured(value, tree, &mut caps, &mut seen, &mut batch_caps, MAX_BATCH_EVENTS);
             if let Ok(Message::Captured(n)) = decoded {
                 self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);
                 continue;

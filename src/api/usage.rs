@@ -299,12 +299,7 @@ mod tests {
 
     #[test]
     fn unique_meters_read_whole_days_from_the_daily_sketches() {
-        let q = |from: &str, to: &str, window| UsageQuery {
-            from: t(from),
-            to: t(to),
-            window,
-            ..query()
-        };
+        let q = |from: &str, to: &str, window| UsageQuery { from: t(from), to: t(to), window, ..query() };
         let days = |from: &str, to: &str, w| {
             let (a, b) = whole_days(&q(from, to, w));
             (format_rfc3339(a), format_rfc3339(b))

@@ -403,9 +403,11 @@ impl<'de, 't, 'c, 'b> Visitor<'de> for TopSeed<'t, 'c, 'b, 'de> {
             seen.insert(&key)?;
             if key == "batch" {
                 batch = Some(match self.batch.take() {
-                    Some(out) => {
-                        Top::Captured(map.next_value_seed(BatchSeed { node: self.node, out, seen: &mut *seen.stack })?)
-                    }
+                    Some(out) => Top::Captured(map.next_value_seed(BatchSeed {
+                        node: self.node,
+                        out,
+                        seen: &mut *seen.stack,
+                    })?),
                     // A second `batch` is refused above (a repeated key), so one `take` suffices.
                     None => Top::Batch(map.next_value::<Vec<&'de RawValue>>()?),
                 });
