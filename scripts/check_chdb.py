@@ -143,6 +143,11 @@ def check_invoicer_queries(q, s, h):
     want = [("o1", "p1", m, str(hour)) for m in ("events", "input_tokens", "observations")]
     assert diff == want, f"verify mismatches {diff}, want {want}"
     assert agg[("o1", "p1", "unique_users", str(hour))] == ev[("o1", "p1", "unique_users", str(hour))] == 2
+    # The daily sketches against the events, whole days: the duplicate row changes no distinct count.
+    day0 = hour - hour % 86400
+    daily = rows(render("verify_daily_sketches", {**v, "day_from": day0 - 86400, "day_to": day0 + 2 * 86400}))
+    assert sorted(daily) == [["events", "o1", "p1", "unique_users", str(day0), "2"],
+                             ["sketch", "o1", "p1", "unique_users", str(day0), "2"]], daily
     buckets = rows(render("additive_buckets", {**v, "bucket_secs": 3600}))
     assert ["o1", "scores", str(hour), "0", "1"] in buckets, buckets
     assert rows(render("unique_period", v)) == [["o1", "unique_users", "2"]]

@@ -192,7 +192,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Verify { period, format } => {
             let period = period.period()?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
-            let (mismatches, compared) = usage::verify(&ch, period)?;
+            let (mut mismatches, mut compared) = usage::verify(&ch, period)?;
+            let (daily, daily_compared) = usage::verify_daily_sketches(&ch, period)?;
+            mismatches.extend(daily);
+            compared += daily_compared;
             print!("{}", render_mismatches(&mismatches, compared, period, format));
             Ok(if mismatches.is_empty() { 0 } else { 1 })
         }
@@ -368,14 +371,15 @@ fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, fo
                 + "\n"
         }
         Format::Csv => {
-            let mut s = String::from("org_id,project_id,meter,hour,aggregates,events\n");
+            let mut s = String::from("org_id,project_id,meter,hour,window,aggregates,events\n");
             for x in mm {
                 s.push_str(&format!(
-                    "{},{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{}\n",
                     csv(&x.org_id),
                     csv(&x.project_id),
                     csv(&x.meter),
                     x.hour,
+                    x.window,
                     x.aggregates,
                     x.events
                 ));
@@ -389,8 +393,8 @@ fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, fo
             let mut s = format!("{period}: {} mismatch(es) between aggregates and events:\n", mm.len());
             for x in mm {
                 s.push_str(&format!(
-                    "  {} {} {} {}: aggregates {} events {}\n",
-                    x.org_id, x.project_id, x.meter, x.hour, x.aggregates, x.events
+                    "  {} {} {} {} ({}): aggregates {} events {}\n",
+                    x.org_id, x.project_id, x.meter, x.hour, x.window, x.aggregates, x.events
                 ));
             }
             s

@@ -11,6 +11,7 @@ pub const USAGE_ADDITIVE: &str = include_str!("../../sql/invoicer/usage_additive
 pub const USAGE_UNIQUE: &str = include_str!("../../sql/invoicer/usage_unique.sql");
 pub const VERIFY_AGGREGATES: &str = include_str!("../../sql/invoicer/verify_aggregates.sql");
 pub const VERIFY_EVENTS: &str = include_str!("../../sql/invoicer/verify_events.sql");
+pub const VERIFY_DAILY_SKETCHES: &str = include_str!("../../sql/invoicer/verify_daily_sketches.sql");
 pub const LEDGER_READ: &str = include_str!("../../sql/invoicer/ledger_read.sql");
 pub const EXPLAIN_PROJECTS: &str = include_str!("../../sql/invoicer/explain_projects.sql");
 pub const EXPLAIN_PROJECTS_UNIQUE: &str = include_str!("../../sql/invoicer/explain_projects_unique.sql");
