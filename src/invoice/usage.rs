@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::period::Period;
-use super::sql::{self, exact_sum, figures, num, org_filter, period_vars, render, rows};
+use super::sql::{self, exact_sum, figures, num, org_filter, period_vars, render, rows, Figures};
 use crate::sink::clickhouse::{ChError, ClickHouse};
 use crate::timestamp::format_rfc3339;
 
@@ -98,6 +98,11 @@ pub fn verify(ch: &ClickHouse, period: Period) -> Result<(Vec<Mismatch>, usize),
     let vars = period_vars(ch, period.from, period.to);
     let agg = figures(ch, &render(sql::VERIFY_AGGREGATES, &vars))?;
     let ev = figures(ch, &render(sql::VERIFY_EVENTS, &vars))?;
+    Ok(compare(&agg, &ev, "hour"))
+}
+
+/// The keys where `agg` and `ev` differ (a missing key counts as 0), and how many keys there are.
+fn compare(agg: &Figures, ev: &Figures, window: &'static str) -> (Vec<Mismatch>, usize) {
     let mut keys: Vec<_> = agg.keys().chain(ev.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -111,13 +116,13 @@ pub fn verify(ch: &ClickHouse, period: Period) -> Result<(Vec<Mismatch>, usize),
                 project_id: k.1.clone(),
                 meter: k.2.clone(),
                 hour: format_rfc3339(k.3),
-                window: "hour",
+                window,
                 aggregates: a,
                 events: e,
             })
         })
         .collect();
-    Ok((out, compared))
+    (out, compared)
 }
 
 /// Compares the daily unique-meter sketches of every UTC day that meets the period with the
@@ -129,7 +134,7 @@ pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<(Vec<Mis
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("day_from", period.from.div_euclid(86_400).saturating_mul(86_400).to_string()));
     vars.push(("day_to", (period.to + 86_399).div_euclid(86_400).saturating_mul(86_400).to_string()));
-    let (mut sketch, mut events) = (BTreeMap::new(), BTreeMap::new());
+    let (mut sketch, mut events) = (Figures::new(), Figures::new());
     for r in rows(ch, &render(sql::VERIFY_DAILY_SKETCHES, &vars))? {
         if r.len() != 6 {
             return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
@@ -137,24 +142,5 @@ pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<(Vec<Mis
         let side = if r[0] == "sketch" { &mut sketch } else { &mut events };
         side.insert((r[1].clone(), r[2].clone(), r[3].clone(), num::<i64>(&r[4])?), num::<u64>(&r[5])?);
     }
-    let mut keys: Vec<_> = sketch.keys().chain(events.keys()).cloned().collect();
-    keys.sort();
-    keys.dedup();
-    let compared = keys.len();
-    let out = keys
-        .into_iter()
-        .filter_map(|k| {
-            let (a, e) = (sketch.get(&k).copied().unwrap_or(0), events.get(&k).copied().unwrap_or(0));
-            (a != e).then(|| Mismatch {
-                hour: format_rfc3339(k.3),
-                org_id: k.0,
-                project_id: k.1,
-                meter: k.2,
-                window: "day",
-                aggregates: a,
-                events: e,
-            })
-        })
-        .collect();
-    Ok((out, compared))
+    Ok(compare(&sketch, &events, "day"))
 }
