@@ -80,6 +80,7 @@ def main():
         assert ledger.split("\n")[0] == "events\t3", ledger
         check_invoicer_queries(q, s, h)
         check_api_queries(q)
+        check_mend_queries(q, s, h)
         print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries verified")
     finally:
         s.close()
@@ -127,6 +128,40 @@ def check_api_queries(q):
         assert uniq == [["o1", "", "unique_users", "0", "0", "2"]], (days, uniq)
     daily = q(f"SELECT org_id, project_id, toUInt32(day), uniqCombinedMerge(state) FROM {DB}.usage_unique_daily GROUP BY org_id, project_id, day")
     assert daily == f"o1\tp1\t{day0}\t2", daily
+
+
+def check_mend_queries(q, s, h):
+    """tally-ingest's mend of rows that landed without their views (sql/ingest/mend_*.sql, run as
+    src/sink/mend.rs runs them): two rows of partition 3 written with the views detached."""
+    rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
+    views = ("usage_hourly_mv", "usage_unique_hourly_mv", "usage_unique_daily_mv")
+    for v in views:
+        s.query(f"DETACH TABLE {DB}.{v}")
+    s.query(
+        f"INSERT INTO {DB}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, "
+        f"unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES "
+        + ",".join(f"('m1', 'mp', 'e{i}', 'trace-create', {h}, {h}, {i}, ['events','traces'], [1,1], ['unique_users'], "
+                   f"[{100 + i}], 'tm', 3, {10 + i}, -1, now())" for i in range(2))
+    )
+    for v in views:
+        s.query(f"ATTACH TABLE {DB}.{v}")
+    hour = 1795860000
+    v = {"database": DB, "topic": "'tm'", "partition": 3, "from_offset": 10, "to_offset": 2**63 - 1,
+         "horizon_hour": hour - 86400}
+    touched = render("mend_touched", v, folder="ingest")
+    assert q(f"SELECT count() FROM ({touched})") == "2"
+    assert q(f"SELECT count() FROM ({render('mend_touched', {**v, 'from_offset': 12}, folder='ingest')})") == "0"
+    s.query(render("mend_unique_hourly", v, folder="ingest"))
+    s.query(render("mend_unique_daily", v, folder="ingest"))
+    short = sorted(rows(render("mend_additive", {**v, "touched": touched}, folder="ingest")))
+    assert short == [["m1", "mp", "events", str(hour), "2", "0"], ["m1", "mp", "traces", str(hour), "2", "0"]], short
+    s.query(f"INSERT INTO {DB}.usage_hourly_agg VALUES ('m1', 'mp', 'events', {hour}, 2), ('m1', 'mp', 'traces', {hour}, 2)")
+    assert rows(render("mend_additive", {**v, "touched": touched}, folder="ingest")) == []
+    # A second mend of the sketches changes nothing (a union).
+    s.query(render("mend_unique_hourly", v, folder="ingest"))
+    for t in ("usage_unique_hourly", "usage_unique_daily"):
+        got = q(f"SELECT uniqCombinedMerge(state) FROM {DB}.{t} WHERE org_id = 'm1'")
+        assert got == "2", (t, got)
 
 
 def check_invoicer_queries(q, s, h):

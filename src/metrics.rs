@@ -33,6 +33,9 @@ pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
 pub const PARTITIONS: &str = "tally_partitions_assigned";
 pub const REBALANCES: &str = "tally_rebalances_total";
 pub const STALLED: &str = "tally_stalled";
+pub const MENDS: &str = "tally_aggregate_mends_total";
+pub const MENDED: &str = "tally_aggregates_mended_total";
+pub const OVER_LEDGER: &str = "tally_aggregates_over_ledger_total";
 
 /// Registers descriptions (shown as `# HELP`).
 pub fn describe() {
@@ -86,6 +89,19 @@ pub fn describe() {
         "Seconds since an identity provider's key set was last fetched (the last good set serves meanwhile)."
     );
     describe_gauge!(crate::verify::jwks::JWKS_KEYS, "Keys in an identity provider's last fetched set.");
+    describe_counter!(
+        MENDS,
+        "Checks of rows that may have landed without their aggregates (unconfirmed INSERTs), by when=retry|assigned."
+    );
+    describe_counter!(
+        MENDED,
+        "Additive hourly aggregates found short of the ledger (events) after an unconfirmed INSERT, and mended."
+    );
+    describe_counter!(
+        OVER_LEDGER,
+        "Additive hourly aggregates found above the ledger (never caused by a crash; left as they are, see \
+         tally-invoicer verify)."
+    );
     describe_gauge!(
         STALLED,
         "1 while a partition's batch cannot go through because of an error retrying does not fix \

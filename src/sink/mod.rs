@@ -3,6 +3,7 @@
 
 pub mod clickhouse;
 pub mod flight;
+pub mod mend;
 pub mod retention;
 pub mod rowbinary;
 pub mod schema;
@@ -47,6 +48,16 @@ pub trait EventStore {
     /// dedupe state is loaded, so that no earlier owner's INSERT can land after the load.
     /// Returns how many staging tables were dropped.
     fn fence_all(&self, topic: &str) -> Result<usize, ChError>;
+    /// Makes the aggregates of `topic`/`partition`'s rows at `offsets` whole, whether or not the
+    /// INSERTs that wrote them ran their materialized views: run before messages whose rows may
+    /// have landed unconfirmed are decided again ([`mend`]). Idempotent.
+    fn mend_aggregates(
+        &self,
+        topic: &str,
+        partition: i32,
+        offsets: std::ops::Range<i64>,
+        horizon: i64,
+    ) -> Result<mend::Mended, ChError>;
 }
 
 /// A failed INSERT attempt: the error, and the staging table to [`EventStore::fence`] before
@@ -151,6 +162,16 @@ impl EventStore for ClickHouse {
 
     fn fence(&self, stage: &str) -> Result<(), ChError> {
         self.execute(&format!("DROP TABLE IF EXISTS {stage}"), true)
+    }
+
+    fn mend_aggregates(
+        &self,
+        topic: &str,
+        partition: i32,
+        offsets: std::ops::Range<i64>,
+        horizon: i64,
+    ) -> Result<mend::Mended, ChError> {
+        mend::mend_aggregates(self, topic, partition, offsets, horizon)
     }
 
     fn fence_all(&self, topic: &str) -> Result<usize, ChError> {

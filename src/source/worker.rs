@@ -5,6 +5,7 @@
 //! docs/exactly-once.md walks through every crash point of this loop.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -400,6 +401,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         let d = self.cfg.dedupe.clone();
         let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
         for (p, epoch) in need {
+            // The messages from here on are decided again; rows of theirs may have landed from an
+            // INSERT that never answered (this worker's before a restart, or an earlier owner's).
+            let from = held.iter().filter(|(m, e)| m.partition() == p && *e == epoch).map(|(m, _)| m.offset()).min();
+            self.mend("assigned", p, epoch, from.unwrap_or(0)..i64::MAX)?;
             let mut backoff = self.backoff();
             loop {
                 self.poll_aside(Duration::ZERO); // one request per partition: serve the group between them
@@ -450,13 +455,16 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         self.cache_metrics(hits0, misses0);
         // Offsets: every message of the batch ends up written, duplicate or dead-lettered.
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut first: BTreeMap<i32, i64> = BTreeMap::new();
         for &i in &idx {
             let msg = &held[i].0;
             let e = next.entry(msg.partition()).or_insert(0);
             *e = (*e).max(msg.offset() + 1);
+            let f = first.entry(msg.partition()).or_insert(i64::MAX);
+            *f = (*f).min(msg.offset());
         }
         let timestamps_ms = idx.iter().filter_map(|&i| held[i].0.timestamp().to_millis()).collect();
-        Ok(Batch { idx, epochs, next, staged, stage, timestamps_ms })
+        Ok(Batch { idx, epochs, first, next, staged, stage, timestamps_ms })
     }
 
     /// Resolves the batch's unknown keys (the previous batch has landed), queues its dead
@@ -493,6 +501,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         Ok(Sent {
             writer,
             epochs: b.epochs,
+            first: b.first,
             next: b.next,
             messages: b.idx.len(),
             duplicates: b.staged.duplicates,
@@ -526,7 +535,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
                 flight.len()
             }
-            Err(e) => self.retry_insert(&mut flight, &s.epochs, e)?,
+            Err(e) => {
+                let offsets: BTreeMap<i32, Range<i64>> = s.first.iter().map(|(&p, &f)| (p, f..s.next[&p])).collect();
+                self.retry_insert(&mut flight, &s.epochs, &offsets, e)?
+            }
         };
         let written_ms = now_millis();
         for t in &s.timestamps_ms {
@@ -695,10 +707,14 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// wrote it, or write some months' parts only) and those of partitions no longer owned, and
     /// sends the rest again, until it goes through. Runs on the worker thread, so no rebalance
     /// callback runs during a request. Returns the rows written.
+    ///
+    /// Rows that landed are rows whose INSERT did not answer: before anything else, their
+    /// aggregates are mended (a view's part may be missing, [`crate::sink::mend`]).
     fn retry_insert(
         &mut self,
         flight: &mut Flight,
         epochs: &BTreeMap<i32, u64>,
+        offsets: &BTreeMap<i32, Range<i64>>,
         mut failed: InsertFailed,
     ) -> Result<usize, Abandoned> {
         let mut backoff = self.backoff();
@@ -708,7 +724,13 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             self.clickhouse_failed("insert", &failed.error, &self.owned_of(epochs), delay);
             self.wait(delay, "clickhouse")?;
             self.fence(&failed.stage, epochs)?;
-            landed += self.drop_landed(flight, epochs)?;
+            let now_landed = self.drop_landed(flight, epochs)?;
+            if now_landed > 0 {
+                for (&p, range) in offsets {
+                    self.mend("retry", p, epochs[&p], range.clone())?;
+                }
+            }
+            landed += now_landed;
             // Serve the group between the requests (a live worker must never stay away from
             // `poll` long enough to be expelled), then send only what is still ours.
             self.poll_aside(Duration::ZERO);
@@ -725,6 +747,47 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 Err(f) => failed = f,
             }
         }
+    }
+
+    /// Mends the aggregates of `partition`'s rows at `offsets` ([`crate::sink::mend`]), retrying
+    /// until ClickHouse answers or the partition is no longer ours at `epoch`.
+    fn mend(&mut self, when: &'static str, partition: i32, epoch: u64, offsets: Range<i64>) -> Result<(), Abandoned> {
+        let d = &self.cfg.dedupe;
+        let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
+        let mut backoff = self.backoff();
+        while self.owns(partition, epoch) {
+            let t = Instant::now();
+            match self.store.mend_aggregates(&self.cfg.kafka.topic, partition, offsets.clone(), horizon) {
+                Ok(r) => {
+                    counter!(m::MENDS, "when" => when).increment(1);
+                    if r.rows > 0 {
+                        info!(
+                            partition,
+                            when,
+                            rows = r.rows,
+                            short = r.short,
+                            ms = t.elapsed().as_millis() as u64,
+                            "unconfirmed rows: their aggregates checked against the ledger"
+                        );
+                    }
+                    if r.short > 0 {
+                        warn!(partition, aggregates = r.short, added = %r.added, "aggregates short of the ledger mended (an INSERT landed without its views)");
+                        counter!(m::MENDED).increment(r.short);
+                    }
+                    for o in &r.over {
+                        error!(partition, "aggregate above the ledger, left as it is (see tally-invoicer verify): {o}");
+                    }
+                    counter!(m::OVER_LEDGER).increment(r.over.len() as u64);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    self.clickhouse_failed("mend", &e, &[partition], delay);
+                    self.wait(delay, "clickhouse")?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Drops a failed attempt's staging table, retrying until ClickHouse confirms it.
@@ -777,6 +840,8 @@ struct Batch<'h> {
     /// Indices into the held messages of those staged (still owned, in poll order).
     idx: Vec<usize>,
     epochs: BTreeMap<i32, u64>,
+    /// Per partition, the batch's first offset.
+    first: BTreeMap<i32, i64>,
     /// Per partition, the offset to commit once the batch is written.
     next: BTreeMap<i32, i64>,
     staged: Staged<'h>,
@@ -789,6 +854,7 @@ struct Batch<'h> {
 struct Sent {
     writer: std::thread::JoinHandle<(Flight, Result<(), InsertFailed>, Duration)>,
     epochs: BTreeMap<i32, u64>,
+    first: BTreeMap<i32, i64>,
     next: BTreeMap<i32, i64>,
     messages: usize,
     duplicates: u64,
