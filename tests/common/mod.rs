@@ -39,6 +39,8 @@ pub struct World {
     pub keys: DevKeys,
     pub kafka: KafkaConfig,
     pub ch: ClickHouse,
+    /// Bootstrap servers of this world's broker (host:port).
+    pub brokers: String,
 }
 
 impl World {
@@ -48,15 +50,28 @@ impl World {
 
     /// A world whose workers reach ClickHouse at `ch_url` and serve metrics on `metrics`.
     pub fn with(name: &str, ch_url: &str, metrics: &str) -> World {
-        World::build(name, ch_url, metrics, 10, 6)
+        World::build(name, ch_url, metrics, 10, 6, &brokers(), PARTITIONS)
+    }
+
+    /// A world on its own broker (`brokers`), with topics of `partitions` partitions.
+    pub fn on_broker(name: &str, brokers: &str, partitions: i32) -> World {
+        World::build(name, &clickhouse_url(), "127.0.0.1:0", 10, 6, brokers, partitions)
     }
 
     /// A world with `orgs` × `projects_per_org` tenants.
     pub fn tenants(name: &str, orgs: usize, projects_per_org: usize) -> World {
-        World::build(name, &clickhouse_url(), "127.0.0.1:0", orgs, projects_per_org)
+        World::build(name, &clickhouse_url(), "127.0.0.1:0", orgs, projects_per_org, &brokers(), PARTITIONS)
     }
 
-    fn build(name: &str, ch_url: &str, metrics: &str, orgs: usize, projects_per_org: usize) -> World {
+    fn build(
+        name: &str,
+        ch_url: &str,
+        metrics: &str,
+        orgs: usize,
+        projects_per_org: usize,
+        brokers: &str,
+        partitions: i32,
+    ) -> World {
         let stamp =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
         let name = format!("{name}_{}_{stamp}", std::process::id());
@@ -104,15 +119,22 @@ batch_max_messages = 5000
 batch_max_wait_ms = 200
 max_backoff_ms = 2000
 "#,
-                brokers = brokers(),
                 dir = dir.display(),
             ),
         )
         .unwrap();
         let cfg = tally::config::IngestConfig::load(Some(&config), Vec::new()).unwrap();
-        create_topics(&[&topic, &dlq]);
+        create_topics_on(brokers, &[&topic, &dlq], partitions);
         let direct = tally::config::ClickHouseConfig { url: clickhouse_url(), ..cfg.clickhouse.clone() };
-        let w = World { name, dir, config, keys, kafka: cfg.kafka.clone(), ch: ClickHouse::new(&direct) };
+        let w = World {
+            name,
+            dir,
+            config,
+            keys,
+            kafka: cfg.kafka.clone(),
+            ch: ClickHouse::new(&direct),
+            brokers: brokers.to_string(),
+        };
         let status = w.cli(&["migrate"]).env("TALLY_CLICKHOUSE_URL", clickhouse_url()).status().unwrap();
         assert!(status.success(), "migrate failed");
         w
@@ -183,7 +205,7 @@ max_backoff_ms = 2000
     pub fn generate(&self, cfg: &GenConfig) -> Expected {
         let defs = tally::meter::parse_defs(DEFAULT_METERS_TOML).unwrap();
         let mut pc = ClientConfig::new();
-        pc.set("bootstrap.servers", brokers());
+        pc.set("bootstrap.servers", &self.brokers);
         tally::loadgen::generate(cfg, &self.keys, defs, &pc, &self.kafka.topic, |_| {}).unwrap()
     }
 
@@ -299,10 +321,15 @@ impl Drop for World {
 }
 
 pub fn create_topics(names: &[&str]) {
+    create_topics_on(&brokers(), names, PARTITIONS)
+}
+
+/// Creates `names` with `partitions` partitions each on the broker at `brokers`.
+pub fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let topics: Vec<NewTopic> =
-        names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
+        names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
     let rt = tokio_block_on(
         admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))),
     );
