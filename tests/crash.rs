@@ -67,8 +67,20 @@ impl Drop for Broker {
     }
 }
 
-/// SIGKILLs the shared ClickHouse server (the pid `scripts/start.sh` recorded).
-fn kill_clickhouse() {
+/// SIGKILLs the shared ClickHouse server (the pid `scripts/start.sh` recorded) as soon as an
+/// `INSERT … SELECT` into `events` runs (within 20 s), so that the kill is likely to land between
+/// the parts of one INSERT: the point the mend exists for (docs/exactly-once.md).
+fn kill_clickhouse(w: &World) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let running = w.scalar(
+            "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO events (%' AND query NOT LIKE '%system.processes%'",
+        );
+        if running > 0 {
+            eprintln!("[crash] an INSERT into events is running");
+            break;
+        }
+    }
     let pid = std::fs::read_to_string(state_dir().join("clickhouse/pid")).expect("ClickHouse pid file");
     let pid = pid.trim();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -124,7 +136,7 @@ fn three_workers_survive_kills_outages_and_replay() {
             // The dependency outages, between two worker kills (no member is joining then).
             if kills == 7 {
                 eprintln!("[crash] t={:?}: SIGKILL of the ClickHouse server", started.elapsed());
-                kill_clickhouse();
+                kill_clickhouse(&w);
                 std::thread::sleep(CLICKHOUSE_DOWN);
                 start_clickhouse();
                 eprintln!("[crash] t={:?}: ClickHouse restarted", started.elapsed());
