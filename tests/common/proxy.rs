@@ -15,6 +15,8 @@ pub struct Proxy {
     hold_next: HoldNext,
     lose_answers_to: Arc<Mutex<Option<Vec<u8>>>>,
     live: Arc<Mutex<Vec<TcpStream>>>,
+    /// After losing an answer to a `lose_answers_to` request, cut (as [`Proxy::cut`]).
+    cut_after_loss: Arc<AtomicBool>,
 }
 
 /// The next request whose first bytes contain the pattern is held this long (once); the number
@@ -36,6 +38,8 @@ impl Proxy {
         let next2 = hold_next.clone();
         let lose_answers_to: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let answers2 = lose_answers_to.clone();
+        let cut_after_loss = Arc::new(AtomicBool::new(false));
+        let cut2 = cut_after_loss.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -58,7 +62,7 @@ impl Proxy {
                         None,
                         Some((hold2.clone(), next2.clone(), answers2.clone(), lose_this.clone())),
                     ),
-                    (server, client, Some((lose2.clone(), lose_this)), None),
+                    (server, client, Some((lose2.clone(), lose_this, cut2.clone(), up2.clone(), live2.clone())), None),
                 ];
                 for (mut from, mut to, lose, hold) in pairs {
                     std::thread::spawn(move || {
@@ -98,9 +102,17 @@ impl Proxy {
                                     }
                                     // A response to lose: the server did the work, the client
                                     // only sees its connection die.
-                                    if lose.as_ref().is_some_and(|(all, this)| {
+                                    if lose.as_ref().is_some_and(|(all, this, ..)| {
                                         all.load(Ordering::SeqCst) || this.load(Ordering::SeqCst)
                                     }) {
+                                        if let Some((_, this, cut, up, live)) = &lose {
+                                            if this.load(Ordering::SeqCst) && cut.load(Ordering::SeqCst) {
+                                                up.store(false, Ordering::SeqCst);
+                                                for s in live.lock().unwrap().drain(..) {
+                                                    let _ = s.shutdown(Shutdown::Both);
+                                                }
+                                            }
+                                        }
                                         let _ = to.shutdown(Shutdown::Both);
                                         let _ = from.shutdown(Shutdown::Both);
                                         break;
@@ -116,7 +128,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, lose_answers_to, live }
+        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, lose_answers_to, live, cut_after_loss }
     }
 
     /// A proxy in front of the test ClickHouse server (`common::clickhouse_url`).
@@ -137,6 +149,19 @@ impl Proxy {
         self.lose_responses.store(false, Ordering::SeqCst);
         *self.lose_answers_to.lock().unwrap() = None;
         self.hold_requests_ms.store(0, Ordering::SeqCst);
+        self.cut_after_loss.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the proxy forwards new connections (false after [`Proxy::cut`]).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Like [`Proxy::lose_answers_to`], and the first such answer lost cuts the proxy: the
+    /// client's request took effect, and nothing it sends afterwards reaches the server.
+    pub fn lose_answer_then_cut(&self, pattern: &[u8]) {
+        self.cut_after_loss.store(true, Ordering::SeqCst);
+        self.lose_answers_to(pattern);
     }
 
     /// The next request whose first bytes contain `pattern` reaches the server `d` late, the
