@@ -9,10 +9,7 @@
 //! views), so their offsets were never committed. Whoever decides about those messages next — the
 //! worker retrying the failed attempt, or the partition's next owner loading its state — first
 //! calls [`EventStore::mend_aggregates`](super::EventStore::mend_aggregates) for the partition from
-//! the first offset it will re-decide. The rows read are those of the partition's *last* INSERT
-//! attempt, the only one that can be unanswered: a worker sends no batch before the previous one
-//! answered, and offsets only grow; an attempt's rows share one `ingested_at`
-//! (`sql/ingest/mend_last_attempt.sql`). The mend:
+//! the first offset it will re-decide. That:
 //!
 //! 1. merges the unique-meter sketches of those rows into the hourly and daily tables again (a
 //!    sketch is a union: hashes already there change nothing);
@@ -32,7 +29,6 @@ use crate::invoice::sql::{num, render, rows};
 use super::clickhouse::{quote, ChError, ClickHouse};
 use super::rowbinary::RowWriter;
 
-const LAST_ATTEMPT: &str = include_str!("../../sql/ingest/mend_last_attempt.sql");
 const TOUCHED: &str = include_str!("../../sql/ingest/mend_touched.sql");
 const ADDITIVE: &str = include_str!("../../sql/ingest/mend_additive.sql");
 const UNIQUE_HOURLY: &str = include_str!("../../sql/ingest/mend_unique_hourly.sql");
@@ -51,8 +47,8 @@ pub struct Mended {
     pub over: Vec<String>,
 }
 
-/// Mends the aggregates of the rows of `topic`/`partition`'s last INSERT attempt at `offsets`
-/// (see the module documentation and `sql/ingest/mend_last_attempt.sql`). `horizon` (Unix seconds) bounds the event times read, as the dedupe state load
+/// Mends the aggregates of `topic`/`partition`'s rows at `offsets` (see the module
+/// documentation). `horizon` (Unix seconds) bounds the event times read, as the dedupe state load
 /// does: every accepted event is younger. Errors: any ClickHouse error (retry: every step is
 /// idempotent).
 pub fn mend_aggregates(
@@ -71,8 +67,6 @@ pub fn mend_aggregates(
         ("to_offset", offsets.end.max(0).to_string()),
         ("horizon_hour", (horizon - horizon % 3600).to_string()),
     ];
-    let last_attempt = render(LAST_ATTEMPT, &vars);
-    vars.push(("rows", last_attempt));
     let touched = render(TOUCHED, &vars);
     let count = rows(ch, &format!("SELECT count() FROM ({touched})"))?;
     let n: u64 = num(count.first().and_then(|r| r.first()).map(String::as_str).unwrap_or("0"))?;
