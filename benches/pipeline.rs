@@ -6,6 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use tally::decode::scan::scan_message;
+use tally::decode::Captured;
 use tally::dedupe::PartitionState;
 use tally::devkeys::{basic, bearer, DevKeys};
 use tally::meter::{Meters, DEFAULT_METERS_TOML};
@@ -104,19 +106,35 @@ fn main() {
             }
             yard = yard.min(t.elapsed().as_secs_f64());
         }
+        // The scanner alone (decode of every value, no verify, dedupe, meter or encode).
+        let tree = p.meters.tree();
+        let mut scan = f64::MAX;
+        for _ in 0..env_or("BENCH_ROUNDS", 3) {
+            let (mut caps, mut keys, mut events) = (vec![Captured::Missing; tree.slots()], Vec::new(), Vec::new());
+            let t = Instant::now();
+            for v in &values {
+                caps.fill(Captured::Missing);
+                let m = scan_message(std::hint::black_box(v.as_bytes()), tree, &mut caps, &mut keys, &mut events, 1000);
+                assert!(m.is_ok());
+            }
+            scan = scan.min(t.elapsed().as_secs_f64());
+        }
         let bytes: usize = values.iter().map(String::len).sum();
         println!(
             "{label:<24} {:>10.0} events/s  ({:.0} MB/s of JSON, best of the rounds, 1 core, {} events); \
-             serde_json IgnoredAny over the same bytes: {:.0} events/s; core / yardstick = {:.2}",
+             serde_json IgnoredAny over the same bytes: {:.0} events/s; core / yardstick = {:.2}; \
+             the scanner alone: {:.0} events/s",
             total as f64 / best,
             bytes as f64 / best / 1e6,
             total,
             total as f64 / yard,
-            yard / best
+            yard / best,
+            total as f64 / scan
         );
         results.push(serde_json::json!({
             "messages": label, "events": total, "core_events_per_s": total as f64 / best,
             "yardstick_events_per_s": total as f64 / yard, "core_vs_yardstick": yard / best,
+            "scanner_events_per_s": total as f64 / scan,
             "dedupe_bytes_per_key": dedupe_bytes_per_key,
         }));
     }

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
+use crate::decode::scan::{scan_message, Fallback};
 use crate::decode::{
     self, decode_event_with, decode_message_captured, decode_message_with, Captured, Malformed, Message, SLOT_ID,
     SLOT_TIMESTAMP, SLOT_TYPE,
@@ -113,9 +114,17 @@ impl Processor {
         states: &mut HashMap<i32, PartitionState>,
         now: i64,
     ) -> Result<Staged<'a>, MissingState> {
-        let mut out = Staged::default();
+        // Sized for one event per message up front: growing these while staging cost page
+        // faults and copies (benches/pipeline.rs).
+        let mut out = Staged {
+            events: Vec::with_capacity(msgs.len()),
+            principals: Vec::with_capacity(msgs.len()),
+            batch_keys: KeySet::with_capacity_and_hasher(msgs.len(), Default::default()),
+            ..Staged::default()
+        };
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
         let mut seen = Vec::new();
+        let mut keys = Vec::new();
         let mut batch_caps: Vec<Captured<'a>> = Vec::new();
         let mut contribution = Contribution::default();
         for (i, m) in msgs.iter().enumerate() {
@@ -143,6 +152,22 @@ impl Processor {
             // take as it is (a malformed value or event, an escape to repair, a batch too large)
             // is read again the two-pass way below, which judges it event by event.
             let tree = self.meters.tree();
+            // The scanner reads what producers send; what it does not answer for is read by
+            // serde (below), which decides.
+            match scan_message(value, tree, &mut caps, &mut keys, &mut batch_caps, MAX_BATCH_EVENTS) {
+                Ok(Message::Captured(n)) => {
+                    self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);
+                    continue;
+                }
+                Ok(Message::Single) => {
+                    let ev = EventCtx { m, principal: p, batch_index: -1, at };
+                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, state, ev, &Cow::clone) {
+                        out.reject(i, reason);
+                    }
+                    continue;
+                }
+                Ok(Message::Batch(_)) | Err(Fallback) => caps.fill(Captured::Missing),
+            }
             let decoded = decode_message_captured(value, tree, &mut caps, &mut seen, &mut batch_caps, MAX_BATCH_EVENTS);
             if let Ok(Message::Captured(n)) = decoded {
                 self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);

@@ -4,13 +4,15 @@
 //!   the value (or that batch event) is malformed;
 //! * whatever it accepts, it reads exactly as the reference does (strings after U+FFFD repair,
 //!   numbers as exact integers of at most 2^53 − 1);
-//! * a batch is never silently nothing: an accepted batch has at least one event.
+//! * a batch is never silently nothing: an accepted batch has at least one event;
+//! * the hot path's scanner answers only where the serde reading does, and with its captures.
 #![no_main]
 
 use std::borrow::Cow;
 
 use libfuzzer_sys::fuzz_target;
 use serde::de::{self, Deserializer as _, MapAccess, SeqAccess, Visitor};
+use tally::decode::scan::scan_message;
 use tally::decode::{
     decode_event, decode_message, decode_message_captured, number, surrogates, Captured, Message, PathTree,
 };
@@ -143,6 +145,20 @@ fn one_pass_agrees(value: &[u8], tree: &PathTree) {
     const MAX: usize = 8;
     let (mut caps, mut flat) = (vec![Captured::Missing; tree.slots()], Vec::new());
     let one = decode_message_captured(value, tree, &mut caps, &mut Vec::new(), &mut flat, MAX);
+    // The hot path's scanner answers only as the serde one-pass reading does.
+    let (mut scan_caps, mut scan_flat) = (vec![Captured::Missing; tree.slots()], Vec::new());
+    match scan_message(value, tree, &mut scan_caps, &mut Vec::new(), &mut scan_flat, MAX) {
+        Ok(Message::Single) => {
+            assert!(matches!(one, Ok(Message::Single)), "scanned a value serde does not read as one event");
+            assert_eq!(scan_caps, caps);
+        }
+        Ok(Message::Captured(n)) => {
+            assert!(matches!(one, Ok(Message::Captured(m)) if m == n), "scanned a batch serde does not read so");
+            assert_eq!(scan_flat, flat);
+        }
+        Ok(Message::Batch(_)) => unreachable!("the scanner reads batches in place"),
+        Err(_) => {}
+    }
     let mut two_caps = vec![Captured::Missing; tree.slots()];
     match decode_message(value, tree, &mut two_caps) {
         Ok(Message::Single) => {

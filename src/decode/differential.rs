@@ -222,6 +222,15 @@ proptest! {
         render(&doc, ws, escape, &mut text);
         let mut caps = vec![Captured::Missing; t.slots()];
         let ours = decode_message(text.as_bytes(), &t, &mut caps).map(|_| ());
+        let number_walked = escape || walks_a_number(&doc, &["body", "usage"]);
+        scanner_agrees(&text, &t, if ours.is_ok() { Some(&caps) } else { None }, number_walked)?;
+        // The same document without escapes: the scanner must answer unless serde refuses it.
+        let (plain_doc, mut plain) = (plain(&doc), String::new());
+        render(&plain_doc, ws, false, &mut plain);
+        let mut plain_caps = vec![Captured::Missing; t.slots()];
+        let serde_plain = decode_message(plain.as_bytes(), &t, &mut plain_caps).is_ok();
+        let number_walked = walks_a_number(&plain_doc, &["body", "usage"]);
+        scanner_agrees(&plain, &t, serde_plain.then_some(&plain_caps), number_walked)?;
         if repeats_a_walked_key(&doc, &["body", "usage"]) {
             prop_assert_eq!(ours, Err(Malformed), "{}", text);
             return Ok(());
@@ -233,6 +242,66 @@ proptest! {
             prop_assert_eq!(&caps[slot], &reference_path(&value, &parts), "{} in {}", path, text);
         }
     }
+}
+
+/// The scanner ([`scan::scan_message`]) on a single event: where it answers, the serde reader
+/// (`serde`: its captures, or None if it refused the value) took the value with the same captures;
+/// it answers for every value serde takes, except those with escaped keys (`escape_or_number`
+/// also covers an escaped string or a number where an object is walked) or escaped captures.
+fn scanner_agrees(
+    text: &str,
+    t: &PathTree,
+    serde: Option<&Vec<Captured<'_>>>,
+    escape_or_number: bool,
+) -> Result<(), TestCaseError> {
+    let mut caps = vec![Captured::Missing; t.slots()];
+    match scan::scan_message(text.as_bytes(), t, &mut caps, &mut Vec::new(), &mut Vec::new(), 1000) {
+        Ok(Message::Single) => prop_assert_eq!(Some(&caps), serde, "{}", text),
+        Ok(_) => prop_assert!(false, "an event scanned as a batch: {}", text),
+        Err(scan::Fallback) => prop_assert!(serde.is_none_or(|c| escape_or_number || escaped(c)), "{}", text),
+    }
+    Ok(())
+}
+
+/// The document with every character that renders as an escape removed from its strings.
+fn plain(d: &Doc) -> Doc {
+    match d {
+        Doc::Obj(e) => Doc::Obj(e.iter().map(|(k, v)| (k.clone(), plain(v))).collect()),
+        Doc::Arr(a) => Doc::Arr(a.iter().map(plain).collect()),
+        Doc::Str(s) => Doc::Str(s.replace(['"', '\\', '\n'], "")),
+        other => other.clone(),
+    }
+}
+
+/// The document with only the first of any repeated key in every object.
+fn first_keys(d: &Doc) -> Doc {
+    match d {
+        Doc::Obj(e) => {
+            let mut seen = std::collections::HashSet::new();
+            Doc::Obj(
+                e.iter().filter(|(k, _)| seen.insert(k.clone())).map(|(k, v)| (k.clone(), first_keys(v))).collect(),
+            )
+        }
+        Doc::Arr(a) => Doc::Arr(a.iter().map(first_keys).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Whether serde read a captured string with an escape (it owns exactly those).
+fn escaped(caps: &[Captured<'_>]) -> bool {
+    caps.iter().any(|c| matches!(c, Captured::Str(Cow::Owned(_))))
+}
+
+/// Whether a number, or a string rendered with an escape, stands where the decoder walks an
+/// object (`body`, `body.usage`): the scanner leaves both to serde (which reads such a number as
+/// `f64`, and such a string after surrogate repair).
+fn walks_a_number(d: &Doc, path: &[&str]) -> bool {
+    let (Doc::Obj(entries), Some((next, rest))) = (d, path.split_first()) else { return false };
+    entries.iter().filter(|(k, _)| k == next).any(|(_, v)| match v {
+        Doc::Num(_) => true,
+        Doc::Str(s) => s.contains(['"', '\\', '\n']),
+        _ => walks_a_number(v, rest),
+    })
 }
 
 /// One element of a generated batch: mostly events, sometimes a value that is not an object.
@@ -252,7 +321,17 @@ proptest! {
         for p in &PATHS[3..] {
             t.add(p).unwrap();
         }
+        // Half of the cases are well-formed batches without escapes, where the scanner must answer.
+        let (items, max) = if escape {
+            (items, max)
+        } else {
+            let events: Vec<Doc> = items.iter().filter(|d| matches!(d, Doc::Obj(_))).map(|d| first_keys(&plain(d))).collect();
+            let events = if events.is_empty() { vec![Doc::Obj(vec![("id".into(), Doc::Str("a".into()))])] } else { events };
+            let max = max.max(events.len());
+            (events, max)
+        };
         let mut text = String::new();
+        let items_walk_a_number = items.iter().any(|d| walks_a_number(d, &["body", "usage"]));
         render(&Doc::Obj(vec![("batch".to_string(), Doc::Arr(items))]), ws, escape, &mut text);
         let mut caps = vec![Captured::Missing; t.slots()];
         let two: Vec<Result<Vec<Captured<'_>>, Malformed>> = match decode_message(text.as_bytes(), &t, &mut caps) {
@@ -267,6 +346,19 @@ proptest! {
         };
         let mut events = Vec::new();
         let one = decode_message_captured(text.as_bytes(), &t, &mut caps, &mut Vec::new(), &mut events, max);
+        // The scanner answers only where the serde one-pass reading does, and the same way.
+        let mut scanned = Vec::new();
+        match scan::scan_message(text.as_bytes(), &t, &mut caps, &mut Vec::new(), &mut scanned, max) {
+            Ok(Message::Captured(n)) => {
+                prop_assert!(matches!(one, Ok(Message::Captured(m)) if m == n), "{}", text);
+                prop_assert_eq!(&scanned, &events, "{}", text);
+            }
+            Ok(_) => prop_assert!(false, "a batch scanned as something else: {}", text),
+            // Escapes in keys or captured strings are left to serde.
+            Err(scan::Fallback) => {
+                prop_assert!(one.is_err() || escape || items_walk_a_number || escaped(&events), "{}", text)
+            }
+        }
         if two.len() <= max && two.iter().all(Result::is_ok) {
             prop_assert!(matches!(one, Ok(Message::Captured(n)) if n == two.len()), "{}", text);
             for (chunk, want) in events.chunks_exact(t.slots()).zip(&two) {

@@ -18,6 +18,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 pub mod number;
+pub mod scan;
 pub mod surrogates;
 
 #[cfg(test)]
