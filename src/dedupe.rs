@@ -29,9 +29,30 @@ impl std::hash::Hash for EventKey {
 pub type KeySet = HashSet<EventKey, BuildXxh>;
 
 impl EventKey {
+    /// XXH3-128 of `len(org_id) as u32 LE ‖ len(project_id) as u32 LE ‖ org_id ‖ project_id ‖ id`
+    /// (lengths first, so that ("ab","c") and ("a","bc") differ). The value is stored in
+    /// ClickHouse (`events.key_hash`, its low 64 bits): it must never change.
     pub fn new(org_id: &str, project_id: &str, id: &str) -> Self {
+        // One-shot hashing of the concatenation (the same digest as streaming it, and about
+        // twice as fast for these short inputs); the streaming form for the rare long one.
+        let mut buf = [0u8; 256];
+        let parts = [org_id.as_bytes(), project_id.as_bytes(), id.as_bytes()];
+        let n = 8 + parts.iter().map(|p| p.len()).sum::<usize>();
+        if n > buf.len() {
+            return Self::streamed(org_id, project_id, id);
+        }
+        buf[..4].copy_from_slice(&(org_id.len() as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&(project_id.len() as u32).to_le_bytes());
+        let mut at = 8;
+        for p in parts {
+            buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        EventKey(xxhash_rust::xxh3::xxh3_128(&buf[..n]))
+    }
+
+    fn streamed(org_id: &str, project_id: &str, id: &str) -> Self {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        // Lengths first, so that ("ab","c") and ("a","bc") differ.
         h.update(&(org_id.len() as u32).to_le_bytes());
         h.update(&(project_id.len() as u32).to_le_bytes());
         h.update(org_id.as_bytes());
@@ -235,6 +256,20 @@ mod tests {
         assert_ne!(EventKey::new("ab", "c", "d"), EventKey::new("a", "bc", "d"));
         assert_ne!(EventKey::new("a", "b", "cd"), EventKey::new("a", "bc", "d"));
         assert_eq!(EventKey::new("o", "p", "i"), EventKey::new("o", "p", "i"));
+    }
+
+    #[test]
+    fn one_shot_keys_equal_streamed_keys() {
+        // Stored in ClickHouse: the fast form must give exactly the streamed form's hash.
+        let pinned = 0xae2e_4f4a_c63d_9cc7_5718_3459_0607_73d8;
+        assert_eq!(EventKey::new("org-1", "proj-2", "evt-3").0, pinned);
+        assert_eq!(EventKey::streamed("org-1", "proj-2", "evt-3").0, pinned);
+        for len in [0, 1, 15, 16, 17, 100, 128, 200, 247, 248, 249, 300] {
+            let id = "x".repeat(len);
+            for (o, p) in [("o", "p"), ("org-with-a-long-name", "project-with-a-long-name"), ("", "")] {
+                assert_eq!(EventKey::new(o, p, &id), EventKey::streamed(o, p, &id), "{o} {p} {len}");
+            }
+        }
     }
 
     #[test]

@@ -11,21 +11,12 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     if b.len() < 20 {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let mut v = 0i64;
-        for &c in &b[r] {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            v = v * 10 + i64::from(c - b'0');
-        }
-        Some(v)
-    };
     if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
         return None;
     }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let year = two_digits(b, 0)? * 100 + two_digits(b, 2)?;
+    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
+    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
     if !(1..=12).contains(&month)
         || day < 1
         || day > days_in_month(year, month)
@@ -49,7 +40,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let offset = match b.get(i)? {
         b'Z' | b'z' if i + 1 == b.len() => 0,
         sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
-            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            let (oh, om) = (two_digits(b, i + 1)?, two_digits(b, i + 4)?);
             if oh > 23 || om > 59 {
                 return None;
             }
@@ -66,6 +57,17 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         return None;
     }
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset)
+}
+
+/// The two ASCII digits at `b[i..i + 2]` (the caller checked the length) as a number.
+#[inline(always)]
+fn two_digits(b: &[u8], i: usize) -> Option<i64> {
+    let (h, l) = (b[i].wrapping_sub(b'0'), b[i + 1].wrapping_sub(b'0'));
+    if h < 10 && l < 10 {
+        Some(i64::from(h * 10 + l))
+    } else {
+        None
+    }
 }
 
 fn days_in_month(y: i64, m: i64) -> i64 {
