@@ -119,7 +119,6 @@ impl Processor {
         let mut out = Staged {
             events: Vec::with_capacity(msgs.len()),
             principals: Vec::with_capacity(msgs.len()),
-            batch_keys: KeySet::with_capacity_and_hasher(msgs.len(), Default::default()),
             ..Staged::default()
         };
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
@@ -144,7 +143,9 @@ impl Processor {
                     continue;
                 }
             };
-            let state = states.get_mut(&m.partition).ok_or(MissingState(m.partition))?;
+            if !states.contains_key(&m.partition) {
+                return Err(MissingState(m.partition));
+            }
             let p = out.push_principal(principal);
             let msg = MsgCtx { index: i, m, principal: p, at };
             caps.fill(Captured::Missing);
@@ -156,12 +157,12 @@ impl Processor {
             // serde (below), which decides.
             match scan_message(value, tree, &mut caps, &mut keys, &mut batch_caps, MAX_BATCH_EVENTS) {
                 Ok(Message::Captured(n)) => {
-                    self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);
+                    self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, msg);
                     continue;
                 }
                 Ok(Message::Single) => {
                     let ev = EventCtx { m, principal: p, batch_index: -1, at };
-                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, state, ev, &Cow::clone) {
+                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, ev, &Cow::clone) {
                         out.reject(i, reason);
                     }
                     continue;
@@ -170,7 +171,7 @@ impl Processor {
             }
             let decoded = decode_message_captured(value, tree, &mut caps, &mut seen, &mut batch_caps, MAX_BATCH_EVENTS);
             if let Ok(Message::Captured(n)) = decoded {
-                self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, state, msg);
+                self.stage_captured_batch(&mut out, value, &batch_caps, n, &mut contribution, msg);
                 continue;
             }
             let decoded = match decoded {
@@ -187,37 +188,20 @@ impl Processor {
             // Nearly every message takes the first path, its strings borrowed from the consumer.
             let fixed = if decoded.is_err() { decode::surrogates::repair(value) } else { None };
             match fixed {
-                None => self.stage_value(
-                    &mut out,
-                    value,
-                    decoded,
-                    &mut caps,
-                    &mut seen,
-                    &mut contribution,
-                    state,
-                    msg,
-                    Cow::clone,
-                ),
+                None => {
+                    self.stage_value(&mut out, value, decoded, &mut caps, &mut seen, &mut contribution, msg, Cow::clone)
+                }
                 Some(fixed) => {
                     let mut fixed_caps = vec![Captured::Missing; caps.len()];
                     let mut fixed_seen = Vec::new();
                     let decoded = decode_message_with(&fixed, self.meters.tree(), &mut fixed_caps, &mut fixed_seen);
                     let own = |s: &Cow<'_, str>| Cow::Owned(s.to_string());
                     let scratch = (&mut fixed_caps, &mut fixed_seen);
-                    self.stage_value(
-                        &mut out,
-                        &fixed,
-                        decoded,
-                        scratch.0,
-                        scratch.1,
-                        &mut contribution,
-                        state,
-                        msg,
-                        own,
-                    );
+                    self.stage_value(&mut out, &fixed, decoded, scratch.0, scratch.1, &mut contribution, msg, own);
                 }
             }
         }
+        out.deduplicate(states);
         Ok(out)
     }
 
@@ -232,7 +216,6 @@ impl Processor {
         caps: &mut [Captured<'v>],
         seen: &mut Vec<Cow<'v, str>>,
         contribution: &mut Contribution,
-        state: &mut PartitionState,
         msg: MsgCtx<'_, 'a>,
         own: impl Fn(&Cow<'v, str>) -> Cow<'a, str>,
     ) {
@@ -243,7 +226,7 @@ impl Processor {
             Ok(Message::Captured(_)) => unreachable!("a one-pass batch is staged by stage_captured_batch"),
             Ok(Message::Single) => {
                 let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: -1, at: msg.at };
-                if let Err(reason) = self.stage_event(out, caps, contribution, state, ev, &own) {
+                if let Err(reason) = self.stage_event(out, caps, contribution, ev, &own) {
                     out.reject(msg.index, reason);
                 }
             }
@@ -252,11 +235,11 @@ impl Processor {
                     caps.fill(Captured::Missing);
                     let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
                     let result = match decode_event_with(raw, self.meters.tree(), caps, seen) {
-                        Ok(()) => self.stage_event(out, caps, contribution, state, ev, &own),
+                        Ok(()) => self.stage_event(out, caps, contribution, ev, &own),
                         // As for a whole value: an unpaired surrogate in a key the parser read.
                         Err(_) => match decode::surrogates::repair(raw.get().as_bytes()) {
                             None => Err(Reason::Malformed),
-                            Some(fixed) => self.stage_repaired_event(out, &fixed, caps.len(), contribution, state, ev),
+                            Some(fixed) => self.stage_repaired_event(out, &fixed, caps.len(), contribution, ev),
                         },
                     };
                     if let Err(reason) = result {
@@ -285,13 +268,12 @@ impl Processor {
         events: &[Captured<'a>],
         n: usize,
         contribution: &mut Contribution,
-        state: &mut PartitionState,
         msg: MsgCtx<'_, 'a>,
     ) {
         let first = out.rejections.len();
         for (j, caps) in events.chunks_exact(events.len() / n).enumerate() {
             let ev = EventCtx { m: msg.m, principal: msg.principal, batch_index: j as i32, at: msg.at };
-            if let Err(reason) = self.stage_event(out, caps, contribution, state, ev, &Cow::clone) {
+            if let Err(reason) = self.stage_event(out, caps, contribution, ev, &Cow::clone) {
                 out.rejections.push(Rejection { msg: msg.index, batch_index: Some(j as u32), reason, span: None });
             }
         }
@@ -322,14 +304,13 @@ impl Processor {
         fixed: &[u8],
         slots: usize,
         contribution: &mut Contribution,
-        state: &mut PartitionState,
         ev: EventCtx<'_, 'a>,
     ) -> Result<(), Reason> {
         let text = std::str::from_utf8(fixed).map_err(|_| Reason::Malformed)?;
         let raw: &RawValue = serde_json::from_str(text).map_err(|_| Reason::Malformed)?;
         let mut caps = vec![Captured::Missing; slots];
         decode_event_with(raw, self.meters.tree(), &mut caps, &mut Vec::new()).map_err(|_| Reason::Malformed)?;
-        self.stage_event(out, &caps, contribution, state, ev, &|s: &Cow<'_, str>| Cow::Owned(s.to_string()))
+        self.stage_event(out, &caps, contribution, ev, &|s: &Cow<'_, str>| Cow::Owned(s.to_string()))
     }
 
     fn stage_event<'a, 'v>(
@@ -337,7 +318,6 @@ impl Processor {
         out: &mut Staged<'a>,
         caps: &[Captured<'v>],
         contribution: &mut Contribution,
-        state: &mut PartitionState,
         ev: EventCtx<'_, 'a>,
         own: &impl Fn(&Cow<'v, str>) -> Cow<'a, str>,
     ) -> Result<(), Reason> {
@@ -362,13 +342,6 @@ impl Processor {
         }
         let principal = &out.principals[ev.principal as usize];
         let key = EventKey::new(&principal.org_id, &principal.project_id, id);
-        let verdict = if out.batch_keys.contains(&key) { Verdict::Duplicate } else { state.check(key, ts) };
-        if verdict == Verdict::Duplicate {
-            out.duplicates += 1;
-            return Ok(());
-        }
-        state.remember(key);
-        out.batch_keys.insert(key);
         let a0 = out.additive.len() as u32;
         out.additive.extend_from_slice(&contribution.additive);
         let u0 = out.unique.len() as u32;
@@ -384,7 +357,8 @@ impl Processor {
             key,
             additive: a0..out.additive.len() as u32,
             unique: u0..out.unique.len() as u32,
-            verdict,
+            // Decided by `Staged::deduplicate` before `stage` returns.
+            verdict: Verdict::Unknown,
         });
         Ok(())
     }
@@ -420,6 +394,47 @@ struct EventCtx<'m, 'a> {
 impl<'a> Staged<'a> {
     fn reject(&mut self, msg: usize, reason: Reason) {
         self.rejections.push(Rejection { msg, batch_index: None, reason, span: None });
+    }
+
+    /// Decides every staged event against the partitions' dedupe states, in staging order
+    /// (each decision sees the keys remembered before it, as if it were made while staging).
+    ///
+    /// Done apart from staging, in two passes, for speed: the state's Bloom filter and recent
+    /// set are far larger than the CPU caches, and one event's staging is thousands of
+    /// instructions, so inline look-ups miss the cache one after the other. The first pass only
+    /// reads (the same look-ups, results dropped), in a short loop whose misses the CPU overlaps;
+    /// the second finds those lines cached (docs/measurements.md, "The core").
+    fn deduplicate(&mut self, states: &mut HashMap<i32, PartitionState>) {
+        let mut warm = 0usize;
+        let mut last: Option<(i32, &PartitionState)> = None;
+        for e in &self.events {
+            let state = match last {
+                Some((p, s)) if p == e.partition => s,
+                _ => {
+                    let s = &states[&e.partition];
+                    last = Some((e.partition, s));
+                    s
+                }
+            };
+            warm = warm.wrapping_add(state.check(e.key, e.ts) as usize);
+        }
+        std::hint::black_box(warm);
+        self.batch_keys = KeySet::with_capacity_and_hasher(self.events.len(), Default::default());
+        let mut last: Option<(i32, &mut PartitionState)> = None;
+        for e in &mut self.events {
+            if last.as_ref().is_none_or(|(p, _)| *p != e.partition) {
+                last = Some((e.partition, states.get_mut(&e.partition).expect("checked while staging")));
+            }
+            let state = &mut last.as_mut().expect("set above").1;
+            let verdict = if self.batch_keys.contains(&e.key) { Verdict::Duplicate } else { state.check(e.key, e.ts) };
+            e.verdict = verdict;
+            if verdict == Verdict::Duplicate {
+                self.duplicates += 1;
+            } else {
+                state.remember(e.key);
+                self.batch_keys.insert(e.key);
+            }
+        }
     }
 
     fn push_principal(&mut self, p: Principal) -> u32 {

@@ -452,3 +452,54 @@ fn extreme_message_timestamps_are_refused_not_wrapped() {
         assert_eq!(staged.rejections.first().map(|r| r.reason), want, "{at} {event_ts}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Deduplication, decided after staging (`Staged::deduplicate`), is what deciding event by
+    /// event in staging order gives: a copy is a duplicate if its key was remembered by its
+    /// partition in an earlier batch or was accepted earlier in this batch (in any partition); the
+    /// partitions interleave within batches, so the state switches back and forth.
+    #[test]
+    fn deduplication_decides_in_staging_order(
+        batches in proptest::collection::vec(proptest::collection::vec((0i32..3, 0u32..12), 1..40), 1..4)
+    ) {
+        let mut f = fx("dedupe-order");
+        for p in 0..3 {
+            f.states.insert(p, PartitionState::new(1 << 16, 1000, 0));
+        }
+        let good = f.auth();
+        let mut remembered: HashSet<(i32, u32)> = HashSet::new();
+        for batch in batches {
+            let values: Vec<String> = batch.iter().map(|(_, id)| ev(&format!("e{id}"), "trace-create", NOW, "{}")).collect();
+            let msgs: Vec<InMessage> = batch
+                .iter()
+                .zip(&values)
+                .enumerate()
+                .map(|(i, ((p, _), v))| InMessage {
+                    partition: *p,
+                    offset: i as i64,
+                    timestamp_secs: Some(NOW),
+                    value: Some(v.as_bytes()),
+                    authorization: Credential::One(good.as_bytes()),
+                })
+                .collect();
+            let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+            staged.resolve(&HashSet::new());
+            let mut in_batch = HashSet::new();
+            let mut want_new = Vec::new();
+            for (i, (p, id)) in batch.iter().enumerate() {
+                if !in_batch.contains(id) && !remembered.contains(&(*p, *id)) {
+                    in_batch.insert(*id);
+                    want_new.push(i);
+                }
+            }
+            for &i in &want_new {
+                remembered.insert(batch[i]);
+            }
+            let billed: Vec<usize> = staged.billed(&f.p.meters, &msgs).iter().map(|b| b.msg).collect();
+            proptest::prop_assert_eq!(&billed, &want_new);
+            proptest::prop_assert_eq!(staged.duplicates as usize, batch.len() - want_new.len());
+        }
+    }
+}
