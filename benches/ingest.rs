@@ -39,8 +39,70 @@ const PRODUCTION: [(&str, &str); 4] = [
     ("TALLY_DEDUPE_RECENT_KEYS_PER_PARTITION", "262144"),
 ];
 
+/// CPU seconds (user + system) that the processes in `pids` have used so far, from
+/// `/proc/<pid>/stat` (Linux, proc(5): fields 14 and 15, in clock ticks).
+fn cpu_secs(pids: &[u32]) -> f64 {
+    let ticks: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0);
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // The command name may hold spaces: fields are counted after its closing parenthesis.
+            let rest: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 1..].split_whitespace().collect();
+            let tick = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (tick(11) + tick(12)) / ticks
+        })
+        .sum()
+}
+
+/// Processes whose command name (`/proc/<pid>/comm`) starts with `name`.
+fn pids_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(name)))
+        .collect()
+}
+
+/// CPU seconds used during a pass, per process kind.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    /// The tally-ingest workers (or, for a raw consume, the bench process itself).
+    consumer: f64,
+    clickhouse: f64,
+    broker: f64,
+}
+
+impl Cpu {
+    fn now(consumers: &[u32]) -> Cpu {
+        Cpu {
+            consumer: cpu_secs(consumers),
+            clickhouse: cpu_secs(&pids_named("clickhouse")),
+            broker: cpu_secs(&pids_named("tansu")),
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            consumer: self.consumer - before.consumer,
+            clickhouse: self.clickhouse - before.clickhouse,
+            broker: self.broker - before.broker,
+        }
+    }
+
+    fn json(self) -> serde_json::Value {
+        json!({ "consumer": self.consumer, "clickhouse": self.clickhouse, "broker": self.broker })
+    }
+}
+
 /// Reads every partition from the beginning up to `end` and does nothing with the messages.
-fn raw_consume(world: &World, end: &BTreeMap<i32, i64>) -> f64 {
+fn raw_consume(world: &World, end: &BTreeMap<i32, i64>) -> (f64, Cpu) {
     let mut cfg = tally::source::consumer_config(&world.kafka);
     cfg.set("group.id", format!("raw-{}", world.name)).set("enable.auto.commit", "false");
     let c: BaseConsumer = cfg.create().unwrap();
@@ -48,6 +110,8 @@ fn raw_consume(world: &World, end: &BTreeMap<i32, i64>) -> f64 {
     for p in end.keys() {
         tpl.add_partition_offset(&world.kafka.topic, *p, Offset::Beginning).unwrap();
     }
+    let me = [std::process::id()];
+    let cpu0 = Cpu::now(&me);
     let t = Instant::now();
     c.assign(&tpl).unwrap();
     let mut left: BTreeMap<i32, i64> = end.iter().filter(|(_, o)| **o > 0).map(|(p, o)| (*p, *o)).collect();
@@ -62,12 +126,14 @@ fn raw_consume(world: &World, end: &BTreeMap<i32, i64>) -> f64 {
         assert!(t.elapsed() < Duration::from_secs(600), "raw consume did not finish");
     }
     std::hint::black_box(bytes);
-    t.elapsed().as_secs_f64()
+    let secs = t.elapsed().as_secs_f64();
+    (secs, Cpu::now(&me).since(cpu0))
 }
 
 /// Starts `workers` workers in group `group`; returns seconds from the first assignment until
-/// every partition's committed offset reached `end`, and the time of the first group join.
-fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) -> (f64, f64) {
+/// every partition's committed offset reached `end`, the time of the first group join, and the
+/// CPU used from the first assignment until caught up.
+fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) -> (f64, f64, Cpu) {
     let t0 = Instant::now();
     // Group ids are global on the broker: one per world and pass.
     let group = &format!("{}-{group}", world.name);
@@ -84,6 +150,7 @@ fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) 
         assert!(t0.elapsed() < Duration::from_secs(120), "no assignment");
         std::thread::sleep(Duration::from_millis(5));
     }
+    let cpu0 = Cpu::now(&[children[0].id()]);
     let assigned = Instant::now();
     children.extend(labels[1..].iter().map(|l| start(l)));
     let mut cfg = tally::source::client_config(&world.kafka);
@@ -106,8 +173,11 @@ fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) 
         std::thread::sleep(Duration::from_millis(20));
     }
     let caught_up = assigned.elapsed().as_secs_f64();
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    // The workers started after the assignment used nothing before it.
+    let cpu = Cpu::now(&pids).since(cpu0);
     common::stop_all(children);
-    (caught_up, (assigned - t0).as_secs_f64())
+    (caught_up, (assigned - t0).as_secs_f64(), cpu)
 }
 
 /// The narrow rows of `world`, in arrival order, as RowBinary chunks of `per` rows.
@@ -179,25 +249,38 @@ fn main() {
     let mut first = Vec::new();
     let mut join = Vec::new();
     let mut replay = Vec::new();
+    // CPU seconds of the best raw consume and of the best first pass.
+    let (mut raw_cpu, mut first_cpu) = ((f64::MAX, Cpu::default()), (f64::MAX, Cpu::default()));
     for r in 0..rounds {
-        raw.push(raw_consume(&world, &e.end_offsets));
-        println!("raw consume: {:.2} s", raw[r]);
+        let (s, cpu) = raw_consume(&world, &e.end_offsets);
+        raw.push(s);
+        if s < raw_cpu.0 {
+            raw_cpu = (s, cpu);
+        }
+        println!("raw consume: {:.2} s (CPU: consumer {:.2} s, broker {:.2} s)", s, cpu.consumer, cpu.broker);
         // A first pass needs an empty store: every round but the first starts from a fresh database.
         if r > 0 {
             reset_store(&world);
         }
-        let (s, j) = ingest(&world, &format!("first{r}"), 1, &e.end_offsets);
+        let (s, j, cpu) = ingest(&world, &format!("first{r}"), 1, &e.end_offsets);
         world.assert_totals(&e);
         first.push(s);
         join.push(j);
-        println!("tally-ingest, 1 worker, first pass: {s:.2} s (+{j:.1} s to the first assignment)");
-        let (s, _) = ingest(&world, &format!("replay{r}"), 1, &e.end_offsets);
+        if s < first_cpu.0 {
+            first_cpu = (s, cpu);
+        }
+        println!(
+            "tally-ingest, 1 worker, first pass: {s:.2} s (+{j:.1} s to the first assignment; CPU: worker {:.2} s, \
+             ClickHouse {:.2} s, broker {:.2} s)",
+            cpu.consumer, cpu.clickhouse, cpu.broker
+        );
+        let (s, _, _) = ingest(&world, &format!("replay{r}"), 1, &e.end_offsets);
         world.assert_totals(&e);
         replay.push(s);
         println!("tally-ingest, 1 worker, replay: {s:.2} s");
     }
     reset_store(&world);
-    let (two, _) = ingest(&world, "two", 2, &e.end_offsets);
+    let (two, _, _) = ingest(&world, "two", 2, &e.end_offsets);
     world.assert_totals(&e);
     println!("tally-ingest, 2 workers, first pass: {two:.2} s");
 
@@ -243,6 +326,8 @@ fn main() {
             "aggregates_vs_plain_insert": full_b / plain_b,
         },
         "events_per_s": { "first_pass": e.events as f64 / first_b, "replay": e.events as f64 / replay_b },
+        // Where the 2 cores go: CPU seconds of the best raw consume and of the best first pass.
+        "cpu_s": { "raw_consume": raw_cpu.1.json(), "first_pass": first_cpu.1.json() },
         "latency": { "rate_events_per_s": rate, "vs_max_rate": rate as f64 / max_rate,
                      "p50_le_s": lat.0, "p99_le_s": lat.1, "messages": lat.2 },
     });

@@ -90,6 +90,19 @@ md += [
     f"{ing['events_per_s']['replay']:,.0f}. First group join (not in the times above): "
     f"{best(ing['first_join_s']):.1f} s.",
     "",
+]
+if "cpu_s" in ing:
+    fc, rc = ing["cpu_s"]["first_pass"], ing["cpu_s"]["raw_consume"]
+    total = fc["consumer"] + fc["clickhouse"] + fc["broker"]
+    md += [
+        f"Where the 2 cores go (CPU seconds, from `/proc/<pid>/stat`): the best first pass used "
+        f"{fc['consumer']:.2f} s in tally-ingest, {fc['clickhouse']:.2f} s in ClickHouse and "
+        f"{fc['broker']:.2f} s in the broker — {total:.2f} s, so on 2 cores it cannot take less than "
+        f"{total / 2:.2f} s, or {total / 2 / best(ing['raw_consume_s']):.2f}× the raw consume; the raw "
+        f"consume used {rc['consumer']:.2f} s in the consumer and {rc['broker']:.2f} s in the broker.",
+        "",
+    ]
+md += [
     "Dedupe memory: " + "; ".join(f"{c['messages']}: {c['dedupe_bytes_per_key']:.0f} B per held key" for c in core)
     + " (the Bloom filter is sized by `dedupe.bloom_bytes_per_partition`, so bytes per key fall as keys grow).",
     "",
