@@ -78,7 +78,11 @@ struct Node {
 
 impl Node {
     fn child(&self, key: &str) -> Option<&Node> {
-        self.children.iter().find(|(k, _)| &**k == key).map(|(_, n)| n)
+        self.child_bytes(key.as_bytes())
+    }
+
+    fn child_bytes(&self, key: &[u8]) -> Option<&Node> {
+        self.children.iter().find(|(k, _)| k.as_bytes() == key).map(|(_, n)| n)
     }
 
     fn mark_other(&self, caps: &mut [Captured<'_>]) {

@@ -37,7 +37,7 @@ pub fn scan_message<'a>(
     value: &'a [u8],
     tree: &PathTree,
     caps: &mut [Captured<'a>],
-    keys: &mut Vec<&'a str>,
+    keys: &mut Vec<&'a [u8]>,
     events: &mut Vec<Captured<'a>>,
     max_events: usize,
 ) -> Scan<Message<'a>> {
@@ -55,11 +55,12 @@ pub fn scan_message<'a>(
     if !s.eat(b'}') {
         loop {
             let key = s.key(base)?;
-            if key == "batch" {
+            if key == b"batch" {
                 batch = Some(s.batch(root, tree.slots, events, max_events)?);
             } else {
-                event_field |= EVENT_FIELDS.contains(&key) || root.child(key).is_some();
-                s.entry(root, key, caps)?;
+                let child = root.child_bytes(key);
+                event_field |= child.is_some() || EVENT_FIELDS.iter().any(|f| f.as_bytes() == key);
+                s.entry(child, caps)?;
             }
             if s.next_entry()? {
                 break;
@@ -83,7 +84,7 @@ struct Scanner<'a, 'k> {
     i: usize,
     depth: u32,
     /// Keys of the objects being walked, innermost last.
-    keys: &'k mut Vec<&'a str>,
+    keys: &'k mut Vec<&'a [u8]>,
 }
 
 /// Whether `b` ends a run of plain string bytes: `"`, `\` or a control character.
@@ -168,10 +169,11 @@ impl<'a> Scanner<'a, '_> {
         i
     }
 
-    /// Reads a string whose opening quote is at `i`; returns its contents (between the quotes)
-    /// and whether it holds an escape. Escapes are checked for form only (`\uXXXX` with any four
-    /// hex digits), as serde_json does for strings it skips.
-    fn string(&mut self) -> Scan<(&'a str, bool)> {
+    /// Reads a string whose opening quote is at `i`; returns where its contents (between the
+    /// quotes) start and end, and whether it holds an escape. Escapes are checked for form only
+    /// (`\uXXXX` with any four hex digits), as serde_json does for strings it skips.
+    #[inline]
+    fn string(&mut self) -> Scan<(usize, usize, bool)> {
         let start = self.i + 1;
         let mut i = start;
         let mut escaped = false;
@@ -198,17 +200,18 @@ impl<'a> Scanner<'a, '_> {
             }
         }
         self.i = i + 1;
-        // `start` and `i` sit next to ASCII quotes, so both are character boundaries.
-        Ok((&self.text[start..i], escaped))
+        Ok((start, i, escaped))
     }
 
     /// Reads an object key (and the `:` after it) of a walked object whose keys start at `base`
     /// in `keys`; a repeated key is a [`Fallback`] (the serde reader refuses the value).
-    fn key(&mut self, base: usize) -> Scan<&'a str> {
+    fn key(&mut self, base: usize) -> Scan<&'a [u8]> {
         if self.peek() != Some(b'"') {
             return Err(Fallback);
         }
-        let (key, escaped) = self.string()?;
+        let (start, end, escaped) = self.string()?;
+        let b: &'a [u8] = self.b;
+        let key = &b[start..end];
         if escaped || self.keys[base..].contains(&key) {
             return Err(Fallback);
         }
@@ -339,9 +342,10 @@ impl<'a> Scanner<'a, '_> {
         }
     }
 
-    /// The value of `key` in an object walked along `node`.
-    fn entry(&mut self, node: &Node, key: &str, caps: &mut [Captured<'a>]) -> Scan<()> {
-        let Some(child) = node.child(key) else { return self.skip() };
+    /// The value of an entry of a walked object, whose key leads to `child` in the tree (or
+    /// nowhere: then the value is skipped).
+    fn entry(&mut self, child: Option<&Node>, caps: &mut [Captured<'a>]) -> Scan<()> {
+        let Some(child) = child else { return self.skip() };
         match child.slot {
             Some(slot) => caps[slot] = self.leaf()?,
             None => match self.peek() {
@@ -350,7 +354,7 @@ impl<'a> Scanner<'a, '_> {
                 // Serde reads such a number as `f64`, which may fail: let it decide.
                 Some(b'-' | b'0'..=b'9') => return Err(Fallback),
                 Some(b'"') => {
-                    if self.string()?.1 {
+                    if self.string()?.2 {
                         return Err(Fallback);
                     }
                     child.mark_other(caps);
@@ -373,7 +377,7 @@ impl<'a> Scanner<'a, '_> {
         if !self.eat(b'}') {
             loop {
                 let key = self.key(base)?;
-                self.entry(node, key, caps)?;
+                self.entry(node.child_bytes(key), caps)?;
                 if self.next_entry()? {
                     break;
                 }
@@ -388,9 +392,10 @@ impl<'a> Scanner<'a, '_> {
     fn leaf(&mut self) -> Scan<Captured<'a>> {
         Ok(match self.peek() {
             Some(b'"') => match self.string()? {
-                (s, false) => Captured::Str(Cow::Borrowed(s)),
+                // Both ends sit next to ASCII quotes, so both are character boundaries.
+                (start, end, false) => Captured::Str(Cow::Borrowed(&self.text[start..end])),
                 // Escapes may need surrogate repair: the serde reader does that.
-                (_, true) => return Err(Fallback),
+                (_, _, true) => return Err(Fallback),
             },
             Some(b'-' | b'0'..=b'9') => number::meter_value(self.number()?).map_or(Captured::Other, Captured::U64),
             Some(b'n') => {
