@@ -84,9 +84,6 @@ pub struct Staged<'a> {
     additive: Vec<(u16, u64)>,
     unique: Vec<(u16, u64)>,
     pub rejections: Vec<Rejection>,
-    /// Keys staged in this batch: exact, whatever the bound of the partition's recent set, so
-    /// two copies in one batch are never both sent (the store cannot know about either yet).
-    batch_keys: KeySet,
     /// Duplicates found so far (in memory, then by [`Staged::resolve`]).
     pub duplicates: u64,
 }
@@ -161,10 +158,8 @@ impl Processor {
                     continue;
                 }
                 Ok(Message::Single) => {
-                    let ev = EventCtx { m, principal: p, batch_index: -1, at };
-                    if let Err(reason) = self.stage_event(&mut out, &caps, &mut contribution, ev, &Cow::clone) {
-                        out.reject(i, reason);
-                    }
+                    let single = Ok(Message::Single);
+                    self.stage_value(&mut out, value, single, &mut caps, &mut seen, &mut contribution, msg, Cow::clone);
                     continue;
                 }
                 Ok(Message::Batch(_)) | Err(Fallback) => caps.fill(Captured::Missing),
@@ -419,20 +414,22 @@ impl<'a> Staged<'a> {
             warm = warm.wrapping_add(state.check(e.key, e.ts) as usize);
         }
         std::hint::black_box(warm);
-        self.batch_keys = KeySet::with_capacity_and_hasher(self.events.len(), Default::default());
+        // Keys accepted in this batch: exact, whatever the bound of the partition's recent set, so
+        // two copies in one batch are never both sent (the store cannot know about either yet).
+        let mut batch_keys = KeySet::with_capacity_and_hasher(self.events.len(), Default::default());
         let mut last: Option<(i32, &mut PartitionState)> = None;
         for e in &mut self.events {
             if last.as_ref().is_none_or(|(p, _)| *p != e.partition) {
                 last = Some((e.partition, states.get_mut(&e.partition).expect("checked while staging")));
             }
             let state = &mut last.as_mut().expect("set above").1;
-            let verdict = if self.batch_keys.contains(&e.key) { Verdict::Duplicate } else { state.check(e.key, e.ts) };
+            let verdict = if batch_keys.contains(&e.key) { Verdict::Duplicate } else { state.check(e.key, e.ts) };
             e.verdict = verdict;
             if verdict == Verdict::Duplicate {
                 self.duplicates += 1;
             } else {
                 state.remember(e.key);
-                self.batch_keys.insert(e.key);
+                batch_keys.insert(e.key);
             }
         }
     }

@@ -230,37 +230,29 @@ impl<'a> Scanner<'a, '_> {
         if b.get(i) == Some(&b'-') {
             i += 1;
         }
+        // The end of the run of digits at `i`; at least one digit is required.
+        let digits = |i: usize| {
+            let end = i + b[i.min(b.len())..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if end == i {
+                Err(Fallback)
+            } else {
+                Ok(end)
+            }
+        };
         match b.get(i) {
             Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => {
-                while b.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = digits(i)?,
             _ => return Err(Fallback),
         }
         if b.get(i) == Some(&b'.') {
-            i += 1;
-            let digits = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == digits {
-                return Err(Fallback);
-            }
+            i = digits(i + 1)?;
         }
         if let Some(b'e' | b'E') = b.get(i) {
             i += 1;
             if let Some(b'+' | b'-') = b.get(i) {
                 i += 1;
             }
-            let digits = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == digits {
-                return Err(Fallback);
-            }
+            i = digits(i)?;
         }
         self.i = i;
         Ok(&self.text[start..i])

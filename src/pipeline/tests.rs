@@ -29,6 +29,17 @@ fn ev(id: &str, ty: &str, ts: i64, body: &str) -> String {
     format!(r#"{{"id":"{id}","type":"{ty}","timestamp":"{}","body":{body}}}"#, crate::timestamp::format_rfc3339(ts))
 }
 
+/// A message of `partition` at `offset`, stamped `NOW`, with one `authorization` header.
+fn message<'a>(partition: i32, offset: i64, value: &'a str, authorization: &'a str) -> InMessage<'a> {
+    InMessage {
+        partition,
+        offset,
+        timestamp_secs: Some(NOW),
+        value: Some(value.as_bytes()),
+        authorization: Credential::One(authorization.as_bytes()),
+    }
+}
+
 /// (rejections as (batch index, reason), duplicates, rows written, RowBinary).
 type RunResult = (Vec<(Option<u32>, Reason)>, u64, usize, Vec<u8>);
 
@@ -209,17 +220,7 @@ fn unknown_events_are_resolved_by_the_store() {
     f.states.insert(0, PartitionState::new(4096, 0, NOW + 1));
     let good = f.auth();
     let (a, b) = (ev("u1", "trace-create", NOW, "{}"), ev("u2", "trace-create", NOW, "{}"));
-    let msgs: Vec<_> = [&a, &b]
-        .iter()
-        .enumerate()
-        .map(|(i, v)| InMessage {
-            partition: 0,
-            offset: i as i64,
-            timestamp_secs: Some(NOW),
-            value: Some(v.as_bytes()),
-            authorization: Credential::One(good.as_bytes()),
-        })
-        .collect();
+    let msgs: Vec<_> = [&a, &b].iter().enumerate().map(|(i, v)| message(0, i as i64, v, &good)).collect();
     let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
     let unknown = staged.unknown_keys();
     assert_eq!(unknown.len(), 2);
@@ -472,18 +473,8 @@ proptest::proptest! {
         let mut remembered: HashSet<(i32, u32)> = HashSet::new();
         for batch in batches {
             let values: Vec<String> = batch.iter().map(|(_, id)| ev(&format!("e{id}"), "trace-create", NOW, "{}")).collect();
-            let msgs: Vec<InMessage> = batch
-                .iter()
-                .zip(&values)
-                .enumerate()
-                .map(|(i, ((p, _), v))| InMessage {
-                    partition: *p,
-                    offset: i as i64,
-                    timestamp_secs: Some(NOW),
-                    value: Some(v.as_bytes()),
-                    authorization: Credential::One(good.as_bytes()),
-                })
-                .collect();
+            let msgs: Vec<InMessage> =
+                batch.iter().zip(&values).enumerate().map(|(i, ((p, _), v))| message(*p, i as i64, v, &good)).collect();
             let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
             staged.resolve(&HashSet::new());
             let mut in_batch = HashSet::new();
