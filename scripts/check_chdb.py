@@ -40,9 +40,14 @@ def main():
         for f in sorted(glob.glob(os.path.join(ROOT, "schemas", "*.sql"))):
             for stmt in statements(open(f).read().replace("${database}", DB)):
                 s.query(stmt)
-            # Idempotent: a second application is a no-op.
+            # Idempotent: a second application is a no-op (an `ADD COLUMN` whose column exists is
+            # taken for done, as `tally-ingest migrate` does: 18.16 has no `IF NOT EXISTS` there).
             for stmt in statements(open(f).read().replace("${database}", DB)):
-                s.query(stmt)
+                try:
+                    s.query(stmt)
+                except Exception as e:
+                    if not (stmt.startswith("ALTER TABLE") and "ADD COLUMN" in stmt and "already exists" in str(e)):
+                        raise
         h = "toDateTime('2026-11-28 10:00:00', 'UTC')"
         rows = [
             ("o1", "p1", "e1", "generation-create", "['events','observations','input_tokens']", "[1,1,812]", "['unique_users']", "[11]"),
@@ -81,10 +86,38 @@ def main():
         check_invoicer_queries(q, s, h)
         check_api_queries(q)
         check_mend_queries(q, s, h)
-        print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries verified")
+        check_carriers(q, s, h)
+        print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries and carrier rows verified")
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def check_carriers(q, s, h):
+    """Carrier rows (schemas/006_carriers.sql, src/sink/carrier.rs): rows of agg_kind 1 count
+    nothing, a carrier (2) counts its arrays, and a row written without carriers (0) counts its
+    own meters, in the hourly sums and in the hourly and daily sketches. (The carrier's arrays
+    differ from its group's meters here on purpose, so that the check tells which one the views
+    read.)"""
+    cols = ("org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, unique_meters, "
+            "unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at, "
+            "agg_kind, agg_meters, agg_values, agg_unique_meters, agg_unique_hashes")
+    rows = [
+        ("c1", "['events','input_tokens']", "[1,5]", "['unique_users']", "[7]", 1, "[]", "[]", "[]", "[]"),
+        ("c2", "['events','input_tokens']", "[1,6]", "['unique_users']", "[8]", 1, "[]", "[]", "[]", "[]"),
+        ("c3", "['events','input_tokens']", "[1,7]", "['unique_users']", "[7]", 2,
+         "['events','input_tokens']", "[30,180]", "['unique_users','unique_users','unique_users']", "[7,8,10]"),
+        ("c4", "['events']", "[1]", "['unique_users']", "[9]", 0, "[]", "[]", "[]", "[]"),
+    ]
+    values = ",".join(
+        f"('oc','pc','{r[0]}','generation-create',{h},{h},1,{r[1]},{r[2]},{r[3]},{r[4]},'t',0,0,-1,now(),"
+        f"{r[5]},{r[6]},{r[7]},{r[8]},{r[9]})" for r in rows)
+    s.query(f"INSERT INTO {DB}.events ({cols}) VALUES {values}")
+    got = q(f"SELECT meter, sum(value) FROM {DB}.usage_hourly_agg WHERE org_id = 'oc' GROUP BY meter ORDER BY meter")
+    assert got == "events\t31\ninput_tokens\t180", f"carrier sums:\n{got}"
+    for t in ("usage_unique_hourly", "usage_unique_daily"):
+        uniq = q(f"SELECT uniqCombinedMerge(state) FROM {DB}.{t} WHERE org_id = 'oc'")
+        assert uniq == "4", f"{t}: {uniq}"
 
 
 def render(name, variables, folder="invoicer"):

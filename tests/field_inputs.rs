@@ -238,7 +238,6 @@ fn a_permanent_clickhouse_error_stalls_visibly_and_resumes() {
 /// thousands of keys in one look-up (they travel as ClickHouse external data, not SQL).
 #[test]
 fn lookups_find_every_kind_of_key() {
-    use tally::sink::rowbinary::RowWriter;
     use tally::sink::EventStore;
     let w = World::new("lookups");
     let org = "o".repeat(tally::verify::MAX_TENANT_ID_BYTES);
@@ -248,30 +247,32 @@ fn lookups_find_every_kind_of_key() {
     let ids: Vec<String> = (0..6000).map(|i| long_id[..120].to_string() + &format!("{i:08}")).collect();
     let mut stored: Vec<(&str, &str, &str)> = vec![(&org, &ctl, &nasty_id), ("org-1", "proj-1", "")];
     stored.extend(ids.iter().step_by(3).map(|id| ("org-1", "proj-1", id.as_str())));
-    let mut rows = RowWriter::default();
-    for (i, (o, p, id)) in stored.iter().enumerate() {
-        for s in [o, p, id, &"span-create"] {
-            rows.string(s);
+    let rows = tally::sink::flight::Flight::encode(|rows, row| {
+        for (i, (o, p, id)) in stored.iter().enumerate() {
+            for s in [o, p, id, &"span-create"] {
+                rows.string(s);
+            }
+            rows.datetime(1_795_000_000);
+            rows.datetime(1_795_000_000 - 1_795_000_000 % 3600);
+            rows.u64(tally::dedupe::EventKey::new(o, p, id).short());
+            for _ in 0..4 {
+                rows.varint(0); // no meters, no unique meters
+            }
+            rows.string("t");
+            rows.u32(0);
+            rows.u64(i as u64);
+            rows.i32(-1);
+            rows.datetime(1_795_000_000);
+            row(rows, 0);
         }
-        rows.datetime(1_795_000_000);
-        rows.datetime(1_795_000_000 - 1_795_000_000 % 3600);
-        rows.u64(tally::dedupe::EventKey::new(o, p, id).short());
-        for _ in 0..4 {
-            rows.varint(0); // no meters, no unique meters
-        }
-        rows.string("t");
-        rows.u32(0);
-        rows.u64(i as u64);
-        rows.i32(-1);
-        rows.datetime(1_795_000_000);
-    }
+    });
     // An attempt whose staging table does not hold every row sent (as after a server restart,
     // which empties Memory tables) fails and writes nothing; its staging table is left for the fence.
-    let short = w.ch.insert_events(&w.kafka.topic, &rows.buf, stored.len() + 1).unwrap_err();
+    let short = w.ch.insert_attempt(&w.kafka.topic, &rows.body(), stored.len() + 1).unwrap_err();
     assert_eq!(short.error.code(), Some(395), "{:?}", short.error);
     assert_eq!(w.scalar("SELECT count() FROM events"), 0);
     assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 1, "the failed attempt's staging table is fenced");
-    w.ch.insert_events(&w.kafka.topic, &rows.buf, stored.len()).unwrap();
+    w.ch.insert_events(&w.kafka.topic, &rows).unwrap();
     assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 0, "a written attempt leaves no staging table");
 
     let mut asked: Vec<(&str, &str, &str)> = ids.iter().map(|id| ("org-1", "proj-1", id.as_str())).collect();

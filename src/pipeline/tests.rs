@@ -494,3 +494,127 @@ proptest::proptest! {
         }
     }
 }
+
+/// One row of an INSERT body ([`crate::sink::flight::Flight::body`]): its bytes before the
+/// carrier columns, (org, project, hour), and its carrier columns.
+struct BodyRow {
+    base: Vec<u8>,
+    group: (String, String, u32),
+    kind: u8,
+    sums: Vec<(String, u64)>,
+    pairs: Vec<(String, u64)>,
+}
+
+/// Reads an INSERT body in the columns `EVENTS_COLUMNS, CARRIER_COLUMNS`.
+fn body_rows(body: &[u8]) -> Vec<BodyRow> {
+    use crate::sink::rowbinary::RowReader;
+    let mut r = RowReader::new(body);
+    let mut out = Vec::new();
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+    while !r.is_empty() {
+        let start = r.rest();
+        let (org, project) = (text(r.string().unwrap()), text(r.string().unwrap()));
+        r.string().unwrap();
+        r.string().unwrap();
+        r.u32().unwrap();
+        let hour = r.u32().unwrap();
+        r.u64().unwrap();
+        for _ in 0..2 {
+            for _ in 0..r.varint().unwrap() {
+                r.string().unwrap();
+            }
+            for _ in 0..r.varint().unwrap() {
+                r.u64().unwrap();
+            }
+        }
+        r.string().unwrap();
+        r.u32().unwrap();
+        r.u64().unwrap();
+        r.u32().unwrap(); // batch_index (Int32)
+        r.u32().unwrap();
+        let base = start[..start.len() - r.rest().len()].to_vec();
+        let kind = r.rest()[0];
+        r = RowReader::new(&r.rest()[1..]);
+        let arrays = |r: &mut RowReader| -> Vec<(String, u64)> {
+            let names: Vec<String> = (0..r.varint().unwrap()).map(|_| text(r.string().unwrap())).collect();
+            assert_eq!(r.varint().unwrap() as usize, names.len());
+            names.into_iter().map(|n| (n, r.u64().unwrap())).collect()
+        };
+        let (sums, pairs) = (arrays(&mut r), arrays(&mut r));
+        out.push(BodyRow { base, group: (org, project, hour), kind, sums, pairs });
+    }
+    out
+}
+
+/// Checks an INSERT body against the model: the rows of `flight` in order, unchanged; in each
+/// (org, project, hour) group, the last row is the carrier (kind 2) with the group's per-meter
+/// sums and distinct (meter, hash) pairs, in name order, and every other row is kind 1 with empty
+/// arrays.
+fn check_carriers(flight: &crate::sink::flight::Flight, expected: &[((String, String, u32), Vec<(String, u64)>, Vec<(String, u64)>)]) {
+    let rows = body_rows(&flight.body());
+    assert_eq!(rows.iter().flat_map(|r| r.base.clone()).collect::<Vec<u8>>(), flight.buf, "the rows themselves are unchanged");
+    assert_eq!(rows.len(), expected.len());
+    let mut want: std::collections::BTreeMap<(String, String, u32), (std::collections::BTreeMap<String, u64>, std::collections::BTreeSet<(String, u64)>)> =
+        Default::default();
+    for (g, add, uniq) in expected {
+        let w = want.entry(g.clone()).or_default();
+        for (m, v) in add {
+            *w.0.entry(m.clone()).or_default() += v;
+        }
+        w.1.extend(uniq.iter().cloned());
+    }
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.group, expected[i].0);
+        let last = rows[i + 1..].iter().all(|r| r.group != row.group);
+        if last {
+            assert_eq!(row.kind, crate::sink::carrier::CARRIER);
+            let (sums, pairs) = want.remove(&row.group).expect("one carrier per group");
+            assert_eq!(row.sums, sums.into_iter().collect::<Vec<_>>());
+            assert_eq!(row.pairs, pairs.into_iter().collect::<Vec<_>>());
+        } else {
+            assert_eq!(row.kind, crate::sink::carrier::COUNTED_BY_CARRIER);
+            assert!(row.sums.is_empty() && row.pairs.is_empty());
+        }
+    }
+    assert!(want.is_empty());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// The carriers of an INSERT body (`Flight::body`) hold, per (org, project, hour), exactly
+    /// what its accepted events bill (`Staged::billed`): summed additive meters, distinct unique
+    /// pairs; before and after rows are dropped for a retry (the carriers are recomputed from
+    /// the rows that remain).
+    #[test]
+    fn carriers_sum_what_their_groups_bill(
+        events in proptest::collection::vec((0usize..4, 0i64..3, 0u8..3, 0u64..1u64 << 53, 0u32..4), 1..60),
+        keep in proptest::collection::vec(proptest::bool::ANY, 60),
+    ) {
+        let mut f = fx("carriers");
+        let auths: Vec<String> = f.keys.tenants.iter()
+            .map(|t| bearer(&f.keys.sign_eddsa(&f.keys.claims(t, NOW, 3600)))).collect();
+        let values: Vec<String> = events.iter().enumerate().map(|(i, (_, h, ty, v, user))| {
+            let ty = ["generation-create", "trace-create", "score-create"][*ty as usize];
+            ev(&format!("e{i}"), ty, NOW - h * 3600, &format!(r#"{{"userId":"u{user}","usage":{{"input":{v},"output":{}}}}}"#, v / 3))
+        }).collect();
+        let msgs: Vec<InMessage> = events.iter().zip(&values).enumerate()
+            .map(|(i, ((t, ..), v))| message(0, i as i64, v, &auths[*t % auths.len()])).collect();
+        let mut staged = f.p.stage(&msgs, &mut f.states, NOW).unwrap();
+        staged.resolve(&HashSet::new());
+        let billed = staged.billed(&f.p.meters, &msgs);
+        let expected: Vec<_> = billed.iter().map(|b| {
+            let t = &f.keys.tenants[events[b.msg].0 % auths.len()];
+            let hour = (NOW - events[b.msg].1 * 3600) as u32;
+            let own = |v: &[(&str, u64)]| v.iter().map(|(m, x)| (m.to_string(), *x)).collect::<Vec<_>>();
+            ((t.org_id.clone(), t.project_id.clone(), hour - hour % 3600), own(&b.additive), own(&b.unique))
+        }).collect();
+        let mut flight = staged.flight(&f.p.meters, "t", NOW);
+        check_carriers(&flight, &expected);
+        // A retry sends what did not land: the carriers are those of the remaining rows.
+        let mut i = 0;
+        flight.retain(|_, _| { i += 1; keep[i - 1] });
+        let kept: Vec<_> = expected.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(e, _)| e).collect();
+        check_carriers(&flight, &kept);
+    }
+}

@@ -2,7 +2,7 @@
 //!
 //! Works against ClickHouse 18.16 and current releases: it sends nothing but the SQL, the
 //! `database` parameter, basic-auth credentials and `wait_end_of_query=1` (no query parameters,
-//! no settings that old servers reject). `wait_end_of_query` makes the server buffer the whole
+//! no setting that old servers reject). `wait_end_of_query` makes the server buffer the whole
 //! answer before the status line: an error in the middle of a large result is an HTTP error, never
 //! a 200 whose body ends in the error's text (which a RowBinary reader could take for rows).
 
@@ -146,8 +146,17 @@ impl ClickHouse {
         &self.database
     }
 
-    fn post(&self, query_in_url: Option<&str>, body: &[u8], use_db: bool) -> Result<Vec<u8>, ChError> {
+    fn post(
+        &self,
+        query_in_url: Option<&str>,
+        body: &[u8],
+        use_db: bool,
+        settings: &[(&str, &str)],
+    ) -> Result<Vec<u8>, ChError> {
         let mut req = self.agent.post(&format!("{}/", self.url)).query("wait_end_of_query", "1");
+        for (k, v) in settings {
+            req = req.query(k, v);
+        }
         if use_db {
             req = req.query("database", &self.database);
         }
@@ -201,17 +210,29 @@ impl ClickHouse {
 
     /// Runs a statement (DDL, ALTER), in the configured database unless `use_db` is false.
     pub fn execute(&self, sql: &str, use_db: bool) -> Result<(), ChError> {
-        self.post(None, sql.as_bytes(), use_db).map(|_| ())
+        self.post(None, sql.as_bytes(), use_db, &[]).map(|_| ())
+    }
+
+    /// [`ClickHouse::execute`] in the configured database, with ClickHouse settings for this one
+    /// query (sent as URL parameters, which every version accepts; e.g. `("max_threads", "1")`).
+    pub fn execute_with(&self, sql: &str, settings: &[(&str, &str)]) -> Result<(), ChError> {
+        self.post(None, sql.as_bytes(), true, settings).map(|_| ())
     }
 
     /// Runs a query and returns the raw response body (ask for `FORMAT RowBinary` or TSV).
     pub fn query(&self, sql: &str) -> Result<Vec<u8>, ChError> {
-        self.post(None, sql.as_bytes(), true)
+        self.post(None, sql.as_bytes(), true, &[])
     }
 
     /// Inserts `rows` (RowBinary) with `insert` being `INSERT INTO t (cols) FORMAT RowBinary`.
     pub fn insert(&self, insert: &str, rows: &[u8]) -> Result<(), ChError> {
-        self.post(Some(insert), rows, true).map(|_| ())
+        self.insert_with(insert, rows, &[])
+    }
+
+    /// [`ClickHouse::insert`] with ClickHouse settings for this one query (see
+    /// [`ClickHouse::execute_with`]).
+    pub fn insert_with(&self, insert: &str, rows: &[u8], settings: &[(&str, &str)]) -> Result<(), ChError> {
+        self.post(Some(insert), rows, true, settings).map(|_| ())
     }
 
     /// Waits (capped jittered backoff) until ClickHouse answers, for at most `wait`.
@@ -233,7 +254,7 @@ impl ClickHouse {
 
     /// `SELECT 1` succeeds.
     pub fn ping(&self) -> Result<(), ChError> {
-        self.post(None, b"SELECT 1", false).map(|_| ())
+        self.post(None, b"SELECT 1", false, &[]).map(|_| ())
     }
 }
 

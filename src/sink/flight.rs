@@ -14,7 +14,7 @@ use crate::sink::rowbinary::{RowReader, RowWriter};
 /// RowBinary rows of `events` and, per row, its byte range and source partition.
 #[derive(Debug, Default)]
 pub struct Flight {
-    /// The body of the `INSERT … FORMAT RowBinary` request.
+    /// The rows, one after the other, without their carrier columns ([`Flight::body`] adds them).
     pub buf: Vec<u8>,
     rows: Vec<(Range<usize>, i32)>,
 }
@@ -31,6 +31,14 @@ impl Flight {
             start = w.buf.len();
         });
         Flight { buf: w.buf, rows }
+    }
+
+    /// The body of the attempt's `INSERT … FORMAT RowBinary` request: every row left to write,
+    /// each followed by its carrier columns, computed from exactly these rows
+    /// ([`crate::sink::carrier`]; columns [`crate::sink::EVENTS_COLUMNS`] then
+    /// [`crate::sink::carrier::CARRIER_COLUMNS`]).
+    pub fn body(&self) -> Vec<u8> {
+        super::carrier::with_carriers(&self.buf, self.rows.iter().map(|(r, _)| r.clone()))
     }
 
     /// Rows left to write.

@@ -1,6 +1,7 @@
 //! The ClickHouse side of ingest: the narrow `events` table is written here, and read back for
 //! deduplication. The hourly aggregates follow from it through materialized views.
 
+pub mod carrier;
 pub mod clickhouse;
 pub mod flight;
 pub mod mend;
@@ -11,7 +12,9 @@ pub mod schema;
 use std::collections::HashSet;
 
 use crate::dedupe::{EventKey, PartitionState};
+use carrier::CARRIER_COLUMNS;
 use clickhouse::{quote, ChError, ClickHouse};
+use flight::Flight;
 use rowbinary::{RowReader, RowWriter};
 
 /// Column order of the RowBinary rows produced by [`crate::pipeline`].
@@ -38,9 +41,9 @@ pub trait EventStore {
         horizon: i64,
         state: &mut PartitionState,
     ) -> Result<u64, ChError>;
-    /// Inserts `count` RowBinary rows of `topic`'s events as one fenced attempt (see
-    /// [`InsertFailed`]).
-    fn insert_events(&self, topic: &str, rows: &[u8], count: usize) -> Result<(), InsertFailed>;
+    /// Inserts the rows of `flight` (`topic`'s events), with their carrier columns computed from
+    /// exactly these rows ([`Flight::body`]), as one fenced attempt (see [`InsertFailed`]).
+    fn insert_events(&self, topic: &str, flight: &Flight) -> Result<(), InsertFailed>;
     /// Drops a failed attempt's staging table: once this returns Ok, the attempt has either
     /// moved its rows into `events` or never will (a request of it still on its way fails).
     fn fence(&self, stage: &str) -> Result<(), ChError>;
@@ -79,6 +82,55 @@ pub struct InsertFailed {
 /// Prefix of the staging tables of `topic`'s INSERT attempts: `events_stage_<xxh3 of topic>_`.
 pub fn stage_prefix(topic: &str) -> String {
     format!("events_stage_{:016x}_", xxhash_rust::xxh3::xxh3_64(topic.as_bytes()))
+}
+
+impl ClickHouse {
+    /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
+    /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
+    /// the four requests, and docs/exactly-once.md ("Carrier rows") for the two settings:
+    /// - the staging table is filled as **one block** (`max_insert_block_size` ≥ `count`), so
+    ///   `events` receives it as one block: one part per month, carriers and the rows they count
+    ///   in the same part;
+    /// - the `INSERT … SELECT` reads it on one thread (`max_threads = 1`), so that even a server
+    ///   that split it would write blocks in row order, each carrier after its group's rows.
+    pub fn insert_attempt(&self, topic: &str, body: &[u8], count: usize) -> Result<(), InsertFailed> {
+        let stage = format!("{}{:032x}", stage_prefix(topic), rand::random::<u128>());
+        let failed = |error: ChError| {
+            // This attempt's own table is gone although it never dropped it: a state load fenced
+            // it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the DROP). Any other missing
+            // table is a real error, classified by its code.
+            let fenced = matches!(&error, ChError::Server { code: Some(60 | 218), body, .. } if body.contains(&stage));
+            let error = if fenced { ChError::Fenced(stage.clone()) } else { error };
+            InsertFailed { error, stage: stage.clone() }
+        };
+        // The first request: nothing can be missing yet, so a code 60 here is a real error.
+        self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
+            .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
+        let block = count.max(1).to_string();
+        self.insert_with(
+            &format!("INSERT INTO {stage} ({EVENTS_COLUMNS}, {CARRIER_COLUMNS}) FORMAT RowBinary"),
+            body,
+            &[("max_insert_block_size", &block)],
+        )
+        .map_err(failed)?;
+        // The staging table must still hold every row: a Memory table comes back empty after a
+        // server restart, and copying nothing must fail, not succeed (code 395, transient).
+        self.execute_with(
+            &format!(
+                "INSERT INTO events ({EVENTS_COLUMNS}, {CARRIER_COLUMNS}) \
+                 SELECT {EVENTS_COLUMNS}, {CARRIER_COLUMNS} FROM {stage} \
+                 WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
+            ),
+            &[("max_threads", "1")],
+        )
+        .map_err(failed)?;
+        // Written. A staging table left behind (this DROP failed) is empty of consequences: its
+        // one INSERT … SELECT is done; the next state load or fence drops it.
+        if let Err(e) = self.fence(&stage) {
+            tracing::debug!(error = %e, stage, "staging table not dropped; the next state load drops it");
+        }
+        Ok(())
+    }
 }
 
 impl EventStore for ClickHouse {
@@ -128,36 +180,8 @@ impl EventStore for ClickHouse {
         Ok(body.len() as u64 / 8)
     }
 
-    fn insert_events(&self, topic: &str, rows: &[u8], count: usize) -> Result<(), InsertFailed> {
-        let stage = format!("{}{:032x}", stage_prefix(topic), rand::random::<u128>());
-        let failed = |error: ChError| {
-            // This attempt's own table is gone although it never dropped it: a state load fenced
-            // it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the DROP). Any other missing
-            // table is a real error, classified by its code.
-            let fenced = matches!(&error, ChError::Server { code: Some(60 | 218), body, .. } if body.contains(&stage));
-            let error = if fenced { ChError::Fenced(stage.clone()) } else { error };
-            InsertFailed { error, stage: stage.clone() }
-        };
-        // The first request: nothing can be missing yet, so a code 60 here is a real error.
-        self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
-            .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
-        self.insert(&format!("INSERT INTO {stage} ({EVENTS_COLUMNS}) FORMAT RowBinary"), rows).map_err(failed)?;
-        // The staging table must still hold every row: a Memory table comes back empty after a
-        // server restart, and copying nothing must fail, not succeed (code 395, transient).
-        self.execute(
-            &format!(
-                "INSERT INTO events ({EVENTS_COLUMNS}) SELECT {EVENTS_COLUMNS} FROM {stage} \
-                 WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
-            ),
-            true,
-        )
-        .map_err(failed)?;
-        // Written. A staging table left behind (this DROP failed) is empty of consequences: its
-        // one INSERT … SELECT is done; the next state load or fence drops it.
-        if let Err(e) = self.fence(&stage) {
-            tracing::debug!(error = %e, stage, "staging table not dropped; the next state load drops it");
-        }
-        Ok(())
+    fn insert_events(&self, topic: &str, flight: &Flight) -> Result<(), InsertFailed> {
+        self.insert_attempt(topic, &flight.body(), flight.len())
     }
 
     fn fence(&self, stage: &str) -> Result<(), ChError> {

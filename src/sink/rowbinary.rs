@@ -17,8 +17,13 @@ impl RowWriter {
     }
     #[inline]
     pub fn string(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    /// A `String` from raw bytes (ClickHouse strings are bytes).
+    #[inline]
+    pub fn bytes(&mut self, s: &[u8]) {
         self.varint(s.len() as u64);
-        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.extend_from_slice(s);
     }
     #[inline]
     pub fn u64(&mut self, v: u64) {
@@ -81,6 +86,14 @@ impl<'a> RowReader<'a> {
     }
     pub fn u64(&mut self) -> Result<u64, Truncated> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    /// `UInt32`, and `DateTime` (seconds since the epoch).
+    pub fn u32(&mut self) -> Result<u32, Truncated> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    /// What is left to read.
+    pub fn rest(&self) -> &'a [u8] {
+        self.buf
     }
 }
 

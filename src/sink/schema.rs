@@ -11,6 +11,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("003_api_keys.sql", include_str!("../../schemas/003_api_keys.sql")),
     ("004_webhook_deliveries.sql", include_str!("../../schemas/004_webhook_deliveries.sql")),
     ("005_unique_daily.sql", include_str!("../../schemas/005_unique_daily.sql")),
+    ("006_carriers.sql", include_str!("../../schemas/006_carriers.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +96,13 @@ pub fn migrate(ch: &ClickHouse, migrations: &[(String, String)]) -> Result<Vec<S
             continue;
         }
         for stmt in statements(&sql.replace("${database}", &db)) {
-            apply(name, &stmt)?;
+            match apply(name, &stmt) {
+                // ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: a run interrupted between
+                // an `ADD COLUMN` and the record finds its columns there (code 44) and goes on.
+                Err(MigrateError::Apply { source, .. })
+                    if source.code() == Some(44) && stmt.starts_with("ALTER TABLE") && stmt.contains("ADD COLUMN") => {}
+                r => r?,
+            }
         }
         apply(name, &format!("INSERT INTO {db}.schema_migrations VALUES ({}, now())", quote(name)))?;
         applied.push(name.clone());

@@ -485,7 +485,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             std::thread::spawn(move || {
                 let t = Instant::now();
                 let result =
-                    if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight.buf, flight.len()) };
+                    if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight) };
                 drop(in_flight);
                 (flight, result, t.elapsed())
             })
@@ -739,7 +739,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 return Ok(landed);
             }
             let t = Instant::now();
-            match self.store.insert_events(&self.cfg.kafka.topic, &flight.buf, flight.len()) {
+            match self.store.insert_events(&self.cfg.kafka.topic, flight) {
                 Ok(()) => {
                     m::insert_latency(t.elapsed().as_secs_f64(), flight.len());
                     return Ok(landed + flight.len());
