@@ -5,7 +5,8 @@
 //! * `tally-ingest` with 1 worker, then with 2, from partitions assigned to caught up,
 //! * a replay: a new group re-reading the already-counted events,
 //! * the same narrow rows inserted into a plain copy of `events` (no views) and into the whole
-//!   schema (the views that keep the hourly aggregates),
+//!   schema (the views that keep the hourly aggregates, reading the worker's carrier rows); and,
+//!   for comparison, the same pair for the schema before carrier rows,
 //!
 //! each as a ratio to its yardstick. Totals are checked against the generator after every run, so
 //! a fast wrong answer cannot pass. Results go to stdout and, as JSON, to `target/bench/ingest.json`
@@ -180,15 +181,15 @@ fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) 
     (caught_up, (assigned - t0).as_secs_f64(), cpu)
 }
 
-/// The narrow rows of `world`, in arrival order, as RowBinary chunks of `per` rows.
-fn export_rows(world: &World, per: u64) -> Vec<Vec<u8>> {
+/// The narrow rows of `world`, in arrival order, as RowBinary chunks of `per` rows of `columns`.
+fn export_rows(world: &World, per: u64, columns: &str) -> Vec<Vec<u8>> {
     let n = world.scalar("SELECT count() FROM events");
     (0..n.div_ceil(per))
         .map(|i| {
             world
                 .ch
                 .query(&format!(
-                    "SELECT * FROM events ORDER BY src_partition, src_offset, batch_index LIMIT {per} OFFSET {} FORMAT RowBinary",
+                    "SELECT {columns} FROM events ORDER BY src_partition, src_offset, batch_index LIMIT {per} OFFSET {} FORMAT RowBinary",
                     i * per
                 ))
                 .unwrap()
@@ -196,35 +197,37 @@ fn export_rows(world: &World, per: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Inserts `chunks` into a fresh database holding `schema`; seconds.
-fn insert_into(world: &World, db: &str, schema: &str, chunks: &[Vec<u8>]) -> f64 {
+/// Inserts `chunks` (RowBinary of `columns`) into a fresh database made of `schema`; seconds.
+fn insert_into(world: &World, db: &str, schema: &[String], columns: &str, chunks: &[Vec<u8>]) -> f64 {
     let ch = &world.ch;
     ch.execute(&format!("DROP DATABASE IF EXISTS {db}"), false).unwrap();
-    // Split as `tally-ingest migrate` splits (a `;` inside a comment is not an end).
-    for sql in tally::sink::schema::statements(&schema.replace("${database}", db)) {
-        ch.execute(&sql, false).unwrap();
+    for sql in schema {
+        ch.execute(&sql.replace("${database}", db), false).unwrap();
     }
     let t = Instant::now();
     for c in chunks {
-        ch.insert(&format!("INSERT INTO {db}.events FORMAT RowBinary"), c).unwrap();
+        ch.insert(&format!("INSERT INTO {db}.events ({columns}) FORMAT RowBinary"), c).unwrap();
     }
     let s = t.elapsed().as_secs_f64();
     ch.execute(&format!("DROP DATABASE {db}"), false).unwrap();
     s
 }
 
-/// `schemas/001_events.sql` cut down to the database and the `events` table.
-fn plain_schema(full: &str) -> String {
-    let mut out = String::new();
-    for stmt in full.split(';') {
-        let s = stmt.trim();
-        let body: String = s.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
-        if body.contains("CREATE DATABASE") || body.contains("CREATE TABLE IF NOT EXISTS ${database}.events\n") {
-            out.push_str(&body);
-            out.push_str(";\n");
-        }
-    }
-    out
+/// The statements of the built-in migrations up to and including `last` (split as
+/// `tally-ingest migrate` splits them); with `plain`, only those that make the database and the
+/// `events` table (no aggregate table, no view).
+fn schema(last: &str, plain: bool) -> Vec<String> {
+    tally::sink::schema::BUILTIN
+        .iter()
+        .take_while(|(name, _)| *name <= last)
+        .flat_map(|(_, sql)| tally::sink::schema::statements(sql))
+        .filter(|s| {
+            !plain
+                || s.starts_with("CREATE DATABASE")
+                || s.starts_with("CREATE TABLE IF NOT EXISTS ${database}.events\n")
+                || s.starts_with("ALTER TABLE ${database}.events")
+        })
+        .collect()
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -284,19 +287,38 @@ fn main() {
     world.assert_totals(&e);
     println!("tally-ingest, 2 workers, first pass: {two:.2} s");
 
-    let chunks = export_rows(&world, 75_000);
+    // The narrow rows of the last first pass, as a worker wrote them (carrier rows included), into
+    // the schema of today and into a plain copy of its `events`; and, for comparison in the same
+    // run, without the carrier columns into the schema before carriers (views over every event's
+    // meters, schemas/001 + 005) and its plain copy.
     let rows = world.scalar("SELECT count() FROM events");
-    // Every table the narrow rows feed: the hourly aggregates and the daily unique sketches.
-    let full = std::fs::read_to_string("schemas/001_events.sql").unwrap()
-        + &std::fs::read_to_string("schemas/005_unique_daily.sql").unwrap();
-    let plain = plain_schema(&full);
-    let (mut plain_s, mut full_s) = (Vec::new(), Vec::new());
+    let all = format!("{}, {}", tally::sink::EVENTS_COLUMNS, tally::sink::carrier::CARRIER_COLUMNS);
+    let (chunks, chunks_before) =
+        (export_rows(&world, 75_000, &all), export_rows(&world, 75_000, tally::sink::EVENTS_COLUMNS));
+    let last = tally::sink::schema::BUILTIN.last().unwrap().0;
+    let targets = [
+        ("plain", schema(last, true), &all, &chunks),
+        ("full", schema(last, false), &all, &chunks),
+        ("plain_before", schema("005_unique_daily.sql", true), &tally::sink::EVENTS_COLUMNS.to_string(), &chunks_before),
+        ("full_before", schema("005_unique_daily.sql", false), &tally::sink::EVENTS_COLUMNS.to_string(), &chunks_before),
+    ];
+    let mut inserts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // Inserts are short and noisy: more rounds, interleaved.
     for _ in 0..rounds.max(5) {
-        plain_s.push(insert_into(&world, &format!("{}_plain", world.ch.database()), &plain, &chunks));
-        full_s.push(insert_into(&world, &format!("{}_full", world.ch.database()), &full, &chunks));
+        for (name, schema, columns, chunks) in &targets {
+            let db = format!("{}_{name}", world.ch.database());
+            inserts.entry(name).or_default().push(insert_into(&world, &db, schema, columns, chunks));
+        }
     }
-    println!("insert {rows} narrow rows: plain {:.2} s, with the aggregates {:.2} s", min(&plain_s), min(&full_s));
+    let (plain_s, full_s) = (&inserts["plain"], &inserts["full"]);
+    println!(
+        "insert {rows} narrow rows: plain {:.2} s, with the aggregates {:.2} s (before carrier rows: plain {:.2} s, \
+         with the aggregates {:.2} s)",
+        min(plain_s),
+        min(full_s),
+        min(&inserts["plain_before"]),
+        min(&inserts["full_before"])
+    );
 
     // Latency: one worker consumes from the end of the topic while new traffic arrives at a
     // steady rate, and reports each message's event-to-aggregate latency.
@@ -312,18 +334,20 @@ fn main() {
     );
 
     let (raw_b, first_b, replay_b, plain_b, full_b) =
-        (min(&raw), min(&first), min(&replay), min(&plain_s), min(&full_s));
+        (min(&raw), min(&first), min(&replay), min(plain_s), min(full_s));
     let out = json!({
         "events": e.events, "messages": e.messages, "accepted": e.accepted, "rows": rows,
         "produce_s": produce_s,
         "raw_consume_s": raw, "first_pass_s": first, "first_join_s": join, "replay_s": replay,
         "two_workers_s": two,
         "insert_plain_s": plain_s, "insert_full_s": full_s,
+        "insert_plain_before_carriers_s": inserts["plain_before"], "insert_full_before_carriers_s": inserts["full_before"],
         "ratios": {
             "first_pass_vs_raw_consume": first_b / raw_b,
             "two_workers_vs_one": two / first_b,
             "replay_rate_vs_first_pass": first_b / replay_b,
             "aggregates_vs_plain_insert": full_b / plain_b,
+            "aggregates_vs_plain_insert_before_carriers": min(&inserts["full_before"]) / min(&inserts["plain_before"]),
         },
         "events_per_s": { "first_pass": e.events as f64 / first_b, "replay": e.events as f64 / replay_b },
         // Where the 2 cores go: CPU seconds of the best raw consume and of the best first pass.

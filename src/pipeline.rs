@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::decode::scan::{scan_message, Fallback};
 use crate::decode::{
@@ -16,7 +17,7 @@ use crate::decode::{
 use crate::dedupe::{EventKey, KeySet, PartitionState, Verdict};
 use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
-use crate::sink::flight::Flight;
+use crate::sink::flight::{Flight, RowMeta};
 use crate::sink::rowbinary::RowWriter;
 use crate::timestamp::parse_rfc3339;
 use crate::verify::{Credential, Principal, Verifier};
@@ -524,22 +525,41 @@ impl<'a> Staged<'a> {
         self.encode_rows(w, meters, topic, ingested_at, &mut |_, _| {})
     }
 
-    /// The rows of the accepted events as an owned [`Flight`] (byte range and partition per row).
+    /// The rows of the accepted events as an owned [`Flight`]: per row its bytes, partition, and
+    /// what it bills for its group's carrier (grouped by (org, project, hour)).
     pub fn flight(&self, meters: &Meters, topic: &str, ingested_at: i64) -> Flight {
-        Flight::encode(|w, row| {
+        let names = meters.meters().iter().map(|m| m.name.clone()).collect();
+        Flight::encode(names, |w, row| {
             self.encode_rows(w, meters, topic, ingested_at, row);
         })
     }
 
-    /// [`Staged::encode`], calling `row(w, partition)` after each row.
+    /// [`Staged::encode`], calling `row(w, meta)` after each row.
     fn encode_rows(
         &self,
         w: &mut RowWriter,
         meters: &Meters,
         topic: &str,
         ingested_at: i64,
-        row: &mut dyn FnMut(&RowWriter, i32),
+        row: &mut dyn FnMut(&RowWriter, RowMeta<'_>),
     ) -> usize {
+        // One number per (org, project): the carriers' groups are (tenant, hour). Consecutive
+        // messages of one credential share their `Arc`s, and skip the look-up.
+        let mut tenants: HashMap<(&str, &str), u32> = HashMap::new();
+        let mut tenant_of: Vec<u32> = Vec::with_capacity(self.principals.len());
+        for (i, p) in self.principals.iter().enumerate() {
+            let same = i > 0 && {
+                let q = &self.principals[i - 1];
+                Arc::ptr_eq(&p.org_id, &q.org_id) && Arc::ptr_eq(&p.project_id, &q.project_id)
+            };
+            let t = if same {
+                tenant_of[i - 1]
+            } else {
+                let n = tenants.len() as u32;
+                *tenants.entry((&p.org_id, &p.project_id)).or_insert(n)
+            };
+            tenant_of.push(t);
+        }
         let mut n = 0;
         for e in self.events.iter().filter(|e| e.verdict != Verdict::Duplicate) {
             let p = &self.principals[e.principal as usize];
@@ -573,7 +593,10 @@ impl<'a> Staged<'a> {
             w.u64(e.offset as u64);
             w.i32(e.batch_index);
             w.datetime(ingested_at);
-            row(w, e.partition);
+            // The hour as written (`datetime` clamps), so equal groups hold equal hours.
+            let hour = (e.ts - e.ts.rem_euclid(3600)).clamp(0, i64::from(u32::MAX)) as u64;
+            let group = u64::from(tenant_of[e.principal as usize]) << 32 | hour;
+            row(w, RowMeta { partition: e.partition, group, additive: add, unique: uniq });
             n += 1;
         }
         n

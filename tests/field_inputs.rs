@@ -247,7 +247,7 @@ fn lookups_find_every_kind_of_key() {
     let ids: Vec<String> = (0..6000).map(|i| long_id[..120].to_string() + &format!("{i:08}")).collect();
     let mut stored: Vec<(&str, &str, &str)> = vec![(&org, &ctl, &nasty_id), ("org-1", "proj-1", "")];
     stored.extend(ids.iter().step_by(3).map(|id| ("org-1", "proj-1", id.as_str())));
-    let rows = tally::sink::flight::Flight::encode(|rows, row| {
+    let rows = tally::sink::flight::Flight::encode(Vec::new(), |rows, row| {
         for (i, (o, p, id)) in stored.iter().enumerate() {
             for s in [o, p, id, &"span-create"] {
                 rows.string(s);
@@ -263,7 +263,7 @@ fn lookups_find_every_kind_of_key() {
             rows.u64(i as u64);
             rows.i32(-1);
             rows.datetime(1_795_000_000);
-            row(rows, 0);
+            row(rows, tally::sink::flight::RowMeta { group: i as u64, ..Default::default() });
         }
     });
     // An attempt whose staging table does not hold every row sent (as after a server restart,

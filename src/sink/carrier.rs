@@ -21,11 +21,16 @@
 //! The carriers are computed from the attempt's rows as they are sent, never kept from an earlier
 //! attempt: after a failed attempt, the rows that landed are dropped and this runs again over the
 //! rows that remain ([`crate::sink::flight::Flight::body`]).
+//!
+//! What a row bills is handed over by the encoder with the row ([`RowMeta`]: meter indices and
+//! values, the same ones its `meters` columns were written from), so nothing is parsed back; the
+//! rows are grouped by sorting (group, row index), which also makes each group's last row the
+//! end of its run.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
-use super::rowbinary::{RowReader, RowWriter, Truncated};
+use super::flight::RowMeta;
+use super::rowbinary::RowWriter;
 
 /// The carrier columns of `events`, after [`super::EVENTS_COLUMNS`] in every row tally writes.
 pub const CARRIER_COLUMNS: &str = "agg_kind, agg_meters, agg_values, agg_unique_meters, agg_unique_hashes";
@@ -37,124 +42,60 @@ pub const COUNTED_BY_CARRIER: u8 = 1;
 /// `agg_kind` of a carrier: its `agg_*` arrays hold its group's sums and distinct pairs.
 pub const CARRIER: u8 = 2;
 
-/// What one row contributes to the aggregates, read back from its RowBinary bytes (the layout of
-/// [`super::EVENTS_COLUMNS`], written by [`crate::pipeline::Staged::flight`]).
-struct Contribution<'a> {
-    org: &'a [u8],
-    project: &'a [u8],
-    hour: u32,
-    /// The rest of the row from `meters` on: (meters, values, unique meters, hashes).
-    arrays: RowReader<'a>,
-}
-
-impl<'a> Contribution<'a> {
-    fn read(row: &'a [u8]) -> Contribution<'a> {
-        let mut r = RowReader::new(row);
-        let mut read = || -> Result<Contribution<'a>, Truncated> {
-            let org = r.string()?;
-            let project = r.string()?;
-            r.string()?; // event_id
-            r.string()?; // type
-            r.u32()?; // ts
-            let hour = r.u32()?;
-            r.u64()?; // key_hash
-            Ok(Contribution { org, project, hour, arrays: RowReader::new(r.rest()) })
-        };
-        read().expect(LAYOUT)
-    }
-}
-
-/// One group's sums: (meter name, value) pairs in first-seen order, and its distinct
-/// (unique meter name, hash) pairs.
-#[derive(Default)]
-struct Group<'a> {
-    sums: Vec<(&'a [u8], u64)>,
-    pairs: Vec<(&'a [u8], u64)>,
-    last_row: usize,
-}
-
-const LAYOUT: &str = "rows are written by this process in the EVENTS_COLUMNS layout";
-
-impl<'a> Group<'a> {
-    /// Adds one row's arrays (`meters`, `meter_values`, `unique_meters`, `unique_hashes`).
-    fn add(&mut self, mut a: RowReader<'a>, names: &mut Vec<&'a [u8]>) -> Result<(), Truncated> {
-        names.clear();
-        for _ in 0..a.varint()? {
-            names.push(a.string()?);
-        }
-        a.varint()?;
-        for name in names.drain(..) {
-            let v = a.u64()?;
-            // Meters are few (configured), so a linear search is the cheap look-up.
-            match self.sums.iter_mut().find(|(m, _)| *m == name) {
-                Some((_, sum)) => *sum = sum.wrapping_add(v),
-                None => self.sums.push((name, v)),
+/// Writes each of `rows` (a byte range of `buf` holding a whole row in the
+/// [`super::EVENTS_COLUMNS`] layout, and what the row bills) followed by its carrier columns
+/// ([`CARRIER_COLUMNS`]): the request body of one INSERT attempt. Meter indices index `names`.
+/// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views.
+pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[String]) -> Vec<u8> {
+    let mut order: Vec<(u64, u32)> = rows.iter().enumerate().map(|(i, (_, m))| (m.group, i as u32)).collect();
+    order.sort_unstable();
+    // Per row, the byte range of its carrier columns in `carriers` (empty: not a carrier).
+    let mut carrier_of: Vec<Range<usize>> = vec![0..0; rows.len()];
+    let mut carriers = RowWriter::default();
+    let mut sums: Vec<Option<u64>> = vec![None; names.len()];
+    let mut pairs: Vec<(u16, u64)> = Vec::new();
+    for run in order.chunk_by(|a, b| a.0 == b.0) {
+        for &(_, i) in run {
+            let meta = &rows[i as usize].1;
+            for &(m, v) in meta.additive {
+                let sum = &mut sums[m as usize];
+                *sum = Some(sum.unwrap_or(0).wrapping_add(v));
             }
+            pairs.extend_from_slice(meta.unique);
         }
-        for _ in 0..a.varint()? {
-            names.push(a.string()?);
+        pairs.sort_unstable();
+        pairs.dedup();
+        let start = carriers.buf.len();
+        carriers.buf.push(CARRIER);
+        let n = sums.iter().flatten().count() as u64;
+        carriers.varint(n);
+        for (m, _) in sums.iter().enumerate().filter(|(_, s)| s.is_some()) {
+            carriers.string(&names[m]);
         }
-        a.varint()?;
-        for name in names.drain(..) {
-            self.pairs.push((name, a.u64()?));
+        carriers.varint(n);
+        for s in sums.iter_mut().filter_map(Option::take) {
+            carriers.u64(s);
         }
-        Ok(())
+        carriers.varint(pairs.len() as u64);
+        for &(m, _) in &pairs {
+            carriers.string(&names[m as usize]);
+        }
+        carriers.varint(pairs.len() as u64);
+        for &(_, h) in &pairs {
+            carriers.u64(h);
+        }
+        pairs.clear();
+        // Sorted by (group, row index): the run's last entry is the group's last row.
+        carrier_of[run[run.len() - 1].1 as usize] = start..carriers.buf.len();
     }
-}
-
-/// Writes `rows` of `buf` (each a whole row in the [`super::EVENTS_COLUMNS`] layout) followed by
-/// its carrier columns ([`CARRIER_COLUMNS`]): the request body of one INSERT attempt.
-pub fn with_carriers<I>(buf: &[u8], rows: I) -> Vec<u8>
-where
-    I: ExactSizeIterator<Item = Range<usize>> + Clone,
-{
-    let mut index: HashMap<(&[u8], &[u8], u32), u32> = HashMap::new();
-    let mut groups: Vec<Group<'_>> = Vec::new();
-    let mut names: Vec<&[u8]> = Vec::new();
-    let count = rows.len();
-    for (i, r) in rows.clone().enumerate() {
-        let c = Contribution::read(&buf[r]);
-        let g = *index.entry((c.org, c.project, c.hour)).or_insert_with(|| {
-            groups.push(Group::default());
-            (groups.len() - 1) as u32
-        });
-        let group = &mut groups[g as usize];
-        group.last_row = i;
-        group.add(c.arrays, &mut names).expect(LAYOUT);
-    }
-    let mut carrier_of: Vec<Option<u32>> = vec![None; count];
-    for (g, group) in groups.iter_mut().enumerate() {
-        carrier_of[group.last_row] = Some(g as u32);
-        group.sums.sort_unstable();
-        group.pairs.sort_unstable();
-        group.pairs.dedup();
-    }
-    let mut w = RowWriter { buf: Vec::with_capacity(buf.len() + count * 5 + groups.len() * 64) };
-    for (r, carrier) in rows.zip(carrier_of) {
-        w.buf.extend_from_slice(&buf[r]);
-        match carrier {
-            None => w.buf.extend_from_slice(&[COUNTED_BY_CARRIER, 0, 0, 0, 0]),
-            Some(g) => {
-                let g = &groups[g as usize];
-                w.buf.push(CARRIER);
-                w.varint(g.sums.len() as u64);
-                for (m, _) in &g.sums {
-                    w.bytes(m);
-                }
-                w.varint(g.sums.len() as u64);
-                for (_, v) in &g.sums {
-                    w.u64(*v);
-                }
-                w.varint(g.pairs.len() as u64);
-                for (m, _) in &g.pairs {
-                    w.bytes(m);
-                }
-                w.varint(g.pairs.len() as u64);
-                for (_, h) in &g.pairs {
-                    w.u64(*h);
-                }
-            }
+    let mut body = Vec::with_capacity(buf.len() + rows.len() * 5 + carriers.buf.len());
+    for ((bytes, _), carrier) in rows.iter().zip(carrier_of) {
+        body.extend_from_slice(&buf[bytes.clone()]);
+        if carrier.is_empty() {
+            body.extend_from_slice(&[COUNTED_BY_CARRIER, 0, 0, 0, 0]);
+        } else {
+            body.extend_from_slice(&carriers.buf[carrier]);
         }
     }
-    w.buf
+    body
 }

@@ -11,26 +11,60 @@ use std::ops::Range;
 use crate::dedupe::EventKey;
 use crate::sink::rowbinary::{RowReader, RowWriter};
 
-/// RowBinary rows of `events` and, per row, its byte range and source partition.
+/// What the carrier of a row's group needs to know of the row ([`crate::sink::carrier`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowMeta<'a> {
+    /// The row's source partition.
+    pub partition: i32,
+    /// Rows with equal `group` must have equal (org_id, project_id, hour): they are summed into
+    /// one carrier. (Rows of one (org, project, hour) may be in several groups.)
+    pub group: u64,
+    /// The row's `meters`/`meter_values` as (index into the flight's meter names, value).
+    pub additive: &'a [(u16, u64)],
+    /// The row's `unique_meters`/`unique_hashes` as (index into the meter names, hash).
+    pub unique: &'a [(u16, u64)],
+}
+
+/// One row: its bytes in `buf`, its partition and group, its ranges in the meter arrays.
+#[derive(Debug, Clone)]
+struct Row {
+    bytes: Range<usize>,
+    partition: i32,
+    group: u64,
+    additive: Range<u32>,
+    unique: Range<u32>,
+}
+
+/// RowBinary rows of `events` and, per row, its byte range, source partition and what its
+/// group's carrier needs.
 #[derive(Debug, Default)]
 pub struct Flight {
     /// The rows, one after the other, without their carrier columns ([`Flight::body`] adds them).
     pub buf: Vec<u8>,
-    rows: Vec<(Range<usize>, i32)>,
+    rows: Vec<Row>,
+    additive: Vec<(u16, u64)>,
+    unique: Vec<(u16, u64)>,
+    /// Meter names, indexed by the `u16`s of the meter arrays.
+    names: Vec<String>,
 }
 
 impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
-    /// (`row(partition)` is called after the row's bytes are written).
-    pub fn encode(encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, i32))) -> Flight {
+    /// (`row(w, meta)` is called after the row's bytes are written; `meta`'s meter indices index
+    /// `names`).
+    pub fn encode(names: Vec<String>, encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, RowMeta<'_>))) -> Flight {
         let mut w = RowWriter::default();
-        let mut rows = Vec::new();
+        let (mut rows, mut additive, mut unique) = (Vec::new(), Vec::new(), Vec::new());
         let mut start = 0;
-        encode(&mut w, &mut |w: &RowWriter, partition: i32| {
-            rows.push((start..w.buf.len(), partition));
+        encode(&mut w, &mut |w: &RowWriter, m: RowMeta<'_>| {
+            let a = additive.len() as u32..(additive.len() + m.additive.len()) as u32;
+            let u = unique.len() as u32..(unique.len() + m.unique.len()) as u32;
+            additive.extend_from_slice(m.additive);
+            unique.extend_from_slice(m.unique);
+            rows.push(Row { bytes: start..w.buf.len(), partition: m.partition, group: m.group, additive: a, unique: u });
             start = w.buf.len();
         });
-        Flight { buf: w.buf, rows }
+        Flight { buf: w.buf, rows, additive, unique, names }
     }
 
     /// The body of the attempt's `INSERT … FORMAT RowBinary` request: every row left to write,
@@ -38,7 +72,20 @@ impl Flight {
     /// ([`crate::sink::carrier`]; columns [`crate::sink::EVENTS_COLUMNS`] then
     /// [`crate::sink::carrier::CARRIER_COLUMNS`]).
     pub fn body(&self) -> Vec<u8> {
-        super::carrier::with_carriers(&self.buf, self.rows.iter().map(|(r, _)| r.clone()))
+        let rows: Vec<(Range<usize>, RowMeta<'_>)> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let meta = RowMeta {
+                    partition: r.partition,
+                    group: r.group,
+                    additive: &self.additive[r.additive.start as usize..r.additive.end as usize],
+                    unique: &self.unique[r.unique.start as usize..r.unique.end as usize],
+                };
+                (r.bytes.clone(), meta)
+            })
+            .collect();
+        super::carrier::with_carriers(&self.buf, &rows, &self.names)
     }
 
     /// Rows left to write.
@@ -52,7 +99,7 @@ impl Flight {
 
     /// The dedupe key (org, project, event id) of every row, in row order.
     pub fn keys(&self) -> Vec<(&str, &str, &str)> {
-        self.rows.iter().map(|(r, _)| key_of(&self.buf[r.clone()])).collect()
+        self.rows.iter().map(|r| key_of(&self.buf[r.bytes.clone()])).collect()
     }
 
     /// Keeps the rows for which `keep(partition, key)` holds; returns how many were removed.
@@ -60,11 +107,11 @@ impl Flight {
         let before = self.rows.len();
         let mut buf = Vec::with_capacity(self.buf.len());
         let mut rows = Vec::with_capacity(self.rows.len());
-        for (r, p) in &self.rows {
-            let row = &self.buf[r.clone()];
+        for r in &self.rows {
+            let row = &self.buf[r.bytes.clone()];
             let (o, pr, id) = key_of(row);
-            if keep(*p, EventKey::new(o, pr, id)) {
-                rows.push((buf.len()..buf.len() + row.len(), *p));
+            if keep(r.partition, EventKey::new(o, pr, id)) {
+                rows.push(Row { bytes: buf.len()..buf.len() + row.len(), ..r.clone() });
                 buf.extend_from_slice(row);
             }
         }
@@ -75,7 +122,7 @@ impl Flight {
 
     /// Keeps the rows of the partitions for which `owned` holds.
     pub fn retain_partitions(&mut self, owned: impl Fn(i32) -> bool) -> usize {
-        if self.rows.iter().all(|(_, p)| owned(*p)) {
+        if self.rows.iter().all(|r| owned(r.partition)) {
             return 0;
         }
         self.retain(|p, _| owned(p))
@@ -95,13 +142,13 @@ mod tests {
     use super::*;
 
     fn flight(rows: &[(&str, &str, &str, i32)]) -> Flight {
-        Flight::encode(|w, row| {
+        Flight::encode(Vec::new(), |w, row| {
             for (o, p, id, part) in rows {
                 w.string(o);
                 w.string(p);
                 w.string(id);
                 w.u64(7);
-                row(w, *part);
+                row(w, RowMeta { partition: *part, ..Default::default() });
             }
         })
     }

@@ -17,13 +17,8 @@ impl RowWriter {
     }
     #[inline]
     pub fn string(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-    /// A `String` from raw bytes (ClickHouse strings are bytes).
-    #[inline]
-    pub fn bytes(&mut self, s: &[u8]) {
         self.varint(s.len() as u64);
-        self.buf.extend_from_slice(s);
+        self.buf.extend_from_slice(s.as_bytes());
     }
     #[inline]
     pub fn u64(&mut self, v: u64) {
