@@ -1,31 +1,33 @@
 -- tally schema, part 6: carrier rows (issue 9; docs/exactly-once.md, "Carrier rows").
--- A worker sums each INSERT's rows per (org_id, project_id, hour) itself and puts the sums on one
--- row of the group, the carrier; the views add the carriers' arrays instead of every event's
--- meters. agg_kind: 0 = the row counts itself (rows written without carriers: an older worker, a
--- tool), 1 = counted by its group's carrier, 2 = the carrier. The per-event columns keep their
--- meaning (the ledger, verify and the mend read them).
+-- A worker sums each INSERT's rows per (org_id, project_id, hour) itself and puts the sums on the
+-- group's last row, the carrier; the views add the carriers' entries instead of every event's
+-- meters. agg_meters/agg_values hold the sums as (meter, value) entries, then the distinct unique
+-- pairs as (meter, hash) entries; agg_additive says how many entries are sums. agg_additive = -1
+-- (the default: rows written without carriers, by an older worker or a tool) makes the row count
+-- itself from its own meters; 0 with empty arrays is a row counted by its group's carrier. The
+-- per-event columns keep their meaning (the ledger, verify and the mend read them).
 --
 -- Apply with ingestion STOPPED (`tally-ingest migrate`): ClickHouse 18.16 has no
 -- `ALTER … MODIFY QUERY`, so each view is dropped and created again, and an INSERT between the two
 -- would miss that view. Committed offsets make the stop a pause, not a loss. Workers of an older
--- version may run after it: their rows default to agg_kind 0 and count themselves.
+-- version may run after it: their rows count themselves.
 -- 18.16 has no `ADD COLUMN IF NOT EXISTS`: `migrate` takes "column already exists" (code 44) on
 -- this statement for done, so a run interrupted after it can be run again.
 -- Runs on ClickHouse 18.16 and on current ClickHouse (checked on chDB in CI).
 
 ALTER TABLE ${database}.events
-    ADD COLUMN agg_kind UInt8 DEFAULT 0,
+    ADD COLUMN agg_additive Int32 DEFAULT -1,
     ADD COLUMN agg_meters Array(String),
-    ADD COLUMN agg_values Array(UInt64),
-    ADD COLUMN agg_unique_meters Array(String),
-    ADD COLUMN agg_unique_hashes Array(UInt64);
+    ADD COLUMN agg_values Array(UInt64);
 
 DROP TABLE IF EXISTS ${database}.usage_hourly_mv;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.usage_hourly_mv TO ${database}.usage_hourly_agg AS
 SELECT org_id, project_id, meter, hour, sum(v) AS value
 FROM ${database}.events
-ARRAY JOIN if(agg_kind = 0, meters, agg_meters) AS meter, if(agg_kind = 0, meter_values, agg_values) AS v
+ARRAY JOIN
+    if(agg_additive < 0, meters, arraySlice(agg_meters, 1, agg_additive)) AS meter,
+    if(agg_additive < 0, meter_values, arraySlice(agg_values, 1, agg_additive)) AS v
 GROUP BY org_id, project_id, meter, hour;
 
 DROP TABLE IF EXISTS ${database}.usage_unique_hourly_mv;
@@ -33,7 +35,9 @@ DROP TABLE IF EXISTS ${database}.usage_unique_hourly_mv;
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.usage_unique_hourly_mv TO ${database}.usage_unique_hourly AS
 SELECT org_id, project_id, meter, hour, uniqCombinedState(h) AS state
 FROM ${database}.events
-ARRAY JOIN if(agg_kind = 0, unique_meters, agg_unique_meters) AS meter, if(agg_kind = 0, unique_hashes, agg_unique_hashes) AS h
+ARRAY JOIN
+    if(agg_additive < 0, unique_meters, arraySlice(agg_meters, agg_additive + 1)) AS meter,
+    if(agg_additive < 0, unique_hashes, arraySlice(agg_values, agg_additive + 1)) AS h
 GROUP BY org_id, project_id, meter, hour;
 
 DROP TABLE IF EXISTS ${database}.usage_unique_daily_mv;
@@ -41,5 +45,7 @@ DROP TABLE IF EXISTS ${database}.usage_unique_daily_mv;
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.usage_unique_daily_mv TO ${database}.usage_unique_daily AS
 SELECT org_id, project_id, meter, toDateTime(intDiv(toUInt32(hour), 86400) * 86400) AS day, uniqCombinedState(h) AS state
 FROM ${database}.events
-ARRAY JOIN if(agg_kind = 0, unique_meters, agg_unique_meters) AS meter, if(agg_kind = 0, unique_hashes, agg_unique_hashes) AS h
+ARRAY JOIN
+    if(agg_additive < 0, unique_meters, arraySlice(agg_meters, agg_additive + 1)) AS meter,
+    if(agg_additive < 0, unique_hashes, arraySlice(agg_values, agg_additive + 1)) AS h
 GROUP BY org_id, project_id, meter, day;

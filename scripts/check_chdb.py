@@ -94,25 +94,28 @@ def main():
 
 
 def check_carriers(q, s, h):
-    """Carrier rows (schemas/006_carriers.sql, src/sink/carrier.rs): rows of agg_kind 1 count
-    nothing, a carrier (2) counts its arrays, and a row written without carriers (0) counts its
-    own meters, in the hourly sums and in the hourly and daily sketches. (The carrier's arrays
-    differ from its group's meters here on purpose, so that the check tells which one the views
-    read.)"""
+    """Carrier rows (schemas/006_carriers.sql, src/sink/carrier.rs): a row with agg_additive 0 and
+    empty arrays counts nothing, a carrier counts its entries (the first agg_additive as sums, the
+    rest as unique pairs), and a row written without carriers (-1, the default) counts its own
+    meters, in the hourly sums and in the hourly and daily sketches. (The carrier's entries differ
+    from its group's meters here on purpose, so that the check tells which one the views read.)"""
     cols = ("org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, unique_meters, "
             "unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at, "
-            "agg_kind, agg_meters, agg_values, agg_unique_meters, agg_unique_hashes")
+            "agg_additive, agg_meters, agg_values")
     rows = [
-        ("c1", "['events','input_tokens']", "[1,5]", "['unique_users']", "[7]", 1, "[]", "[]", "[]", "[]"),
-        ("c2", "['events','input_tokens']", "[1,6]", "['unique_users']", "[8]", 1, "[]", "[]", "[]", "[]"),
+        ("c1", "['events','input_tokens']", "[1,5]", "['unique_users']", "[7]", 0, "[]", "[]"),
+        ("c2", "['events','input_tokens']", "[1,6]", "['unique_users']", "[8]", 0, "[]", "[]"),
         ("c3", "['events','input_tokens']", "[1,7]", "['unique_users']", "[7]", 2,
-         "['events','input_tokens']", "[30,180]", "['unique_users','unique_users','unique_users']", "[7,8,10]"),
-        ("c4", "['events']", "[1]", "['unique_users']", "[9]", 0, "[]", "[]", "[]", "[]"),
+         "['events','input_tokens','unique_users','unique_users','unique_users']", "[30,180,7,8,10]"),
     ]
     values = ",".join(
         f"('oc','pc','{r[0]}','generation-create',{h},{h},1,{r[1]},{r[2]},{r[3]},{r[4]},'t',0,0,-1,now(),"
-        f"{r[5]},{r[6]},{r[7]},{r[8]},{r[9]})" for r in rows)
+        f"{r[5]},{r[6]},{r[7]})" for r in rows)
     s.query(f"INSERT INTO {DB}.events ({cols}) VALUES {values}")
+    # A row of an older writer: no carrier columns at all.
+    s.query(f"INSERT INTO {DB}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, "
+            f"unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES "
+            f"('oc','pc','c4','trace-create',{h},{h},1,['events'],[1],['unique_users'],[9],'t',0,0,-1,now())")
     got = q(f"SELECT meter, sum(value) FROM {DB}.usage_hourly_agg WHERE org_id = 'oc' GROUP BY meter ORDER BY meter")
     assert got == "events\t31\ninput_tokens\t180", f"carrier sums:\n{got}"
     for t in ("usage_unique_hourly", "usage_unique_daily"):

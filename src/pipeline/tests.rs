@@ -500,7 +500,8 @@ proptest::proptest! {
 struct BodyRow {
     base: Vec<u8>,
     group: (String, String, u32),
-    kind: u8,
+    /// `agg_additive`: how many of the entries are sums.
+    additive: i32,
     sums: Vec<(String, u64)>,
     pairs: Vec<(String, u64)>,
 }
@@ -533,22 +534,21 @@ fn body_rows(body: &[u8]) -> Vec<BodyRow> {
         r.u32().unwrap(); // batch_index (Int32)
         r.u32().unwrap();
         let base = start[..start.len() - r.rest().len()].to_vec();
-        let kind = r.rest()[0];
-        r = RowReader::new(&r.rest()[1..]);
-        let arrays = |r: &mut RowReader| -> Vec<(String, u64)> {
-            let names: Vec<String> = (0..r.varint().unwrap()).map(|_| text(r.string().unwrap())).collect();
-            assert_eq!(r.varint().unwrap() as usize, names.len());
-            names.into_iter().map(|n| (n, r.u64().unwrap())).collect()
-        };
-        let (sums, pairs) = (arrays(&mut r), arrays(&mut r));
-        out.push(BodyRow { base, group: (org, project, hour), kind, sums, pairs });
+        let additive = i32::from_le_bytes(r.rest()[..4].try_into().unwrap());
+        r = RowReader::new(&r.rest()[4..]);
+        let names: Vec<String> = (0..r.varint().unwrap()).map(|_| text(r.string().unwrap())).collect();
+        assert_eq!(r.varint().unwrap() as usize, names.len());
+        let mut entries: Vec<(String, u64)> = names.into_iter().map(|n| (n, r.u64().unwrap())).collect();
+        let pairs = entries.split_off(additive as usize);
+        let sums = entries;
+        out.push(BodyRow { base, group: (org, project, hour), additive, sums, pairs });
     }
     out
 }
 
 /// Checks an INSERT body against the model: the rows of `flight` in order, unchanged; in each
-/// (org, project, hour) group, the last row is the carrier (kind 2) with the group's per-meter
-/// sums and its distinct (meter, hash) pairs, and every other row is kind 1 with empty arrays.
+/// (org, project, hour) group, the last row is the carrier with the group's per-meter sums and
+/// its distinct (meter, hash) pairs, and every other row has `agg_additive` 0 and empty arrays.
 fn check_carriers(flight: &crate::sink::flight::Flight, expected: &[((String, String, u32), Vec<(String, u64)>, Vec<(String, u64)>)]) {
     let rows = body_rows(&flight.body());
     assert_eq!(rows.iter().flat_map(|r| r.base.clone()).collect::<Vec<u8>>(), flight.buf, "the rows themselves are unchanged");
@@ -566,14 +566,14 @@ fn check_carriers(flight: &crate::sink::flight::Flight, expected: &[((String, St
         assert_eq!(row.group, expected[i].0);
         let last = rows[i + 1..].iter().all(|r| r.group != row.group);
         if last {
-            assert_eq!(row.kind, crate::sink::carrier::CARRIER);
             let (sums, pairs) = want.remove(&row.group).expect("one carrier per group");
+            assert_eq!(row.additive as usize, sums.len());
             let mut got = row.sums.clone();
             got.sort();
             assert_eq!(got, sums.into_iter().collect::<Vec<_>>());
             assert_eq!(row.pairs, pairs.into_iter().collect::<Vec<_>>());
         } else {
-            assert_eq!(row.kind, crate::sink::carrier::COUNTED_BY_CARRIER);
+            assert_eq!(row.additive, 0);
             assert!(row.sums.is_empty() && row.pairs.is_empty());
         }
     }
