@@ -301,7 +301,12 @@ fn main() {
         ("plain", schema("005_unique_daily.sql", true), &tally::sink::EVENTS_COLUMNS.to_string(), &chunks_before),
         ("plain_carriers", schema(last, true), &all, &chunks),
         ("full", schema(last, false), &all, &chunks),
-        ("full_before", schema("005_unique_daily.sql", false), &tally::sink::EVENTS_COLUMNS.to_string(), &chunks_before),
+        (
+            "full_before",
+            schema("005_unique_daily.sql", false),
+            &tally::sink::EVENTS_COLUMNS.to_string(),
+            &chunks_before,
+        ),
     ];
     let mut inserts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // Inserts are short and noisy: more rounds, interleaved.
@@ -334,8 +339,7 @@ fn main() {
         lat.2
     );
 
-    let (raw_b, first_b, replay_b, plain_b, full_b) =
-        (min(&raw), min(&first), min(&replay), min(plain_s), min(full_s));
+    let (raw_b, first_b, replay_b, plain_b, full_b) = (min(&raw), min(&first), min(&replay), min(plain_s), min(full_s));
     let out = json!({
         "events": e.events, "messages": e.messages, "accepted": e.accepted, "rows": rows,
         "produce_s": produce_s,

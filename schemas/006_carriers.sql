@@ -7,18 +7,21 @@
 -- itself from its own meters; 0 with empty arrays is a row counted by its group's carrier. The
 -- per-event columns keep their meaning (the ledger, verify and the mend read them).
 --
--- Apply with ingestion STOPPED (`tally-ingest migrate`): ClickHouse 18.16 has no
+-- tally: stop-ingestion
+-- Apply with ingestion STOPPED (`tally-ingest migrate --ingestion-stopped`; without the flag it
+-- refuses on an existing database, and the invoicer leaves it pending): ClickHouse 18.16 has no
 -- `ALTER … MODIFY QUERY`, so each view is dropped and created again, and an INSERT between the two
 -- would miss that view. Committed offsets make the stop a pause, not a loss. Workers of an older
 -- version may run after it: their rows count themselves.
 -- 18.16 has no `ADD COLUMN IF NOT EXISTS`: `migrate` takes "column already exists" (code 44) on
--- this statement for done, so a run interrupted after it can be run again.
+-- an ADD COLUMN for done, so a run interrupted after one can be run again (one column each).
 -- Runs on ClickHouse 18.16 and on current ClickHouse (checked on chDB in CI).
 
-ALTER TABLE ${database}.events
-    ADD COLUMN agg_additive Int32 DEFAULT -1,
-    ADD COLUMN agg_meters Array(String),
-    ADD COLUMN agg_values Array(UInt64);
+ALTER TABLE ${database}.events ADD COLUMN agg_additive Int32 DEFAULT -1;
+
+ALTER TABLE ${database}.events ADD COLUMN agg_meters Array(String);
+
+ALTER TABLE ${database}.events ADD COLUMN agg_values Array(UInt64);
 
 DROP TABLE IF EXISTS ${database}.usage_hourly_mv;
 

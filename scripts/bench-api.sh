@@ -15,7 +15,8 @@ OUT="$STATE/bench-api"; mkdir -p "$OUT" target/bench
 ch() { curl -sS --fail-with-body "http://127.0.0.1:$CH_HTTP_PORT/" --data-binary "$1"; }
 export TALLY_CLICKHOUSE_DATABASE=$DB TALLY_CLICKHOUSE_URL="http://127.0.0.1:$CH_HTTP_PORT"
 ch "DROP DATABASE IF EXISTS $DB"
-target/release/tally-ingest --config config/ingest.example.toml migrate >/dev/null
+# No worker writes the fixture's database.
+target/release/tally-ingest --config config/ingest.example.toml migrate --ingestion-stopped >/dev/null
 NOW=$(date +%s); BASE=$(( NOW / 3600 * 3600 - 743 * 3600 ))
 log "fixture: 1,000 orgs × 10 projects × 7 meters × 744 hours from $(date -u -d @$BASE +%FT%TZ)"
 START=$(date +%s)

@@ -116,11 +116,17 @@ def check_carriers(q, s, h):
     s.query(f"INSERT INTO {DB}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, "
             f"unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES "
             f"('oc','pc','c4','trace-create',{h},{h},1,['events'],[1],['unique_users'],[9],'t',0,0,-1,now())")
-    got = q(f"SELECT meter, sum(value) FROM {DB}.usage_hourly_agg WHERE org_id = 'oc' GROUP BY meter ORDER BY meter")
-    assert got == "events\t31\ninput_tokens\t180", f"carrier sums:\n{got}"
+    # Carriers with sums only (project pd) and with unique pairs only (pe).
+    s.query(f"INSERT INTO {DB}.events ({cols}) VALUES "
+            f"('oc','pd','d1','trace-create',{h},{h},1,['events'],[1],[],[],'t',0,0,-1,now(),2,['events','input_tokens'],[5,50]),"
+            f"('oc','pe','e1','trace-create',{h},{h},1,['events'],[1],['unique_users'],[21],'t',0,0,-1,now(),0,['unique_users','unique_users'],[21,22])")
+    got = q(f"SELECT project_id, meter, sum(value) FROM {DB}.usage_hourly_agg WHERE org_id = 'oc' "
+            f"GROUP BY project_id, meter ORDER BY project_id, meter")
+    assert got == "pc\tevents\t31\npc\tinput_tokens\t180\npd\tevents\t5\npd\tinput_tokens\t50", f"carrier sums:\n{got}"
     for t in ("usage_unique_hourly", "usage_unique_daily"):
-        uniq = q(f"SELECT uniqCombinedMerge(state) FROM {DB}.{t} WHERE org_id = 'oc'")
-        assert uniq == "4", f"{t}: {uniq}"
+        uniq = q(f"SELECT project_id, uniqCombinedMerge(state) FROM {DB}.{t} WHERE org_id = 'oc' "
+                 f"GROUP BY project_id ORDER BY project_id")
+        assert uniq == "pc\t4\npe\t2", f"{t}: {uniq}"
 
 
 def render(name, variables, folder="invoicer"):

@@ -68,7 +68,9 @@ def make(db, variant):
     if variant.endswith("21"):
         q(ADD21.format(db=db))
     if variant.endswith("19"):
-        q(next(x for x in statements("006_carriers.sql") if x.startswith("ALTER")).replace("${database}", db))
+        for x in statements("006_carriers.sql"):
+            if x.startswith("ALTER"):
+                q(x.replace("${database}", db))
     if not variant.startswith("views"):
         return
     for x in rest:

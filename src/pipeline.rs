@@ -500,7 +500,7 @@ impl<'a> Staged<'a> {
 
     /// What the accepted events bill, per event in staging order: (event id, message index in
     /// the staged slice, additive (meter, value) pairs, unique (meter, hash) pairs). For tests,
-    /// fuzz targets and tools; the hot path writes rows with [`Staged::encode`].
+    /// fuzz targets and tools; the hot path writes rows with [`Staged::flight`].
     pub fn billed<'m>(&self, meters: &'m Meters, msgs: &[InMessage<'_>]) -> Vec<Billed<'m>> {
         self.events
             .iter()
@@ -520,11 +520,6 @@ impl<'a> Staged<'a> {
             .collect()
     }
 
-    /// Writes the rows of the accepted events; returns how many.
-    pub fn encode(&self, w: &mut RowWriter, meters: &Meters, topic: &str, ingested_at: i64) -> usize {
-        self.encode_rows(w, meters, topic, ingested_at, &mut |_, _| {})
-    }
-
     /// The rows of the accepted events as an owned [`Flight`]: per row its bytes, partition, and
     /// what it bills for its group's carrier (grouped by (org, project, hour)).
     pub fn flight(&self, meters: &Meters, topic: &str, ingested_at: i64) -> Flight {
@@ -534,7 +529,8 @@ impl<'a> Staged<'a> {
         })
     }
 
-    /// [`Staged::encode`], calling `row(w, meta)` after each row.
+    /// Writes the rows of the accepted events in the [`crate::sink::EVENTS_COLUMNS`] layout,
+    /// calling `row(w, meta)` after each row.
     fn encode_rows(
         &self,
         w: &mut RowWriter,
@@ -542,7 +538,7 @@ impl<'a> Staged<'a> {
         topic: &str,
         ingested_at: i64,
         row: &mut dyn FnMut(&RowWriter, RowMeta<'_>),
-    ) -> usize {
+    ) {
         // One number per (org, project): the carriers' groups are (tenant, hour). Consecutive
         // messages of one credential share their `Arc`s, and skip the look-up.
         let mut tenants: HashMap<(&str, &str), u32> = HashMap::new();
@@ -560,7 +556,6 @@ impl<'a> Staged<'a> {
             };
             tenant_of.push(t);
         }
-        let mut n = 0;
         for e in self.events.iter().filter(|e| e.verdict != Verdict::Duplicate) {
             let p = &self.principals[e.principal as usize];
             w.string(&p.org_id);
@@ -568,7 +563,8 @@ impl<'a> Staged<'a> {
             w.string(&e.id);
             w.string(&e.ty);
             w.datetime(e.ts);
-            w.datetime(e.ts - e.ts.rem_euclid(3600));
+            // The hour as written (clamped), so that rows of one group hold one hour.
+            let hour = w.datetime(e.ts - e.ts.rem_euclid(3600));
             w.u64(e.key.short());
             let add = &self.additive[e.additive.start as usize..e.additive.end as usize];
             w.varint(add.len() as u64);
@@ -593,13 +589,9 @@ impl<'a> Staged<'a> {
             w.u64(e.offset as u64);
             w.i32(e.batch_index);
             w.datetime(ingested_at);
-            // The hour as written (`datetime` clamps), so equal groups hold equal hours.
-            let hour = (e.ts - e.ts.rem_euclid(3600)).clamp(0, i64::from(u32::MAX)) as u64;
-            let group = u64::from(tenant_of[e.principal as usize]) << 32 | hour;
+            let group = u64::from(tenant_of[e.principal as usize]) << 32 | u64::from(hour);
             row(w, RowMeta { partition: e.partition, group, additive: add, unique: uniq });
-            n += 1;
         }
-        n
     }
 }
 

@@ -357,3 +357,57 @@ fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
     assert!(log.contains("op=\"insert\""), "the held attempt failed on the worker's side (timeout)");
     eprintln!("[measure] zombie writer: a request held 5 s past a 2 s timeout, then forwarded; totals exact");
 }
+
+/// Schema 006 drops and re-creates the aggregates' views (an INSERT in between would never be
+/// counted). On a database an older version left: `tally-ingest migrate` refuses it unless told
+/// that ingestion is stopped, the invoicer's migrate leaves it pending, a worker refuses to start
+/// while it is missing, and a run interrupted after an `ADD COLUMN` can be run again.
+#[test]
+fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
+    use tally::sink::schema::{self, StopIngestion};
+    let w = World::new("upgrade");
+    let db = format!("it_{}_old", w.name);
+    let cfg = tally::config::IngestConfig::load(Some(&w.config), Vec::new()).unwrap();
+    let old = tally::sink::clickhouse::ClickHouse::new(&tally::config::ClickHouseConfig {
+        url: common::clickhouse_url(),
+        database: db.clone(),
+        ..cfg.clickhouse
+    });
+    let all = schema::load(None).unwrap();
+    let before: Vec<_> = all.iter().filter(|(n, _)| n.as_str() < "006").cloned().collect();
+    assert_eq!(schema::migrate(&old, &before, StopIngestion::Refuse).unwrap().len(), before.len(), "a new database");
+    let cli = |args: &[&str]| {
+        w.cli(args)
+            .env("TALLY_CLICKHOUSE_DATABASE", &db)
+            .env("TALLY_CLICKHOUSE_URL", common::clickhouse_url())
+            .output()
+            .unwrap()
+    };
+    let refused = cli(&["migrate"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--ingestion-stopped"), "{err}");
+    assert_eq!(
+        schema::migrate(&old, &all, StopIngestion::Skip).unwrap(),
+        Vec::<String>::new(),
+        "the invoicer's migrate"
+    );
+    assert_eq!(schema::missing(&old).unwrap(), vec!["006_carriers.sql"]);
+    let worker = cli(&["run"]);
+    let err = String::from_utf8_lossy(&worker.stderr);
+    assert!(!worker.status.success() && err.contains("lacks migrations 006_carriers.sql"), "{err}");
+    // Interrupted after its first ALTER: the column is there, the migration is not recorded.
+    old.execute(&format!("ALTER TABLE {db}.events ADD COLUMN agg_additive Int32 DEFAULT -1"), false).unwrap();
+    let applied = cli(&["migrate", "--ingestion-stopped"]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    assert!(schema::missing(&old).unwrap().is_empty());
+    let views = String::from_utf8_lossy(
+        &old.query(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND engine = 'MaterializedView' FORMAT TabSeparated"
+        ))
+        .unwrap(),
+    )
+    .trim()
+    .to_string();
+    assert_eq!(views, "3");
+    old.execute(&format!("DROP DATABASE {db}"), false).unwrap();
+}

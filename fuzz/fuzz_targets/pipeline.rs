@@ -84,7 +84,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(b.additive.iter().all(|(_, v)| *v <= tally::decode::number::MAX_METER_VALUE && *v > 0));
         assert!(!b.id.is_empty() && b.id.len() <= tally::pipeline::MAX_ID_BYTES);
     }
-    // Either the message bills events, or every event it had was judged.
-    let mut w = tally::sink::rowbinary::RowWriter::default();
-    assert_eq!(staged.encode(&mut w, &p.meters, "t", NOW), billed.len());
+    // Either the message bills events, or every event it had was judged. Every billed event is
+    // a row of the INSERT body, with its carrier columns (6 bytes at least).
+    let flight = staged.flight(&p.meters, "t", NOW);
+    assert_eq!(flight.len(), billed.len());
+    assert!(flight.body().len() >= flight.buf.len() + 6 * flight.len());
 });

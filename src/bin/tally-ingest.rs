@@ -30,6 +30,10 @@ enum Command {
         /// How long to wait for ClickHouse to come up before giving up.
         #[arg(long, default_value_t = 120)]
         wait_secs: u64,
+        /// Every tally-ingest worker is stopped: apply migrations that re-create the aggregates'
+        /// views too (refused without it on an existing database; docs/clickhouse.md).
+        #[arg(long)]
+        ingestion_stopped: bool,
     },
     /// Join the consumer group and ingest until SIGTERM/SIGINT.
     Run,
@@ -129,12 +133,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = IngestConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;
     match cli.command {
-        Command::Migrate { schemas, wait_secs } => {
+        Command::Migrate { schemas, wait_secs, ingestion_stopped } => {
             let ch = tally::sink::clickhouse::ClickHouse::new(&cfg.clickhouse);
             ch.wait_ready(Duration::from_secs(wait_secs))
                 .with_context(|| format!("clickhouse at {} did not come up in {wait_secs}s", cfg.clickhouse.url))?;
             let migrations = tally::sink::schema::load(schemas.as_deref())?;
-            let applied = tally::sink::schema::migrate(&ch, &migrations)?;
+            use tally::sink::schema::StopIngestion;
+            let stop = if ingestion_stopped { StopIngestion::Apply } else { StopIngestion::Refuse };
+            let applied = tally::sink::schema::migrate(&ch, &migrations, stop)?;
             eprintln!(
                 "migrations applied: {}",
                 if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") }

@@ -170,7 +170,9 @@ fn clickhouse(cfg: &InvoicerConfig, wait_secs: u64) -> anyhow::Result<ClickHouse
 
 fn migrate(ch: &ClickHouse) -> anyhow::Result<()> {
     let migrations = tally::sink::schema::load(None)?;
-    tally::sink::schema::migrate(ch, &migrations).context("failed to apply the schema")?;
+    // Migrations that re-create the ingest path's views are left to `tally-ingest migrate`.
+    tally::sink::schema::migrate(ch, &migrations, tally::sink::schema::StopIngestion::Skip)
+        .context("failed to apply the schema")?;
     Ok(())
 }
 

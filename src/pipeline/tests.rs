@@ -61,10 +61,9 @@ impl Fx {
             .collect();
         let mut staged = self.p.stage(&msgs, &mut self.states, NOW).unwrap();
         staged.resolve(&HashSet::new());
-        let mut w = RowWriter::default();
-        let n = staged.encode(&mut w, &self.p.meters, "t", NOW);
+        let flight = staged.flight(&self.p.meters, "t", NOW);
         let rej = staged.rejections.iter().map(|r| (r.batch_index, r.reason)).collect();
-        (rej, staged.duplicates, n, w.buf)
+        (rej, staged.duplicates, flight.len(), flight.buf)
     }
 }
 
@@ -500,6 +499,8 @@ proptest::proptest! {
 struct BodyRow {
     base: Vec<u8>,
     group: (String, String, u32),
+    /// The row's own `meters`/`meter_values` and `unique_meters`/`unique_hashes`: the ledger.
+    own: (Vec<(String, u64)>, Vec<(String, u64)>),
     /// `agg_additive`: how many of the entries are sums.
     additive: i32,
     sums: Vec<(String, u64)>,
@@ -520,42 +521,52 @@ fn body_rows(body: &[u8]) -> Vec<BodyRow> {
         r.u32().unwrap();
         let hour = r.u32().unwrap();
         r.u64().unwrap();
-        for _ in 0..2 {
-            for _ in 0..r.varint().unwrap() {
-                r.string().unwrap();
-            }
-            for _ in 0..r.varint().unwrap() {
-                r.u64().unwrap();
-            }
-        }
+        let arrays = |r: &mut RowReader| -> Vec<(String, u64)> {
+            let names: Vec<String> = (0..r.varint().unwrap()).map(|_| text(r.string().unwrap())).collect();
+            assert_eq!(r.varint().unwrap() as usize, names.len());
+            names.into_iter().map(|n| (n, r.u64().unwrap())).collect()
+        };
+        let own = (arrays(&mut r), arrays(&mut r));
         r.string().unwrap();
         r.u32().unwrap();
         r.u64().unwrap();
-        r.u32().unwrap(); // batch_index (Int32)
+        r.u32().unwrap(); // batch_index: Int32, 4 bytes
         r.u32().unwrap();
         let base = start[..start.len() - r.rest().len()].to_vec();
         let additive = i32::from_le_bytes(r.rest()[..4].try_into().unwrap());
         r = RowReader::new(&r.rest()[4..]);
-        let names: Vec<String> = (0..r.varint().unwrap()).map(|_| text(r.string().unwrap())).collect();
-        assert_eq!(r.varint().unwrap() as usize, names.len());
-        let mut entries: Vec<(String, u64)> = names.into_iter().map(|n| (n, r.u64().unwrap())).collect();
+        let mut entries = arrays(&mut r);
         let pairs = entries.split_off(additive as usize);
         let sums = entries;
-        out.push(BodyRow { base, group: (org, project, hour), additive, sums, pairs });
+        out.push(BodyRow { base, group: (org, project, hour), own, additive, sums, pairs });
     }
     out
 }
 
-/// Checks an INSERT body against the model: the rows of `flight` in order, unchanged; in each
+/// Checks an INSERT body against the model: the rows of `flight` in order, unchanged, each
+/// billing in its own `meters` columns (the ledger) what the model says; in each
 /// (org, project, hour) group, the last row is the carrier with the group's per-meter sums and
-/// its distinct (meter, hash) pairs, and every other row has `agg_additive` 0 and empty arrays.
-fn check_carriers(flight: &crate::sink::flight::Flight, expected: &[((String, String, u32), Vec<(String, u64)>, Vec<(String, u64)>)]) {
+/// its distinct (meter, hash) pairs of those columns, and every other row has `agg_additive` 0
+/// and empty arrays.
+fn check_carriers(
+    flight: &crate::sink::flight::Flight,
+    expected: &[((String, String, u32), Vec<(String, u64)>, Vec<(String, u64)>)],
+) {
     let rows = body_rows(&flight.body());
-    assert_eq!(rows.iter().flat_map(|r| r.base.clone()).collect::<Vec<u8>>(), flight.buf, "the rows themselves are unchanged");
+    assert_eq!(
+        rows.iter().flat_map(|r| r.base.clone()).collect::<Vec<u8>>(),
+        flight.buf,
+        "the rows themselves are unchanged"
+    );
     assert_eq!(rows.len(), expected.len());
-    let mut want: std::collections::BTreeMap<(String, String, u32), (std::collections::BTreeMap<String, u64>, std::collections::BTreeSet<(String, u64)>)> =
-        Default::default();
-    for (g, add, uniq) in expected {
+    let mut want: std::collections::BTreeMap<
+        (String, String, u32),
+        (std::collections::BTreeMap<String, u64>, std::collections::BTreeSet<(String, u64)>),
+    > = Default::default();
+    for (row, (g, add, uniq)) in rows.iter().zip(expected) {
+        // Each row's own columns bill what the model says; the carriers must equal their sums.
+        assert_eq!((&row.own.0, &row.own.1), (add, uniq));
+        let (add, uniq) = &row.own;
         let w = want.entry(g.clone()).or_default();
         for (m, v) in add {
             *w.0.entry(m.clone()).or_default() += v;

@@ -16,9 +16,9 @@
 //! | 0 with empty arrays | counted by its group's carrier | nothing |
 //! | n ≥ 0 | the carrier | entries `1..=n` of its `agg_*` arrays as sums, the rest as unique pairs |
 //!
-//! (Three columns, not five: each stored column costs ClickHouse on every row of every insert,
-//! and the two-array layout measured +8 % over the plain insert where separate arrays for sums
-//! and pairs plus a kind column measured +18 %; docs/measurements.md.)
+//! (Three columns, not five: each stored column costs ClickHouse on every row of every insert;
+//! on the same rows, separate arrays for sums and pairs plus a kind column measured +18 % over the
+//! plain insert, and this layout +8 %; docs/measurements.md, "Carrier rows".)
 //!
 //! The per-event columns (`meters`, `meter_values`, `unique_meters`, `unique_hashes`) keep their
 //! meaning on every row: the ledger, `tally-invoicer verify`, `explain --events` and the mend
@@ -93,7 +93,7 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
         // Sorted by (group, row index): the run's last entry is the group's last row.
         carrier_of[run[run.len() - 1].1 as usize] = start..carriers.buf.len();
     }
-    let mut body = Vec::with_capacity(buf.len() + rows.len() * 5 + carriers.buf.len());
+    let mut body = Vec::with_capacity(buf.len() + rows.len() * COUNTED_BY_CARRIER.len() + carriers.buf.len());
     for ((bytes, _), carrier) in rows.iter().zip(carrier_of) {
         body.extend_from_slice(&buf[bytes.clone()]);
         if carrier.is_empty() {

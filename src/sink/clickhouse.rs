@@ -1,8 +1,8 @@
 //! A small ClickHouse HTTP client: DDL, RowBinary inserts and RowBinary queries.
 //!
 //! Works against ClickHouse 18.16 and current releases: it sends nothing but the SQL, the
-//! `database` parameter, basic-auth credentials and `wait_end_of_query=1` (no query parameters,
-//! no setting that old servers reject). `wait_end_of_query` makes the server buffer the whole
+//! `database` parameter, basic-auth credentials, `wait_end_of_query=1` and, for a few queries,
+//! settings every version knows (`max_insert_block_size`, `max_threads`); no query parameters. `wait_end_of_query` makes the server buffer the whole
 //! answer before the status line: an error in the middle of a large result is an HTTP error, never
 //! a 200 whose body ends in the error's text (which a RowBinary reader could take for rows).
 

@@ -11,7 +11,8 @@ use std::ops::Range;
 use crate::dedupe::EventKey;
 use crate::sink::rowbinary::{RowReader, RowWriter};
 
-/// What the carrier of a row's group needs to know of the row ([`crate::sink::carrier`]).
+/// What the flight keeps of a row besides its bytes: its partition (for revocations) and what its
+/// group's carrier needs ([`crate::sink::carrier`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RowMeta<'a> {
     /// The row's source partition.
@@ -52,7 +53,10 @@ impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
     /// (`row(w, meta)` is called after the row's bytes are written; `meta`'s meter indices index
     /// `names`).
-    pub fn encode(names: Vec<String>, encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, RowMeta<'_>))) -> Flight {
+    pub fn encode(
+        names: Vec<String>,
+        encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, RowMeta<'_>)),
+    ) -> Flight {
         let mut w = RowWriter::default();
         let (mut rows, mut additive, mut unique) = (Vec::new(), Vec::new(), Vec::new());
         let mut start = 0;
@@ -61,7 +65,13 @@ impl Flight {
             let u = unique.len() as u32..(unique.len() + m.unique.len()) as u32;
             additive.extend_from_slice(m.additive);
             unique.extend_from_slice(m.unique);
-            rows.push(Row { bytes: start..w.buf.len(), partition: m.partition, group: m.group, additive: a, unique: u });
+            rows.push(Row {
+                bytes: start..w.buf.len(),
+                partition: m.partition,
+                group: m.group,
+                additive: a,
+                unique: u,
+            });
             start = w.buf.len();
         });
         Flight { buf: w.buf, rows, additive, unique, names }

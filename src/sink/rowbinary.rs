@@ -32,10 +32,13 @@ impl RowWriter {
     pub fn i32(&mut self, v: i32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
-    /// `DateTime` is seconds since the epoch as UInt32; out-of-range values are clamped.
+    /// `DateTime` is seconds since the epoch as UInt32; out-of-range values are clamped. Returns
+    /// the value written.
     #[inline]
-    pub fn datetime(&mut self, secs: i64) {
-        self.u32(secs.clamp(0, i64::from(u32::MAX)) as u32);
+    pub fn datetime(&mut self, secs: i64) -> u32 {
+        let v = secs.clamp(0, i64::from(u32::MAX)) as u32;
+        self.u32(v);
+        v
     }
 }
 
@@ -83,10 +86,12 @@ impl<'a> RowReader<'a> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     /// `UInt32`, and `DateTime` (seconds since the epoch).
+    #[cfg(test)]
     pub fn u32(&mut self) -> Result<u32, Truncated> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     /// What is left to read.
+    #[cfg(test)]
     pub fn rest(&self) -> &'a [u8] {
         self.buf
     }

@@ -14,6 +14,25 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("006_carriers.sql", include_str!("../../schemas/006_carriers.sql")),
 ];
 
+/// The line that marks a migration which drops and re-creates materialized views: an INSERT into
+/// `events` between a view's `DROP` and its `CREATE` would miss that view, and nothing would ever
+/// mend it (the INSERT answered 200). Such a migration runs only with ingestion stopped, or on a
+/// database whose `events` table is created by the same run.
+pub const STOP_INGESTION_MARK: &str = "-- tally: stop-ingestion";
+
+/// What [`migrate`] does with a pending migration marked [`STOP_INGESTION_MARK`] on a database
+/// that already had `events` before the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopIngestion {
+    /// The operator says every `tally-ingest` worker is stopped (`migrate --ingestion-stopped`).
+    Apply,
+    /// Fail with [`MigrateError::IngestionMayRun`] (`tally-ingest migrate` without the flag).
+    Refuse,
+    /// Leave it pending for `tally-ingest migrate` (the invoicer: it reads nothing such a
+    /// migration changes).
+    Skip,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MigrateError {
@@ -21,6 +40,13 @@ pub enum MigrateError {
     Read { path: String, source: std::io::Error },
     #[error("migration {file}: {source}")]
     Apply { file: String, source: ChError },
+    /// A migration that re-creates views is pending and the workers may be inserting.
+    #[error(
+        "migration {file} drops and re-creates the aggregates' materialized views, and an INSERT in between would \
+         not be counted: stop every tally-ingest worker, then run `tally-ingest migrate --ingestion-stopped` \
+         (docs/clickhouse.md, \"Upgrading\")"
+    )]
+    IngestionMayRun { file: String },
 }
 
 /// Splits a SQL file into statements (on `;` at the end of a line; `--` comments dropped).
@@ -71,8 +97,35 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<(String, String)>, MigrateError> {
         .collect()
 }
 
+/// The names of the migrations recorded in `<db>.schema_migrations` (none if it does not exist).
+pub fn applied(ch: &ClickHouse) -> Result<Vec<String>, ChError> {
+    let db = ch.database();
+    let exists = ch.query(&format!(
+        "SELECT count() FROM system.tables WHERE database = {} AND name = 'schema_migrations' FORMAT TabSeparated",
+        quote(db)
+    ))?;
+    if String::from_utf8_lossy(&exists).trim() == "0" {
+        return Ok(Vec::new());
+    }
+    let done = ch.query(&format!("SELECT name FROM {db}.schema_migrations FORMAT TabSeparated"))?;
+    Ok(String::from_utf8_lossy(&done).lines().map(str::to_string).collect())
+}
+
+/// The built-in migrations not recorded in `ch`'s database: a worker refuses to start while any
+/// is missing, rather than write rows the schema cannot take or views do not count.
+pub fn missing(ch: &ClickHouse) -> Result<Vec<&'static str>, ChError> {
+    let done = applied(ch)?;
+    Ok(BUILTIN.iter().map(|(n, _)| *n).filter(|n| !done.iter().any(|d| d == n)).collect())
+}
+
 /// Applies the migrations not yet recorded in `<db>.schema_migrations`; returns the applied names.
-pub fn migrate(ch: &ClickHouse, migrations: &[(String, String)]) -> Result<Vec<String>, MigrateError> {
+/// A migration marked [`STOP_INGESTION_MARK`] is applied freely when this run also creates
+/// `events` (`001_events.sql` pending: no worker can be writing), else as `stop` says.
+pub fn migrate(
+    ch: &ClickHouse,
+    migrations: &[(String, String)],
+    stop: StopIngestion,
+) -> Result<Vec<String>, MigrateError> {
     let db = ch.database().to_string();
     let apply = |file: &str, sql: &str| -> Result<(), MigrateError> {
         ch.execute(sql, false).map_err(|source| MigrateError::Apply { file: file.to_string(), source })
@@ -85,15 +138,22 @@ pub fn migrate(ch: &ClickHouse, migrations: &[(String, String)]) -> Result<Vec<S
              ENGINE = MergeTree() ORDER BY name"
         ),
     )?;
-    let done = ch
-        .query(&format!("SELECT name FROM {db}.schema_migrations FORMAT TabSeparated"))
-        .map_err(|source| MigrateError::Apply { file: "(bootstrap)".into(), source })?;
-    let done = String::from_utf8_lossy(&done);
-    let done: Vec<&str> = done.lines().collect();
+    let done = applied(ch).map_err(|source| MigrateError::Apply { file: "(bootstrap)".into(), source })?;
+    let fresh = !done.iter().any(|d| d == "001_events.sql");
     let mut applied = Vec::new();
     for (name, sql) in migrations {
-        if done.contains(&name.as_str()) {
+        if done.contains(name) {
             continue;
+        }
+        if sql.lines().any(|l| l.trim() == STOP_INGESTION_MARK) && !fresh {
+            match stop {
+                StopIngestion::Apply => {}
+                StopIngestion::Refuse => return Err(MigrateError::IngestionMayRun { file: name.clone() }),
+                StopIngestion::Skip => {
+                    tracing::warn!(migration = %name, "left for `tally-ingest migrate --ingestion-stopped`");
+                    continue;
+                }
+            }
         }
         for stmt in statements(&sql.replace("${database}", &db)) {
             match apply(name, &stmt) {

@@ -484,8 +484,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             let in_flight = self.consumer.context().gate.begin();
             std::thread::spawn(move || {
                 let t = Instant::now();
-                let result =
-                    if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight) };
+                let result = if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight) };
                 drop(in_flight);
                 (flight, result, t.elapsed())
             })
@@ -910,6 +909,14 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     wait_for_clickhouse(&store, &cfg, &shutdown);
     if shutdown.load(Ordering::Relaxed) {
         return Ok(());
+    }
+    let missing = crate::sink::schema::missing(&store).context("failed to read the schema's migrations")?;
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the ClickHouse schema lacks migrations {}: run `tally-ingest migrate` (with every worker stopped, \
+             `--ingestion-stopped`, for one that re-creates views; docs/clickhouse.md)",
+            missing.join(", ")
+        );
     }
     let verifier = match cfg.auth.api_keys_store {
         crate::config::ApiKeysStore::File => crate::verify::Verifier::from_config(&cfg.auth),
