@@ -392,9 +392,28 @@ fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
         "the invoicer's migrate"
     );
     assert_eq!(schema::missing(&old).unwrap(), vec!["006_carriers.sql"]);
-    let worker = cli(&["run"]);
-    let err = String::from_utf8_lossy(&worker.stderr);
-    assert!(!worker.status.success() && err.contains("lacks migrations 006_carriers.sql"), "{err}");
+    // Spawned with a deadline: a worker that did not refuse would join the group and never exit.
+    let mut worker = w
+        .cli(&["run"])
+        .env("TALLY_CLICKHOUSE_DATABASE", &db)
+        .env("TALLY_CLICKHOUSE_URL", common::clickhouse_url())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            worker.kill().unwrap();
+            panic!("the worker did not refuse to start on a schema without 006");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("lacks migrations 006_carriers.sql"), "{err}");
     // Interrupted after its first ALTER: the column is there, the migration is not recorded.
     old.execute(&format!("ALTER TABLE {db}.events ADD COLUMN agg_additive Int32 DEFAULT -1"), false).unwrap();
     let applied = cli(&["migrate", "--ingestion-stopped"]);

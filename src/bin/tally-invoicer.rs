@@ -243,8 +243,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Migrate => {
-            migrate(&clickhouse(&cfg, cli.wait_secs)?)?;
-            eprintln!("schema up to date");
+            let ch = clickhouse(&cfg, cli.wait_secs)?;
+            migrate(&ch)?;
+            let left = tally::sink::schema::missing(&ch)?;
+            if left.is_empty() {
+                eprintln!("schema up to date");
+            } else {
+                eprintln!(
+                    "schema up to date for invoicing; left for `tally-ingest migrate --ingestion-stopped`: {}",
+                    left.join(", ")
+                );
+            }
             Ok(0)
         }
         Command::Provision { period, write_mapping, legacy_start } => {

@@ -119,8 +119,9 @@ pub fn missing(ch: &ClickHouse) -> Result<Vec<&'static str>, ChError> {
 }
 
 /// Applies the migrations not yet recorded in `<db>.schema_migrations`; returns the applied names.
-/// A migration marked [`STOP_INGESTION_MARK`] is applied freely when this run also creates
-/// `events` (`001_events.sql` pending: no worker can be writing), else as `stop` says.
+/// A migration marked [`STOP_INGESTION_MARK`] is applied freely when the database had no `events`
+/// table before this run (no worker can be writing), else as `stop` says; [`StopIngestion::Skip`]
+/// leaves it and every migration after it pending.
 pub fn migrate(
     ch: &ClickHouse,
     migrations: &[(String, String)],
@@ -138,8 +139,16 @@ pub fn migrate(
              ENGINE = MergeTree() ORDER BY name"
         ),
     )?;
-    let done = applied(ch).map_err(|source| MigrateError::Apply { file: "(bootstrap)".into(), source })?;
-    let fresh = !done.iter().any(|d| d == "001_events.sql");
+    let bootstrap = |source| MigrateError::Apply { file: "(bootstrap)".into(), source };
+    let done = applied(ch).map_err(bootstrap)?;
+    // New: no `events` table before this run, so no worker can be inserting into it.
+    let events = ch
+        .query(&format!(
+            "SELECT count() FROM system.tables WHERE database = {} AND name = 'events' FORMAT TabSeparated",
+            quote(&db)
+        ))
+        .map_err(bootstrap)?;
+    let fresh = String::from_utf8_lossy(&events).trim() == "0";
     let mut applied = Vec::new();
     for (name, sql) in migrations {
         if done.contains(name) {
@@ -150,8 +159,9 @@ pub fn migrate(
                 StopIngestion::Apply => {}
                 StopIngestion::Refuse => return Err(MigrateError::IngestionMayRun { file: name.clone() }),
                 StopIngestion::Skip => {
-                    tracing::warn!(migration = %name, "left for `tally-ingest migrate --ingestion-stopped`");
-                    continue;
+                    // Later migrations may build on it: they wait too.
+                    tracing::warn!(migration = %name, "left, with any after it, for `tally-ingest migrate --ingestion-stopped`");
+                    break;
                 }
             }
         }

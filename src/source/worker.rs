@@ -910,7 +910,20 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     if shutdown.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let missing = crate::sink::schema::missing(&store).context("failed to read the schema's migrations")?;
+    let missing = {
+        let mut backoff = Backoff::new(BACKOFF_BASE, Duration::from_millis(cfg.ingest.max_backoff_ms));
+        loop {
+            match crate::sink::schema::missing(&store) {
+                Ok(m) => break m,
+                Err(e) if e.is_transient() && !shutdown.load(Ordering::Relaxed) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_ms = delay.as_millis() as u64, "waiting to read the schema's migrations");
+                    std::thread::sleep(delay);
+                }
+                Err(e) => return Err(e).context("failed to read the schema's migrations"),
+            }
+        }
+    };
     if !missing.is_empty() {
         anyhow::bail!(
             "the ClickHouse schema lacks migrations {}: run `tally-ingest migrate` (with every worker stopped, \
