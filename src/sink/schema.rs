@@ -99,16 +99,22 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<(String, String)>, MigrateError> {
 
 /// The names of the migrations recorded in `<db>.schema_migrations` (none if it does not exist).
 pub fn applied(ch: &ClickHouse) -> Result<Vec<String>, ChError> {
-    let db = ch.database();
-    let exists = ch.query(&format!(
-        "SELECT count() FROM system.tables WHERE database = {} AND name = 'schema_migrations' FORMAT TabSeparated",
-        quote(db)
-    ))?;
-    if String::from_utf8_lossy(&exists).trim() == "0" {
+    if !table_exists(ch, "schema_migrations")? {
         return Ok(Vec::new());
     }
+    let db = ch.database();
     let done = ch.query(&format!("SELECT name FROM {db}.schema_migrations FORMAT TabSeparated"))?;
     Ok(String::from_utf8_lossy(&done).lines().map(str::to_string).collect())
+}
+
+/// Whether `ch`'s database has a table `name`.
+fn table_exists(ch: &ClickHouse, name: &str) -> Result<bool, ChError> {
+    let n = ch.query(&format!(
+        "SELECT count() FROM system.tables WHERE database = {} AND name = {} FORMAT TabSeparated",
+        quote(ch.database()),
+        quote(name)
+    ))?;
+    Ok(String::from_utf8_lossy(&n).trim() != "0")
 }
 
 /// The built-in migrations not recorded in `ch`'s database: a worker refuses to start while any
@@ -142,13 +148,7 @@ pub fn migrate(
     let bootstrap = |source| MigrateError::Apply { file: "(bootstrap)".into(), source };
     let done = applied(ch).map_err(bootstrap)?;
     // New: no `events` table before this run, so no worker can be inserting into it.
-    let events = ch
-        .query(&format!(
-            "SELECT count() FROM system.tables WHERE database = {} AND name = 'events' FORMAT TabSeparated",
-            quote(&db)
-        ))
-        .map_err(bootstrap)?;
-    let fresh = String::from_utf8_lossy(&events).trim() == "0";
+    let fresh = !table_exists(ch, "events").map_err(bootstrap)?;
     let mut applied = Vec::new();
     for (name, sql) in migrations {
         if done.contains(name) {
