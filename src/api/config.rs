@@ -58,7 +58,9 @@ pub struct NotifyConfig {
     /// Webhook endpoint ("" = no webhooks).
     #[serde(default)]
     pub webhook_url: String,
-    /// HMAC-SHA256 signing key of the webhooks (`TALLY_NOTIFY_WEBHOOK_SECRET`). Never logged.
+    /// The webhooks' signing secret (`TALLY_NOTIFY_WEBHOOK_SECRET`): a Standard Webhooks
+    /// `whsec_<base64>` secret (its decoded bytes are the HMAC-SHA256 key), or any other string
+    /// (its bytes are the key); at least 16 bytes of key. Never logged.
     #[serde(default)]
     pub webhook_secret: Redacted,
     #[serde(default = "default_webhook_max_attempts")]
@@ -165,11 +167,13 @@ impl ApiConfig {
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return bad("notify.webhook_url", "must be an http(s) URL");
         }
-        if !n.webhook_url.is_empty() && n.webhook_secret.0.len() < 16 {
-            return bad(
-                "notify.webhook_secret",
-                "must be at least 16 bytes when webhooks are on (TALLY_NOTIFY_WEBHOOK_SECRET)",
-            );
+        if !n.webhook_url.is_empty() {
+            if let Err(e) = super::notify::webhook::signing_key(&n.webhook_secret.0) {
+                return bad(
+                    "notify.webhook_secret",
+                    &format!("{e} when webhooks are on (TALLY_NOTIFY_WEBHOOK_SECRET)"),
+                );
+            }
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! Webhook deliveries of threshold notifications: signed per Standard Webhooks
 //! (<https://www.standardwebhooks.com>: headers `webhook-id`, `webhook-timestamp`,
-//! `webhook-signature: v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`), retried with
-//! capped exponential backoff, every attempt logged in ClickHouse (`webhook_deliveries`).
+//! `webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`), retried with
+//! capped exponential backoff, every attempt logged in ClickHouse (`webhook_deliveries`). The key
+//! is taken from the configured secret as the Standard Webhooks libraries take it
+//! ([`signing_key`]), so their verifiers accept our deliveries.
 //!
 //! Delivery is at least once with a stable `webhook-id`: a notifier that takes over an org re-sends
 //! what has no final row in the log, and a crash between the receiver's 2xx and the log row
@@ -24,8 +26,8 @@ use crate::source::worker::now_secs;
 #[derive(Clone)]
 pub struct WebhookConfig {
     pub url: String,
-    /// HMAC-SHA256 key (its bytes). Never logged.
-    pub secret: String,
+    /// HMAC-SHA256 key, from the configured secret by [`signing_key`]. Never logged.
+    pub key: Vec<u8>,
     pub max_attempts: u32,
     pub timeout: Duration,
     /// First pause between attempts; doubles up to 60 s.
@@ -34,6 +36,30 @@ pub struct WebhookConfig {
 
 /// Outcomes after which a notification is not sent again.
 pub const FINAL_OUTCOMES: &[&str] = &["delivered", "rejected", "gave_up"];
+
+/// Why a configured webhook secret cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("a `whsec_` secret must be base64 after the prefix (Standard Webhooks)")]
+    NotBase64,
+    #[error("the signing key must be at least 16 bytes (it is {0})")]
+    TooShort(usize),
+}
+
+/// The HMAC key of a configured webhook secret. A Standard Webhooks secret (`whsec_` followed by
+/// base64, as its libraries generate and verify with) signs with its base64-decoded bytes; any
+/// other secret signs with its own UTF-8 bytes. Either must give at least 16 bytes of key.
+/// Errors: [`SecretError`].
+pub fn signing_key(secret: &str) -> Result<Vec<u8>, SecretError> {
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => STANDARD.decode(b64).map_err(|_| SecretError::NotBase64)?,
+        None => secret.as_bytes().to_vec(),
+    };
+    if key.len() < 16 {
+        return Err(SecretError::TooShort(key.len()));
+    }
+    Ok(key)
+}
 
 /// The `webhook-signature` header value for `body` sent as `id` at `timestamp`.
 pub fn signature(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
@@ -105,7 +131,7 @@ fn deliver(agent: &ureq::Agent, cfg: &WebhookConfig, ch: &ClickHouse, n: &Notifi
             .set("content-type", "application/json")
             .set("webhook-id", &n.id)
             .set("webhook-timestamp", &ts.to_string())
-            .set("webhook-signature", &signature(cfg.secret.as_bytes(), &n.id, ts, &body))
+            .set("webhook-signature", &signature(&cfg.key, &n.id, ts, &body))
             .send_bytes(&body);
         let (status, error) = match result {
             Ok(r) => (r.status(), String::new()),
@@ -173,5 +199,22 @@ mod tests {
         mac.update(br#"msg_1.1614265330.{"test": 2432232314}"#);
         assert_eq!(sig, format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())));
         assert_ne!(sig, signature(b"other", "msg_1", 1_614_265_330, br#"{"test": 2432232314}"#));
+    }
+
+    #[test]
+    fn whsec_secrets_sign_as_the_standard_webhooks_libraries_verify() {
+        // The reference vector of the Standard Webhooks libraries' tests
+        // (github.com/standard-webhooks/standard-webhooks, libraries/*: secret, id, timestamp,
+        // payload and the signature they expect).
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        assert_eq!(
+            signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, br#"{"test": 2432232314}"#),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        // Other secrets are their own bytes; bad and short ones are named.
+        assert_eq!(signing_key("test-webhook-secret-0123456789").unwrap(), b"test-webhook-secret-0123456789");
+        assert_eq!(signing_key("whsec_not base64!"), Err(SecretError::NotBase64));
+        assert_eq!(signing_key("whsec_c2hvcnQ="), Err(SecretError::TooShort(5)));
+        assert_eq!(signing_key("short"), Err(SecretError::TooShort(5)));
     }
 }
