@@ -412,6 +412,41 @@ fn complete_until_follows_the_committed_offsets() {
     let (c, f) = (tally::timestamp::parse_rfc3339(c).unwrap(), tally::timestamp::parse_rfc3339(f).unwrap());
     assert_eq!(f, (c - 604_800) - (c - 604_800).rem_euclid(3600), "final_until is a dedupe window behind");
     common::stop_all(vec![worker]);
+
+    // Partly consumed: the first run counted, a second one produced while no worker runs.
+    // `complete_until` must lie between the two (it claims none of the second run, and it is not
+    // stuck before the first), and the usage it comes with counts exactly the first run.
+    let events = |e: &Expected| e.totals.iter().filter(|t| t.2 == "events").map(|t| t.4).sum::<u64>();
+    let wide = format!(
+        "/v1/usage?from={}&to={}&meter=events&window=none",
+        rfc(now() - now() % 3600 - 30 * 86_400),
+        rfc(now() - now() % 3600 + 2 * 3600)
+    );
+    let counted = |body: &Value| body["data"].as_array().unwrap().iter().map(|r| r["value"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(counted(&api.ok(&wide, &admin)), events(&e), "the first run, counted");
+    std::thread::sleep(Duration::from_secs(2));
+    let second_from = now();
+    let e2 = w.generate(&tally::loadgen::GenConfig { first_message_id: 1_000_000, ..w.gen_config(2_000, 93) });
+    std::thread::sleep(Duration::from_secs(2));
+    let body = api.ok(&wide, &admin);
+    let c = tally::timestamp::parse_rfc3339(body["complete_until"].as_str().unwrap()).unwrap();
+    assert!(
+        (produced_by..=second_from + 1).contains(&c),
+        "complete_until {c} outside [{produced_by}, {}]: the first run ends before it, the second starts after it",
+        second_from + 1
+    );
+    assert_eq!(counted(&body), events(&e), "nothing of the pending run is counted");
+    // The second run counted: complete past it, and its usage added.
+    let worker = w.worker("2");
+    w.wait_caught_up(&e2);
+    let second_by = now() + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while complete().unwrap() < second_by {
+        assert!(Instant::now() < deadline, "complete_until stuck before the second run's end ({second_by})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(counted(&api.ok(&wide, &admin)), events(&e) + events(&e2), "both runs, counted");
+    common::stop_all(vec![worker]);
 }
 
 #[test]
