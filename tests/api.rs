@@ -262,6 +262,13 @@ fn usage_equals_the_aggregates_for_every_window_and_grouping() {
     assert!(!body["data"].as_array().unwrap().is_empty());
     assert!(body["data"].as_array().unwrap().iter().all(|r| r["value"] == 0));
     assert!(body["warnings"][0].as_str().unwrap().contains("no usage recorded"), "{body}");
+    let body = api.ok("/v1/entitlements/nobody", &admin);
+    assert!(body["entitlements"].as_array().unwrap().iter().all(|r| r["used"] == 0), "{body}");
+    assert!(body["warnings"][0].as_str().unwrap().contains("no usage recorded for org_id \"nobody\""), "{body}");
+    let body = api.ok(&format!("/v1/entitlements/{o}"), &admin);
+    // An org with usage in this period has no warning (near a month's start it may have none yet).
+    let used = body["entitlements"].as_array().unwrap().iter().any(|r| r["used"].as_u64() > Some(0));
+    assert_eq!(body["warnings"].as_array().unwrap().is_empty(), used, "{body}");
     // Prometheus: requests by route and status, latency histograms with buckets.
     let text = common::scrape(&metrics);
     let ok = common::sum_samples(&text, "tally_api_requests_total", "route=\"/v1/usage\",status=\"200\"");
@@ -422,7 +429,8 @@ fn complete_until_follows_the_committed_offsets() {
         rfc(now() - now() % 3600 - 30 * 86_400),
         rfc(now() - now() % 3600 + 2 * 3600)
     );
-    let counted = |body: &Value| body["data"].as_array().unwrap().iter().map(|r| r["value"].as_u64().unwrap()).sum::<u64>();
+    let counted =
+        |body: &Value| body["data"].as_array().unwrap().iter().map(|r| r["value"].as_u64().unwrap()).sum::<u64>();
     assert_eq!(counted(&api.ok(&wide, &admin)), events(&e), "the first run, counted");
     std::thread::sleep(Duration::from_secs(2));
     let second_from = now();

@@ -286,6 +286,9 @@ struct EntitlementsAnswer {
     entitlements: Vec<EntitlementItem>,
     #[serde(flatten)]
     completeness: Completeness,
+    /// Notes about the answer (PRODUCT.md §11: an org without usage gets zeros, stated as such):
+    /// no plan, or no usage recorded in any limited meter's current period.
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -311,7 +314,9 @@ async fn get_entitlements(
             Some(p) => entitlements(&state.ch, &state.meters, &org, p, now_secs())?,
             None => Vec::new(),
         };
+        let warnings = entitlement_warnings(&org, plan.is_some(), &items);
         Ok(EntitlementsAnswer {
+            warnings,
             plan: plan.map(|p| p.plan.clone()),
             has_access: items.iter().all(|e| e.has_access),
             entitlements: items
@@ -326,6 +331,21 @@ async fn get_entitlements(
         Ok(a) => Json(a).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// The `warnings` of an entitlements answer: an org without a plan is limited in nothing; an org
+/// with no usage in any limited meter's period has zeros, which may mean it is unknown.
+fn entitlement_warnings(org: &str, has_plan: bool, items: &[MeterEntitlement]) -> Vec<String> {
+    if !has_plan {
+        return vec![format!("org_id {org:?} has no plan and there is no default plan: nothing is limited")];
+    }
+    if !items.is_empty() && items.iter().all(|e| e.used == 0) {
+        let periods: std::collections::BTreeSet<(&str, &str)> =
+            items.iter().map(|e| (e.period_start.as_str(), e.period_end.as_str())).collect();
+        let periods: Vec<String> = periods.into_iter().map(|(a, b)| format!("[{a}, {b})")).collect();
+        return vec![format!("no usage recorded for org_id {org:?} in {}: the figures are zeros", periods.join(", "))];
+    }
+    Vec::new()
 }
 
 #[cfg(test)]
