@@ -372,16 +372,28 @@ fn clickhouse_down_is_503_never_zero() {
         assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
     }
     proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = api.get(&path, Some(&admin));
-        if status == 200 {
-            assert_eq!(figures(&body), figures(&before), "the same answer once ClickHouse is back");
-            break;
+    let back = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = api.get(&path, Some(&admin));
+            if status == 200 {
+                assert_eq!(figures(&body), figures(&before), "the same answer once ClickHouse is back");
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {status} after the outage: {body}");
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(Instant::now() < deadline, "still {status} after the outage: {body}");
-        std::thread::sleep(Duration::from_millis(200));
+    };
+    back();
+    // The server itself stopped (SIGTERM, as an operator or a restart does), then started again.
+    common::signal_clickhouse_server("TERM");
+    for p in [path.clone(), format!("/v1/entitlements/{org}")] {
+        let (status, body) = api.get(&p, Some(&admin));
+        assert_eq!(status, 503, "{p} with the server stopped: {body}");
+        assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
     }
+    common::start_clickhouse_server();
+    back();
 }
 
 #[test]

@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,18 +29,12 @@ const CLICKHOUSE_DOWN: Duration = Duration::from_secs(30);
 /// How long the broker is unreachable.
 const BROKER_CUT: Duration = Duration::from_secs(10);
 
-fn state_dir() -> PathBuf {
-    std::env::var("TALLYDEV_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".local"))
-}
-
 /// A tansu broker (memory storage) listening on a free port and advertising `advertised`.
 struct Broker(Child);
 
 impl Broker {
     fn start(listen: &str, advertised: &str) -> Broker {
-        let tansu = state_dir().join("bin/tansu");
+        let tansu = common::state_dir().join("bin/tansu");
         let child = Command::new(&tansu)
             .args(["broker", "--listener-url", &format!("tcp://{listen}")])
             .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
@@ -81,23 +74,7 @@ fn kill_clickhouse(w: &World) {
             break;
         }
     }
-    let pid = std::fs::read_to_string(state_dir().join("clickhouse/pid")).expect("ClickHouse pid file");
-    let pid = pid.trim();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    assert!(String::from_utf8_lossy(&cmdline).contains("clickhouse-server"), "pid {pid} is ClickHouse");
-    assert!(Command::new("kill").args(["-KILL", pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(Instant::now() < deadline, "ClickHouse did not die");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Starts the shared ClickHouse server again (`scripts/start.sh` is idempotent).
-fn start_clickhouse() {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/start.sh");
-    let status = Command::new("bash").arg(script).stdout(Stdio::null()).status().unwrap();
-    assert!(status.success(), "scripts/start.sh failed to start ClickHouse again");
+    common::signal_clickhouse_server("KILL");
 }
 
 /// The number of times `needle` appears in the logs of workers `labels`.
@@ -138,7 +115,7 @@ fn three_workers_survive_kills_outages_and_replay() {
                 eprintln!("[crash] t={:?}: SIGKILL of the ClickHouse server", started.elapsed());
                 kill_clickhouse(&w);
                 std::thread::sleep(CLICKHOUSE_DOWN);
-                start_clickhouse();
+                common::start_clickhouse_server();
                 eprintln!("[crash] t={:?}: ClickHouse restarted", started.elapsed());
             }
             if kills == 14 {

@@ -27,6 +27,39 @@ pub fn brokers() -> String {
     std::env::var("TALLY_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The development services' state directory (`scripts/lib.sh`: `TALLYDEV_STATE_DIR`, else
+/// `.local` in the checkout).
+pub fn state_dir() -> PathBuf {
+    std::env::var("TALLYDEV_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".local"))
+}
+
+/// Sends `signal` ("KILL", "TERM") to the shared ClickHouse server (the pid `scripts/start.sh`
+/// recorded) and waits until it is gone (at most 60 s).
+#[allow(dead_code)]
+pub fn signal_clickhouse_server(signal: &str) {
+    let pid = std::fs::read_to_string(state_dir().join("clickhouse/pid")).expect("ClickHouse pid file");
+    let pid = pid.trim();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&cmdline).contains("clickhouse-server"), "pid {pid} is ClickHouse");
+    assert!(Command::new("kill").args([&format!("-{signal}"), pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "ClickHouse did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the shared ClickHouse server again (`scripts/start.sh` is idempotent and returns once
+/// it answers).
+#[allow(dead_code)]
+pub fn start_clickhouse_server() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/start.sh");
+    let status = Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status().unwrap();
+    assert!(status.success(), "scripts/start.sh failed to start ClickHouse again");
+}
+
 pub fn clickhouse_url() -> String {
     std::env::var("TALLY_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
