@@ -2,11 +2,15 @@
 # Runs every cargo-fuzz target for a fixed time from its committed seed corpus; fails on a crash
 # (a panic, including a broken invariant asserted inside the target).
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET=30] [TARGET...]
+#        scripts/fuzz.sh --build-only   (installs cargo-fuzz and builds the targets; scripts/test.sh
+#                                        runs it in the background while the tests run)
 # Installs cargo-fuzz (crates.io, pinned) if missing. Builds on stable Rust: no sanitizer
 # (`-s none`; the only unsafe code, src/source/headers.rs, is not reached by the targets), release with
 # debug assertions and overflow checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+build_only=false
+if [[ ${1:-} == --build-only ]]; then build_only=true; shift; fi
 secs="${1:-30}"
 shift || true
 targets=("$@")
@@ -18,6 +22,7 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
 fi
 flags=(-O -a -s none)
 cargo fuzz build "${flags[@]}" >&2
+if $build_only; then exit 0; fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 status=0

@@ -4,9 +4,23 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/start.sh
+cargo test --release --locked --no-run
+# The fuzz targets build meanwhile at the lowest CPU priority (nice 19): they take the cores the
+# tests leave idle while they wait on ClickHouse, the broker and their own timeouts, and yield
+# them whenever a test, ClickHouse or the broker wants them. (Their own target dir: no lock
+# shared with the test build.)
+fuzz_log="$(mktemp)"
+nice -n 19 scripts/fuzz.sh --build-only >"$fuzz_log" 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true; rm -f "$fuzz_log"' EXIT
 scripts/check-chdb.sh
 scripts/check-alerts.sh
 # Integration tests spawn workers and use real topics; run them one at a time on 2 cores.
 cargo test --release --locked -- --test-threads=1
+if ! wait "$fuzz_build"; then
+  echo "[fuzz] building the fuzz targets failed:" >&2
+  tail -50 "$fuzz_log" >&2
+  exit 1
+fi
 # Every fuzz target for a fixed time from its seed corpus (fails on a crash or a broken invariant).
 scripts/fuzz.sh 20
