@@ -5,14 +5,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/start.sh
 cargo test --release --locked --no-run
-# The fuzz targets build meanwhile at the lowest CPU priority (nice 19): they take the cores the
-# tests leave idle while they wait on ClickHouse, the broker and their own timeouts, and yield
-# them whenever a test, ClickHouse or the broker wants them. (Their own target dir: no lock
-# shared with the test build.)
+# The fuzz targets build meanwhile at the lowest CPU priority: they take the cores the tests
+# leave idle while they wait on ClickHouse, the broker and their own timeouts. Their own session
+# (setsid) with its autogroup at nice 19: with kernel.sched_autogroup_enabled (Debian's default)
+# plain `nice` only ranks processes within one session, and ClickHouse and tansu run in sessions
+# of their own (scripts/start.sh). Their own target dir: no lock shared with the test build.
 fuzz_log="$(mktemp)"
-nice -n 19 scripts/fuzz.sh --build-only >"$fuzz_log" 2>&1 &
+setsid -w bash -c 'echo 19 >/proc/self/autogroup 2>/dev/null || true; exec nice -n 19 scripts/fuzz.sh --build-only' \
+  >"$fuzz_log" 2>&1 &
 fuzz_build=$!
-trap 'kill "$fuzz_build" 2>/dev/null || true; rm -f "$fuzz_log"' EXIT
+trap 'kill -- -"$fuzz_build" 2>/dev/null || true; rm -f "$fuzz_log"' EXIT
 scripts/check-chdb.sh
 scripts/check-alerts.sh
 # Integration tests spawn workers and use real topics; run them one at a time on 2 cores.
@@ -22,5 +24,6 @@ if ! wait "$fuzz_build"; then
   tail -50 "$fuzz_log" >&2
   exit 1
 fi
+trap 'rm -f "$fuzz_log"' EXIT
 # Every fuzz target for a fixed time from its seed corpus (fails on a crash or a broken invariant).
 scripts/fuzz.sh 20

@@ -386,13 +386,13 @@ fn clickhouse_down_is_503_never_zero() {
     };
     back();
     // The server itself stopped (SIGTERM, as an operator or a restart does), then started again.
-    common::signal_clickhouse_server("TERM");
+    let down = common::ClickHouseDown::with("TERM");
     for p in [path.clone(), format!("/v1/entitlements/{org}")] {
         let (status, body) = api.get(&p, Some(&admin));
         assert_eq!(status, 503, "{p} with the server stopped: {body}");
         assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
     }
-    common::start_clickhouse_server();
+    drop(down);
     back();
 }
 
@@ -445,15 +445,17 @@ fn complete_until_follows_the_committed_offsets() {
         |body: &Value| body["data"].as_array().unwrap().iter().map(|r| r["value"].as_u64().unwrap()).sum::<u64>();
     assert_eq!(counted(&api.ok(&wide, &admin)), events(&e), "the first run, counted");
     std::thread::sleep(Duration::from_secs(2));
-    let second_from = now();
     let e2 = w.generate(&tally::loadgen::GenConfig { first_message_id: 1_000_000, ..w.gen_config(2_000, 93) });
+    // The oldest pending message: the first of the second run on some partition (its Kafka
+    // timestamp, floored to the second as complete_until is).
+    let oldest_pending = first_timestamps(&w.kafka.topic, &e.end_offsets, &e2.end_offsets) / 1000;
     std::thread::sleep(Duration::from_secs(2));
     let body = api.ok(&wide, &admin);
     let c = tally::timestamp::parse_rfc3339(body["complete_until"].as_str().unwrap()).unwrap();
     assert!(
-        (produced_by..=second_from + 1).contains(&c),
-        "complete_until {c} outside [{produced_by}, {}]: the first run ends before it, the second starts after it",
-        second_from + 1
+        (produced_by..=oldest_pending).contains(&c),
+        "complete_until {c} outside [{produced_by}, {oldest_pending}]: the first run was counted before it, \
+         and the oldest pending message is not before it"
     );
     assert_eq!(counted(&body), events(&e), "nothing of the pending run is counted");
     // The second run counted: complete past it, and its usage added.
@@ -586,6 +588,42 @@ impl Receiver {
 }
 
 /// Every record of `topic` as (key, value), read from the start until 3 s pass without one.
+/// The least Kafka timestamp (Unix ms) of the messages at offsets `from[p]` of `topic`, over the
+/// partitions where `to[p] > from[p]` (the first message each of them got after `from`).
+fn first_timestamps(topic: &str, from: &BTreeMap<i32, i64>, to: &BTreeMap<i32, i64>) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("first-{topic}-{}", now()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut pending: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+    for (&p, &end) in to {
+        let start = from.get(&p).copied().unwrap_or(0);
+        if end > start {
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(start)).unwrap();
+            pending.insert(p);
+        }
+    }
+    assert!(!pending.is_empty(), "no partition got a message");
+    c.assign(&tpl).unwrap();
+    let mut least = i64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "no message yet on partitions {pending:?}");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if pending.remove(&m.partition()) {
+                assert_eq!(m.offset(), from.get(&m.partition()).copied().unwrap_or(0), "the first message after `from`");
+                least = least.min(m.timestamp().to_millis().expect("a timestamp"));
+            }
+        }
+    }
+    least
+}
+
 fn read_topic(topic: &str) -> Vec<(String, Value)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
@@ -701,11 +739,15 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     let mut want: Vec<(String, u64, &str, u64)> = orgs.iter().map(|o| (o.clone(), 50, "crossed", 1)).collect();
     expect(want.clone());
 
-    // Phase 2 doubles the usage (≈ 140 %): 100 % is crossed while it is ingested. The replica that
-    // writes the first 100 % crossing is SIGKILLed the moment its log says so — mid-round: its
-    // other orgs' records, its webhooks and their delivery log may still be to come — and
-    // restarted. Its successor (the other replica, or its own restart) reads the partition up to a
-    // barrier and must neither miss nor repeat anything.
+    // Phase 2 doubles the usage (≈ 140 %): 100 % is crossed while it is ingested, and one replica
+    // is SIGKILLed meanwhile, then restarted. Its successor (the other replica, or its own
+    // restart) reads the partition up to a barrier and must neither miss nor repeat anything.
+    // Each run picks one of two moments at random (printed):
+    // - "after its first write": the replica whose log first shows a 100 % crossing is killed at
+    //   once, mid-round: its other orgs' records, its webhooks and their delivery log may still be
+    //   to come;
+    // - "at a random moment": replica a, 0.5–2.5 s into the phase — before, during or after its
+    //   evaluation (a crossing decided but not yet written included).
     let worker = w.worker("2");
     let first_crossing = |label: &str| {
         std::fs::read_to_string(w.dir.join(format!("{label}.log")))
@@ -724,17 +766,23 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
             });
             w.wait_caught_up(&second);
         });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let (i, line) = loop {
-            if let Some(hit) = replicas.iter().enumerate().find_map(|(i, r)| first_crossing(r.0).map(|l| (i, l))) {
-                break hit;
+        let (i, moment) = if rand::random::<bool>() {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                if let Some(hit) = replicas.iter().enumerate().find_map(|(i, r)| first_crossing(r.0).map(|l| (i, l))) {
+                    break (hit.0, format!("after its first write: {}", hit.1));
+                }
+                assert!(Instant::now() < deadline, "no replica wrote a 100 % crossing");
+                std::thread::sleep(Duration::from_millis(2));
             }
-            assert!(Instant::now() < deadline, "no replica wrote a 100 % crossing");
-            std::thread::sleep(Duration::from_millis(2));
+        } else {
+            let ms = rand::random::<u64>() % 2_000 + 500;
+            std::thread::sleep(Duration::from_millis(ms));
+            (0, format!("at a random moment, {ms} ms into the phase"))
         };
         let label = replicas[i].0;
         common::sigkill(replicas[i].1.child.0.as_mut().unwrap());
-        eprintln!("[measure] replica {label} SIGKILLed right after writing: {line}");
+        eprintln!("[measure] replica {label} SIGKILLed {moment}");
         std::thread::sleep(Duration::from_secs(1));
         replicas[i].1 = Api::start_as(&w, label, &ch, &plans, &notify);
         gen.join().unwrap();

@@ -60,6 +60,29 @@ pub fn start_clickhouse_server() {
     assert!(status.success(), "scripts/start.sh failed to start ClickHouse again");
 }
 
+/// Stops the shared ClickHouse server with `signal` and starts it again when dropped, so that a
+/// test failing while it is down does not leave it down for every later test.
+#[allow(dead_code)]
+pub struct ClickHouseDown;
+
+impl ClickHouseDown {
+    #[allow(dead_code)]
+    pub fn with(signal: &str) -> ClickHouseDown {
+        signal_clickhouse_server(signal);
+        ClickHouseDown
+    }
+}
+
+impl Drop for ClickHouseDown {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/start.sh");
+        let ok = Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
+        if !ok && !std::thread::panicking() {
+            panic!("scripts/start.sh failed to start ClickHouse again");
+        }
+    }
+}
+
 pub fn clickhouse_url() -> String {
     std::env::var("TALLY_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }

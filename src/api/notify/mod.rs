@@ -112,7 +112,7 @@ impl Notifier {
             Webhooks::spawn(
                 WebhookConfig {
                     url: n.webhook_url.clone(),
-                    key: webhook::signing_key(&n.webhook_secret.0).expect("checked by ApiConfig::check"),
+                    key: webhook::signing_key(&n.webhook_secret.0).expect("checked by ApiConfig::validate"),
                     max_attempts: n.webhook_max_attempts,
                     timeout: Duration::from_millis(n.webhook_timeout_ms),
                     backoff: Duration::from_millis(n.webhook_backoff_ms),
