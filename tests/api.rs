@@ -616,7 +616,11 @@ fn first_timestamps(topic: &str, from: &BTreeMap<i32, i64>, to: &BTreeMap<i32, i
         assert!(Instant::now() < deadline, "no message yet on partitions {pending:?}");
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             if pending.remove(&m.partition()) {
-                assert_eq!(m.offset(), from.get(&m.partition()).copied().unwrap_or(0), "the first message after `from`");
+                assert_eq!(
+                    m.offset(),
+                    from.get(&m.partition()).copied().unwrap_or(0),
+                    "the first message after `from`"
+                );
                 least = least.min(m.timestamp().to_millis().expect("a timestamp"));
             }
         }

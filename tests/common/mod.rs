@@ -76,7 +76,8 @@ impl ClickHouseDown {
 impl Drop for ClickHouseDown {
     fn drop(&mut self) {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/start.sh");
-        let ok = Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
+        let ok =
+            Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
         if !ok && !std::thread::panicking() {
             panic!("scripts/start.sh failed to start ClickHouse again");
         }
