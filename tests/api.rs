@@ -657,8 +657,11 @@ fn read_topic(topic: &str) -> Vec<(String, Value)> {
     out
 }
 
+/// (org, meter, threshold, kind, n) of a notification.
+type NotificationKey = (String, String, u64, String, u64);
+
 /// (org, meter, threshold, kind, n) of every notification on the topic, with its id.
-fn notifications(records: &[(String, Value)]) -> Vec<((String, String, u64, String, u64), String)> {
+fn notifications(records: &[(String, Value)]) -> Vec<(NotificationKey, String)> {
     let mut out: Vec<_> = records
         .iter()
         .filter_map(|(_, v)| {

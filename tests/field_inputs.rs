@@ -30,7 +30,9 @@ fn field_inputs_are_billed_as_the_contract_says() {
 
     let gen =
         |id: &str, body: &str| format!(r#"{{"id":"{id}","type":"generation-create","timestamp":"{t}","body":{body}}}"#);
-    let messages: Vec<(u64, String, Vec<(&str, &str)>, &str)> = vec![
+    // (message id, value, headers, the project it must be attributed to)
+    type Case<'a> = (u64, String, Vec<(&'a str, &'a str)>, &'a str);
+    let messages: Vec<Case> = vec![
         (1, gen("a", r#"{"usage":{"input":12.0,"output":3}}"#), vec![("authorization", &a_key)], &a.project_id),
         (2, gen("a2", r#"{"usage":{"input":1e3,"output":3}}"#), vec![("authorization", &a_key)], &a.project_id),
         (

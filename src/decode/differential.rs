@@ -86,9 +86,9 @@ fn event() -> BoxedStrategy<Doc> {
     )
         .prop_map(|(mut entries, id, ty, b)| {
             // Usually the fields an event needs, in random positions among the others.
-            entries.insert(0, ("id".into(), Doc::Str(id)));
-            entries.push(("type".into(), Doc::Str(ty)));
-            entries.push(("body".into(), b));
+            entries.insert(0, ("id", Doc::Str(id)));
+            entries.push(("type", Doc::Str(ty)));
+            entries.push(("body", b));
             Doc::Obj(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
         })
         .boxed()

@@ -321,7 +321,9 @@ impl<'s, 'de> Seen<'s, 'de> {
         Seen { stack, base, set: None }
     }
 
-    /// Records `key`; an error if this object already had it.
+    /// Records `key`; an error if this object already had it. (`&Cow`, not `&str`: cloning it
+    /// keeps a borrowed key borrowed from the input for the object's whole walk.)
+    #[allow(clippy::ptr_arg)]
     fn insert<E: de::Error>(&mut self, key: &Cow<'de, str>) -> Result<(), E> {
         let dup = match &mut self.set {
             Some(set) => !set.insert(key.clone()),

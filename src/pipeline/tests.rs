@@ -1,3 +1,6 @@
+// Test tables spell their shapes out where they are written.
+#![allow(clippy::type_complexity)]
+
 use super::*;
 use crate::devkeys::{basic, bearer, DevKeys};
 use crate::meter::DEFAULT_METERS_TOML;

@@ -185,7 +185,10 @@ mod tests {
         }
     }
 
-    fn kinds(rs: &[OrgRecord]) -> Vec<(Option<(Kind, u32, u32)>, bool)> {
+    /// (kind, threshold, n) of a record's notification, and its `has_access`.
+    type Shape = (Option<(Kind, u32, u32)>, bool);
+
+    fn kinds(rs: &[OrgRecord]) -> Vec<Shape> {
         rs.iter().map(|r| (r.notification.as_ref().map(|n| (n.kind, n.threshold, n.n)), r.has_access)).collect()
     }
 
