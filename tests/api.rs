@@ -365,12 +365,15 @@ fn clickhouse_down_is_503_never_zero() {
     let (from, to) = hours(&e);
     let path = format!("/v1/usage?from={}&to={}&org_id={org}", rfc(from), rfc(to));
     let before = api.ok(&path, &admin);
+    let unavailable = |how: &str| {
+        for p in [path.clone(), format!("/v1/entitlements/{org}")] {
+            let (status, body) = api.get(&p, Some(&admin));
+            assert_eq!(status, 503, "{p} with {how}: {body}");
+            assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
+        }
+    };
     proxy.cut();
-    for p in [path.clone(), format!("/v1/entitlements/{org}")] {
-        let (status, body) = api.get(&p, Some(&admin));
-        assert_eq!(status, 503, "{p}: {body}");
-        assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
-    }
+    unavailable("the connection cut");
     proxy.restore();
     let back = || {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -387,11 +390,7 @@ fn clickhouse_down_is_503_never_zero() {
     back();
     // The server itself stopped (SIGTERM, as an operator or a restart does), then started again.
     let down = common::ClickHouseDown::with("TERM");
-    for p in [path.clone(), format!("/v1/entitlements/{org}")] {
-        let (status, body) = api.get(&p, Some(&admin));
-        assert_eq!(status, 503, "{p} with the server stopped: {body}");
-        assert_eq!(body["error"]["code"], "clickhouse_unavailable", "{body}");
-    }
+    unavailable("the server stopped");
     drop(down);
     back();
 }
@@ -587,7 +586,6 @@ impl Receiver {
     }
 }
 
-/// Every record of `topic` as (key, value), read from the start until 3 s pass without one.
 /// The least Kafka timestamp (Unix ms) of the messages at offsets `from[p]` of `topic`, over the
 /// partitions where `to[p] > from[p]` (the first message each of them got after `from`).
 fn first_timestamps(topic: &str, from: &BTreeMap<i32, i64>, to: &BTreeMap<i32, i64>) -> i64 {
@@ -628,6 +626,7 @@ fn first_timestamps(topic: &str, from: &BTreeMap<i32, i64>, to: &BTreeMap<i32, i
     least
 }
 
+/// Every record of `topic` as (key, value), read from the start until 3 s pass without one.
 fn read_topic(topic: &str) -> Vec<(String, Value)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;

@@ -62,8 +62,9 @@ impl Drop for Broker {
 
 /// SIGKILLs the shared ClickHouse server (the pid `scripts/start.sh` recorded) as soon as an
 /// `INSERT … SELECT` into `events` runs (within 20 s), so that the kill is likely to land between
-/// the parts of one INSERT: the point the mend exists for (docs/exactly-once.md).
-fn kill_clickhouse(w: &World) {
+/// the parts of one INSERT: the point the mend exists for (docs/exactly-once.md). The server
+/// starts again when the returned guard is dropped.
+fn kill_clickhouse(w: &World) -> common::ClickHouseDown {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let running = w.scalar(
@@ -74,7 +75,7 @@ fn kill_clickhouse(w: &World) {
             break;
         }
     }
-    common::signal_clickhouse_server("KILL");
+    common::ClickHouseDown::with("KILL")
 }
 
 /// The number of times `needle` appears in the logs of workers `labels`.
@@ -113,9 +114,9 @@ fn three_workers_survive_kills_outages_and_replay() {
             // The dependency outages, between two worker kills (no member is joining then).
             if kills == 7 {
                 eprintln!("[crash] t={:?}: SIGKILL of the ClickHouse server", started.elapsed());
-                kill_clickhouse(&w);
+                let down = kill_clickhouse(&w);
                 std::thread::sleep(CLICKHOUSE_DOWN);
-                common::start_clickhouse_server();
+                drop(down);
                 eprintln!("[crash] t={:?}: ClickHouse restarted", started.elapsed());
             }
             if kills == 14 {

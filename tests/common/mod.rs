@@ -37,8 +37,7 @@ pub fn state_dir() -> PathBuf {
 
 /// Sends `signal` ("KILL", "TERM") to the shared ClickHouse server (the pid `scripts/start.sh`
 /// recorded) and waits until it is gone (at most 60 s).
-#[allow(dead_code)]
-pub fn signal_clickhouse_server(signal: &str) {
+fn signal_clickhouse_server(signal: &str) {
     let pid = std::fs::read_to_string(state_dir().join("clickhouse/pid")).expect("ClickHouse pid file");
     let pid = pid.trim();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -51,17 +50,9 @@ pub fn signal_clickhouse_server(signal: &str) {
     }
 }
 
-/// Starts the shared ClickHouse server again (`scripts/start.sh` is idempotent and returns once
-/// it answers).
-#[allow(dead_code)]
-pub fn start_clickhouse_server() {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/start.sh");
-    let status = Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status().unwrap();
-    assert!(status.success(), "scripts/start.sh failed to start ClickHouse again");
-}
-
-/// Stops the shared ClickHouse server with `signal` and starts it again when dropped, so that a
-/// test failing while it is down does not leave it down for every later test.
+/// Stops the shared ClickHouse server with `signal` and starts it again when dropped
+/// (`scripts/start.sh` is idempotent and returns once it answers), so that a test failing while
+/// it is down does not leave it down for every later test.
 #[allow(dead_code)]
 pub struct ClickHouseDown;
 
