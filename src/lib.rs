@@ -25,6 +25,14 @@ pub mod stripe_emu;
 pub mod timestamp;
 pub mod verify;
 
+/// The process allocator: mimalloc. The hot loop allocates and frees batch-sized buffers (rows,
+/// staged events, request bodies: megabytes per batch); the system allocator hands them back to
+/// the kernel and page-faults them in again on every batch, which cost the core a third of its
+/// speed (docs/measurements.md, "The allocator").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Logs of the binaries: to stderr, filtered by `RUST_LOG` (else `default` such as `"info"`),
 /// coloured only on a terminal (log files and collectors get plain `key=value` fields).
 pub fn init_logging(default: &str) {

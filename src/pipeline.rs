@@ -524,7 +524,15 @@ impl<'a> Staged<'a> {
     /// what it bills for its group's carrier (grouped by (org, project, hour)).
     pub fn flight(&self, meters: &Meters, topic: &str, ingested_at: i64) -> Flight {
         let names = meters.meters().iter().map(|m| m.name.clone()).collect();
-        Flight::encode(names, |w, row| {
+        // The rows' size, near enough: their strings, meter entries and fixed-width columns.
+        let (mut rows, mut bytes) = (0, 0);
+        for e in self.events.iter().filter(|e| e.verdict != Verdict::Duplicate) {
+            let p = &self.principals[e.principal as usize];
+            let entries = (e.additive.len() + e.unique.len()) * 24;
+            bytes += p.org_id.len() + p.project_id.len() + e.id.len() + e.ty.len() + topic.len() + entries + 64;
+            rows += 1;
+        }
+        Flight::encode(names, (rows, bytes), |w, row| {
             self.encode_rows(w, meters, topic, ingested_at, row);
         })
     }
@@ -541,7 +549,9 @@ impl<'a> Staged<'a> {
     ) {
         // One number per (org, project): the carriers' groups are (tenant, hour). Consecutive
         // messages of one credential share their `Arc`s, and skip the look-up.
-        let mut tenants: HashMap<(&str, &str), u32> = HashMap::new();
+        // foldhash, not SipHash: the keys are verified principals' ids from the key store, which
+        // producers do not choose (the credential cache, keyed by producers' bytes, keeps SipHash).
+        let mut tenants: HashMap<(&str, &str), u32, foldhash::fast::RandomState> = HashMap::default();
         let mut tenant_of: Vec<u32> = Vec::with_capacity(self.principals.len());
         for (i, p) in self.principals.iter().enumerate() {
             let same = i > 0 && {

@@ -82,7 +82,7 @@ impl Node {
     }
 
     fn child_bytes(&self, key: &[u8]) -> Option<&Node> {
-        self.children.iter().find(|(k, _)| k.as_bytes() == key).map(|(_, n)| n)
+        self.children.iter().find(|(k, _)| scan::same_key(k.as_bytes(), key)).map(|(_, n)| n)
     }
 
     fn mark_other(&self, caps: &mut [Captured<'_>]) {

@@ -59,7 +59,7 @@ pub fn scan_message<'a>(
                 batch = Some(s.batch(root, tree.slots, events, max_events)?);
             } else {
                 let child = root.child_bytes(key);
-                event_field |= child.is_some() || EVENT_FIELDS.iter().any(|f| f.as_bytes() == key);
+                event_field |= child.is_some() || EVENT_FIELDS.iter().any(|f| same_key(f.as_bytes(), key));
                 s.entry(child, caps)?;
             }
             if s.next_entry()? {
@@ -91,6 +91,27 @@ struct Scanner<'a, 'k> {
 #[inline(always)]
 fn special(b: u8) -> bool {
     b == b'"' || b == b'\\' || b < 0x20
+}
+
+/// `a == b` for object keys, without a call to `memcmp` for the short ones (most keys are under
+/// 16 bytes, and every walked key is compared with its object's earlier keys and its tree node's
+/// children).
+#[inline(always)]
+pub(crate) fn same_key(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let n = a.len();
+    if n >= 8 {
+        // Two (possibly overlapping) 8-byte words cover 8..=16 bytes; longer keys go on to
+        // the slice comparison.
+        let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+        if word(a, 0) != word(b, 0) || word(a, n - 8) != word(b, n - 8) {
+            return false;
+        }
+        return n <= 16 || a[8..n - 8] == b[8..n - 8];
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 impl<'a> Scanner<'a, '_> {
@@ -147,7 +168,7 @@ impl<'a> Scanner<'a, '_> {
     /// First special byte at or after `i` (or the end), 8 bytes at a time (SWAR: the classic
     /// "has a zero byte" test on the word XORed with `"` and with `\\`, and a borrow test for bytes
     /// below 0x20; a borrow can only mark bytes above a true hit, so the lowest mark is exact).
-    #[inline]
+    #[inline(always)]
     fn find_special(&self, mut i: usize) -> usize {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -172,7 +193,9 @@ impl<'a> Scanner<'a, '_> {
     /// Reads a string whose opening quote is at `i`; returns where its contents (between the
     /// quotes) start and end, and whether it holds an escape. Escapes are checked for form only
     /// (`\uXXXX` with any four hex digits), as serde_json does for strings it skips.
-    #[inline]
+    // Always inlined: called for every key and string (tens per event), its call and return
+    // were half of its own instructions (callgrind, benches/pipeline.rs).
+    #[inline(always)]
     fn string(&mut self) -> Scan<(usize, usize, bool)> {
         let start = self.i + 1;
         let mut i = start;
@@ -212,7 +235,7 @@ impl<'a> Scanner<'a, '_> {
         let (start, end, escaped) = self.string()?;
         let b: &'a [u8] = self.b;
         let key = &b[start..end];
-        if escaped || self.keys[base..].contains(&key) {
+        if escaped || self.keys[base..].iter().any(|k| same_key(k, key)) {
             return Err(Fallback);
         }
         self.keys.push(key);
@@ -438,6 +461,28 @@ mod tests {
             t.add(p).unwrap();
         }
         t
+    }
+
+    #[test]
+    fn same_key_is_slice_equality() {
+        // Every length around the word boundaries, equal and differing at every position.
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same_key(&a, &a.clone()), "{n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_key(&a, &b), "{n} {at}");
+            }
+            assert!(!same_key(&a, &a[..n.saturating_sub(1)]) || n == 0);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn same_key_agrees_with_eq(a in proptest::collection::vec(0u8..4, 0..40), b in proptest::collection::vec(0u8..4, 0..40)) {
+            proptest::prop_assert_eq!(same_key(&a, &b), a == b);
+        }
     }
 
     /// The serde reader's answer: Ok(one capture array per event) or Err for a refused value.

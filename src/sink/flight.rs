@@ -52,13 +52,16 @@ pub struct Flight {
 impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
     /// (`row(w, meta)` is called after the row's bytes are written; `meta`'s meter indices index
-    /// `names`).
+    /// `names`). `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as
+    /// growing a batch's megabytes by doubling copies them again and again (benches/pipeline.rs).
     pub fn encode(
         names: Vec<String>,
+        capacity: (usize, usize),
         encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, RowMeta<'_>)),
     ) -> Flight {
-        let mut w = RowWriter::default();
-        let (mut rows, mut additive, mut unique) = (Vec::new(), Vec::new(), Vec::new());
+        let mut w = RowWriter { buf: Vec::with_capacity(capacity.1) };
+        let (mut rows, mut additive, mut unique) =
+            (Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0));
         let mut start = 0;
         encode(&mut w, &mut |w: &RowWriter, m: RowMeta<'_>| {
             let a = additive.len() as u32..(additive.len() + m.additive.len()) as u32;
@@ -152,7 +155,7 @@ mod tests {
     use super::*;
 
     fn flight(rows: &[(&str, &str, &str, i32)]) -> Flight {
-        Flight::encode(Vec::new(), |w, row| {
+        Flight::encode(Vec::new(), (0, 0), |w, row| {
             for (o, p, id, part) in rows {
                 w.string(o);
                 w.string(p);
