@@ -30,9 +30,9 @@
 //!
 //! What a row bills is handed over by the encoder with the row ([`RowMeta`]: meter indices and
 //! values, the same ones its `meters` columns were written from), so nothing is parsed back; the
-//! rows are grouped by sorting (group, row index), which also makes each group's last row the
-//! end of its run.
+//! rows are grouped in one pass (a hash map from group to its sums, pairs and last row).
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use super::flight::RowMeta;
@@ -53,22 +53,43 @@ const COUNTED_BY_CARRIER: [u8; 6] = [0, 0, 0, 0, 0, 0];
 /// ([`CARRIER_COLUMNS`]): the request body of one INSERT attempt. Meter indices index `names`.
 /// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views.
 pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[String]) -> Vec<u8> {
-    let mut order: Vec<(u64, u32)> = rows.iter().enumerate().map(|(i, (_, m))| (m.group, i as u32)).collect();
-    order.sort_unstable();
-    // Per row, the byte range of its carrier columns in `carriers` (empty: not a carrier).
-    let mut carrier_of: Vec<Range<usize>> = vec![0..0; rows.len()];
-    let mut carriers = RowWriter::default();
-    let mut sums: Vec<Option<u64>> = vec![None; names.len()];
-    let mut pairs: Vec<(u16, u64)> = Vec::new();
-    for run in order.chunk_by(|a, b| a.0 == b.0) {
-        for &(_, i) in run {
-            let meta = &rows[i as usize].1;
-            for &(m, v) in meta.additive {
-                let sum = &mut sums[m as usize];
-                *sum = Some(sum.unwrap_or(0).wrapping_add(v));
+    // One pass over the rows: each group's sums, unique pairs and last row. Groups are found by
+    // hashing (consecutive rows mostly share one, and skip the look-up); sorting the rows by
+    // group instead cost a third of this function (callgrind, benches/pipeline.rs). The group
+    // numbers are the encoder's (tenant number, hour): no producer chooses them.
+    struct Group {
+        sums: Vec<Option<u64>>,
+        pairs: Vec<(u16, u64)>,
+        last: usize,
+    }
+    let mut index: HashMap<u64, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut current: Option<(u64, usize)> = None;
+    for (i, (_, meta)) in rows.iter().enumerate() {
+        let g = match current {
+            Some((key, g)) if key == meta.group => g,
+            _ => {
+                let n = groups.len();
+                let g = *index.entry(meta.group).or_insert(n);
+                if g == n {
+                    groups.push(Group { sums: vec![None; names.len()], pairs: Vec::new(), last: i });
+                }
+                current = Some((meta.group, g));
+                g
             }
-            pairs.extend_from_slice(meta.unique);
+        };
+        let group = &mut groups[g];
+        for &(m, v) in meta.additive {
+            let sum = &mut group.sums[m as usize];
+            *sum = Some(sum.unwrap_or(0).wrapping_add(v));
         }
+        group.pairs.extend_from_slice(meta.unique);
+        group.last = i;
+    }
+    // Per group: (its last row, the byte range of its carrier columns in `carriers`).
+    let mut carrier_of: Vec<(usize, Range<usize>)> = Vec::with_capacity(groups.len());
+    let mut carriers = RowWriter::default();
+    for Group { sums, mut pairs, last } in groups {
         pairs.sort_unstable();
         pairs.dedup();
         let start = carriers.buf.len();
@@ -83,23 +104,22 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
             carriers.string(&names[m as usize]);
         }
         carriers.varint(n);
-        for s in sums.iter_mut().filter_map(Option::take) {
+        for s in sums.into_iter().flatten() {
             carriers.u64(s);
         }
         for &(_, h) in &pairs {
             carriers.u64(h);
         }
-        pairs.clear();
-        // Sorted by (group, row index): the run's last entry is the group's last row.
-        carrier_of[run[run.len() - 1].1 as usize] = start..carriers.buf.len();
+        carrier_of.push((last, start..carriers.buf.len()));
     }
+    carrier_of.sort_unstable_by_key(|(row, _)| *row);
+    let mut next = carrier_of.into_iter().peekable();
     let mut body = Vec::with_capacity(buf.len() + rows.len() * COUNTED_BY_CARRIER.len() + carriers.buf.len());
-    for ((bytes, _), carrier) in rows.iter().zip(carrier_of) {
+    for (i, (bytes, _)) in rows.iter().enumerate() {
         body.extend_from_slice(&buf[bytes.clone()]);
-        if carrier.is_empty() {
-            body.extend_from_slice(&COUNTED_BY_CARRIER);
-        } else {
-            body.extend_from_slice(&carriers.buf[carrier]);
+        match next.next_if(|(row, _)| *row == i) {
+            Some((_, carrier)) => body.extend_from_slice(&carriers.buf[carrier]),
+            None => body.extend_from_slice(&COUNTED_BY_CARRIER),
         }
     }
     body
