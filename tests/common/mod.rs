@@ -188,10 +188,12 @@ max_backoff_ms = 2000
         w
     }
 
-    /// `tally-ingest --config <world> ARGS`.
+    /// `tally-ingest --config <world> ARGS`, logging at `info` (`TALLY_TEST_RUST_LOG` overrides it,
+    /// e.g. `info,tally::source::worker=debug` for every batch's stage times).
     pub fn cli(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tally-ingest"));
-        c.arg("--config").arg(&self.config).args(args).env("RUST_LOG", "info,librdkafka=error");
+        let log = std::env::var("TALLY_TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=error".into());
+        c.arg("--config").arg(&self.config).args(args).env("RUST_LOG", log);
         c
     }
 
