@@ -22,7 +22,7 @@ use crate::config::IngestConfig;
 use crate::dedupe::PartitionState;
 use crate::dlq::{DeadLetters, DlqRecord, Failure};
 use crate::metrics as m;
-use crate::pipeline::{InMessage, Processor, Staged};
+use crate::pipeline::{InMessage, Processor, Rejection, Staged};
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{ChError, ErrorClass};
 use crate::sink::flight::Flight;
@@ -169,7 +169,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// batch N+1 is gathered and staged; then N is landed (retried if it failed, committed) and
     /// only then is N+1 resolved against ClickHouse and sent.
     pub fn run(&mut self) -> anyhow::Result<()> {
-        let mut flight: Option<Sent> = None;
+        let mut flight: Option<Sent<'c>> = None;
         loop {
             let mut held = std::mem::take(&mut self.stash);
             if self.gather(&mut held, flight.as_ref()) {
@@ -183,7 +183,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
                 break;
             }
-            if self.cycle(&held, &mut flight).is_err() {
+            if self.cycle(held, &mut flight).is_err() {
                 warn!("batch abandoned at shutdown; it will be redelivered");
                 break;
             }
@@ -196,11 +196,11 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     /// Stages `held` (while the previous batch's INSERT is in flight), lands the previous batch,
-    /// then sends this one.
-    fn cycle(&mut self, held: &Held<'c>, flight: &mut Option<Sent>) -> Result<(), Abandoned> {
+    /// then sends this one (which keeps its messages until it lands: its dead letters copy them).
+    fn cycle(&mut self, held: Held<'c>, flight: &mut Option<Sent<'c>>) -> Result<(), Abandoned> {
         let staged = match held.is_empty() {
             true => None,
-            false => match self.stage_batch(held) {
+            false => match self.stage_batch(&held) {
                 Ok(s) => Some(s),
                 Err(a) => {
                     if let Some(f) = flight.take() {
@@ -214,7 +214,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             self.land(f)?;
         }
         if let Some(batch) = staged {
-            *flight = Some(self.send(held, batch)?);
+            let mut sent = self.send(&held, batch)?;
+            sent.held = held;
+            *flight = Some(sent);
         }
         Ok(())
     }
@@ -262,7 +264,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// Polls until the batch is full or its time is up — or, while nothing is held, until the
     /// batch in `flight` has finished its INSERT and can be landed. Returns whether shutdown
     /// was requested.
-    fn gather(&mut self, held: &mut Held<'c>, flight: Option<&Sent>) -> bool {
+    fn gather(&mut self, held: &mut Held<'c>, flight: Option<&Sent<'c>>) -> bool {
         let max_messages = self.cfg.ingest.batch_max_messages;
         let max_wait = Duration::from_millis(self.cfg.ingest.batch_max_wait_ms);
         let mut started: Option<Instant> = (!held.is_empty()).then(Instant::now);
@@ -468,12 +470,14 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     /// Resolves the batch's unknown keys (the previous batch has landed), queues its dead
-    /// letters, starts its INSERT on a writer thread and waits for the dead letters' acks.
-    fn send(&mut self, held: &Held<'c>, mut b: Batch<'_>) -> Result<Sent, Abandoned> {
+    /// letters and starts its INSERT on a writer thread. The dead letters' acknowledgements are
+    /// awaited when the batch lands ([`Self::land`]), so the next batch is gathered and staged
+    /// meanwhile. The caller moves the batch's messages into the result's `held`.
+    fn send<'h>(&mut self, held: &'h Held<'c>, mut b: Batch<'h>) -> Result<Sent<'c>, Abandoned> {
         let t = Instant::now();
         self.resolve_unknown(&mut b.staged, &b.epochs)?;
         let lookup = t.elapsed();
-        let records = self.dlq_records(held, &b.idx, &b.staged);
+        let records = self.dlq_records(held, &b.idx, &b.staged.rejections);
         let not_queued = self.dlq.enqueue(&records, &(0..records.len()).collect::<Vec<_>>());
         let t = Instant::now();
         let flight = b.staged.flight(&self.processor.meters, &self.cfg.kafka.topic, now_secs());
@@ -489,32 +493,36 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 (flight, result, t.elapsed())
             })
         };
-        let t = Instant::now();
-        if let Err(a) = self.await_dead_letters(&records, &b.epochs, not_queued) {
-            let _ = writer.join();
-            return Err(a);
-        }
-        for r in records.iter().filter(|r| self.owns(r.partition, b.epochs[&r.partition])) {
-            counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
-        }
         Ok(Sent {
             writer,
+            held: Vec::new(),
+            idx: b.idx,
+            not_queued,
             epochs: b.epochs,
             first: b.first,
             next: b.next,
-            messages: b.idx.len(),
             duplicates: b.staged.duplicates,
-            rejections: b.staged.rejections.iter().map(|r| r.reason).collect(),
+            rejections: std::mem::take(&mut b.staged.rejections),
             stage: b.stage,
             lookup,
-            dlq_wait: t.elapsed(),
             timestamps_ms: b.timestamps_ms,
         })
     }
 
     /// Waits for a sent batch's INSERT, retries it until it is written (rows that landed in a
     /// failed attempt are found by key and not sent again), then commits its offsets.
-    fn land(&mut self, s: Sent) -> Result<(), Abandoned> {
+    fn land(&mut self, s: Sent<'c>) -> Result<(), Abandoned> {
+        // Its dead letters first: queued when the batch was sent, most are acknowledged by now.
+        let t = Instant::now();
+        let records = self.dlq_records(&s.held, &s.idx, &s.rejections);
+        if let Err(a) = self.await_dead_letters(&records, &s.epochs, s.not_queued) {
+            let _ = s.writer.join();
+            return Err(a);
+        }
+        for r in records.iter().filter(|r| self.owns(r.partition, s.epochs[&r.partition])) {
+            counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
+        }
+        let dlq_wait = t.elapsed();
         let t = Instant::now();
         // Keep serving the group while the INSERT runs: a revocation is seen at once (and its
         // callback waits for this very INSERT, rule 3).
@@ -560,27 +568,26 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             }
         }
         let commit = t.elapsed();
-        for (stage, d) in [("lookup", s.lookup), ("dlq_wait", s.dlq_wait), ("insert_wait", waited), ("commit", commit)]
-        {
+        for (stage, d) in [("lookup", s.lookup), ("dlq_wait", dlq_wait), ("insert_wait", waited), ("commit", commit)] {
             histogram!(m::STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
         }
         self.unstall(s.epochs.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
         m::duplicates(s.duplicates);
         for r in &s.rejections {
-            m::rejected(*r);
+            m::rejected(r.reason);
         }
         let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
         gauge!(m::DEDUPE_KEYS).set(keys as f64);
         gauge!(m::DEDUPE_BYTES).set(bytes as f64);
         debug!(
-            messages = s.messages,
+            messages = s.idx.len(),
             accepted,
             duplicates = s.duplicates,
             rejected = s.rejections.len(),
             stage_ms = s.stage.as_millis() as u64,
             lookup_ms = s.lookup.as_millis() as u64,
-            dlq_wait_ms = s.dlq_wait.as_millis() as u64,
+            dlq_wait_ms = dlq_wait.as_millis() as u64,
             insert_ms = took.as_millis() as u64,
             insert_wait_ms = waited.as_millis() as u64,
             commit_ms = commit.as_millis() as u64,
@@ -630,9 +637,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     /// The batch's rejections as dead-letter records (original key, value or event span, headers).
-    fn dlq_records<'h>(&self, held: &'h Held<'c>, idx: &[usize], staged: &Staged<'_>) -> Vec<DlqRecord<'h>> {
-        staged
-            .rejections
+    fn dlq_records<'h>(&self, held: &'h Held<'c>, idx: &[usize], rejections: &[Rejection]) -> Vec<DlqRecord<'h>> {
+        rejections
             .iter()
             .map(|r| {
                 let msg = &held[idx[r.msg]].0;
@@ -849,18 +855,24 @@ struct Batch<'h> {
     timestamps_ms: Vec<i64>,
 }
 
-/// A batch whose INSERT runs on the writer thread; its dead letters are acknowledged.
-struct Sent {
+/// A batch whose INSERT runs on the writer thread and whose dead letters are queued; both are
+/// awaited when it lands.
+struct Sent<'c> {
     writer: std::thread::JoinHandle<(Flight, Result<(), InsertFailed>, Duration)>,
+    /// The batch's messages, kept until it lands: a dead letter that failed is sent again from
+    /// them.
+    held: Held<'c>,
+    /// Indices into `held` of the messages staged, in staging order (as in [`Batch`]).
+    idx: Vec<usize>,
+    /// Dead letters the producer refused to queue (indices into the rejections).
+    not_queued: Vec<(usize, Failure)>,
     epochs: BTreeMap<i32, u64>,
     first: BTreeMap<i32, i64>,
     next: BTreeMap<i32, i64>,
-    messages: usize,
     duplicates: u64,
-    rejections: Vec<crate::reject::Reason>,
+    rejections: Vec<Rejection>,
     stage: Duration,
     lookup: Duration,
-    dlq_wait: Duration,
     timestamps_ms: Vec<i64>,
 }
 
