@@ -549,9 +549,7 @@ impl<'a> Staged<'a> {
     ) {
         // One number per (org, project): the carriers' groups are (tenant, hour). Consecutive
         // messages of one credential share their `Arc`s, and skip the look-up.
-        // foldhash, not SipHash: the keys are verified principals' ids from the key store, which
-        // producers do not choose (the credential cache, keyed by producers' bytes, keeps SipHash).
-        let mut tenants: HashMap<(&str, &str), u32, foldhash::fast::RandomState> = HashMap::default();
+        let mut tenants: HashMap<(&str, &str), u32> = HashMap::new();
         let mut tenant_of: Vec<u32> = Vec::with_capacity(self.principals.len());
         for (i, p) in self.principals.iter().enumerate() {
             let same = i > 0 && {

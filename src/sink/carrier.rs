@@ -53,12 +53,13 @@ const COUNTED_BY_CARRIER: [u8; 6] = [0, 0, 0, 0, 0, 0];
 /// ([`CARRIER_COLUMNS`]): the request body of one INSERT attempt. Meter indices index `names`.
 /// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views.
 pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[String]) -> Vec<u8> {
-    // One pass over the rows: each group's sums, unique pairs and last row. Groups are found by
-    // hashing (consecutive rows mostly share one, and skip the look-up); sorting the rows by
-    // group instead cost a third of this function (callgrind, benches/pipeline.rs). The group
-    // numbers are the encoder's (tenant number, hour): no producer chooses them.
+    // One pass over the rows: each group's per-meter sums, unique pairs and last row.
+    // Groups are found by hashing (consecutive rows mostly share one, and skip the look-up);
+    // sorting the rows by group instead cost a third of this function (callgrind,
+    // benches/pipeline.rs). A group key is the encoder's tenant number and an hour, at most ~720
+    // hours per tenant in the accepted window: foldhash, randomly seeded, is enough for them.
     struct Group {
-        sums: Vec<Option<u64>>,
+        sums: Vec<(u16, u64)>,
         pairs: Vec<(u16, u64)>,
         last: usize,
     }
@@ -72,7 +73,7 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
                 let n = groups.len();
                 let g = *index.entry(meta.group).or_insert(n);
                 if g == n {
-                    groups.push(Group { sums: vec![None; names.len()], pairs: Vec::new(), last: i });
+                    groups.push(Group { sums: Vec::new(), pairs: Vec::new(), last: i });
                 }
                 current = Some((meta.group, g));
                 g
@@ -80,8 +81,11 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
         };
         let group = &mut groups[g];
         for &(m, v) in meta.additive {
-            let sum = &mut group.sums[m as usize];
-            *sum = Some(sum.unwrap_or(0).wrapping_add(v));
+            // A group's distinct meters are few (at most the configured meters): a short scan.
+            match group.sums.iter_mut().find(|(k, _)| *k == m) {
+                Some((_, sum)) => *sum = sum.wrapping_add(v),
+                None => group.sums.push((m, v)),
+            }
         }
         group.pairs.extend_from_slice(meta.unique);
         group.last = i;
@@ -89,22 +93,20 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
     // Per group: (its last row, the byte range of its carrier columns in `carriers`).
     let mut carrier_of: Vec<(usize, Range<usize>)> = Vec::with_capacity(groups.len());
     let mut carriers = RowWriter::default();
-    for Group { sums, mut pairs, last } in groups {
+    for Group { mut sums, mut pairs, last } in groups {
+        // The sums in meter order (as the views and the tests expect them).
+        sums.sort_unstable_by_key(|&(m, _)| m);
         pairs.sort_unstable();
         pairs.dedup();
         let start = carriers.buf.len();
-        let sums_n = sums.iter().flatten().count();
-        carriers.i32(sums_n as i32);
-        let n = (sums_n + pairs.len()) as u64;
+        carriers.i32(sums.len() as i32);
+        let n = (sums.len() + pairs.len()) as u64;
         carriers.varint(n);
-        for (m, _) in sums.iter().enumerate().filter(|(_, s)| s.is_some()) {
-            carriers.string(&names[m]);
-        }
-        for &(m, _) in &pairs {
+        for &(m, _) in sums.iter().chain(&pairs) {
             carriers.string(&names[m as usize]);
         }
         carriers.varint(n);
-        for s in sums.into_iter().flatten() {
+        for &(_, s) in &sums {
             carriers.u64(s);
         }
         for &(_, h) in &pairs {

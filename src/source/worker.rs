@@ -215,7 +215,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
         if let Some(batch) = staged {
             let mut sent = self.send(&held, batch)?;
-            sent.held = held;
+            // Kept only for its dead letters: a batch without rejections lets its messages go.
+            if !sent.rejections.is_empty() {
+                sent.held = held;
+            }
             *flight = Some(sent);
         }
         Ok(())
@@ -574,8 +577,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         self.unstall(s.epochs.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
         m::duplicates(s.duplicates);
+        // Rejections of partitions revoked meanwhile are the next owner's to count.
         for r in &s.rejections {
-            m::rejected(r.reason);
+            let p = s.held[s.idx[r.msg]].0.partition();
+            if self.owns(p, s.epochs[&p]) {
+                m::rejected(r.reason);
+            }
         }
         let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
         gauge!(m::DEDUPE_KEYS).set(keys as f64);
@@ -859,8 +866,8 @@ struct Batch<'h> {
 /// awaited when it lands.
 struct Sent<'c> {
     writer: std::thread::JoinHandle<(Flight, Result<(), InsertFailed>, Duration)>,
-    /// The batch's messages, kept until it lands: a dead letter that failed is sent again from
-    /// them.
+    /// The batch's messages, kept until it lands when it has rejections (empty otherwise): a
+    /// dead letter that failed is sent again from them.
     held: Held<'c>,
     /// Indices into `held` of the messages staged, in staging order (as in [`Batch`]).
     idx: Vec<usize>,
