@@ -5,7 +5,7 @@
 //! `resolve`; `encode` then writes the rows of the new events. No I/O happens here.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -491,6 +491,16 @@ impl<'a> Staged<'a> {
     /// Drops the events of partitions for which `owned` is false (their new owner redoes them).
     pub fn retain_partitions(&mut self, owned: impl Fn(i32) -> bool) {
         self.events.retain(|e| owned(e.partition));
+    }
+
+    /// The duplicates per source partition: the events whose verdict is "duplicate" (in memory
+    /// or by [`Staged::resolve`]), so that a worker counts only those of partitions it still owns.
+    pub fn duplicates_by_partition(&self) -> BTreeMap<i32, u64> {
+        let mut out = BTreeMap::new();
+        for e in self.events.iter().filter(|e| e.verdict == Verdict::Duplicate) {
+            *out.entry(e.partition).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Events that will be inserted (new, or not yet resolved).

@@ -493,6 +493,11 @@ proptest::proptest! {
             let billed: Vec<usize> = staged.billed(&f.p.meters, &msgs).iter().map(|b| b.msg).collect();
             proptest::prop_assert_eq!(&billed, &want_new);
             proptest::prop_assert_eq!(staged.duplicates as usize, batch.len() - want_new.len());
+            let mut want_dup = std::collections::BTreeMap::new();
+            for (_, (p, _)) in batch.iter().enumerate().filter(|(i, _)| !want_new.contains(i)) {
+                *want_dup.entry(*p).or_insert(0u64) += 1;
+            }
+            proptest::prop_assert_eq!(staged.duplicates_by_partition(), want_dup);
         }
     }
 }

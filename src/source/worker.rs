@@ -504,7 +504,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             epochs: b.epochs,
             first: b.first,
             next: b.next,
-            duplicates: b.staged.duplicates,
+            duplicates: b.staged.duplicates_by_partition(),
             rejections: std::mem::take(&mut b.staged.rejections),
             stage: b.stage,
             lookup,
@@ -576,7 +576,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
         self.unstall(s.epochs.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
-        m::duplicates(s.duplicates);
+        // Like rejections, duplicates of partitions revoked meanwhile are the next owner's.
+        let duplicates: u64 = s.duplicates.iter().filter(|(p, _)| self.owns(**p, s.epochs[*p])).map(|(_, n)| n).sum();
+        m::duplicates(duplicates);
         // Rejections of partitions revoked meanwhile are the next owner's to count.
         for r in &s.rejections {
             let p = s.held[s.idx[r.msg]].0.partition();
@@ -590,7 +592,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         debug!(
             messages = s.idx.len(),
             accepted,
-            duplicates = s.duplicates,
+            duplicates,
             rejected = s.rejections.len(),
             stage_ms = s.stage.as_millis() as u64,
             lookup_ms = s.lookup.as_millis() as u64,
@@ -876,7 +878,8 @@ struct Sent<'c> {
     epochs: BTreeMap<i32, u64>,
     first: BTreeMap<i32, i64>,
     next: BTreeMap<i32, i64>,
-    duplicates: u64,
+    /// Per source partition.
+    duplicates: BTreeMap<i32, u64>,
     rejections: Vec<Rejection>,
     stage: Duration,
     lookup: Duration,
