@@ -576,15 +576,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
         self.unstall(s.epochs.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect::<Vec<_>>());
         m::accepted(accepted as u64);
-        // Like rejections, duplicates of partitions revoked meanwhile are the next owner's.
-        let duplicates: u64 = s.duplicates.iter().filter(|(p, _)| self.owns(**p, s.epochs[*p])).map(|(_, n)| n).sum();
+        // Duplicates and rejections of partitions revoked meanwhile are the next owner's to count.
+        let owned = |p: i32| self.owns(p, s.epochs[&p]);
+        let duplicates: u64 = s.duplicates.iter().filter(|(p, _)| owned(**p)).map(|(_, n)| n).sum();
         m::duplicates(duplicates);
-        // Rejections of partitions revoked meanwhile are the next owner's to count.
-        for r in &s.rejections {
-            let p = s.held[s.idx[r.msg]].0.partition();
-            if self.owns(p, s.epochs[&p]) {
-                m::rejected(r.reason);
-            }
+        for r in records.iter().filter(|r| owned(r.partition)) {
+            m::rejected(r.reason);
         }
         let (keys, bytes) = self.states.values().fold((0, 0), |(k, b), s| (k + s.keys(), b + s.memory_bytes()));
         gauge!(m::DEDUPE_KEYS).set(keys as f64);
