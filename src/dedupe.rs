@@ -4,7 +4,8 @@
 //! only decides, without I/O, which events certainly are new or certainly are duplicates, and
 //! leaves the rest to one batched ClickHouse look-up:
 //!
-//! * an exact set of recently seen keys (128-bit hashes, FIFO-bounded): hit ⇒ duplicate;
+//! * an exact cache of recently remembered keys (128-bit hashes, 4-way set-associative, bounded
+//!   by count; a key may be evicted early, never held wrongly): hit ⇒ duplicate;
 //! * a Bloom filter over every key in ClickHouse for the partition whose event time is at or after
 //!   the filter's horizon: miss ⇒ new (a Bloom filter has no false negatives);
 //! * anything else (a Bloom hit, or an event older than the horizon) ⇒ [`Verdict::Unknown`].
@@ -13,7 +14,7 @@
 //! per Kafka partition (all copies of an event share a partition because messages are keyed by
 //! project) and is rebuilt from ClickHouse whenever a partition is assigned.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 /// The identity of an event: a 128-bit hash of (org_id, project_id, id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,17 +136,36 @@ impl Bloom {
         self.blocks.len() * 64
     }
 
+    /// Reads the block `h` maps to (a cache line), see [`PartitionState::touch`].
+    #[inline]
+    pub fn touch(&self, h: u64) -> u64 {
+        self.blocks[self.locate(h).0][0]
+    }
+
     pub fn inserted(&self) -> u64 {
         self.inserted
     }
 }
 
-/// An exact set of the most recent keys, bounded by count.
+/// Four keys: one set of [`Recent`], one cache line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(align(64))]
+struct Set([u128; 4]);
+
+/// An exact cache of recently remembered keys, bounded by count: 4-way set-associative, one
+/// cache line per set, each set first-in first-out. A key it holds was remembered (no false
+/// positives: keys are compared whole); a remembered key may be evicted early, when four newer
+/// keys land in its set (a miss only sends the event on to the Bloom filter and ClickHouse).
+///
+/// It replaced a hash set with a FIFO queue of the last N keys: that cost three cache misses per
+/// remembered key (the set's control bytes, its slot, the evicted key's slot) against one here,
+/// whose address is known from the key alone, so the staging pass can touch it ahead
+/// (docs/measurements.md, "The dedupe state's cache lines"). The key 0 marks an empty slot; a key
+/// whose 128-bit hash is 0 is simply never cached.
 #[derive(Debug, Clone)]
 struct Recent {
-    set: HashSet<u128, BuildXxh>,
-    order: VecDeque<u128>,
-    cap: usize,
+    sets: Vec<Set>,
+    mask: usize,
 }
 
 /// Keys are already uniform hashes: hashing them again is wasted work. Use for sets of
@@ -180,20 +200,51 @@ impl std::hash::Hasher for PassThrough {
 }
 
 impl Recent {
+    /// Room for at most `cap` keys (rounded down to a power of two of sets of four; none below 4).
     fn new(cap: usize) -> Self {
-        Recent { set: HashSet::with_capacity_and_hasher(cap.min(1 << 20), BuildXxh), order: VecDeque::new(), cap }
+        let sets = match cap / 4 {
+            0 => 0,
+            n => 1usize << (usize::BITS - 1 - n.leading_zeros()),
+        };
+        Recent { sets: vec![Set::default(); sets], mask: sets.wrapping_sub(1) }
     }
 
+    /// The set `k` belongs in, from its high 64 bits (the Bloom filter reads the low ones).
+    #[inline]
+    fn set_of(&self, k: u128) -> Option<&Set> {
+        self.sets.get((k >> 64) as usize & self.mask)
+    }
+
+    #[inline]
+    fn contains(&self, k: u128) -> bool {
+        k != 0 && self.set_of(k).is_some_and(|s| s.0.contains(&k))
+    }
+
+    #[inline]
     fn insert(&mut self, k: u128) {
-        if self.cap == 0 || !self.set.insert(k) {
+        let at = (k >> 64) as usize & self.mask;
+        let Some(set) = self.sets.get_mut(at) else { return };
+        if k == 0 || set.0.contains(&k) {
             return;
         }
-        self.order.push_back(k);
-        if self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
+        set.0.copy_within(0..3, 1);
+        set.0[0] = k;
+    }
+
+    /// Reads the set `k` belongs in, so that its cache line is loaded (see [`PartitionState::touch`]).
+    #[inline]
+    fn touch(&self, k: u128) -> u128 {
+        self.set_of(k).map_or(0, |s| s.0[0])
+    }
+
+    fn bytes(&self) -> usize {
+        self.sets.len() * std::mem::size_of::<Set>()
+    }
+
+    /// Keys held (slots not empty).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sets.iter().map(|s| s.0.iter().filter(|&&k| k != 0).count()).sum()
     }
 }
 
@@ -220,7 +271,7 @@ impl PartitionState {
     /// What is known about `key` (an event at `ts`), without I/O.
     #[inline]
     pub fn check(&self, key: EventKey, ts: i64) -> Verdict {
-        if self.recent.set.contains(&key.0) {
+        if self.recent.contains(key.0) {
             Verdict::Duplicate
         } else if ts >= self.horizon && !self.bloom.may_contain(key.short()) {
             Verdict::New
@@ -236,9 +287,18 @@ impl PartitionState {
         self.recent.insert(key.0);
     }
 
-    /// Approximate memory held, in bytes.
+    /// Reads the two cache lines [`Self::check`] of `key` will read (its Bloom block and its
+    /// recent set), and returns a value made from them that means nothing: a loop of these, with
+    /// no dependency between iterations, has the CPU fetch many lines at once, where checks made
+    /// one event at a time wait for each miss in turn ([`crate::pipeline`]'s deduplication).
+    #[inline]
+    pub fn touch(&self, key: EventKey) -> u64 {
+        self.bloom.touch(key.short()) ^ self.recent.touch(key.0) as u64
+    }
+
+    /// Memory held, in bytes: the Bloom filter and the recent keys' sets.
     pub fn memory_bytes(&self) -> usize {
-        self.bloom.bytes() + self.recent.set.capacity() * 24 + self.recent.order.capacity() * 16
+        self.bloom.bytes() + self.recent.bytes()
     }
 
     pub fn keys(&self) -> u64 {
@@ -289,6 +349,33 @@ mod tests {
         let fp =
             (800_000..900_000u64).filter(|i| b.may_contain(EventKey::new("o", "p", &i.to_string()).short())).count();
         assert!(fp < 2_000, "false positives {fp} / 100000");
+    }
+
+    #[test]
+    fn recent_keys_are_held_exactly_within_their_bound() {
+        let mut r = Recent::new(4 * 1024);
+        assert_eq!(r.bytes(), 1024 * 64);
+        let keys: Vec<u128> = (0..10_000u64).map(|i| EventKey::new("o", "p", &i.to_string()).0).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            r.insert(k);
+            r.insert(k); // again: still held once
+            assert!(r.contains(k));
+            assert!(r.len() <= (i + 1).min(4 * 1024));
+        }
+        assert!(r.len() > 3 * 1024, "a full cache holds nearly its bound: {}", r.len());
+        // The newest quarter of the bound is nearly all held (a set evicts only after 4 newer keys).
+        let held = keys[keys.len() - 1024..].iter().filter(|&&k| r.contains(k)).count();
+        assert!(held > 1000, "{held} of the newest 1024 keys held");
+        // Never a key that was not inserted; never the empty-slot marker.
+        assert!(!(10_000..20_000u64).any(|i| r.contains(EventKey::new("o", "p", &i.to_string()).0)));
+        r.insert(0);
+        assert!(!r.contains(0));
+        // Below one set: nothing is kept.
+        let mut none = Recent::new(3);
+        none.insert(keys[0]);
+        assert!(!none.contains(keys[0]) && none.bytes() == 0);
+        assert_eq!(Recent::new(262_144).bytes(), 4 << 20);
+        assert_eq!(Recent::new(262_143).bytes(), 2 << 20);
     }
 
     #[test]

@@ -396,12 +396,13 @@ impl<'a> Staged<'a> {
     /// (each decision sees the keys remembered before it, as if it were made while staging).
     ///
     /// Done apart from staging, in two passes, for speed: the state's Bloom filter and recent
-    /// set are far larger than the CPU caches, and one event's staging is thousands of
+    /// keys are far larger than the CPU caches, and one event's staging is thousands of
     /// instructions, so inline look-ups miss the cache one after the other. The first pass only
-    /// reads (the same look-ups, results dropped), in a short loop whose misses the CPU overlaps;
-    /// the second finds those lines cached (docs/measurements.md, "The core").
+    /// reads the two cache lines each check will read ([`PartitionState::touch`]), in a short
+    /// loop without dependencies whose misses the CPU overlaps; the second finds those lines
+    /// cached (docs/measurements.md, "The core" and "The dedupe state's cache lines").
     fn deduplicate(&mut self, states: &mut HashMap<i32, PartitionState>) {
-        let mut warm = 0usize;
+        let mut warm = 0u64;
         let mut last: Option<(i32, &PartitionState)> = None;
         for e in &self.events {
             let state = match last {
@@ -412,7 +413,7 @@ impl<'a> Staged<'a> {
                     s
                 }
             };
-            warm = warm.wrapping_add(state.check(e.key, e.ts) as usize);
+            warm ^= state.touch(e.key);
         }
         std::hint::black_box(warm);
         // Keys accepted in this batch: exact, whatever the bound of the partition's recent set, so

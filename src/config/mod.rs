@@ -189,7 +189,8 @@ pub struct DedupeConfig {
     /// filter costs more ClickHouse look-ups, never exactness.
     #[serde(default = "default_bloom_bytes")]
     pub bloom_bytes_per_partition: usize,
-    /// Exact recently-seen keys kept per assigned partition (16 bytes each, plus table overhead).
+    /// Recently remembered keys kept exactly per assigned partition, at most (16 bytes each; rounded
+    /// down to a power of two of 4-key sets, src/dedupe.rs).
     #[serde(default = "default_recent_keys")]
     pub recent_keys_per_partition: usize,
     /// Kafka retention to cover when loading a partition's filter: keys of events older than
