@@ -556,7 +556,7 @@ impl<'a> Staged<'a> {
         meters: &Meters,
         topic: &str,
         ingested_at: i64,
-        row: &mut dyn FnMut(&RowWriter, RowMeta<'_>),
+        row: &mut dyn FnMut(&mut RowWriter, RowMeta<'_>),
     ) {
         // One number per (org, project): the carriers' groups are (tenant, hour). Consecutive
         // messages of one credential share their `Arc`s, and skip the look-up.

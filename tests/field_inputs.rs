@@ -270,7 +270,7 @@ fn lookups_find_every_kind_of_key() {
     });
     // An attempt whose staging table does not hold every row sent (as after a server restart,
     // which empties Memory tables) fails and writes nothing; its staging table is left for the fence.
-    let short = w.ch.insert_attempt(&w.kafka.topic, &rows.body(), stored.len() + 1).unwrap_err();
+    let short = w.ch.insert_attempt(&w.kafka.topic, rows.body(), stored.len() + 1).unwrap_err();
     assert_eq!(short.error.code(), Some(395), "{:?}", short.error);
     assert_eq!(w.scalar("SELECT count() FROM events"), 0);
     assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 1, "the failed attempt's staging table is fenced");

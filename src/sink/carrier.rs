@@ -48,11 +48,24 @@ pub const SELF_COUNTED: i32 = -1;
 /// endian) and two empty arrays.
 const COUNTED_BY_CARRIER: [u8; 6] = [0, 0, 0, 0, 0, 0];
 
-/// Writes each of `rows` (a byte range of `buf` holding a whole row in the
-/// [`super::EVENTS_COLUMNS`] layout, and what the row bills) followed by its carrier columns
-/// ([`CARRIER_COLUMNS`]): the request body of one INSERT attempt. Meter indices index `names`.
-/// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views.
-pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[String]) -> Vec<u8> {
+/// Each group's carrier columns for one attempt's rows: the bytes of every carrier, one after
+/// the other, and per carrier its row (ascending) and its range in those bytes.
+#[derive(Debug, Default)]
+pub struct Carriers {
+    pub bytes: Vec<u8>,
+    pub rows: Vec<(usize, Range<usize>)>,
+}
+
+impl Carriers {
+    /// The carrier columns of a row counted by its group's carrier, see [`COUNTED_BY_CARRIER`].
+    pub const COUNTED: &'static [u8] = &COUNTED_BY_CARRIER;
+}
+
+/// Sums `rows` (what each row of one INSERT attempt bills, in row order) per group into the
+/// carrier columns ([`CARRIER_COLUMNS`]) of each group's last row. Meter indices index `names`.
+/// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views. Every other row gets
+/// [`Carriers::COUNTED`]; [`crate::sink::flight::Body`] puts them together as the request body.
+pub fn carriers<'m>(rows: impl Iterator<Item = RowMeta<'m>>, names: &[String]) -> Carriers {
     // One pass over the rows: each group's per-meter sums, unique pairs and last row.
     // Groups are found by hashing (consecutive rows mostly share one, and skip the look-up);
     // sorting the rows by group instead cost a third of this function (callgrind,
@@ -66,7 +79,7 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
     let mut index: HashMap<u64, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut groups: Vec<Group> = Vec::new();
     let mut current: Option<(u64, usize)> = None;
-    for (i, (_, meta)) in rows.iter().enumerate() {
+    for (i, meta) in rows.enumerate() {
         let g = match current {
             Some((key, g)) if key == meta.group => g,
             _ => {
@@ -90,39 +103,30 @@ pub fn with_carriers(buf: &[u8], rows: &[(Range<usize>, RowMeta<'_>)], names: &[
         group.pairs.extend_from_slice(meta.unique);
         group.last = i;
     }
-    // Per group: (its last row, the byte range of its carrier columns in `carriers`).
-    let mut carrier_of: Vec<(usize, Range<usize>)> = Vec::with_capacity(groups.len());
-    let mut carriers = RowWriter::default();
+    let mut out = Carriers { bytes: Vec::new(), rows: Vec::with_capacity(groups.len()) };
+    let mut w = RowWriter::default();
     for Group { mut sums, mut pairs, last } in groups {
         // The sums in meter order (as the views and the tests expect them).
         sums.sort_unstable_by_key(|&(m, _)| m);
         pairs.sort_unstable();
         pairs.dedup();
-        let start = carriers.buf.len();
-        carriers.i32(sums.len() as i32);
+        let start = w.buf.len();
+        w.i32(sums.len() as i32);
         let n = (sums.len() + pairs.len()) as u64;
-        carriers.varint(n);
+        w.varint(n);
         for &(m, _) in sums.iter().chain(&pairs) {
-            carriers.string(&names[m as usize]);
+            w.string(&names[m as usize]);
         }
-        carriers.varint(n);
+        w.varint(n);
         for &(_, s) in &sums {
-            carriers.u64(s);
+            w.u64(s);
         }
         for &(_, h) in &pairs {
-            carriers.u64(h);
+            w.u64(h);
         }
-        carrier_of.push((last, start..carriers.buf.len()));
+        out.rows.push((last, start..w.buf.len()));
     }
-    carrier_of.sort_unstable_by_key(|(row, _)| *row);
-    let mut next = carrier_of.into_iter().peekable();
-    let mut body = Vec::with_capacity(buf.len() + rows.len() * COUNTED_BY_CARRIER.len() + carriers.buf.len());
-    for (i, (bytes, _)) in rows.iter().enumerate() {
-        body.extend_from_slice(&buf[bytes.clone()]);
-        match next.next_if(|(row, _)| *row == i) {
-            Some((_, carrier)) => body.extend_from_slice(&carriers.buf[carrier]),
-            None => body.extend_from_slice(&COUNTED_BY_CARRIER),
-        }
-    }
-    body
+    out.rows.sort_unstable_by_key(|(row, _)| *row);
+    out.bytes = w.buf;
+    out
 }

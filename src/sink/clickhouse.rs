@@ -153,6 +153,16 @@ impl ClickHouse {
         use_db: bool,
         settings: &[(&str, &str)],
     ) -> Result<Vec<u8>, ChError> {
+        self.post_with(query_in_url, Payload::Bytes(body), use_db, settings)
+    }
+
+    fn post_with(
+        &self,
+        query_in_url: Option<&str>,
+        body: Payload<'_>,
+        use_db: bool,
+        settings: &[(&str, &str)],
+    ) -> Result<Vec<u8>, ChError> {
         let mut req = self.agent.post(&format!("{}/", self.url)).query("wait_end_of_query", "1");
         for (k, v) in settings {
             req = req.query(k, v);
@@ -166,7 +176,11 @@ impl ClickHouse {
         if let Some(a) = &self.auth {
             req = req.set("Authorization", a);
         }
-        read_response(req.send_bytes(body))
+        read_response(match body {
+            Payload::Bytes(b) => req.send_bytes(b),
+            // With its length given, the body is sent as it is read, not chunked (ureq 2).
+            Payload::Read { len, reader } => req.set("Content-Length", &len.to_string()).send(reader),
+        })
     }
 
     /// Runs `sql` with `rows` (RowBinary of `structure`, e.g. `o String, p String`) sent along as
@@ -235,6 +249,18 @@ impl ClickHouse {
         self.post(Some(insert), rows, true, settings).map(|_| ())
     }
 
+    /// [`ClickHouse::insert_with`] with rows read from `rows`, `len` bytes in all, as they are
+    /// sent (no copy of the whole body is made first).
+    pub fn insert_read(
+        &self,
+        insert: &str,
+        len: usize,
+        rows: &mut dyn std::io::Read,
+        settings: &[(&str, &str)],
+    ) -> Result<(), ChError> {
+        self.post_with(Some(insert), Payload::Read { len, reader: rows }, true, settings).map(|_| ())
+    }
+
     /// Waits (capped jittered backoff) until ClickHouse answers, for at most `wait`.
     pub fn wait_ready(&self, wait: Duration) -> Result<(), ChError> {
         let deadline = std::time::Instant::now() + wait;
@@ -256,6 +282,12 @@ impl ClickHouse {
     pub fn ping(&self) -> Result<(), ChError> {
         self.post(None, b"SELECT 1", false, &[]).map(|_| ())
     }
+}
+
+/// A request body: in memory, or read as it is sent (`len` bytes).
+enum Payload<'b> {
+    Bytes(&'b [u8]),
+    Read { len: usize, reader: &'b mut dyn std::io::Read },
 }
 
 /// The body of a successful answer, or the error: HTTP status with ClickHouse's exception code,

@@ -6,9 +6,11 @@
 //! ([`crate::sink::EVENTS_COLUMNS`]), so the keys needed to re-check a failed attempt are read
 //! back from the rows themselves.
 
+use std::io::Read;
 use std::ops::Range;
 
 use crate::dedupe::EventKey;
+use crate::sink::carrier::{self, Carriers};
 use crate::sink::rowbinary::{RowReader, RowWriter};
 
 /// What the flight keeps of a row besides its bytes: its partition (for revocations) and what its
@@ -40,7 +42,9 @@ struct Row {
 /// group's carrier needs.
 #[derive(Debug, Default)]
 pub struct Flight {
-    /// The rows, one after the other, without their carrier columns ([`Flight::body`] adds them).
+    /// The rows, one after the other, each ending in the carrier columns of a row counted by its
+    /// group's carrier ([`Carriers::COUNTED`]); [`Flight::body`] puts each group's carrier in its
+    /// last row's place.
     pub buf: Vec<u8>,
     rows: Vec<Row>,
     additive: Vec<(u16, u64)>,
@@ -51,19 +55,20 @@ pub struct Flight {
 
 impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
-    /// (`row(w, meta)` is called after the row's bytes are written; `meta`'s meter indices index
-    /// `names`). `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as
+    /// (`row(w, meta)` is called after the row's bytes in the [`crate::sink::EVENTS_COLUMNS`]
+    /// layout are written, and appends the carrier columns; `meta`'s meter indices index `names`). `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as
     /// growing a batch's megabytes by doubling copies them again and again (benches/pipeline.rs).
     pub fn encode(
         names: Vec<String>,
         capacity: (usize, usize),
-        encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&RowWriter, RowMeta<'_>)),
+        encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&mut RowWriter, RowMeta<'_>)),
     ) -> Flight {
         let mut w = RowWriter { buf: Vec::with_capacity(capacity.1) };
         let (mut rows, mut additive, mut unique) =
             (Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0));
         let mut start = 0;
-        encode(&mut w, &mut |w: &RowWriter, m: RowMeta<'_>| {
+        encode(&mut w, &mut |w: &mut RowWriter, m: RowMeta<'_>| {
+            w.buf.extend_from_slice(Carriers::COUNTED);
             let a = additive.len() as u32..(additive.len() + m.additive.len()) as u32;
             let u = unique.len() as u32..(unique.len() + m.unique.len()) as u32;
             additive.extend_from_slice(m.additive);
@@ -83,22 +88,21 @@ impl Flight {
     /// The body of the attempt's `INSERT … FORMAT RowBinary` request: every row left to write,
     /// each followed by its carrier columns, computed from exactly these rows
     /// ([`crate::sink::carrier`]; columns [`crate::sink::EVENTS_COLUMNS`] then
-    /// [`crate::sink::carrier::CARRIER_COLUMNS`]).
-    pub fn body(&self) -> Vec<u8> {
-        let rows: Vec<(Range<usize>, RowMeta<'_>)> = self
-            .rows
-            .iter()
-            .map(|r| {
-                let meta = RowMeta {
-                    partition: r.partition,
-                    group: r.group,
-                    additive: &self.additive[r.additive.start as usize..r.additive.end as usize],
-                    unique: &self.unique[r.unique.start as usize..r.unique.end as usize],
-                };
-                (r.bytes.clone(), meta)
-            })
-            .collect();
-        super::carrier::with_carriers(&self.buf, &rows, &self.names)
+    /// [`crate::sink::carrier::CARRIER_COLUMNS`]). Read, not built: the rows are not copied into
+    /// a second buffer of the batch's size ([`Body`]).
+    pub fn body(&self) -> Body<'_> {
+        let carriers = carrier::carriers(self.rows.iter().map(|r| self.meta(r)), &self.names);
+        let len = self.buf.len() + carriers.bytes.len() - carriers.rows.len() * Carriers::COUNTED.len();
+        Body { flight: self, carriers, len, at: 0, carrier: 0, in_carrier: 0 }
+    }
+
+    fn meta(&self, r: &Row) -> RowMeta<'_> {
+        RowMeta {
+            partition: r.partition,
+            group: r.group,
+            additive: &self.additive[r.additive.start as usize..r.additive.end as usize],
+            unique: &self.unique[r.unique.start as usize..r.unique.end as usize],
+        }
     }
 
     /// Rows left to write.
@@ -142,6 +146,72 @@ impl Flight {
     }
 }
 
+/// An INSERT attempt's request body, read in order: the flight's rows as they are in its buffer,
+/// except that each group's last row ends in the group's carrier columns ([`Carriers`]) instead
+/// of [`Carriers::COUNTED`]. It is read in runs of whole rows between carriers, copied once into
+/// the HTTP client's buffer, where a body built whole copied every row into a fresh buffer of the
+/// batch's size first (docs/measurements.md, "The dedupe state's cache lines, and the body").
+#[derive(Debug)]
+pub struct Body<'f> {
+    flight: &'f Flight,
+    carriers: Carriers,
+    len: usize,
+    /// Where reading is: the offset in the flight's buffer, the next carrier (of
+    /// `carriers.rows`) and how much of it was read.
+    at: usize,
+    carrier: usize,
+    in_carrier: usize,
+}
+
+impl Body<'_> {
+    /// Bytes in the whole body (its `Content-Length`), however much was read.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The rest of the body as one buffer (for tests and tools).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        self.read_to_end(&mut out).expect("reading memory cannot fail");
+        out
+    }
+}
+
+impl Read for Body<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let (buf, rows) = (&self.flight.buf, &self.flight.rows);
+        let mut n = 0;
+        while n < out.len() {
+            // The rows up to the next carrier's place (the end of its row, less the columns of a
+            // counted row), then the carrier.
+            let next = self.carriers.rows.get(self.carrier);
+            let until = next.map_or(buf.len(), |(row, _)| rows[*row].bytes.end - Carriers::COUNTED.len());
+            let from = match next {
+                _ if self.at < until => &buf[self.at..until],
+                Some((_, range)) => &self.carriers.bytes[range.start + self.in_carrier..range.end],
+                None => break,
+            };
+            let take = from.len().min(out.len() - n);
+            out[n..n + take].copy_from_slice(&from[..take]);
+            n += take;
+            if self.at < until {
+                self.at += take;
+            } else {
+                self.in_carrier += take;
+                if take == from.len() {
+                    // The carrier is read: go on after its row.
+                    (self.at, self.carrier, self.in_carrier) = (until + Carriers::COUNTED.len(), self.carrier + 1, 0);
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// The first three RowBinary strings of a row written by this process (valid UTF-8 by
 /// construction: they were `&str`s).
 fn key_of(row: &[u8]) -> (&str, &str, &str) {
@@ -179,5 +249,54 @@ mod tests {
         assert_eq!(f.keys(), vec![("o1", "p2", long.as_str())]);
         assert_eq!(f.retain_partitions(|_| false), 1);
         assert!(f.is_empty() && f.buf.is_empty());
+        assert!(f.body().is_empty() && f.body().into_vec().is_empty());
+    }
+
+    /// The body read in pieces of any size is the flight's rows with each group's last row
+    /// ending in the group's carrier, every other row in the columns of a counted row.
+    #[test]
+    fn the_body_is_the_rows_with_each_groups_carrier_in_its_last_row() {
+        let names = vec!["tokens".to_string(), "users".to_string()];
+        // (group, tokens, user hash): groups interleaved, one of them a single row.
+        let rows: Vec<(u64, u64, u64)> = vec![(1, 5, 9), (2, 7, 9), (1, 11, 8), (3, 1, 9), (2, 2, 9), (1, 4, 9)];
+        let metas: Vec<([(u16, u64); 1], [(u16, u64); 1])> = rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
+        let f = Flight::encode(names.clone(), (0, 0), |w, row| {
+            for (i, (&(g, _, _), (add, uniq))) in rows.iter().zip(&metas).enumerate() {
+                w.string("o");
+                w.string("p");
+                w.string(&format!("event-{i}-{}", "x".repeat(i * 40)));
+                row(w, RowMeta { partition: 0, group: g, additive: add, unique: uniq });
+            }
+        });
+        let carriers = carrier::carriers(
+            rows.iter().zip(&metas).map(|(&(g, _, _), (a, u))| RowMeta { partition: 0, group: g, additive: a, unique: u }),
+            &names,
+        );
+        assert_eq!(carriers.rows.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![3, 4, 5], "each group's last row");
+        let mut want = Vec::new();
+        for (i, r) in f.rows.iter().enumerate() {
+            let row = &f.buf[r.bytes.clone()];
+            assert!(row.ends_with(Carriers::COUNTED));
+            want.extend_from_slice(&row[..row.len() - Carriers::COUNTED.len()]);
+            match carriers.rows.iter().find(|(last, _)| *last == i) {
+                Some((_, range)) => want.extend_from_slice(&carriers.bytes[range.clone()]),
+                None => want.extend_from_slice(Carriers::COUNTED),
+            }
+        }
+        assert_eq!(f.body().len(), want.len());
+        assert_eq!(f.body().into_vec(), want);
+        for piece in [1, 2, 5, 6, 7, 64, 1 << 16] {
+            let mut body = f.body();
+            let (mut got, mut buf) = (Vec::new(), vec![0u8; piece]);
+            loop {
+                let n = body.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(n == piece || got.len() + n == want.len(), "a read fills its buffer until the end");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, want, "read {piece} bytes at a time");
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use crate::dedupe::{EventKey, PartitionState};
 use carrier::CARRIER_COLUMNS;
 use clickhouse::{quote, ChError, ClickHouse};
-use flight::Flight;
+use flight::{Body, Flight};
 use rowbinary::{RowReader, RowWriter};
 
 /// Column order of the RowBinary rows produced by [`crate::pipeline`].
@@ -93,7 +93,7 @@ impl ClickHouse {
     ///   in the same part;
     /// - the `INSERT … SELECT` reads it on one thread (`max_threads = 1`), so that even a server
     ///   that split it would write blocks in row order, each carrier after its group's rows.
-    pub fn insert_attempt(&self, topic: &str, body: &[u8], count: usize) -> Result<(), InsertFailed> {
+    pub fn insert_attempt(&self, topic: &str, mut body: Body<'_>, count: usize) -> Result<(), InsertFailed> {
         let stage = format!("{}{:032x}", stage_prefix(topic), rand::random::<u128>());
         let failed = |error: ChError| {
             // This attempt's own table is gone although it never dropped it: a state load fenced
@@ -107,9 +107,10 @@ impl ClickHouse {
         self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
             .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
         let block = count.max(1).to_string();
-        self.insert_with(
+        self.insert_read(
             &format!("INSERT INTO {stage} ({EVENTS_COLUMNS}, {CARRIER_COLUMNS}) FORMAT RowBinary"),
-            body,
+            body.len(),
+            &mut body,
             &[("max_insert_block_size", &block)],
         )
         .map_err(failed)?;
@@ -181,7 +182,7 @@ impl EventStore for ClickHouse {
     }
 
     fn insert_events(&self, topic: &str, flight: &Flight) -> Result<(), InsertFailed> {
-        self.insert_attempt(topic, &flight.body(), flight.len())
+        self.insert_attempt(topic, flight.body(), flight.len())
     }
 
     fn fence(&self, stage: &str) -> Result<(), ChError> {
