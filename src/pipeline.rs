@@ -25,6 +25,9 @@ use serde_json::value::RawValue;
 
 /// Most events a `{"batch": [...]}` message may hold (§1).
 pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Events deduplicated per block ([`Staged::deduplicate`]): their cache lines (a few per event)
+/// fit in the CPU's first two cache levels between the two passes over the block.
+const DEDUPE_BLOCK: usize = 128;
 /// Longest event id, in bytes (§1).
 pub const MAX_ID_BYTES: usize = 128;
 /// Latest event time a row can hold: ClickHouse `DateTime` is UInt32 seconds (2106-02-07).
@@ -395,43 +398,47 @@ impl<'a> Staged<'a> {
     /// Decides every staged event against the partitions' dedupe states, in staging order
     /// (each decision sees the keys remembered before it, as if it were made while staging).
     ///
-    /// Done apart from staging, in two passes, for speed: the state's Bloom filter and recent
-    /// keys are far larger than the CPU caches, and one event's staging is thousands of
-    /// instructions, so inline look-ups miss the cache one after the other. The first pass only
-    /// reads the two cache lines each check will read ([`PartitionState::touch`]), in a short
-    /// loop without dependencies whose misses the CPU overlaps; the second finds those lines
-    /// cached (docs/measurements.md, "The core" and "The dedupe state's cache lines").
+    /// Done apart from staging, in two passes over each block of [`DEDUPE_BLOCK`] events, for
+    /// speed: the state's Bloom filter and recent keys are far larger than the CPU caches, and
+    /// one event's staging is thousands of instructions, so inline look-ups miss the cache one
+    /// after the other. The first pass only reads the cache lines each check will read
+    /// ([`PartitionState::touch`], and the batch's key set), in a short loop without dependencies
+    /// whose misses the CPU overlaps; the second finds those lines cached. Blocks, not the whole
+    /// batch: a batch's lines (tens of megabytes) would be evicted before the second pass read
+    /// them (docs/measurements.md, "The core" and "The dedupe state's cache lines").
     fn deduplicate(&mut self, states: &mut HashMap<i32, PartitionState>) {
-        let mut warm = 0u64;
-        let mut last: Option<(i32, &PartitionState)> = None;
-        for e in &self.events {
-            let state = match last {
-                Some((p, s)) if p == e.partition => s,
-                _ => {
-                    let s = &states[&e.partition];
-                    last = Some((e.partition, s));
-                    s
-                }
-            };
-            warm ^= state.touch(e.key);
-        }
-        std::hint::black_box(warm);
         // Keys accepted in this batch: exact, whatever the bound of the partition's recent set, so
         // two copies in one batch are never both sent (the store cannot know about either yet).
         let mut batch_keys = KeySet::with_capacity_and_hasher(self.events.len(), Default::default());
-        let mut last: Option<(i32, &mut PartitionState)> = None;
-        for e in &mut self.events {
-            if last.as_ref().is_none_or(|(p, _)| *p != e.partition) {
-                last = Some((e.partition, states.get_mut(&e.partition).expect("checked while staging")));
+        for block in self.events.chunks_mut(DEDUPE_BLOCK) {
+            let mut warm = 0u64;
+            let mut last: Option<(i32, &PartitionState)> = None;
+            for e in block.iter() {
+                let state = match last {
+                    Some((p, s)) if p == e.partition => s,
+                    _ => {
+                        let s = &states[&e.partition];
+                        last = Some((e.partition, s));
+                        s
+                    }
+                };
+                warm ^= state.touch(e.key) ^ u64::from(batch_keys.contains(&e.key));
             }
-            let state = &mut last.as_mut().expect("set above").1;
-            let verdict = if batch_keys.contains(&e.key) { Verdict::Duplicate } else { state.check(e.key, e.ts) };
-            e.verdict = verdict;
-            if verdict == Verdict::Duplicate {
-                self.duplicates += 1;
-            } else {
-                state.remember(e.key);
-                batch_keys.insert(e.key);
+            std::hint::black_box(warm);
+            let mut last: Option<(i32, &mut PartitionState)> = None;
+            for e in block.iter_mut() {
+                if last.as_ref().is_none_or(|(p, _)| *p != e.partition) {
+                    last = Some((e.partition, states.get_mut(&e.partition).expect("checked while staging")));
+                }
+                let state = &mut last.as_mut().expect("set above").1;
+                let verdict = if batch_keys.contains(&e.key) { Verdict::Duplicate } else { state.check(e.key, e.ts) };
+                e.verdict = verdict;
+                if verdict == Verdict::Duplicate {
+                    self.duplicates += 1;
+                } else {
+                    state.remember(e.key);
+                    batch_keys.insert(e.key);
+                }
             }
         }
     }
