@@ -127,6 +127,7 @@ impl Processor {
         let mut keys = Vec::new();
         let mut batch_caps: Vec<Captured<'a>> = Vec::new();
         let mut contribution = Contribution::default();
+        let mut known: Option<i32> = None;
         for (i, m) in msgs.iter().enumerate() {
             let at = m.timestamp_secs.unwrap_or(now);
             let Some(value) = m.value else {
@@ -144,8 +145,12 @@ impl Processor {
                     continue;
                 }
             };
-            if !states.contains_key(&m.partition) {
-                return Err(MissingState(m.partition));
+            // Consecutive messages are mostly of one partition: the map is asked once per run.
+            if known != Some(m.partition) {
+                if !states.contains_key(&m.partition) {
+                    return Err(MissingState(m.partition));
+                }
+                known = Some(m.partition);
             }
             let p = out.push_principal(principal);
             let msg = MsgCtx { index: i, m, principal: p, at };

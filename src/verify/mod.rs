@@ -7,13 +7,13 @@
 //! every `reload_interval`; a change clears the cache, so a revocation takes effect within it.
 
 pub mod api_key;
+pub mod cache;
 pub mod cli;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod store;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,8 +142,7 @@ pub struct Verifier {
     /// Per policy, the key set fetched from the identity provider, if it has one.
     remote: Vec<Option<RemoteJwks>>,
     leeway: i64,
-    cache: HashMap<Box<[u8]>, Result<Checked, Denied>>,
-    cache_entries: usize,
+    cache: cache::CredentialCache,
     paths: (PathBuf, PathBuf),
     fingerprint: u64,
     /// The shared key store (`auth.api_keys_store = "clickhouse"`), replacing the API key file.
@@ -211,8 +210,7 @@ impl Verifier {
             policies,
             remote,
             leeway: i64::try_from(cfg.leeway_secs).unwrap_or(i64::MAX),
-            cache: HashMap::new(),
-            cache_entries: cfg.cache_entries.max(1),
+            cache: cache::CredentialCache::new(cfg.cache_entries),
             fingerprint: 0,
             paths,
             pepper: store.as_ref().map(|s| s.pepper().to_vec()).unwrap_or_default(),
@@ -353,10 +351,7 @@ impl Verifier {
                     // use asks again instead of finding this denial in the cache.
                     return Err(result.err().map_or(Reason::InvalidCredentials, |d| d.0));
                 }
-                if self.cache.len() >= self.cache_entries {
-                    self.cache.clear();
-                }
-                self.cache.entry(value.into()).or_insert(result)
+                self.cache.insert(value, result)
             }
         };
         let c = checked.as_ref().map_err(|d| d.0)?;

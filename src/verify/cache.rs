@@ -1,0 +1,169 @@
+//! The credential cache: every verdict keyed by the full `authorization` header value.
+//!
+//! Two levels, both exact (a value is found only by comparing it whole, so no hash collision can
+//! attribute one tenant's events to another):
+//!
+//! * the map, of at most `entries` values, hashed with SipHash and a random key: the values are
+//!   chosen by producers (API keys) and by customers' identity providers (JWTs), so their hash
+//!   must not be predictable (HashDoS);
+//! * a direct-mapped front of [`FRONT_SLOTS`] recent values, whose slot is read from the value's
+//!   length and last 8 bytes (a JWT's signature, an API key's secret). Found there, a value costs
+//!   a comparison instead of SipHash over its few hundred bytes: the hash was a tenth of the
+//!   core's instructions on single-event messages (docs/measurements.md, "The credential
+//!   cache's front"). A producer who picks values that share a slot only evicts them from the
+//!   front: each look-up is still one comparison, then the map.
+//!
+//! The front holds copies of map entries and is emptied with the map, so it never answers what
+//! the map would not.
+
+use std::collections::HashMap;
+
+use super::{Checked, Denied};
+
+/// A verification's outcome, as cached.
+pub type Verdict = Result<Checked, Denied>;
+
+/// Slots of the front (a power of two). Each holds one value and its verdict: a few hundred bytes.
+pub const FRONT_SLOTS: usize = 1024;
+
+/// See the module documentation.
+pub struct CredentialCache {
+    map: HashMap<Box<[u8]>, Verdict>,
+    entries: usize,
+    /// Per slot: the value (its buffer reused) and its verdict, `None` when empty.
+    front: Vec<(Vec<u8>, Option<Verdict>)>,
+}
+
+impl CredentialCache {
+    /// A cache of at most `entries` values (at least 1).
+    pub fn new(entries: usize) -> Self {
+        CredentialCache {
+            map: HashMap::new(),
+            entries: entries.max(1),
+            front: (0..FRONT_SLOTS).map(|_| (Vec::new(), None)).collect(),
+        }
+    }
+
+    /// The front slot of `value`: its length and last 8 bytes, mixed.
+    fn slot(value: &[u8]) -> usize {
+        let n = value.len();
+        let mut tail = [0u8; 8];
+        let from = n.saturating_sub(8);
+        tail[..n - from].copy_from_slice(&value[from..]);
+        let h = (u64::from_le_bytes(tail) ^ (n as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - FRONT_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// The cached verdict of `value`, if there is one.
+    pub fn get(&mut self, value: &[u8]) -> Option<&Verdict> {
+        let i = Self::slot(value);
+        let hit = matches!(&self.front[i], (v, Some(_)) if v.as_slice() == value);
+        if !hit {
+            let verdict = self.map.get(value)?.clone();
+            let slot = &mut self.front[i];
+            slot.0.clear();
+            slot.0.extend_from_slice(value);
+            slot.1 = Some(verdict);
+        }
+        self.front[i].1.as_ref()
+    }
+
+    /// Caches the verdict of `value` (emptying the cache first when it is full) and returns it.
+    pub fn insert(&mut self, value: &[u8], verdict: Verdict) -> &Verdict {
+        if self.map.len() >= self.entries {
+            self.clear();
+        }
+        let verdict = self.map.entry(value.into()).or_insert(verdict);
+        let slot = &mut self.front[Self::slot(value)];
+        slot.0.clear();
+        slot.0.extend_from_slice(value);
+        slot.1.insert(verdict.clone())
+    }
+
+    /// Forgets every verdict (after a key change or a revocation).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        for slot in &mut self.front {
+            slot.1 = None;
+        }
+    }
+
+    /// Values cached.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reject::Reason;
+    use crate::verify::{Principal, Scopes};
+
+    fn checked(org: &str) -> Verdict {
+        Ok(Checked {
+            principal: Principal { org_id: org.into(), project_id: "p".into() },
+            not_before: None,
+            expires_at: None,
+            leeway: false,
+            scopes: Scopes::INGEST,
+            revoked: false,
+        })
+    }
+
+    fn org(v: Option<&Verdict>) -> Option<String> {
+        v.map(|v| v.as_ref().map_or_else(|d| format!("denied {:?}", d.0), |c| c.principal.org_id.to_string()))
+    }
+
+    #[test]
+    fn values_sharing_a_front_slot_keep_their_own_verdicts() {
+        // Same length, same last 8 bytes: one front slot, two tenants.
+        let (a, b) = (b"Bearer aaaa.bbbb.SAMETAIL".as_slice(), b"Bearer xxxx.yyyy.SAMETAIL".as_slice());
+        assert_eq!(CredentialCache::slot(a), CredentialCache::slot(b));
+        let mut c = CredentialCache::new(100);
+        assert!(c.get(a).is_none());
+        assert_eq!(org(Some(c.insert(a, checked("org-a")))).as_deref(), Some("org-a"));
+        assert!(c.get(b).is_none(), "a value is found only by comparing it whole");
+        c.insert(b, Err(Denied(Reason::InvalidCredentials)));
+        for _ in 0..3 {
+            // Each look-up evicts the other from the front; the map answers it exactly.
+            assert_eq!(org(c.get(a)).as_deref(), Some("org-a"));
+            assert_eq!(org(c.get(b)).as_deref(), Some("denied InvalidCredentials"));
+        }
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn clearing_empties_the_front_too() {
+        let mut c = CredentialCache::new(100);
+        let values: Vec<Vec<u8>> = (0..50).map(|i| format!("Basic key-{i}:secret-{i}").into_bytes()).collect();
+        for (i, v) in values.iter().enumerate() {
+            c.insert(v, checked(&format!("org-{i}")));
+        }
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(org(c.get(v)), Some(format!("org-{i}")));
+        }
+        c.clear();
+        assert!(c.is_empty());
+        assert!(values.iter().all(|v| c.get(v).is_none()), "nothing is answered after a clear");
+        // Short values (under 8 bytes) have slots too.
+        c.insert(b"x", checked("short"));
+        assert_eq!(org(c.get(b"x")).as_deref(), Some("short"));
+        assert!(c.get(b"").is_none() && c.get(b"y").is_none());
+    }
+
+    #[test]
+    fn a_full_cache_starts_again() {
+        let mut c = CredentialCache::new(2);
+        c.insert(b"one", checked("1"));
+        c.insert(b"two", checked("2"));
+        c.insert(b"three", checked("3"));
+        assert_eq!(c.len(), 1);
+        assert!(c.get(b"one").is_none() && c.get(b"two").is_none(), "the front was emptied with the map");
+        assert_eq!(org(c.get(b"three")).as_deref(), Some("3"));
+    }
+}
