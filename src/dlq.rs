@@ -75,22 +75,48 @@ struct Ctx {
     state: Mutex<Deliveries>,
 }
 
+/// The records of the current *round* (the `enqueue`s since the last [`DeadLetters::wait_acks`]
+/// returned), by index in the caller's records. Each record's delivery report carries its round:
+/// a report of a closed round (a record purged at a timeout, reported after `wait_acks` gave up
+/// on it) is ignored, so it can never stand for the record of the same index in a later round,
+/// the next batch's or a retry's, and have it taken as acknowledged.
 #[derive(Default)]
 struct Deliveries {
+    round: u64,
     outstanding: std::collections::HashSet<usize>,
     failed: Vec<(usize, Failure)>,
+}
+
+impl Deliveries {
+    /// A delivery report: record `index` of `round`, and its failure if it failed.
+    fn report(&mut self, round: u64, index: usize, failure: Option<Failure>) {
+        if round != self.round {
+            return;
+        }
+        self.outstanding.remove(&index);
+        if let Some(f) = failure {
+            self.failed.push((index, f));
+        }
+    }
+
+    /// Ends the round: its failures (purged records included), and later reports of its records
+    /// are ignored.
+    fn close(&mut self) -> Vec<(usize, Failure)> {
+        self.round += 1;
+        self.outstanding.clear();
+        std::mem::take(&mut self.failed)
+    }
 }
 
 impl ClientContext for Ctx {}
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = Box<usize>;
-    fn delivery(&self, result: &DeliveryResult<'_>, index: Box<usize>) {
-        let mut s = self.state.lock().expect("lock");
-        s.outstanding.remove(&index);
-        if let Err((e, _)) = result {
-            s.failed.push((*index, Failure::of(e)));
-        }
+    /// (round, index) of the record, see [`Deliveries`].
+    type DeliveryOpaque = Box<(u64, usize)>;
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<(u64, usize)>) {
+        let (round, index) = *tag;
+        let failure = result.as_ref().err().map(|(e, _)| Failure::of(e));
+        self.state.lock().expect("lock").report(round, index, failure);
     }
 }
 
@@ -117,6 +143,7 @@ impl DeadLetters {
     /// waits for them. Records that could not even be queued are returned as failed.
     pub fn enqueue(&self, records: &[DlqRecord<'_>], which: &[usize]) -> Vec<(usize, Failure)> {
         let mut failed = Vec::new();
+        let round = self.producer.context().state.lock().expect("lock").round;
         for &i in which {
             let r = &records[i];
             let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
@@ -130,7 +157,7 @@ impl DeadLetters {
             if let Some(b) = &index {
                 headers = headers.insert(Header { key: H_BATCH_INDEX, value: Some(b.as_str()) });
             }
-            let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(i)).payload(r.value).headers(headers);
+            let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new((round, i))).payload(r.value).headers(headers);
             if let Some(k) = r.key {
                 record = record.key(k);
             }
@@ -157,7 +184,7 @@ impl DeadLetters {
     }
 
     /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns
-    /// the failed ones, to retry. Records not acknowledged in time are purged from the queue
+    /// the failed ones, to retry, and closes the round ([`Deliveries`]). Records not acknowledged in time are purged from the queue
     /// (so they are not sent later, behind their retried copies) and reported failed; some may
     /// have been written: their copies carry the same source coordinates.
     pub fn wait_acks(&self, timeout: Duration) -> Vec<(usize, Failure)> {
@@ -180,16 +207,38 @@ impl DeadLetters {
                 break;
             }
         }
-        std::mem::take(&mut self.producer.context().state.lock().expect("lock").failed)
+        self.producer.context().state.lock().expect("lock").close()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use rdkafka::types::RDKafkaErrorCode as C;
 
     /// A dead letter the broker refuses as it is stalls its partition visibly (PRODUCT.md §3:
     /// the source offset never moves past it); a broker that is away is waited for.
+    #[test]
+    fn a_late_report_of_a_closed_round_is_ignored() {
+        let failure = || Some(Failure { error: "purged".into(), permanent: false });
+        let mut d = Deliveries::default();
+        // Round 0: records 0 and 1; 1 is not acknowledged in time and is purged.
+        d.outstanding.extend([0, 1]);
+        d.report(0, 0, None);
+        let purged = d.outstanding.drain().map(|i| (i, Failure { error: "late".into(), permanent: false }));
+        d.failed.extend(purged);
+        assert_eq!(d.close().iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1]);
+        // Round 1 (the next batch, or the retry): record 1 again, then round 0's late report.
+        d.outstanding.extend([0, 1]);
+        d.report(0, 1, failure());
+        assert!(d.outstanding.contains(&1) && d.failed.is_empty(), "round 0's report does not stand for round 1's record");
+        d.report(1, 1, None);
+        d.report(1, 0, failure());
+        assert!(d.outstanding.is_empty());
+        assert_eq!(d.close().iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(d.round, 2);
+    }
+
     #[test]
     fn refusals_that_no_retry_fixes_are_permanent() {
         for c in [C::MessageSizeTooLarge, C::UnknownTopicOrPartition, C::UnknownTopic, C::TopicAuthorizationFailed] {
