@@ -157,7 +157,8 @@ impl DeadLetters {
             if let Some(b) = &index {
                 headers = headers.insert(Header { key: H_BATCH_INDEX, value: Some(b.as_str()) });
             }
-            let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new((round, i))).payload(r.value).headers(headers);
+            let mut record =
+                BaseRecord::with_opaque_to(&self.topic, Box::new((round, i))).payload(r.value).headers(headers);
             if let Some(k) = r.key {
                 record = record.key(k);
             }
@@ -231,7 +232,10 @@ mod tests {
         // Round 1 (the next batch, or the retry): record 1 again, then round 0's late report.
         d.outstanding.extend([0, 1]);
         d.report(0, 1, failure());
-        assert!(d.outstanding.contains(&1) && d.failed.is_empty(), "round 0's report does not stand for round 1's record");
+        assert!(
+            d.outstanding.contains(&1) && d.failed.is_empty(),
+            "round 0's report does not stand for round 1's record"
+        );
         d.report(1, 1, None);
         d.report(1, 0, failure());
         assert!(d.outstanding.is_empty());

@@ -150,7 +150,7 @@ impl Flight {
 /// except that each group's last row ends in the group's carrier columns ([`Carriers`]) instead
 /// of [`Carriers::COUNTED`]. It is read in runs of whole rows between carriers, copied once into
 /// the HTTP client's buffer, where a body built whole copied every row into a fresh buffer of the
-/// batch's size first (docs/measurements.md, "The dedupe state's cache lines, and the body").
+/// batch's size first (docs/measurements.md, "The INSERT body").
 #[derive(Debug)]
 pub struct Body<'f> {
     flight: &'f Flight,
@@ -259,7 +259,8 @@ mod tests {
         let names = vec!["tokens".to_string(), "users".to_string()];
         // (group, tokens, user hash): groups interleaved, one of them a single row.
         let rows: Vec<(u64, u64, u64)> = vec![(1, 5, 9), (2, 7, 9), (1, 11, 8), (3, 1, 9), (2, 2, 9), (1, 4, 9)];
-        let metas: Vec<([(u16, u64); 1], [(u16, u64); 1])> = rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
+        let metas: Vec<([(u16, u64); 1], [(u16, u64); 1])> =
+            rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
         let f = Flight::encode(names.clone(), (0, 0), |w, row| {
             for (i, (&(g, _, _), (add, uniq))) in rows.iter().zip(&metas).enumerate() {
                 w.string("o");
@@ -269,7 +270,12 @@ mod tests {
             }
         });
         let carriers = carrier::carriers(
-            rows.iter().zip(&metas).map(|(&(g, _, _), (a, u))| RowMeta { partition: 0, group: g, additive: a, unique: u }),
+            rows.iter().zip(&metas).map(|(&(g, _, _), (a, u))| RowMeta {
+                partition: 0,
+                group: g,
+                additive: a,
+                unique: u,
+            }),
             &names,
         );
         assert_eq!(carriers.rows.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![3, 4, 5], "each group's last row");
