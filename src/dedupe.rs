@@ -82,10 +82,16 @@ pub enum Verdict {
 /// hash, for a false-positive rate slightly above a classic filter's of the same size.
 #[derive(Debug, Clone)]
 pub struct Bloom {
-    blocks: Vec<[u64; 8]>,
+    blocks: Vec<Block>,
     block_mask: u64,
     inserted: u64,
 }
+
+/// One block of the filter: 512 bits, aligned to a cache line (64 bytes) so that a check reads
+/// one line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(align(64))]
+struct Block([u64; 8]);
 
 /// Bits set per key.
 const HASHES: u32 = 8;
@@ -95,7 +101,7 @@ impl Bloom {
     pub fn with_bytes(bytes: usize) -> Self {
         let budget = bytes.max(1024) / 64;
         let blocks = 1usize << (usize::BITS - 1 - budget.leading_zeros());
-        Bloom { blocks: vec![[0u64; 8]; blocks], block_mask: blocks as u64 - 1, inserted: 0 }
+        Bloom { blocks: vec![Block::default(); blocks], block_mask: blocks as u64 - 1, inserted: 0 }
     }
 
     /// The block and, for each of the [`HASHES`] bits, (word, bit) inside it.
@@ -109,7 +115,7 @@ impl Bloom {
     #[inline]
     pub fn insert(&mut self, h: u64) {
         let (b, mut x) = self.locate(h);
-        let block = &mut self.blocks[b];
+        let block = &mut self.blocks[b].0;
         for _ in 0..HASHES {
             let bit = (x >> 55) as usize; // 9 bits: 0..512
             block[bit >> 6] |= 1 << (bit & 63);
@@ -121,7 +127,7 @@ impl Bloom {
     #[inline]
     pub fn may_contain(&self, h: u64) -> bool {
         let (b, mut x) = self.locate(h);
-        let block = &self.blocks[b];
+        let block = &self.blocks[b].0;
         for _ in 0..HASHES {
             let bit = (x >> 55) as usize;
             if block[bit >> 6] & (1 << (bit & 63)) == 0 {
@@ -139,7 +145,7 @@ impl Bloom {
     /// Reads the block `h` maps to (a cache line), see [`PartitionState::touch`].
     #[inline]
     pub fn touch(&self, h: u64) -> u64 {
-        self.blocks[self.locate(h).0][0]
+        self.blocks[self.locate(h).0].0[0]
     }
 
     pub fn inserted(&self) -> u64 {
@@ -159,13 +165,14 @@ struct Set([u128; 4]);
 ///
 /// It replaced a hash set with a FIFO queue of the last N keys: that cost three cache misses per
 /// remembered key (the set's control bytes, its slot, the evicted key's slot) against one here,
-/// whose address is known from the key alone, so the staging pass can touch it ahead
-/// (docs/measurements.md, "The dedupe state's cache lines"). The key 0 marks an empty slot; a key
-/// whose 128-bit hash is 0 is simply never cached.
+/// whose address is known from the key alone, so that deduplication's first pass over a block of
+/// events can touch it ahead (docs/measurements.md, "The dedupe state's cache lines"). The key 0
+/// marks an empty slot; a key whose 128-bit hash is 0 is simply never cached.
 #[derive(Debug, Clone)]
 struct Recent {
     sets: Vec<Set>,
-    mask: usize,
+    /// `64 − log2(sets)`: a key's set is the top bits of its mixed high half (see [`Recent::at`]).
+    shift: u32,
 }
 
 /// Keys are already uniform hashes: hashing them again is wasted work. Use for sets of
@@ -206,13 +213,22 @@ impl Recent {
             0 => 0,
             n => 1usize << (usize::BITS - 1 - n.leading_zeros()),
         };
-        Recent { sets: vec![Set::default(); sets], mask: sets.wrapping_sub(1) }
+        Recent { sets: vec![Set::default(); sets], shift: 64 - sets.max(1).trailing_zeros() }
     }
 
-    /// The set `k` belongs in, from its high 64 bits (the Bloom filter reads the low ones).
+    /// The index of the set `k` belongs in: the top bits of its high 64 bits times an odd
+    /// constant (Fibonacci hashing). The high half's own low bits are not uniform for keys that
+    /// differ in a few characters (five of 35 ids `e<n>` of one tenant fell in one of 128 sets),
+    /// and the product's top bits depend on every bit. The Bloom filter reads the low half.
+    #[inline]
+    fn at(&self, k: u128) -> usize {
+        ((k >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).checked_shr(self.shift).unwrap_or(0) as usize
+    }
+
+    /// The set `k` belongs in (none when the cache holds nothing).
     #[inline]
     fn set_of(&self, k: u128) -> Option<&Set> {
-        self.sets.get((k >> 64) as usize & self.mask)
+        self.sets.get(self.at(k))
     }
 
     #[inline]
@@ -222,7 +238,7 @@ impl Recent {
 
     #[inline]
     fn insert(&mut self, k: u128) {
-        let at = (k >> 64) as usize & self.mask;
+        let at = self.at(k);
         let Some(set) = self.sets.get_mut(at) else { return };
         if k == 0 || set.0.contains(&k) {
             return;
@@ -376,6 +392,28 @@ mod tests {
         assert!(!none.contains(keys[0]) && none.bytes() == 0);
         assert_eq!(Recent::new(262_144).bytes(), 4 << 20);
         assert_eq!(Recent::new(262_143).bytes(), 2 << 20);
+        // One set: every key goes to it.
+        let mut one = Recent::new(4);
+        for &k in &keys[..6] {
+            one.insert(k);
+        }
+        assert!(keys[2..6].iter().all(|&k| one.contains(k)) && !one.contains(keys[1]));
+    }
+
+    /// Keys of one tenant whose ids differ in a few characters spread over the sets: 40 such keys
+    /// in 128 sets of four are all held (the high half's low bits, used directly, put five of
+    /// them in one set and evicted the first).
+    #[test]
+    fn similar_keys_spread_over_the_sets() {
+        for (org, project) in [("org-1", "proj-1"), ("org-1-1d2f", "proj-1-1-9a0c"), ("o", "p")] {
+            let mut r = Recent::new(512);
+            let keys: Vec<u128> = (0..40).map(|i| EventKey::new(org, project, &format!("e{i}")).0).collect();
+            for &k in &keys {
+                r.insert(k);
+            }
+            let lost: Vec<usize> = (0..40).filter(|&i| !r.contains(keys[i])).collect();
+            assert!(lost.is_empty(), "{org}/{project}: ids {lost:?} evicted");
+        }
     }
 
     #[test]

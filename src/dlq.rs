@@ -184,10 +184,10 @@ impl DeadLetters {
         failed
     }
 
-    /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns
-    /// the failed ones, to retry, and closes the round ([`Deliveries`]). Records not acknowledged in time are purged from the queue
-    /// (so they are not sent later, behind their retried copies) and reported failed; some may
-    /// have been written: their copies carry the same source coordinates.
+    /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns the
+    /// failed ones, to retry, and closes the round ([`Deliveries`]). Records not acknowledged in
+    /// time are purged from the queue (so they are not sent later, behind their retried copies) and
+    /// reported failed; some may have been written: their copies carry the same source coordinates.
     pub fn wait_acks(&self, timeout: Duration) -> Vec<(usize, Failure)> {
         let deadline = std::time::Instant::now() + timeout;
         loop {

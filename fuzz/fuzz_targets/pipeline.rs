@@ -88,7 +88,17 @@ fuzz_target!(|data: &[u8]| {
     // a row of the INSERT body, with its carrier columns (6 bytes at least, as in the flight).
     let flight = staged.flight(&p.meters, "t", NOW);
     assert_eq!(flight.len(), billed.len());
-    let body = flight.body();
-    assert!(body.len() >= flight.buf.len());
-    assert_eq!(body.len(), flight.body().into_vec().len());
+    let whole = flight.body().into_vec();
+    assert!(whole.len() >= flight.buf.len());
+    assert_eq!(whole.len(), flight.body().len());
+    // Read as an HTTP client reads it, in small pieces: the same bytes.
+    let (mut body, mut pieces, mut piece) = (flight.body(), Vec::new(), [0u8; 7]);
+    loop {
+        let n = std::io::Read::read(&mut body, &mut piece).unwrap();
+        if n == 0 {
+            break;
+        }
+        pieces.extend_from_slice(&piece[..n]);
+    }
+    assert_eq!(pieces, whole);
 });

@@ -63,8 +63,9 @@ impl Carriers {
 
 /// Sums `rows` (what each row of one INSERT attempt bills, in row order) per group into the
 /// carrier columns ([`CARRIER_COLUMNS`]) of each group's last row. Meter indices index `names`.
-/// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views. Every other row gets
-/// [`Carriers::COUNTED`]; [`crate::sink::flight::Body`] puts them together as the request body.
+/// Sums wrap at 2^64, as ClickHouse's `sum` of `UInt64` does in the views. Every other row keeps
+/// the [`Carriers::COUNTED`] columns [`crate::sink::flight::Flight::encode`] ends each row with;
+/// [`crate::sink::flight::Body`] puts rows and carriers together as the request body.
 pub fn carriers<'m>(rows: impl Iterator<Item = RowMeta<'m>>, names: &[String]) -> Carriers {
     // One pass over the rows: each group's per-meter sums, unique pairs and last row.
     // Groups are found by hashing (consecutive rows mostly share one, and skip the look-up);

@@ -56,8 +56,9 @@ pub struct Flight {
 impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
     /// (`row(w, meta)` is called after the row's bytes in the [`crate::sink::EVENTS_COLUMNS`]
-    /// layout are written, and appends the carrier columns; `meta`'s meter indices index `names`). `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as
-    /// growing a batch's megabytes by doubling copies them again and again (benches/pipeline.rs).
+    /// layout are written, and appends the carrier columns; `meta`'s meter indices index `names`).
+    /// `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as growing a
+    /// batch's megabytes by doubling copies them again and again (benches/pipeline.rs).
     pub fn encode(
         names: Vec<String>,
         capacity: (usize, usize),
@@ -259,8 +260,9 @@ mod tests {
         let names = vec!["tokens".to_string(), "users".to_string()];
         // (group, tokens, user hash): groups interleaved, one of them a single row.
         let rows: Vec<(u64, u64, u64)> = vec![(1, 5, 9), (2, 7, 9), (1, 11, 8), (3, 1, 9), (2, 2, 9), (1, 4, 9)];
-        let metas: Vec<([(u16, u64); 1], [(u16, u64); 1])> =
-            rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
+        // Per row: its one (meter, value) sum entry and its one (meter, hash) unique entry.
+        type Entries = [(u16, u64); 1];
+        let metas: Vec<(Entries, Entries)> = rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
         let f = Flight::encode(names.clone(), (0, 0), |w, row| {
             for (i, (&(g, _, _), (add, uniq))) in rows.iter().zip(&metas).enumerate() {
                 w.string("o");

@@ -26,6 +26,10 @@ pub type Verdict = Result<Checked, Denied>;
 /// Slots of the front (a power of two). Each holds one value and its verdict: a few hundred bytes.
 pub const FRONT_SLOTS: usize = 1024;
 
+/// Longest value the front holds, in bytes; longer ones are found in the map only, so the front's
+/// memory stays under `FRONT_SLOTS` × this (4 MiB) whatever headers producers send.
+pub const FRONT_MAX_VALUE: usize = 4096;
+
 /// See the module documentation.
 pub struct CredentialCache {
     map: HashMap<Box<[u8]>, Verdict>,
@@ -56,6 +60,9 @@ impl CredentialCache {
 
     /// The cached verdict of `value`, if there is one.
     pub fn get(&mut self, value: &[u8]) -> Option<&Verdict> {
+        if value.len() > FRONT_MAX_VALUE {
+            return self.map.get(value);
+        }
         let i = Self::slot(value);
         let hit = matches!(&self.front[i], (v, Some(_)) if v.as_slice() == value);
         if !hit {
@@ -74,6 +81,9 @@ impl CredentialCache {
             self.clear();
         }
         let verdict = self.map.entry(value.into()).or_insert(verdict);
+        if value.len() > FRONT_MAX_VALUE {
+            return verdict;
+        }
         let slot = &mut self.front[Self::slot(value)];
         slot.0.clear();
         slot.0.extend_from_slice(value);
@@ -128,13 +138,23 @@ mod tests {
         assert!(c.get(a).is_none());
         assert_eq!(org(Some(c.insert(a, checked("org-a")))).as_deref(), Some("org-a"));
         assert!(c.get(b).is_none(), "a value is found only by comparing it whole");
-        c.insert(b, Err(Denied(Reason::InvalidCredentials)));
+        c.insert(b, checked("org-b"));
         for _ in 0..3 {
             // Each look-up evicts the other from the front; the map answers it exactly.
             assert_eq!(org(c.get(a)).as_deref(), Some("org-a"));
-            assert_eq!(org(c.get(b)).as_deref(), Some("denied InvalidCredentials"));
+            assert_eq!(org(c.get(b)).as_deref(), Some("org-b"));
         }
-        assert_eq!(c.len(), 2);
+        // A denial shares the slot too, and is answered as a denial.
+        let d = b"Bearer zzzz.wwww.SAMETAIL".as_slice();
+        c.insert(d, Err(Denied(Reason::InvalidCredentials)));
+        assert_eq!(org(c.get(d)).as_deref(), Some("denied InvalidCredentials"));
+        assert_eq!(org(c.get(a)).as_deref(), Some("org-a"));
+        assert_eq!(c.len(), 3);
+        // Values longer than the front holds are answered by the map alone.
+        let long = [b"Bearer ".as_slice(), &vec![b'x'; FRONT_MAX_VALUE]].concat();
+        c.insert(&long, checked("org-long"));
+        assert_eq!(org(c.get(&long)).as_deref(), Some("org-long"));
+        assert!(c.front.iter().all(|(v, _)| v.len() <= FRONT_MAX_VALUE));
     }
 
     #[test]
