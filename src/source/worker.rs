@@ -329,13 +329,22 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     fn wait(&mut self, delay: Duration, on: &'static str) -> Result<(), Abandoned> {
         m::waiting(on, true);
         counter!(m::RETRY_SECONDS, "on" => on).increment(delay.as_secs());
-        if let Ok(a) = self.consumer.assignment() {
-            let _ = self.consumer.pause(&a);
+        let paused = self.consumer.assignment().ok();
+        if let Some(a) = &paused {
+            let _ = self.consumer.pause(a);
         }
         let until = Instant::now() + delay;
         while Instant::now() < until {
             self.poll_aside(until.saturating_duration_since(Instant::now()).min(POLL_SLICE));
             self.stopping();
+        }
+        // Resume what was paused, whether still assigned or not, and what is assigned now.
+        // librdkafka keeps a partition's pause across a revocation: one revoked during the wait
+        // and assigned to this worker again later was never fetched (the 2-worker bench pass
+        // hung so, 2026-11-30: the partitions were paused by a wait on a fenced INSERT's retry,
+        // revoked during it, and assigned back after it, when the assignment was empty).
+        if let Some(a) = &paused {
+            let _ = self.consumer.resume(a);
         }
         if let Ok(a) = self.consumer.assignment() {
             let _ = self.consumer.resume(&a);
