@@ -44,10 +44,6 @@ pub const CARRIER_COLUMNS: &str = "agg_additive, agg_meters, agg_values";
 /// `agg_additive` of a row that counts itself in the views (the column's default).
 pub const SELF_COUNTED: i32 = -1;
 
-/// The carrier columns of a row counted by its group's carrier: `agg_additive` 0 (Int32, little
-/// endian) and two empty arrays.
-const COUNTED_BY_CARRIER: [u8; 6] = [0, 0, 0, 0, 0, 0];
-
 /// Each group's carrier columns for one attempt's rows: the bytes of every carrier, one after
 /// the other, and per carrier its row (ascending) and its range in those bytes.
 #[derive(Debug, Default)]
@@ -57,8 +53,9 @@ pub struct Carriers {
 }
 
 impl Carriers {
-    /// The carrier columns of a row counted by its group's carrier, see [`COUNTED_BY_CARRIER`].
-    pub const COUNTED: &'static [u8] = &COUNTED_BY_CARRIER;
+    /// The carrier columns of a row counted by its group's carrier: `agg_additive` 0 (Int32,
+    /// little endian) and two empty arrays.
+    pub const COUNTED: &'static [u8] = &[0, 0, 0, 0, 0, 0];
 }
 
 /// Sums `rows` (what each row of one INSERT attempt bills, in row order) per group into the

@@ -64,15 +64,18 @@ impl CredentialCache {
             return self.map.get(value);
         }
         let i = Self::slot(value);
-        let hit = matches!(&self.front[i], (v, Some(_)) if v.as_slice() == value);
-        if !hit {
-            let verdict = self.map.get(value)?.clone();
-            let slot = &mut self.front[i];
-            slot.0.clear();
-            slot.0.extend_from_slice(value);
-            slot.1 = Some(verdict);
+        if matches!(&self.front[i], (v, Some(_)) if v.as_slice() == value) {
+            return self.front[i].1.as_ref();
         }
-        self.front[i].1.as_ref()
+        let verdict = self.map.get(value)?.clone();
+        Some(Self::put(&mut self.front[i], value, verdict))
+    }
+
+    /// Puts `value` and its verdict in its front slot `slot` (the slot's buffer reused).
+    fn put<'s>(slot: &'s mut (Vec<u8>, Option<Verdict>), value: &[u8], verdict: Verdict) -> &'s Verdict {
+        slot.0.clear();
+        slot.0.extend_from_slice(value);
+        slot.1.insert(verdict)
     }
 
     /// Caches the verdict of `value` (emptying the cache first when it is full) and returns it.
@@ -84,10 +87,7 @@ impl CredentialCache {
         if value.len() > FRONT_MAX_VALUE {
             return verdict;
         }
-        let slot = &mut self.front[Self::slot(value)];
-        slot.0.clear();
-        slot.0.extend_from_slice(value);
-        slot.1.insert(verdict.clone())
+        Self::put(&mut self.front[Self::slot(value)], value, verdict.clone())
     }
 
     /// Forgets every verdict (after a key change or a revocation).
