@@ -115,6 +115,76 @@ fn clickhouse_outage_is_waited_out() {
     eprintln!("[measure] outage: {} events held while ClickHouse was down, all counted exactly after", second.events);
 }
 
+/// Partitions revoked while the worker waits out an outage (its partitions paused) and assigned
+/// back after the wait are fetched again: librdkafka keeps a partition's pause across a
+/// revocation, so a wait that resumed only what was assigned when it ended left them paused for
+/// good (a 2-worker bench pass hung so). The other member is a plain consumer of the same group
+/// that commits nothing, so every offset the test waits for is the worker's.
+#[test]
+fn partitions_revoked_during_a_wait_are_fetched_when_assigned_back() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let proxy = common::proxy::Proxy::to_clickhouse();
+    let metrics = common::free_addr();
+    let w = World::with("pausedback", &format!("http://{}", proxy.addr), &metrics);
+    let worker = w.worker("1");
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    let first = w.generate(&w.gen_config(2_000, 41));
+    w.wait_caught_up(&first);
+    let before = tally::admin::committed(&w.kafka).unwrap();
+
+    // ClickHouse unreachable while traffic arrives on every partition: the worker waits.
+    proxy.cut();
+    let second = w.generate(&tally::loadgen::GenConfig { first_message_id: 1_000_000, ..w.gen_config(6_000, 42) });
+    let waiting = || common::sample(&common::scrape(&metrics), "tally_waiting", "on=\"clickhouse\"") == Some(1.0);
+    let t = Instant::now();
+    while !waiting() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the worker never waited on ClickHouse");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A second member joins during the wait and takes part of the worker's partitions.
+    let assigned = w.assignments("1");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let member = s.spawn(|| {
+            let c: BaseConsumer = tally::source::consumer_config(&w.kafka).create().unwrap();
+            c.subscribe(&[&w.kafka.topic]).unwrap();
+            let mut held = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.poll(Duration::from_millis(100));
+                held = held.max(c.assignment().map(|a| a.count()).unwrap_or(0));
+            }
+            c.unsubscribe();
+            held
+        });
+        // The worker serves the rebalance from inside its wait (ClickHouse is still cut).
+        assert!(w.wait_assignments("1", assigned + 1, Duration::from_secs(60)), "no rebalance");
+
+        // ClickHouse back: the wait ends while the other member still holds its partitions, and
+        // the worker writes and commits what is still its own.
+        proxy.restore();
+        let t = Instant::now();
+        while waiting() || tally::admin::committed(&w.kafka).unwrap() == before {
+            assert!(t.elapsed() < Duration::from_secs(120), "the worker did not resume after the outage");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(member.join().unwrap() > 0, "the other member held partitions");
+    });
+
+    // The other member left: its partitions are the worker's again, and must be fetched.
+    assert!(w.wait_assignments("1", assigned + 2, Duration::from_secs(60)), "not assigned back");
+    tally::admin::wait_committed(&w.kafka, &second.end_offsets, Duration::from_secs(120))
+        .expect("partitions assigned back after the wait were never fetched");
+    stop_all(vec![worker]);
+    let mut all = first.clone();
+    merge(&mut all, &second);
+    w.assert_totals(&all);
+    // Batches revoked before they were committed are redelivered, and their rejections
+    // dead-lettered again: the dead-letter topic is at-least-once (docs/exactly-once.md).
+    w.assert_dead_letters(&all, false);
+}
+
 /// Inserts that reach ClickHouse but whose answers are lost (the worker sees a failed request
 /// that did take effect): the retry finds the rows that landed and does not send them again.
 #[test]
