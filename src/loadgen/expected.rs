@@ -29,6 +29,9 @@ pub struct Expected {
     pub accepted: u64,
     pub duplicates: u64,
     pub rejected_events: u64,
+    /// Seconds from the first message sent to the last one acknowledged by the broker.
+    #[serde(default)]
+    pub send_secs: f64,
 }
 
 /// Accumulates the expectation while the generator produces.
@@ -97,8 +100,9 @@ impl Tracker {
         self.rejected.insert((msg_id, batch_index, reason));
     }
 
-    pub fn finish(self, end_offsets: BTreeMap<i32, i64>, messages: u64, events: u64) -> Expected {
+    pub fn finish(self, end_offsets: BTreeMap<i32, i64>, messages: u64, events: u64, send_secs: f64) -> Expected {
         Expected {
+            send_secs,
             totals: self.totals.into_iter().map(|((o, p, m, h), v)| (o, p, m, h, v)).collect(),
             unique_hourly: self
                 .unique_hourly

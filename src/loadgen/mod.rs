@@ -11,7 +11,7 @@
 
 pub mod expected;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,10 @@ pub struct GenConfig {
     pub users_per_project: u32,
     /// `x-loadgen-id` of the first message (runs into one topic use disjoint ranges).
     pub first_message_id: u64,
+    /// Build every message first, then send them paced at `rate`: the sending side then holds
+    /// a rate the building side could not (building a message costs more than sending it).
+    /// Holds the whole workload in memory (about 0.8 KiB per event).
+    pub prebuild: bool,
 }
 
 impl Default for GenConfig {
@@ -87,6 +91,7 @@ impl Default for GenConfig {
             window_secs: 30 * 24 * 3600,
             users_per_project: 50,
             first_message_id: 0,
+            prebuild: false,
         }
     }
 }
@@ -133,6 +138,11 @@ struct Gen<'k> {
     /// Events whose rejected copy was sent; a valid copy follows later.
     owed: Vec<(usize, Value)>,
     tracker: Tracker,
+    /// Valid signed credentials of the current second, by (tenant, kind): signing is
+    /// deterministic (Ed25519, HMAC-SHA256) and the claims depend on `now` only, so a cached
+    /// token is the very token a fresh signature would give.
+    tokens: HashMap<(usize, u8), String>,
+    tokens_at: i64,
 }
 
 impl<'k> Gen<'k> {
@@ -217,12 +227,23 @@ impl<'k> Gen<'k> {
     }
 
     fn valid_auth(&mut self, tenant: usize) -> String {
-        let t = &self.keys.tenants[tenant];
-        match self.rng.gen_range(0..3) {
-            0 => bearer(&self.keys.sign_eddsa(&self.keys.claims(t, self.now, 24 * 3600))),
-            1 => bearer(&self.keys.sign_hs256(&self.keys.claims(t, self.now, 24 * 3600))),
-            _ => basic(t),
+        let (keys, now) = (self.keys, self.now);
+        let t = &keys.tenants[tenant];
+        let kind: u8 = self.rng.gen_range(0..3);
+        if kind == 2 {
+            return basic(t);
         }
+        if self.tokens_at != now {
+            self.tokens.clear();
+            self.tokens_at = now;
+        }
+        self.tokens
+            .entry((tenant, kind))
+            .or_insert_with(|| {
+                let claims = keys.claims(t, now, 24 * 3600);
+                bearer(&if kind == 0 { keys.sign_eddsa(&claims) } else { keys.sign_hs256(&claims) })
+            })
+            .clone()
     }
 
     /// A credential or message defect for a whole message, as (auth, value override, reason).
@@ -393,10 +414,23 @@ pub fn generate(
         sent: vec![Vec::new(); keys.tenants.len()],
         owed: Vec::new(),
         tracker: Tracker::new(meters),
+        tokens: HashMap::new(),
+        tokens_at: 0,
     };
-    let start = Instant::now();
     let (mut events, mut messages) = (0u64, 0u64);
     let id = |messages: u64| cfg.first_message_id + messages;
+    let mut pacer = Pacer::new(cfg.rate);
+    let mut sending = Instant::now();
+    let mut built: Vec<(u64, Out)> = Vec::new();
+    let mut emit = |msg_id: u64, out: Out| -> anyhow::Result<()> {
+        if cfg.prebuild {
+            built.push((msg_id, out));
+        } else {
+            send(&producer, topic, msg_id, &out)?;
+            pacer.sent(out.events);
+        }
+        Ok(())
+    };
     while events < cfg.events || !g.owed.is_empty() {
         if events >= cfg.events {
             // Pay the owed valid copies.
@@ -404,11 +438,9 @@ pub fn generate(
             let t = keys.tenants[tenant].clone();
             g.tracker.valid(&t.org_id, &t.project_id, &e);
             let auth = g.valid_auth(tenant);
-            send(
-                &producer,
-                topic,
+            emit(
                 id(messages),
-                &Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 },
+                Out { key: t.project_id, value: e.to_string().into_bytes(), auth: Some(auth), events: 1 },
             )?;
             messages += 1;
             events += 1;
@@ -419,15 +451,17 @@ pub fn generate(
             progress(events);
         }
         let out = g.message(id(messages));
-        send(&producer, topic, id(messages), &out)?;
+        let n = out.events;
+        emit(id(messages), out)?;
         messages += 1;
-        events += out.events;
-        if cfg.rate > 0 {
-            let due = Duration::from_secs_f64(events as f64 / cfg.rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
+        events += n;
+    }
+    if cfg.prebuild {
+        (pacer, sending) = (Pacer::new(cfg.rate), Instant::now());
+    }
+    for (msg_id, out) in built {
+        send(&producer, topic, msg_id, &out)?;
+        pacer.sent(out.events);
     }
     producer.flush(Duration::from_secs(120)).context("producer flush timed out")?;
     let errors = producer.context().errors.lock().expect("lock").clone();
@@ -435,7 +469,30 @@ pub fn generate(
         bail!("{} messages were not delivered; first error: {}", errors.len(), errors[0]);
     }
     let end_offsets = producer.context().end_offsets.lock().expect("lock").clone();
-    Ok(g.tracker.finish(end_offsets, messages, events))
+    Ok(g.tracker.finish(end_offsets, messages, events, sending.elapsed().as_secs_f64()))
+}
+
+/// Holds a send rate: after each message, sleeps until its events are due.
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    events: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer { rate, start: Instant::now(), events: 0 }
+    }
+
+    fn sent(&mut self, events: u64) {
+        self.events += events;
+        if self.rate > 0 {
+            let due = Duration::from_secs_f64(self.events as f64 / self.rate as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
 }
 
 fn send(producer: &BaseProducer<Deliveries>, topic: &str, msg_id: u64, out: &Out) -> anyhow::Result<()> {
@@ -457,4 +514,40 @@ fn send(producer: &BaseProducer<Deliveries>, topic: &str, msg_id: u64, out: &Out
     }
     producer.poll(Duration::ZERO);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen(keys: &DevKeys) -> Gen<'_> {
+        Gen {
+            cfg: GenConfig::default(),
+            keys,
+            rng: StdRng::seed_from_u64(5),
+            now: 1_790_000_000,
+            next_event: 0,
+            sent: vec![Vec::new(); keys.tenants.len()],
+            owed: Vec::new(),
+            tracker: Tracker::new(Vec::new()),
+            tokens: HashMap::new(),
+            tokens_at: 0,
+        }
+    }
+
+    /// The token cache changes nothing: every credential is the one a fresh signature gives,
+    /// within a second and across seconds.
+    #[test]
+    fn cached_credentials_are_the_freshly_signed_ones() {
+        let keys = DevKeys::generate(2, 3, "https://auth.tally.test", "tally-ingest");
+        let (mut cached, mut fresh) = (gen(&keys), gen(&keys));
+        for i in 0..300 {
+            let now = 1_790_000_000 + i / 100;
+            (cached.now, fresh.now) = (now, now);
+            fresh.tokens.clear();
+            let tenant = (i % 6) as usize;
+            assert_eq!(cached.valid_auth(tenant), fresh.valid_auth(tenant), "call {i}");
+        }
+        assert!(cached.tokens.len() > 1 && cached.tokens.len() <= 12, "the cache was used: {}", cached.tokens.len());
+    }
 }
