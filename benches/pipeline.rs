@@ -76,6 +76,7 @@ fn main() {
             meters: Meters::parse(DEFAULT_METERS_TOML).unwrap(),
             verifier: Verifier::from_config(&auth).unwrap(),
             limits: Limits { max_message_bytes: 1 << 20, max_future_secs: 300, window_secs: 30 * 86_400 },
+            hint: Default::default(),
         };
         let mut best = f64::MAX;
         let mut carriers = f64::MAX;

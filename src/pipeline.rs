@@ -97,6 +97,33 @@ pub struct Processor {
     pub meters: Meters,
     pub verifier: Verifier,
     pub limits: Limits,
+    /// The last batch's proportions, to size the next one's buffers.
+    pub hint: StageHint,
+}
+
+/// How many events, additive entries and unique entries the last staged batch held, and for how
+/// many messages. A batch's buffers are sized from it up front: growing them by doubling copied
+/// each buffer and touched fresh pages every batch (perf of a worker's first pass, 2026-12-01:
+/// ~5 % of its samples in `realloc`'s copies and the kernel's page zeroing under `stage`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageHint {
+    pub messages: usize,
+    pub events: usize,
+    pub additive: usize,
+    pub unique: usize,
+}
+
+impl StageHint {
+    /// `n` scaled from the last batch's `messages` to `messages`, plus 1/8 for the variation
+    /// between batches, and never more than twice `n` (a batch of many messages after one of a
+    /// few huge ones must not ask for much more than the last batch held); 0 before the first.
+    fn scaled(&self, n: usize, messages: usize) -> usize {
+        if self.messages == 0 {
+            return 0;
+        }
+        let per = n as f64 / self.messages as f64;
+        ((per * messages as f64 * 1.125) as usize).min(n.saturating_mul(2))
+    }
 }
 
 /// A message names a partition whose dedupe state was not loaded.
@@ -115,11 +142,14 @@ impl Processor {
         states: &mut HashMap<i32, PartitionState>,
         now: i64,
     ) -> Result<Staged<'a>, MissingState> {
-        // Sized for one event per message up front: growing these while staging cost page
-        // faults and copies (benches/pipeline.rs).
+        // Sized up front, from the last batch's proportions (at least one event per message):
+        // growing these while staging cost page faults and copies (benches/pipeline.rs).
+        let h = self.hint;
         let mut out = Staged {
-            events: Vec::with_capacity(msgs.len()),
+            events: Vec::with_capacity(h.scaled(h.events, msgs.len()).max(msgs.len())),
             principals: Vec::with_capacity(msgs.len()),
+            additive: Vec::with_capacity(h.scaled(h.additive, msgs.len())),
+            unique: Vec::with_capacity(h.scaled(h.unique, msgs.len())),
             ..Staged::default()
         };
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
@@ -206,6 +236,12 @@ impl Processor {
             }
         }
         out.deduplicate(states);
+        self.hint = StageHint {
+            messages: msgs.len(),
+            events: out.events.len(),
+            additive: out.additive.len(),
+            unique: out.unique.len(),
+        };
         Ok(out)
     }
 

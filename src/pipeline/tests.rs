@@ -22,6 +22,7 @@ fn fx(name: &str) -> Fx {
         meters: Meters::parse(DEFAULT_METERS_TOML).unwrap(),
         verifier: Verifier::from_config(&auth).unwrap(),
         limits: Limits { max_message_bytes: 4096, max_future_secs: 300, window_secs: 86_400 },
+        hint: Default::default(),
     };
     let mut states = HashMap::new();
     states.insert(0, PartitionState::new(4096, 1000, 0));

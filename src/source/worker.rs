@@ -998,6 +998,7 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
             max_future_secs: cfg.ingest.max_future_secs as i64,
             window_secs: cfg.dedupe.window_secs as i64,
         },
+        hint: Default::default(),
     };
     let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
         .create_with_context(Context::new(&cfg.kafka.topic, Duration::from_secs(cfg.clickhouse.timeout_secs)))
