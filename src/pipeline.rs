@@ -97,7 +97,7 @@ pub struct Processor {
     pub meters: Meters,
     pub verifier: Verifier,
     pub limits: Limits,
-    /// The last batch's proportions, to size the next one's buffers.
+    /// The last staged batch's counts, to size the next one's buffers.
     pub hint: StageHint,
 }
 
@@ -115,14 +115,35 @@ pub struct StageHint {
 
 impl StageHint {
     /// `n` scaled from the last batch's `messages` to `messages`, plus 1/8 for the variation
-    /// between batches, and never more than twice `n` (a batch of many messages after one of a
-    /// few huge ones must not ask for much more than the last batch held); 0 before the first.
-    fn scaled(&self, n: usize, messages: usize) -> usize {
+    /// between batches; never more than twice `n` (a batch of many messages after one of a few
+    /// huge ones must not ask for much more than the last batch held), nor more than `bytes`
+    /// (this batch's message values) could hold at [`MIN_EVENT_BYTES`] each (a batch of sparse
+    /// messages after one of dense ones); 0 before the first batch.
+    fn scaled(&self, n: usize, messages: usize, bytes: usize) -> usize {
         if self.messages == 0 {
             return 0;
         }
         let per = n as f64 / self.messages as f64;
-        ((per * messages as f64 * 1.125) as usize).min(n.saturating_mul(2))
+        ((per * messages as f64 * 1.125) as usize).min(n.saturating_mul(2)).min(bytes / MIN_EVENT_BYTES)
+    }
+}
+
+/// Fewer bytes than any staged event takes in a message (`{"id":"x","type":"t","timestamp":`
+/// and an RFC 3339 time are 56): a batch of `b` bytes holds at most `b / 32` events. It caps
+/// the estimates of [`StageHint::scaled`] only; a vector grows past it if it must.
+const MIN_EVENT_BYTES: usize = 32;
+
+impl StageHint {
+    /// Records `staged`'s counts for `messages` messages; an empty batch keeps the last hint.
+    fn record(&mut self, messages: usize, staged: &Staged<'_>) {
+        if messages > 0 {
+            *self = StageHint {
+                messages,
+                events: staged.events.len(),
+                additive: staged.additive.len(),
+                unique: staged.unique.len(),
+            };
+        }
     }
 }
 
@@ -144,12 +165,13 @@ impl Processor {
     ) -> Result<Staged<'a>, MissingState> {
         // Sized up front, from the last batch's proportions (at least one event per message):
         // growing these while staging cost page faults and copies (benches/pipeline.rs).
-        let h = self.hint;
+        let (h, n) = (self.hint, msgs.len());
+        let bytes: usize = msgs.iter().map(|m| m.value.map_or(0, <[u8]>::len)).sum();
         let mut out = Staged {
-            events: Vec::with_capacity(h.scaled(h.events, msgs.len()).max(msgs.len())),
-            principals: Vec::with_capacity(msgs.len()),
-            additive: Vec::with_capacity(h.scaled(h.additive, msgs.len())),
-            unique: Vec::with_capacity(h.scaled(h.unique, msgs.len())),
+            events: Vec::with_capacity(h.scaled(h.events, n, bytes).max(n)),
+            principals: Vec::with_capacity(n),
+            additive: Vec::with_capacity(h.scaled(h.additive, n, bytes)),
+            unique: Vec::with_capacity(h.scaled(h.unique, n, bytes)),
             ..Staged::default()
         };
         let mut caps: Vec<Captured<'a>> = vec![Captured::Missing; self.meters.tree().slots()];
@@ -236,12 +258,7 @@ impl Processor {
             }
         }
         out.deduplicate(states);
-        self.hint = StageHint {
-            messages: msgs.len(),
-            events: out.events.len(),
-            additive: out.additive.len(),
-            unique: out.unique.len(),
-        };
+        self.hint.record(msgs.len(), &out);
         Ok(out)
     }
 

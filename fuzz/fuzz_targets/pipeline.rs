@@ -35,6 +35,7 @@ fn processor() -> &'static Mutex<Processor> {
             meters: Meters::parse(DEFAULT_METERS_TOML).unwrap(),
             verifier: Verifier::from_config(&keys.auth_config(dir)).unwrap(),
             limits: Limits { max_message_bytes: 1 << 20, max_future_secs: 300, window_secs: 86_400 },
+            hint: Default::default(),
         })
     })
 }
