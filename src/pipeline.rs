@@ -101,6 +101,11 @@ pub struct Processor {
     pub hint: StageHint,
 }
 
+/// Fewer bytes than any staged event takes in a message (`{"id":"x","type":"t","timestamp":`
+/// and an RFC 3339 time are 56): a batch of `b` bytes holds at most `b / 32` events. It caps
+/// the estimates of [`StageHint::scaled`] only; a vector grows past it if it must.
+const MIN_EVENT_BYTES: usize = 32;
+
 /// How many events, additive entries and unique entries the last staged batch held, and for how
 /// many messages. A batch's buffers are sized from it up front: growing them by doubling copied
 /// each buffer and touched fresh pages every batch (perf of a worker's first pass, 2026-12-01:
@@ -126,14 +131,7 @@ impl StageHint {
         let per = n as f64 / self.messages as f64;
         ((per * messages as f64 * 1.125) as usize).min(n.saturating_mul(2)).min(bytes / MIN_EVENT_BYTES)
     }
-}
 
-/// Fewer bytes than any staged event takes in a message (`{"id":"x","type":"t","timestamp":`
-/// and an RFC 3339 time are 56): a batch of `b` bytes holds at most `b / 32` events. It caps
-/// the estimates of [`StageHint::scaled`] only; a vector grows past it if it must.
-const MIN_EVENT_BYTES: usize = 32;
-
-impl StageHint {
     /// Records `staged`'s counts for `messages` messages; an empty batch keeps the last hint.
     fn record(&mut self, messages: usize, staged: &Staged<'_>) {
         if messages > 0 {
