@@ -99,6 +99,11 @@ impl Deliveries {
         }
     }
 
+    /// Whether `round` is the open round and all its records are acknowledged, none failed.
+    fn acknowledged(&self, round: u64) -> bool {
+        self.round == round && self.outstanding.is_empty() && self.failed.is_empty()
+    }
+
     /// Ends the round: its failures (purged records included), and later reports of its records
     /// are ignored.
     fn close(&mut self) -> Vec<(usize, Failure)> {
@@ -184,6 +189,20 @@ impl DeadLetters {
         failed
     }
 
+    /// The current round: the records queued since the last [`DeadLetters::wait_acks`] belong to
+    /// it ([`Deliveries`]).
+    pub fn round(&self) -> u64 {
+        self.producer.context().state.lock().expect("lock").round
+    }
+
+    /// Whether `round` is still open and every record queued in it has been acknowledged, none
+    /// failed. Serves the delivery reports that arrived, waiting for none. A round that was closed
+    /// is never acknowledged here: only its [`DeadLetters::wait_acks`] caller knows its failures.
+    pub fn round_acknowledged(&self, round: u64) -> bool {
+        self.producer.poll(Duration::ZERO);
+        self.producer.context().state.lock().expect("lock").acknowledged(round)
+    }
+
     /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns the
     /// failed ones, to retry, and closes the round ([`Deliveries`]). Records not acknowledged in
     /// time are purged from the queue (so they are not sent later, behind their retried copies) and
@@ -241,6 +260,23 @@ mod tests {
         assert!(d.outstanding.is_empty());
         assert_eq!(d.close().iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0]);
         assert_eq!(d.round, 2);
+    }
+
+    /// A revocation commits a written batch only if its round is open and every one of its
+    /// records acknowledged: not while one is outstanding, not after one failed, and never for a
+    /// round already closed (its failures may be waiting for a re-send).
+    #[test]
+    fn a_round_is_acknowledged_only_while_open_and_whole() {
+        let mut d = Deliveries::default();
+        assert!(d.acknowledged(0), "a round without records");
+        d.outstanding.extend([0, 1]);
+        d.report(0, 0, None);
+        assert!(!d.acknowledged(0), "record 1 is outstanding");
+        d.report(0, 1, Some(Failure { error: "refused".into(), permanent: true }));
+        assert!(!d.acknowledged(0), "record 1 failed");
+        assert_eq!(d.close().len(), 1);
+        assert!(!d.acknowledged(0), "round 0 is closed, its failure is the caller's to re-send");
+        assert!(d.acknowledged(1), "round 1 has no records yet");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub const CONSUMER_LAG: &str = "tally_consumer_lag";
 pub const COMMITTED_OFFSET: &str = "tally_committed_offset";
 pub const COMMITS: &str = "tally_commits_total";
 pub const COMMIT_ERRORS: &str = "tally_commit_errors_total";
+pub const REVOCATION_COMMITS: &str = "tally_revocation_commits_total";
 pub const BROKER_ERRORS: &str = "tally_broker_errors_total";
 pub const WAITING: &str = "tally_waiting";
 pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
@@ -71,6 +72,10 @@ pub fn describe() {
     describe_gauge!(COMMITTED_OFFSET, "Last committed offset, per partition.");
     describe_counter!(COMMITS, "Offset commits.");
     describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
+    describe_counter!(
+        REVOCATION_COMMITS,
+        "Offset commits made by a revocation for a batch written but not landed yet (also counted in tally_commits_total)."
+    );
     describe_counter!(BROKER_ERRORS, "Errors reported by the Kafka client.");
     describe_gauge!(
         WAITING,

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{merge, stop_all, World};
@@ -124,13 +125,6 @@ fn clickhouse_outage_is_waited_out() {
 fn partitions_revoked_during_a_wait_are_fetched_when_assigned_back() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    /// Runs its closure when dropped.
-    struct OnDrop<F: FnMut()>(F);
-    impl<F: FnMut()> Drop for OnDrop<F> {
-        fn drop(&mut self) {
-            (self.0)()
-        }
-    }
     let proxy = common::proxy::Proxy::to_clickhouse();
     let metrics = common::free_addr();
     let w = World::with("pausedback", &format!("http://{}", proxy.addr), &metrics);
@@ -207,6 +201,104 @@ fn partitions_revoked_during_a_wait_are_fetched_when_assigned_back() {
     // Batches revoked before they were committed are redelivered, and their rejections
     // dead-lettered again: the dead-letter topic is at-least-once (docs/exactly-once.md).
     w.assert_dead_letters(&all, false);
+}
+
+/// Runs its closure when dropped: stops a test's helper thread whatever happens (a panic would
+/// otherwise wait on it forever).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// A revocation that finds the last batch written but not yet landed commits its offsets
+/// (docs/exactly-once.md, "Commits at revocation"): the partitions' next owner starts after every
+/// row the worker wrote for them, instead of reading the batch again. Long batches (4 s) under a
+/// trickle of traffic keep the worker gathering the next batch for seconds after each INSERT,
+/// when a second member joins; without the commit at revocation, the batch written last is
+/// above the committed offset of every partition it held.
+#[test]
+fn a_written_batch_is_committed_at_revocation() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let w = World::new("revcommit");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
+    let worker = w.cli(&["run"]).env("TALLY_INGEST_BATCH_MAX_WAIT_MS", "4000").stderr(log).spawn().unwrap();
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    // Valid events only, so that a batch has no dead letters to wait for.
+    let gen = tally::loadgen::GenConfig {
+        rate: 150,
+        bad_message_ratio: 0.0,
+        bad_event_ratio: 0.0,
+        ..w.gen_config(3_000, 51)
+    };
+    let stop = AtomicBool::new(false);
+    let member: Mutex<Vec<i32>> = Mutex::default();
+    let (e, written, committed) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| w.generate(&gen));
+        let _stop = OnDrop(|| stop.store(true, Ordering::Relaxed));
+        // A batch is written; then a second member joins while the worker gathers the next one.
+        let t = Instant::now();
+        while w.scalar("SELECT count() FROM events") == 0 {
+            assert!(t.elapsed() < Duration::from_secs(60), "nothing written");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let assigned = w.assignments("1");
+        s.spawn(|| {
+            let c: BaseConsumer = tally::source::consumer_config(&w.kafka).create().unwrap();
+            c.subscribe(&[&w.kafka.topic]).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.poll(Duration::from_millis(100));
+                let ps =
+                    c.assignment().map(|a| a.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+                *member.lock().unwrap() = ps;
+            }
+            c.unsubscribe();
+        });
+        assert!(w.wait_assignments("1", assigned + 1, Duration::from_secs(60)), "no rebalance");
+        let t = Instant::now();
+        while member.lock().unwrap().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(60), "the other member was never assigned");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The member's partitions: written by the worker before the revocation, and nobody
+        // writes or commits them while the member holds them.
+        let theirs = member.lock().unwrap().clone();
+        let written: BTreeMap<i32, i64> = w
+            .rows("SELECT src_partition, max(src_offset) + 1 FROM events GROUP BY src_partition")
+            .iter()
+            .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
+            .filter(|(p, _)| theirs.contains(p))
+            .collect();
+        let committed = tally::admin::committed(&w.kafka).unwrap();
+        // Leave only once the group is stable (tansu keeps a member that leaves during a join
+        // round, docs/services.md).
+        let mut stable = (w.assignments("1"), Instant::now());
+        while stable.1.elapsed() < Duration::from_secs(1) {
+            let now = w.assignments("1");
+            if now != stable.0 {
+                stable = (now, Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (traffic.join().unwrap(), written, committed)
+    });
+    assert!(!written.is_empty(), "the worker wrote rows of the partitions it gave up");
+    for (p, end) in &written {
+        let c = committed.get(p).copied().unwrap_or(-1);
+        assert!(c >= *end, "partition {p}: rows written up to offset {end}, committed {c} when it was revoked");
+    }
+    let log = String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap()).into_owned();
+    assert!(log.contains("written batch committed at revocation"), "the revocation committed the written batch");
+    // The worker gets the partitions back and finishes: every total exact.
+    w.wait_caught_up(&e);
+    stop_all(vec![worker]);
+    w.assert_totals(&e);
+    w.assert_dead_letters(&e, true);
 }
 
 /// Inserts that reach ClickHouse but whose answers are lost (the worker sees a failed request

@@ -265,17 +265,25 @@ fn lookups_find_every_kind_of_key() {
             rows.u64(i as u64);
             rows.i32(-1);
             rows.datetime(1_795_000_000);
-            row(rows, tally::sink::flight::RowMeta { group: i as u64, ..Default::default() });
+            row(rows, tally::sink::flight::RowMeta { partition: 3, group: i as u64, ..Default::default() });
         }
     });
     // An attempt whose staging table does not hold every row sent (as after a server restart,
     // which empties Memory tables) fails and writes nothing; its staging table is left for the fence.
-    let short = w.ch.insert_attempt(&w.kafka.topic, rows.body(), stored.len() + 1).unwrap_err();
+    let topic = &w.kafka.topic;
+    let short = w.ch.insert_attempt(topic, &rows.partitions(), rows.body(), stored.len() + 1).unwrap_err();
     assert_eq!(short.error.code(), Some(395), "{:?}", short.error);
     assert_eq!(w.scalar("SELECT count() FROM events"), 0);
-    assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 1, "the failed attempt's staging table is fenced");
-    w.ch.insert_events(&w.kafka.topic, &rows).unwrap();
-    assert_eq!(w.ch.fence_all(&w.kafka.topic).unwrap(), 0, "a written attempt leaves no staging table");
+    // Its staging table is left for a fence, and names partition 3: a state load of other
+    // partitions leaves it alone, but fences a table of an older version, which names none.
+    let old = format!("{}{:032x}", tally::sink::stage::stage_prefix(topic), 1u128);
+    w.ch.execute(&format!("CREATE TABLE {old} AS events ENGINE = Memory"), true).unwrap();
+    assert_eq!(w.ch.fence_partitions(topic, &[0, 1, 2, 4]).unwrap(), 1, "only the unnamed attempt is fenced");
+    assert_eq!(w.scalar(&format!("SELECT count() FROM system.tables WHERE name = '{}'", short.stage)), 1);
+    assert_eq!(w.ch.fence_partitions(topic, &[2, 3]).unwrap(), 1, "the failed attempt's staging table is fenced");
+    assert_eq!(w.scalar(&format!("SELECT count() FROM system.tables WHERE name = '{}'", short.stage)), 0);
+    w.ch.insert_events(topic, &rows).unwrap();
+    assert_eq!(w.ch.fence_partitions(topic, &[3]).unwrap(), 0, "a written attempt leaves no staging table");
 
     let mut asked: Vec<(&str, &str, &str)> = ids.iter().map(|id| ("org-1", "proj-1", id.as_str())).collect();
     asked.extend([(&*org, &*ctl, &*nasty_id), (&*org, &*ctl, "x"), ("org-1", "proj-1", ""), ("org-1", "proj-2", "")]);

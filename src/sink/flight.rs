@@ -115,6 +115,14 @@ impl Flight {
         self.rows.is_empty()
     }
 
+    /// The source partitions of the rows left to write, ascending, each once.
+    pub fn partitions(&self) -> Vec<i32> {
+        let mut ps: Vec<i32> = self.rows.iter().map(|r| r.partition).collect();
+        ps.sort_unstable();
+        ps.dedup();
+        ps
+    }
+
     /// The dedupe key (org, project, event id) of every row, in row order.
     pub fn keys(&self) -> Vec<(&str, &str, &str)> {
         self.rows.iter().map(|r| key_of(&self.buf[r.bytes.clone()])).collect()
@@ -242,12 +250,14 @@ mod tests {
         let long = "é".repeat(200); // a length prefix of two varint bytes
         let mut f = flight(&[("o1", "p1", "a", 0), ("o1", "p2", &long, 1), ("o2", "p1", "c", 0)]);
         assert_eq!(f.keys(), vec![("o1", "p1", "a"), ("o1", "p2", long.as_str()), ("o2", "p1", "c")]);
+        assert_eq!(f.partitions(), vec![0, 1]);
         let landed = EventKey::new("o1", "p1", "a");
         assert_eq!(f.retain(|_, k| k != landed), 1);
         assert_eq!(f.keys(), vec![("o1", "p2", long.as_str()), ("o2", "p1", "c")]);
         assert_eq!(f.buf, flight(&[("o1", "p2", &long, 1), ("o2", "p1", "c", 0)]).buf);
         assert_eq!(f.retain_partitions(|p| p == 1), 1);
         assert_eq!(f.keys(), vec![("o1", "p2", long.as_str())]);
+        assert_eq!(f.partitions(), vec![1], "an attempt names only the partitions of the rows it still sends");
         assert_eq!(f.retain_partitions(|_| false), 1);
         assert!(f.is_empty() && f.buf.is_empty());
         assert!(f.body().is_empty() && f.body().into_vec().is_empty());

@@ -8,6 +8,7 @@ pub mod mend;
 pub mod retention;
 pub mod rowbinary;
 pub mod schema;
+pub mod stage;
 
 use std::collections::HashSet;
 
@@ -16,6 +17,7 @@ use carrier::CARRIER_COLUMNS;
 use clickhouse::{quote, ChError, ClickHouse};
 use flight::{Body, Flight};
 use rowbinary::{RowReader, RowWriter};
+use stage::{stage_covers, stage_name, stage_prefix};
 
 /// Column order of the RowBinary rows produced by [`crate::pipeline`].
 pub const EVENTS_COLUMNS: &str = "org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, \
@@ -47,10 +49,12 @@ pub trait EventStore {
     /// Drops a failed attempt's staging table: once this returns Ok, the attempt has either
     /// moved its rows into `events` or never will (a request of it still on its way fails).
     fn fence(&self, stage: &str) -> Result<(), ChError>;
-    /// Fences every attempt of `topic` still staged, by any worker: run before a partition's
-    /// dedupe state is loaded, so that no earlier owner's INSERT can land after the load.
+    /// Fences every attempt of `topic` still staged, by any worker, that may hold rows of one of
+    /// `partitions` ([`stage::stage_covers`]): run before those partitions' dedupe states are
+    /// loaded, so that no earlier owner's INSERT of them can land after the load. Attempts of
+    /// other partitions (this worker's own INSERT in flight among them) are left alone.
     /// Returns how many staging tables were dropped.
-    fn fence_all(&self, topic: &str) -> Result<usize, ChError>;
+    fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError>;
     /// Makes the aggregates of `topic`/`partition`'s rows at `offsets` whole, whether or not the
     /// INSERTs that wrote them ran their materialized views: run before messages whose rows may
     /// have landed unconfirmed are decided again ([`mend`]). Idempotent.
@@ -79,11 +83,6 @@ pub struct InsertFailed {
     pub stage: String,
 }
 
-/// Prefix of the staging tables of `topic`'s INSERT attempts: `events_stage_<xxh3 of topic>_`.
-pub fn stage_prefix(topic: &str) -> String {
-    format!("events_stage_{:016x}_", xxhash_rust::xxh3::xxh3_64(topic.as_bytes()))
-}
-
 impl ClickHouse {
     /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
     /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
@@ -93,8 +92,18 @@ impl ClickHouse {
     ///   in the same part;
     /// - the `INSERT … SELECT` reads it on one thread (`max_threads = 1`), so that even a server
     ///   that split it would write blocks in row order, each carrier after its group's rows.
-    pub fn insert_attempt(&self, topic: &str, mut body: Body<'_>, count: usize) -> Result<(), InsertFailed> {
-        let stage = format!("{}{:032x}", stage_prefix(topic), rand::random::<u128>());
+    ///
+    /// `partitions` are the source partitions of the rows in `body`: the staging table's name
+    /// carries them, so that only a dedupe-state load of one of them fences the attempt
+    /// ([`stage`]).
+    pub fn insert_attempt(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        mut body: Body<'_>,
+        count: usize,
+    ) -> Result<(), InsertFailed> {
+        let stage = stage_name(topic, partitions);
         let failed = |error: ChError| {
             // This attempt's own table is gone although it never dropped it: a state load fenced
             // it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the DROP). Any other missing
@@ -182,7 +191,7 @@ impl EventStore for ClickHouse {
     }
 
     fn insert_events(&self, topic: &str, flight: &Flight) -> Result<(), InsertFailed> {
-        self.insert_attempt(topic, flight.body(), flight.len())
+        self.insert_attempt(topic, &flight.partitions(), flight.body(), flight.len())
     }
 
     fn fence(&self, stage: &str) -> Result<(), ChError> {
@@ -199,7 +208,7 @@ impl EventStore for ClickHouse {
         mend::mend_aggregates(self, topic, partition, offsets, horizon)
     }
 
-    fn fence_all(&self, topic: &str) -> Result<usize, ChError> {
+    fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError> {
         let body = self.query(&format!(
             "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, {}) \
              FORMAT TabSeparated",
@@ -207,7 +216,7 @@ impl EventStore for ClickHouse {
         ))?;
         let names = String::from_utf8_lossy(&body).into_owned();
         let mut n = 0;
-        for name in names.lines().filter(|l| !l.is_empty()) {
+        for name in names.lines().filter(|l| !l.is_empty() && stage_covers(topic, l, partitions)) {
             self.fence(name)?;
             n += 1;
         }

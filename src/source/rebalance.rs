@@ -5,17 +5,47 @@
 //! The one thing that runs beside `poll` is the writer thread's INSERT of the previous batch.
 //! A revocation waits for it ([`WriteGate`]) before librdkafka may hand the partitions to another
 //! member: the next owner loads its dedupe state only after every row this worker sent for them
-//! has landed or failed.
+//! has landed or failed. If that batch is written and its dead letters acknowledged, the
+//! revocation commits its offsets for the revoked partitions ([`Unlanded`]), so that the next
+//! owner does not read it again.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::dlq::DeadLetters;
 use crate::metrics as m;
+
+/// The batch sent last and not landed yet, as far as a revocation needs it
+/// (docs/exactly-once.md, "Commits at revocation"). The worker sets it when it sends the batch
+/// and clears it when the batch lands; the writer thread marks it written.
+#[derive(Debug)]
+pub struct Unlanded {
+    /// Per partition, the offset to commit once the batch is written: partitions revoked since
+    /// it was sent are removed at their revocation, so it never commits for a later assignment.
+    pub next: BTreeMap<i32, i64>,
+    /// Its INSERT answered 200 (set by the writer thread before it ends the [`WriteGate`]).
+    pub written: bool,
+    /// Where its dead letters are.
+    pub dead_letters: DeadLetterAcks,
+}
+
+/// Whether the dead letters of an [`Unlanded`] batch are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAcks {
+    /// All of them (or it has none).
+    Acknowledged,
+    /// Queued in this round of the dead-letter producer: acknowledged once the round is
+    /// ([`DeadLetters::round_acknowledged`]).
+    InRound(u64),
+    /// Only the worker's land step can tell (some could not be queued, or are being re-sent).
+    Unknown,
+}
 
 /// A change of assignment, in the order librdkafka reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,25 +93,68 @@ impl Drop for InFlight {
     }
 }
 
-#[derive(Default)]
 pub struct Context {
     topic: String,
     changes: Mutex<Vec<Change>>,
     /// The writer thread's INSERT, waited for by revocations.
     pub gate: Arc<WriteGate>,
+    /// The batch sent and not landed, committed by a revocation once written.
+    pub unlanded: Arc<Mutex<Option<Unlanded>>>,
+    /// The dead-letter producer, asked whether an unlanded batch's round is acknowledged.
+    dlq: Arc<DeadLetters>,
     /// How long a revocation waits for an INSERT in flight: the request's own timeout and then
     /// some (it cannot take longer unless the HTTP client hangs).
     revoke_wait: Duration,
 }
 
 impl Context {
-    /// `insert_timeout` is `clickhouse.timeout_secs`.
-    pub fn new(topic: &str, insert_timeout: Duration) -> Self {
+    /// `insert_timeout` is `clickhouse.timeout_secs`; `dlq` is the worker's dead-letter producer.
+    pub fn new(topic: &str, insert_timeout: Duration, dlq: Arc<DeadLetters>) -> Self {
         Context {
             topic: topic.to_string(),
             changes: Mutex::default(),
             gate: Arc::default(),
+            unlanded: Arc::default(),
+            dlq,
             revoke_wait: insert_timeout + Duration::from_secs(5),
+        }
+    }
+
+    /// In the revoke callback, once no INSERT is in flight: commits the unlanded batch's offsets
+    /// of the `revoked` partitions if it is written and its dead letters are acknowledged — the
+    /// conditions under which the land step commits it — and forgets those partitions either way.
+    /// The partitions are still this member's (librdkafka has not unassigned them yet), so the
+    /// commit is of the current generation. If it fails, the next owner reads the batch again and
+    /// finds its rows, as without it.
+    fn commit_unlanded(&self, consumer: &BaseConsumer<Self>, revoked: &[i32]) {
+        let mut slot = self.unlanded.lock().expect("lock");
+        let Some(u) = slot.as_mut() else { return };
+        let offsets: Vec<(i32, i64)> = revoked.iter().filter_map(|p| u.next.remove(p).map(|o| (*p, o))).collect();
+        if offsets.is_empty() || !u.written {
+            return;
+        }
+        let acknowledged = match u.dead_letters {
+            DeadLetterAcks::Acknowledged => true,
+            DeadLetterAcks::InRound(round) => self.dlq.round_acknowledged(round),
+            DeadLetterAcks::Unknown => false,
+        };
+        if !acknowledged {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &offsets {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o)).expect("valid offset");
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                counter!(m::COMMITS).increment(1);
+                counter!(m::REVOCATION_COMMITS).increment(1);
+                tracing::info!(offsets = ?offsets, "written batch committed at revocation");
+            }
+            Err(e) => {
+                counter!(m::COMMIT_ERRORS).increment(1);
+                tracing::warn!(error = %e, "commit at revocation failed; the next owner reads the written batch again");
+            }
         }
     }
 
@@ -120,7 +193,7 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let ps = self.partitions(tpl);
             counter!(m::REBALANCES, "kind" => "revoke").increment(1);
@@ -142,6 +215,14 @@ impl ConsumerContext for Context {
                     "an INSERT is still in flight past clickhouse.timeout_secs at revocation; \
                      the next owner fences it before loading its state (docs/exactly-once.md, zombie writers)"
                 );
+            }
+            if idle {
+                self.commit_unlanded(consumer, &ps);
+            } else {
+                // Never commit for these partitions later: forget them.
+                if let Some(u) = self.unlanded.lock().expect("lock").as_mut() {
+                    u.next.retain(|p, _| !ps.contains(p));
+                }
             }
             self.changes.lock().expect("lock").push(Change::Revoked(ps));
         }

@@ -17,7 +17,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use super::rebalance::{Change, Context};
+use super::rebalance::{Change, Context, DeadLetterAcks, Unlanded};
 use crate::config::IngestConfig;
 use crate::dedupe::PartitionState;
 use crate::dlq::{DeadLetters, DlqRecord, Failure};
@@ -56,7 +56,7 @@ type Held<'c> = Vec<(BorrowedMessage<'c>, u64)>;
 
 pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     consumer: &'c BaseConsumer<Context>,
-    dlq: DeadLetters,
+    dlq: Arc<DeadLetters>,
     store: S,
     processor: Processor,
     cfg: IngestConfig,
@@ -76,7 +76,7 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     pub fn new(
         consumer: &'c BaseConsumer<Context>,
-        dlq: DeadLetters,
+        dlq: Arc<DeadLetters>,
         store: S,
         processor: Processor,
         cfg: IngestConfig,
@@ -394,10 +394,18 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             return Ok(());
         }
         // No earlier owner's INSERT may land after the states are read: fence every attempt of
-        // the topic still staged (a live worker whose attempt is dropped retries it).
+        // the topic still staged that may hold rows of these partitions (a live worker whose
+        // attempt is dropped retries it). This worker's own INSERT in flight holds rows only of
+        // partitions that had a state when it was sent; if one of them was revoked and assigned
+        // back since, it is among `need` and the attempt is fenced too.
+        let loading: Vec<i32> = {
+            let mut ps: Vec<i32> = need.iter().map(|(p, _)| *p).collect();
+            ps.dedup();
+            ps
+        };
         let mut backoff = self.backoff();
         loop {
-            match self.store.fence_all(&self.cfg.kafka.topic) {
+            match self.store.fence_partitions(&self.cfg.kafka.topic, &loading) {
                 Ok(n) => {
                     if n > 0 {
                         info!(staging_tables = n, "fenced INSERT attempts still staged before loading dedupe state");
@@ -406,8 +414,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    let ps: Vec<i32> = need.iter().map(|(p, _)| *p).collect();
-                    self.clickhouse_failed("fence", &e, &ps, delay);
+                    self.clickhouse_failed("fence", &e, &loading, delay);
                     self.wait(delay, "clickhouse")?;
                 }
             }
@@ -490,7 +497,15 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         self.resolve_unknown(&mut b.staged, &b.epochs)?;
         let lookup = t.elapsed();
         let records = self.dlq_records(held, &b.idx, &b.staged.rejections);
+        let round = self.dlq.round();
         let not_queued = self.dlq.enqueue(&records, &(0..records.len()).collect::<Vec<_>>());
+        let dead_letters = match (records.is_empty(), not_queued.is_empty()) {
+            (true, _) => DeadLetterAcks::Acknowledged,
+            (false, true) => DeadLetterAcks::InRound(round),
+            (false, false) => DeadLetterAcks::Unknown,
+        };
+        let unlanded = self.consumer.context().unlanded.clone();
+        *unlanded.lock().expect("lock") = Some(Unlanded { next: b.next.clone(), written: false, dead_letters });
         let t = Instant::now();
         let flight = b.staged.flight(&self.processor.meters, &self.cfg.kafka.topic, now_secs());
         histogram!(m::STAGE_SECONDS, "stage" => "encode").record(t.elapsed().as_secs_f64());
@@ -501,6 +516,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             std::thread::spawn(move || {
                 let t = Instant::now();
                 let result = if flight.is_empty() { Ok(()) } else { store.insert_events(&topic, &flight) };
+                if result.is_ok() {
+                    // Before the gate opens: a revocation waiting on it may commit the batch.
+                    if let Some(u) = unlanded.lock().expect("lock").as_mut() {
+                        u.written = true;
+                    }
+                }
                 drop(in_flight);
                 (flight, result, t.elapsed())
             })
@@ -533,6 +554,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
         for r in records.iter().filter(|r| self.owns(r.partition, s.epochs[&r.partition])) {
             counter!(m::DLQ_RECORDS, "reason" => r.reason.as_str()).increment(1);
+        }
+        if let Some(u) = self.consumer.context().unlanded.lock().expect("lock").as_mut() {
+            u.dead_letters = DeadLetterAcks::Acknowledged;
         }
         let dlq_wait = t.elapsed();
         let t = Instant::now();
@@ -579,6 +603,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
             }
         }
+        // Landed: a revocation has nothing left to commit for it.
+        *self.consumer.context().unlanded.lock().expect("lock") = None;
         let commit = t.elapsed();
         for (stage, d) in [("lookup", s.lookup), ("dlq_wait", dlq_wait), ("insert_wait", waited), ("commit", commit)] {
             histogram!(m::STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
@@ -1000,12 +1026,14 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         },
         hint: Default::default(),
     };
-    let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
-        .create_with_context(Context::new(&cfg.kafka.topic, Duration::from_secs(cfg.clickhouse.timeout_secs)))
-        .context("failed to create the kafka consumer")?;
-    consumer.subscribe(&[&cfg.kafka.topic]).context("failed to subscribe")?;
     let dlq = DeadLetters::new(&super::client_config(&cfg.kafka), &cfg.kafka.dlq_topic, &cfg.kafka.topic)
         .context("failed to create the dead-letter producer")?;
+    let dlq = Arc::new(dlq);
+    let timeout = Duration::from_secs(cfg.clickhouse.timeout_secs);
+    let consumer: BaseConsumer<Context> = super::consumer_config(&cfg.kafka)
+        .create_with_context(Context::new(&cfg.kafka.topic, timeout, dlq.clone()))
+        .context("failed to create the kafka consumer")?;
+    consumer.subscribe(&[&cfg.kafka.topic]).context("failed to subscribe")?;
     info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, "consuming");
     let result = Worker::new(&consumer, dlq, store, processor, cfg, shutdown).run();
     consumer.unsubscribe();
