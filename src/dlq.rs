@@ -196,11 +196,27 @@ impl DeadLetters {
     }
 
     /// Whether `round` is still open and every record queued in it has been acknowledged, none
-    /// failed. Serves the delivery reports that arrived, waiting for none. A round that was closed
-    /// is never acknowledged here: only its [`DeadLetters::wait_acks`] caller knows its failures.
-    pub fn round_acknowledged(&self, round: u64) -> bool {
-        self.producer.poll(Duration::ZERO);
-        self.producer.context().state.lock().expect("lock").acknowledged(round)
+    /// failed, waiting up to `max` for the reports still outstanding (serving those that
+    /// arrive). False at once if a record of the round failed or the round was closed: only its
+    /// [`DeadLetters::wait_acks`] caller knows its failures.
+    pub fn round_acknowledged(&self, round: u64, max: Duration) -> bool {
+        let deadline = std::time::Instant::now() + max;
+        loop {
+            self.producer.poll(Duration::ZERO);
+            {
+                let s = self.producer.context().state.lock().expect("lock");
+                if s.acknowledged(round) {
+                    return true;
+                }
+                if s.round != round || !s.failed.is_empty() {
+                    return false;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
     }
 
     /// Waits until every queued record is acknowledged or failed (at most `timeout`); returns the

@@ -21,6 +21,11 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::dlq::DeadLetters;
 use crate::metrics as m;
 
+/// How long a revocation waits for the acknowledgements of a written batch's dead letters
+/// before it leaves the batch to be read again by the next owner. Short: every member of the
+/// group waits for this callback.
+const REVOKE_ACK_WAIT: Duration = Duration::from_millis(500);
+
 /// The batch sent last and not landed yet, as far as a revocation needs it
 /// (docs/exactly-once.md, "Commits at revocation"). The worker sets it when it sends the batch
 /// and clears it when the batch lands; the writer thread marks it written.
@@ -130,15 +135,23 @@ impl Context {
         let mut slot = self.unlanded.lock().expect("lock");
         let Some(u) = slot.as_mut() else { return };
         let offsets: Vec<(i32, i64)> = revoked.iter().filter_map(|p| u.next.remove(p).map(|o| (*p, o))).collect();
-        if offsets.is_empty() || !u.written {
+        if offsets.is_empty() {
+            return;
+        }
+        if !u.written {
+            tracing::info!(partitions = ?revoked, "batch not committed at revocation: its INSERT failed and is retried");
             return;
         }
         let acknowledged = match u.dead_letters {
             DeadLetterAcks::Acknowledged => true,
-            DeadLetterAcks::InRound(round) => self.dlq.round_acknowledged(round),
+            DeadLetterAcks::InRound(round) => self.dlq.round_acknowledged(round, REVOKE_ACK_WAIT),
             DeadLetterAcks::Unknown => false,
         };
         if !acknowledged {
+            tracing::info!(
+                partitions = ?revoked,
+                "written batch not committed at revocation: its dead letters are not all acknowledged"
+            );
             return;
         }
         let mut tpl = TopicPartitionList::new();
