@@ -7,6 +7,7 @@ re-verification query documented in docs/clickhouse.md, and runs the invoicer's 
 (sql/invoicer/*.sql) and ledger table on the same data."""
 import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -87,10 +88,35 @@ def main():
         check_api_queries(q)
         check_mend_queries(q, s, h)
         check_carriers(q, s, h)
+        check_move_settings(q, s)
         print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries and carrier rows verified")
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def move_settings():
+    """The settings of the INSERT … SELECT that moves an attempt's rows into `events`, read from
+    `MOVE_SETTINGS` in src/sink/mod.rs (one place for them)."""
+    src = open(os.path.join(ROOT, "src", "sink", "mod.rs")).read()
+    body = re.search(r"pub const MOVE_SETTINGS[^=]*=\s*\[(.*?)\];", src, re.S).group(1)
+    pairs = re.findall(r'\("([a-z_]+)",\s*"([0-9.]+)"\)', body)
+    assert len(pairs) == 3, pairs
+    return ", ".join(f"{k} = {v}" for k, v in pairs)
+
+
+def check_move_settings(q, s):
+    """The move reads its staging table in one stream, in row order, with its own settings
+    (docs/exactly-once.md, "Carrier rows", point 2): 32 blocks copied, each row numbered in the
+    order the copy read it."""
+    s.query(f"CREATE TABLE {DB}.probe_in (n UInt64) ENGINE = Memory")
+    s.query(f"CREATE TABLE {DB}.probe_out (n UInt64, read UInt64) ENGINE = Memory")
+    for i in range(32):
+        s.query(f"INSERT INTO {DB}.probe_in SELECT number + {i * 1000} FROM system.numbers LIMIT 1000")
+    assert q(f"SELECT uniqExact(blockNumber()) FROM {DB}.probe_in") == "32"
+    s.query(f"INSERT INTO {DB}.probe_out SELECT n, rowNumberInAllBlocks() FROM {DB}.probe_in SETTINGS {move_settings()}")
+    got = q(f"SELECT count(), countIf(n != read) FROM {DB}.probe_out")
+    assert got == "32000\t0", f"the move read its staging table out of order: {got}"
 
 
 def check_carriers(q, s, h):
