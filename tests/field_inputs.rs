@@ -290,7 +290,7 @@ fn lookups_find_every_kind_of_key() {
                 rows.varint(0); // no meters, no unique meters
             }
             rows.string("t");
-            rows.u32(0);
+            rows.u32(3); // src_partition: the partition its staging table names
             rows.u64(i as u64);
             rows.i32(-1);
             rows.datetime(1_795_000_000);

@@ -40,6 +40,34 @@ pub struct Unlanded {
     pub dead_letters: DeadLetterAcks,
 }
 
+impl Unlanded {
+    /// The batch sent with offsets `next` and partition epochs `epochs`, keeping only the
+    /// partitions still owned at those epochs (`owns(partition, epoch)`): a partition revoked —
+    /// and perhaps assigned back — since the batch was staged had its rows dropped from the
+    /// batch, and its offset must never be committed for it.
+    pub fn new(
+        next: &BTreeMap<i32, i64>,
+        epochs: &BTreeMap<i32, u64>,
+        owns: impl Fn(i32, u64) -> bool,
+        dead_letters: DeadLetterAcks,
+    ) -> Self {
+        let next =
+            next.iter().filter(|(p, _)| epochs.get(p).is_some_and(|e| owns(**p, *e))).map(|(p, o)| (*p, *o)).collect();
+        Unlanded { next, written: false, dead_letters }
+    }
+
+    /// Whether a revocation may commit the batch: written, and its dead letters acknowledged
+    /// (`round_acknowledged` answers for a round still open).
+    pub fn committable(&self, round_acknowledged: impl FnOnce(u64) -> bool) -> bool {
+        self.written
+            && match self.dead_letters {
+                DeadLetterAcks::Acknowledged => true,
+                DeadLetterAcks::InRound(round) => round_acknowledged(round),
+                DeadLetterAcks::Unknown => false,
+            }
+    }
+}
+
 /// Whether the dead letters of an [`Unlanded`] batch are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterAcks {
@@ -142,16 +170,16 @@ impl Context {
             tracing::info!(partitions = ?revoked, "batch not committed at revocation: its INSERT failed and is retried");
             return;
         }
-        let acknowledged = match u.dead_letters {
-            DeadLetterAcks::Acknowledged => true,
-            DeadLetterAcks::InRound(round) => self.dlq.round_acknowledged(round, REVOKE_ACK_WAIT),
-            DeadLetterAcks::Unknown => false,
-        };
-        if !acknowledged {
+        if !u.committable(|round| self.dlq.round_acknowledged(round, REVOKE_ACK_WAIT)) {
             tracing::info!(
                 partitions = ?revoked,
                 "written batch not committed at revocation: its dead letters are not all acknowledged"
             );
+            return;
+        }
+        if consumer.assignment_lost() {
+            // Expelled from the group: the partitions are someone else's already.
+            tracing::info!(partitions = ?revoked, "written batch not committed at revocation: the assignment was lost");
             return;
         }
         let mut tpl = TopicPartitionList::new();
@@ -248,5 +276,41 @@ impl ConsumerContext for Context {
             tracing::info!(partitions = ?ps, "partitions assigned");
             self.changes.lock().expect("lock").push(Change::Assigned(ps));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's offsets are kept only for partitions owned at the batch's epochs: partition 1
+    /// was revoked and assigned back (epoch 2 → 5) while the batch before landed, partition 2
+    /// revoked for good; their offsets would commit messages whose rows were dropped.
+    #[test]
+    fn a_batch_commits_only_partitions_owned_at_its_epochs() {
+        let next = BTreeMap::from([(0, 10), (1, 20), (2, 30)]);
+        let epochs = BTreeMap::from([(0, 1), (1, 2), (2, 3)]);
+        let owned = BTreeMap::from([(0, 1), (1, 5)]);
+        let u = Unlanded::new(&next, &epochs, |p, e| owned.get(&p) == Some(&e), DeadLetterAcks::Acknowledged);
+        assert_eq!(u.next, BTreeMap::from([(0, 10)]));
+        assert!(!u.written);
+    }
+
+    /// Committable only once written, and only with every dead letter acknowledged: a round is
+    /// asked about only while the batch is written and its dead letters are in that round.
+    #[test]
+    fn a_batch_is_committable_only_written_with_its_dead_letters_acknowledged() {
+        let mut u = Unlanded::new(&BTreeMap::new(), &BTreeMap::new(), |_, _| true, DeadLetterAcks::Acknowledged);
+        assert!(!u.committable(|_| panic!("no round to ask about")), "not written yet");
+        u.written = true;
+        assert!(u.committable(|_| panic!("no round to ask about")));
+        u.dead_letters = DeadLetterAcks::Unknown;
+        assert!(!u.committable(|_| panic!("no round to ask about")), "dead letters only the land step can tell");
+        u.dead_letters = DeadLetterAcks::InRound(7);
+        assert!(!u.committable(|r| {
+            assert_eq!(r, 7);
+            false
+        }));
+        assert!(u.committable(|r| r == 7));
     }
 }

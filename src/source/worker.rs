@@ -505,7 +505,11 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             (false, false) => DeadLetterAcks::Unknown,
         };
         let unlanded = self.consumer.context().unlanded.clone();
-        *unlanded.lock().expect("lock") = Some(Unlanded { next: b.next.clone(), written: false, dead_letters });
+        // Only partitions still owned at the batch's epochs: one revoked during the land step of
+        // the batch before (its rows just dropped by the look-up's `keep_owned`) is not this
+        // batch's to commit. Nothing polls between that look-up and here.
+        let slot = Unlanded::new(&b.next, &b.epochs, |p, e| self.owns(p, e), dead_letters);
+        *unlanded.lock().expect("lock") = Some(slot);
         let t = Instant::now();
         let flight = b.staged.flight(&self.processor.meters, &self.cfg.kafka.topic, now_secs());
         histogram!(m::STAGE_SECONDS, "stage" => "encode").record(t.elapsed().as_secs_f64());
