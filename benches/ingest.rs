@@ -146,8 +146,23 @@ struct Pass {
     settled: Option<(f64, u64)>,
 }
 
+/// How a pass's workers join their group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The first worker alone; the others once it holds its partitions (a rebalance follows).
+    OneThenOthers,
+    /// The others 1 s after the first, within tansu's hold of the group's first JoinGroup round
+    /// (half the session timeout, 3 s): as replicas of one deployment start, in one round.
+    Together,
+}
+
 /// Starts `workers` workers in group `group` and waits until they caught up with `end`.
 fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) -> Pass {
+    ingest_as(world, group, workers, end, Start::OneThenOthers)
+}
+
+/// [`ingest`], the workers joining as `how` says. Times run from the first assignment of any.
+fn ingest_as(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>, how: Start) -> Pass {
     let t0 = Instant::now();
     // Group ids are global on the broker: one per world and pass.
     let group = &format!("{}-{group}", world.name);
@@ -160,13 +175,19 @@ fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) 
     // brand-new group without an assignment when its first members join at the same instant, so
     // the rebalance that hands them their share is part of the measured time.
     let mut children: Vec<Child> = vec![start(&labels[0])];
-    while world.assignments(&labels[0]) == 0 {
+    if how == Start::Together {
+        std::thread::sleep(Duration::from_secs(1));
+        children.extend(labels[1..].iter().map(|l| start(l)));
+    }
+    while labels.iter().all(|l| world.assignments(l) == 0) {
         assert!(t0.elapsed() < Duration::from_secs(120), "no assignment");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let cpu0 = Cpu::now(&[children[0].id()]);
+    let cpu0 = Cpu::now(&children.iter().map(Child::id).collect::<Vec<_>>());
     let assigned = Instant::now();
-    children.extend(labels[1..].iter().map(|l| start(l)));
+    if how == Start::OneThenOthers {
+        children.extend(labels[1..].iter().map(|l| start(l)));
+    }
     let mut cfg = tally::source::client_config(&world.kafka);
     cfg.set("group.id", group).set("enable.auto.commit", "false");
     let c: BaseConsumer = cfg.create().unwrap();
@@ -197,7 +218,8 @@ fn ingest(world: &World, group: &str, workers: usize, end: &BTreeMap<i32, i64>) 
     }
     let caught_up = assigned.elapsed().as_secs_f64();
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
-    // The workers started after the assignment used nothing before it.
+    // Workers started after the assignment used nothing before it; CPU of the others before it
+    // was taken off by `cpu0`.
     let cpu = Cpu::now(&pids).since(cpu0);
     common::stop_all(children);
     Pass { secs: caught_up, join: (assigned - t0).as_secs_f64(), cpu, settled }
@@ -335,6 +357,19 @@ fn main() {
         }
     };
 
+    // Two workers started as one deployment's replicas: both in the group's first join round.
+    reset_store(&world);
+    let together = ingest_as(&world, "together", 2, &e.end_offsets, Start::Together);
+    world.assert_totals(&e);
+    let rebalances = held_partitions(&world, &format!("{}-together-0", world.name))
+        + held_partitions(&world, &format!("{}-together-1", world.name));
+    println!(
+        "tally-ingest, 2 workers started together: {:.2} s ({:.2}× the best 1-worker pass; {rebalances} non-empty \
+         assignments between them, 2 = one join round)",
+        together.secs,
+        together.secs / min(&first)
+    );
+
     // The narrow rows of the last first pass, in the same run: as a worker wrote them (carrier
     // columns included) into today's schema, against the plain insert of the narrow rows (the
     // per-event columns, into a copy of `events` without views); and, to see what each part costs,
@@ -393,12 +428,14 @@ fn main() {
         "produce_s": produce_s,
         "raw_consume_s": raw, "first_pass_s": first, "first_join_s": join, "replay_s": replay,
         "two_workers_s": two, "two_workers_settled_s": settled_s, "two_workers_settled_rows": settled_rows,
+        "two_workers_together_s": together.secs, "two_workers_together_assignments": rebalances,
         "insert_plain_s": plain_s, "insert_full_s": full_s,
         "insert_plain_with_carrier_columns_s": inserts["plain_carriers"], "insert_full_before_carriers_s": inserts["full_before"],
         "ratios": {
             "first_pass_vs_raw_consume": first_b / raw_b,
             "two_workers_vs_one": two / first_b,
             "two_workers_vs_one_after_the_rebalance": two_after,
+            "two_workers_together_vs_one": together.secs / first_b,
             "replay_rate_vs_first_pass": first_b / replay_b,
             "aggregates_vs_plain_insert": full_b / plain_b,
             "aggregates_vs_plain_insert_before_carriers": min(&inserts["full_before"]) / plain_b,

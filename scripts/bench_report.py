@@ -37,6 +37,11 @@ if r.get("two_workers_vs_one_after_the_rebalance") is not None:
                  f"{two - ing['two_workers_settled_s']:.2f} s for the "
                  f"{100 * (1 - ing['two_workers_settled_rows'] / ing['rows']):.0f} % of rows left",
                  f"{r['two_workers_vs_one_after_the_rebalance']:.2f}×", "(part)", "—"))
+if r.get("two_workers_together_vs_one") is not None:
+    rows.append(("2 workers started together (1 s apart, in the group's first join round) vs 1",
+                 f"{ing['two_workers_together_s']:.2f} s vs {first:.2f} s "
+                 f"({ing['two_workers_together_assignments']} non-empty assignments; 2 = one round)",
+                 f"{r['two_workers_together_vs_one']:.2f}×", "≤ 1.0×", ok(r["two_workers_together_vs_one"] <= 1.0)))
 rows += [
     ("replay rate vs first pass", f"{replay:.2f} s vs {first:.2f} s",
      f"{r['replay_rate_vs_first_pass']:.2f}×", "≥ 0.5×", ok(r["replay_rate_vs_first_pass"] >= 0.5)),
