@@ -176,18 +176,10 @@ fn partitions_revoked_during_a_wait_are_fetched_when_assigned_back() {
             assert!(t.elapsed() < Duration::from_secs(120), "the worker did not resume after the outage");
             std::thread::sleep(Duration::from_millis(100));
         }
-        // Leave only once the group is stable (tansu keeps a member that leaves during a join
-        // round, docs/services.md).
-        let mut stable = (w.assignments("1"), Instant::now());
-        while stable.1.elapsed() < Duration::from_secs(1) {
-            let now = w.assignments("1");
-            if now != stable.0 {
-                stable = (now, Instant::now());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Leave only once the group is stable.
+        let settled = w.wait_stable("1");
         assert!(held.load(Ordering::Relaxed) > 0, "the other member still held partitions when it left");
-        stable.0
+        settled
     });
 
     // The other member left: its partitions are the worker's again, and must be fetched.
@@ -272,16 +264,8 @@ fn a_written_batch_is_committed_at_revocation() {
         // Read before the member leaves: the rebalance that follows may commit at revocation too.
         let log = String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap()).into_owned();
         let committed_at_revocation = log.contains("written batch committed at revocation");
-        // Leave only once the group is stable (tansu keeps a member that leaves during a join
-        // round, docs/services.md).
-        let mut stable = (w.assignments("1"), Instant::now());
-        while stable.1.elapsed() < Duration::from_secs(1) {
-            let now = w.assignments("1");
-            if now != stable.0 {
-                stable = (now, Instant::now());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Leave only once the group is stable.
+        w.wait_stable("1");
         stop.store(true, Ordering::Relaxed);
         (traffic.join().unwrap(), written, committed, committed_at_revocation)
     });

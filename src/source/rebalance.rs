@@ -153,17 +153,17 @@ impl Context {
         }
     }
 
-    /// In the revoke callback, once no INSERT is in flight: commits the unlanded batch's offsets
-    /// of the `revoked` partitions if it is written and its dead letters are acknowledged — the
-    /// conditions under which the land step commits it — and forgets those partitions either way.
+    /// In the revoke callback: forgets the unlanded batch's offsets of the `revoked` partitions
+    /// and, if no INSERT is in flight (`idle`), commits them when the batch is written and its
+    /// dead letters are acknowledged — the conditions under which the land step commits it.
     /// The partitions are still this member's (librdkafka has not unassigned them yet), so the
     /// commit is of the current generation. If it fails, the next owner reads the batch again and
     /// finds its rows, as without it.
-    fn commit_unlanded(&self, consumer: &BaseConsumer<Self>, revoked: &[i32]) {
+    fn commit_unlanded(&self, consumer: &BaseConsumer<Self>, revoked: &[i32], idle: bool) {
         let mut slot = self.unlanded.lock().expect("lock");
         let Some(u) = slot.as_mut() else { return };
         let offsets: Vec<(i32, i64)> = revoked.iter().filter_map(|p| u.next.remove(p).map(|o| (*p, o))).collect();
-        if offsets.is_empty() {
+        if offsets.is_empty() || !idle {
             return;
         }
         if !u.written {
@@ -257,14 +257,7 @@ impl ConsumerContext for Context {
                      the next owner fences it before loading its state (docs/exactly-once.md, zombie writers)"
                 );
             }
-            if idle {
-                self.commit_unlanded(consumer, &ps);
-            } else {
-                // Never commit for these partitions later: forget them.
-                if let Some(u) = self.unlanded.lock().expect("lock").as_mut() {
-                    u.next.retain(|p, _| !ps.contains(p));
-                }
-            }
+            self.commit_unlanded(consumer, &ps, idle);
             self.changes.lock().expect("lock").push(Change::Revoked(ps));
         }
     }

@@ -236,6 +236,21 @@ max_backoff_ms = 2000
         false
     }
 
+    /// Waits until the worker logging to `label` has had no new assignment for 1 s (the group is
+    /// stable: tansu keeps a member that leaves during a join round, docs/services.md); returns
+    /// its assignments by then.
+    pub fn wait_stable(&self, label: &str) -> usize {
+        let mut stable = (self.assignments(label), std::time::Instant::now());
+        while stable.1.elapsed() < Duration::from_secs(1) {
+            let now = self.assignments(label);
+            if now != stable.0 {
+                stable = (now, std::time::Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stable.0
+    }
+
     /// Stops `leaving` (SIGTERM, clean exit) and waits until `staying` was assigned again, i.e.
     /// the group finished the rebalance — so that nobody leaves in the middle of a join round,
     /// which tansu turns into a member that never goes away (docs/services.md).
