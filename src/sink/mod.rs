@@ -73,7 +73,7 @@ pub trait EventStore {
 ///   `events` part is written, instead of one after the other; their pool has
 ///   `min(max_threads, views)` threads (ClickHouse 18.16's `PushingToViewsBlockOutputStream`), hence
 ///   `max_threads = 4`. Measured: the move's median 126 → 106 ms for 75,000 rows
-///   (docs/measurements.md, "Views in parallel").
+///   (docs/measurements.md, "Fences scoped to partitions, commits at revocation, views in parallel").
 /// - `max_streams_to_max_threads_ratio = 0.25`: the SELECT still reads the staging table in
 ///   `max_threads × ratio` = 1 stream, so blocks are read in row order, as with `max_threads = 1`
 ///   (`field_inputs::the_move_reads_its_staging_table_in_row_order` checks it on the server).
