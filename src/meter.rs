@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::decode::scan::same_key;
 use crate::decode::{Captured, PathTree};
 
 /// One `[[meter]]` table of `meters.toml`.
@@ -75,6 +76,12 @@ impl Meter {
 pub struct Meters {
     meters: Vec<Meter>,
     tree: PathTree,
+    /// Per event type named by some meter, the indices of the meters that apply to it, in
+    /// definition order: one look-up per event instead of one comparison per meter and listed
+    /// type (callgrind, benches/pipeline.rs: docs/measurements.md).
+    plans: Vec<(Box<str>, Vec<u16>)>,
+    /// The meters of `types = "all"`: the plan of every type no meter names.
+    all_types: Vec<u16>,
 }
 
 /// What one event contributes: additive values (count/sum, only non-zero) and unique hashes,
@@ -141,7 +148,13 @@ impl Meters {
             };
             meters.push(Meter { name: d.name.clone(), aggregation: d.aggregation, types, slot });
         }
-        Ok(Meters { meters, tree })
+        let mut named: Vec<&str> = meters.iter().flat_map(|m| m.types.iter().flatten()).map(String::as_str).collect();
+        named.sort_unstable();
+        named.dedup();
+        let plan = |ty: &str| (0..meters.len() as u16).filter(|&i| meters[i as usize].applies_to(ty)).collect();
+        let plans = named.iter().map(|&ty| (ty.into(), plan(ty))).collect();
+        let all_types = (0..meters.len() as u16).filter(|&i| meters[i as usize].types.is_none()).collect();
+        Ok(Meters { meters, tree, plans, all_types })
     }
 
     pub fn tree(&self) -> &PathTree {
@@ -162,11 +175,12 @@ impl Meters {
 
     /// Applies every meter to an event of type `ty` with fields `caps`, appending to `out`.
     pub fn apply(&self, ty: &str, caps: &[Captured<'_>], out: &mut Contribution) -> Result<(), WrongType> {
-        for (i, m) in self.meters.iter().enumerate() {
-            if !m.applies_to(ty) {
-                continue;
-            }
-            let i = i as u16;
+        let plan = match self.plans.iter().find(|(t, _)| same_key(t.as_bytes(), ty.as_bytes())) {
+            Some((_, plan)) => plan,
+            None => &self.all_types,
+        };
+        for &i in plan {
+            let m = &self.meters[i as usize];
             match m.aggregation {
                 Aggregation::Count => out.additive.push((i, 1)),
                 Aggregation::Sum => match &caps[m.slot.expect("sum has a slot")] {
@@ -209,6 +223,48 @@ mod tests {
         let mut v: Vec<_> = c.additive.iter().map(|(i, v)| (meters.name(*i).to_string(), *v)).collect();
         v.extend(c.unique.iter().map(|(i, h)| (meters.name(*i).to_string(), *h)));
         Ok(v)
+    }
+
+    /// The per-type plans pick exactly the meters whose `types` hold the event's type, in
+    /// definition order, for named types, unnamed ones and near misses alike.
+    #[test]
+    fn plans_pick_the_meters_that_apply() {
+        let m = Meters::parse(
+            r#"
+            [[meter]]
+            name = "a"
+            types = ["x", "generation-create"]
+            aggregation = "count"
+            [[meter]]
+            name = "b"
+            types = "all"
+            aggregation = "count"
+            [[meter]]
+            name = "c"
+            types = ["generation-create", "generation-update", "x"]
+            aggregation = "count"
+            [[meter]]
+            name = "d"
+            types = ["y"]
+            aggregation = "count"
+            [[meter]]
+            name = "e"
+            types = "all"
+            aggregation = "count"
+            "#,
+        )
+        .unwrap();
+        for ty in ["x", "y", "z", "", "generation-create", "generation-update", "generation-creatE", "generation", "xx"]
+        {
+            let mut c = Contribution::default();
+            m.apply(ty, &[], &mut c).unwrap();
+            let got: Vec<u16> = c.additive.iter().map(|(i, _)| *i).collect();
+            let want: Vec<u16> = (0..5).filter(|&i| m.meters()[i as usize].applies_to(ty)).collect();
+            assert_eq!(got, want, "{ty:?}");
+        }
+        let mut c = Contribution::default();
+        m.apply("generation-update", &[], &mut c).unwrap();
+        assert_eq!(c.additive, [(1, 1), (2, 1), (4, 1)]);
     }
 
     #[test]

@@ -74,6 +74,15 @@ pub struct PathTree {
 struct Node {
     children: Vec<(Box<str>, Node)>,
     slot: Option<usize>,
+    /// Bit `n` set when a child's key is `n` bytes long (bit 63: 63 bytes or more), so that most
+    /// keys of a walked object that lead nowhere are told apart without a comparison.
+    lengths: u64,
+}
+
+/// The bit of [`Node::lengths`] for a key of `len` bytes.
+#[inline(always)]
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 impl Node {
@@ -81,7 +90,11 @@ impl Node {
         self.child_bytes(key.as_bytes())
     }
 
+    #[inline]
     fn child_bytes(&self, key: &[u8]) -> Option<&Node> {
+        if self.lengths & length_bit(key.len()) == 0 {
+            return None;
+        }
         self.children.iter().find(|(k, _)| scan::same_key(k.as_bytes(), key)).map(|(_, n)| n)
     }
 
@@ -128,6 +141,7 @@ impl PathTree {
             let i = match node.children.iter().position(|(k, _)| &**k == key) {
                 Some(i) => i,
                 None => {
+                    node.lengths |= length_bit(key.len());
                     node.children.push((key.into(), Node::default()));
                     node.children.len() - 1
                 }
@@ -591,6 +605,23 @@ mod tests {
         assert_eq!(caps[SLOT_TYPE], Captured::Str("generation-create".into()));
         assert_eq!(caps[input], Captured::U64(812));
         assert_eq!(caps[user], Captured::Str("u-42".into()));
+    }
+
+    /// The length filter of a node's children never hides a child: keys of every length from 1
+    /// to 100 bytes (63 and over share one bit), found among siblings of other lengths, and a
+    /// key of a present length but other bytes not found.
+    #[test]
+    fn children_are_found_at_every_key_length() {
+        for n in 1..=100usize {
+            let mut t = PathTree::new();
+            let key = "k".repeat(n);
+            let slot = t.add(&format!("body.{key}")).unwrap();
+            t.add(&format!("body.{}", "q".repeat(n % 7 + 70))).unwrap();
+            let body = t.root.child("body").unwrap();
+            assert_eq!(body.child(&key).and_then(|c| c.slot), Some(slot), "{n}");
+            assert!(body.child(&"x".repeat(n)).is_none(), "{n}");
+            assert!(body.child(&"k".repeat(n + 1)).is_none() || n + 1 == n % 7 + 70, "{n}");
+        }
     }
 
     #[test]
