@@ -528,6 +528,49 @@ fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
     eprintln!("[measure] zombie writer: a request held 5 s past a 2 s timeout, then forwarded; totals exact");
 }
 
+/// A mend's correction that reaches ClickHouse after its client timed out does not add the
+/// shortfall twice (docs/exactly-once.md, "The aggregates"). Rows land without their views and
+/// without an answer (views detached, answers lost), so the worker's retries mend them; the first
+/// correction's `INSERT … SELECT` into `usage_hourly_agg` is held 5 s past the worker's 2 s
+/// timeout, then forwarded. The next mend drops that correction's staging table before it reads
+/// the shortfall again, so the late request finds no table. Without that fence the late request
+/// landed after the second correction and the totals were over by the first one's shortfall.
+#[test]
+fn a_correction_that_arrives_after_its_timeout_does_not_count_twice() {
+    let proxy = common::proxy::Proxy::to_clickhouse();
+    let w = World::with("latemend", &format!("http://{}", proxy.addr), "127.0.0.1:0");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
+    let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    let mut all = w.generate(&w.gen_config(2_000, 61));
+    w.wait_caught_up(&all);
+    proxy.hold_next_matching(
+        b"usage_hourly_agg (org_id, project_id, meter, hour, value) SELECT",
+        Duration::from_secs(5),
+    );
+    proxy.lose_answers_to(b"INSERT INTO events (");
+    views(&w, false);
+    let gen = tally::loadgen::GenConfig { rate: 2_000, first_message_id: 1_000_000, ..w.gen_config(4_000, 62) };
+    let e = w.generate(&gen);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.held_and_forwarded() == 0 {
+        assert!(Instant::now() < deadline, "a correction was held and forwarded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    views(&w, true);
+    proxy.restore();
+    w.wait_caught_up(&e);
+    std::thread::sleep(Duration::from_secs(2)); // time for any late request to do what it can
+    stop_all(vec![worker]);
+    merge(&mut all, &e);
+    w.assert_totals(&all);
+    w.assert_dead_letters(&all, false);
+    let log = String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap()).into_owned();
+    assert!(log.contains("op=\"mend\""), "the held correction failed on the worker's side (timeout)");
+    assert!(log.contains("aggregates short of the ledger mended"), "the shortfall was mended");
+    eprintln!("[measure] late correction: a mend's INSERT held 5 s past a 2 s timeout, then forwarded; totals exact");
+}
+
 /// Schema 006 drops and re-creates the aggregates' views (an INSERT in between would never be
 /// counted). On a database an older version left: `tally-ingest migrate` refuses it unless told
 /// that ingestion is stopped, the invoicer's migrate leaves it pending, a worker refuses to start

@@ -8,7 +8,7 @@
 //! Such rows are always *unconfirmed*: their INSERT never answered 200 (an answered INSERT ran its
 //! views), so their offsets were never committed. Whoever decides about those messages next — the
 //! worker retrying the failed attempt, or the partition's next owner loading its state — first
-//! calls [`EventStore::mend_aggregates`](super::EventStore::mend_aggregates) for the partition from
+//! steps through a [`Mend`] ([`EventStore::mend_step`](super::EventStore::mend_step)) for the partition from
 //! the first offset it will re-decide. That:
 //!
 //! 1. merges the unique-meter sketches of those rows into the hourly and daily tables again (a
@@ -18,7 +18,18 @@
 //!    SummingMergeTree.
 //!
 //! Both steps are idempotent: run again (after a crash in the middle of them), step 1 adds
-//! nothing and step 2 finds no shortfall. The comparison is exact because nobody else writes those
+//! nothing and step 2 finds no shortfall. Step 2's INSERT is the one request that is not: a copy of
+//! it that reached the server late — after its client timed out and the mend read the shortfall
+//! again — would add the shortfall twice. So it is fenced like an INSERT of events (docs/exactly-once.md,
+//! "Zombie writers"): the shortfall goes into a Memory staging table named for the partition
+//! ([`super::stage::stage_name`]), then `INSERT … SELECT` into `usage_hourly_agg`, then `DROP`; and
+//! every mend that finds rows first drops every staging table that may hold the partition's rows
+//! ([`super::EventStore::fence_partitions`]), as the partition's next owner does before its load.
+//! Once that `DROP` has returned, an earlier correction has landed whole or never will.
+//!
+//! A mend is a [`Mend`] run one request per [`Mend::step`]: the worker serves the consumer group
+//! between the steps and stops when the partition is no longer its own, so it is never away from
+//! `poll` for more than one request (docs/exactly-once.md, "Zombie writers"). The comparison is exact because nobody else writes those
 //! (org, project) hours meanwhile: a project's messages are on one partition (keyed by project id,
 //! docs/exactly-once.md "Limits"), the partition has one owner, and that owner has no INSERT of it
 //! in flight while it mends. An aggregate *above* the ledger is not something a crash can cause; it
@@ -28,6 +39,8 @@ use crate::invoice::sql::{num, render, rows};
 
 use super::clickhouse::{quote, ChError, ClickHouse};
 use super::rowbinary::RowWriter;
+use super::stage::stage_name;
+use super::EventStore;
 
 const TOUCHED: &str = include_str!("../../sql/ingest/mend_touched.sql");
 const ADDITIVE: &str = include_str!("../../sql/ingest/mend_additive.sql");
@@ -45,64 +58,170 @@ pub struct Mended {
     /// (org, project, meter, hour) additive aggregates above the ledger, described (left as they
     /// are: a crash cannot cause them; `tally-invoicer verify` reports them too).
     pub over: Vec<String>,
+    /// Staging tables of the partition dropped before the shortfall was read: earlier corrections
+    /// (or INSERT attempts) that had failed on the client's side.
+    pub fenced: usize,
 }
 
-/// Mends the aggregates of `topic`/`partition`'s rows at `offsets` (see the module
-/// documentation). `horizon` (Unix seconds) bounds the event times read, as the dedupe state load
-/// does: every accepted event is younger. Errors: any ClickHouse error (retry: every step is
-/// idempotent).
-pub fn mend_aggregates(
-    ch: &ClickHouse,
-    topic: &str,
+/// A mend of `topic`/`partition`'s rows at some offsets (see the module documentation), as a
+/// sequence of single ClickHouse requests; [`Mend::step`] makes the next one.
+#[derive(Debug)]
+pub struct Mend {
+    topic: String,
     partition: i32,
-    offsets: std::ops::Range<i64>,
-    horizon: i64,
-) -> Result<Mended, ChError> {
-    let horizon = horizon.max(0);
-    let mut vars = vec![
-        ("database", ch.database().to_string()),
-        ("topic", quote(topic)),
-        ("partition", partition.to_string()),
-        ("from_offset", offsets.start.max(0).to_string()),
-        ("to_offset", offsets.end.max(0).to_string()),
-        ("horizon_hour", (horizon - horizon % 3600).to_string()),
-    ];
-    let touched = render(TOUCHED, &vars);
-    let count = rows(ch, &format!("SELECT count() FROM ({touched})"))?;
-    let n: u64 = num(count.first().and_then(|r| r.first()).map(String::as_str).unwrap_or("0"))?;
-    let mut out = Mended { rows: n, ..Mended::default() };
-    if n == 0 {
-        return Ok(out);
-    }
-    ch.execute(&render(UNIQUE_HOURLY, &vars), true)?;
-    ch.execute(&render(UNIQUE_DAILY, &vars), true)?;
-    vars.push(("touched", touched));
-    let mut w = RowWriter::default();
-    for r in rows(ch, &render(ADDITIVE, &vars))? {
-        if r.len() != 6 {
-            return Err(ChError::Response(format!("mend: expected 6 columns, got {r:?}")));
-        }
-        let (hour, truth, have): (u32, u64, u64) = (num(&r[3])?, num(&r[4])?, num(&r[5])?);
-        if truth > have {
-            w.string(&r[0]);
-            w.string(&r[1]);
-            w.string(&r[2]);
-            w.u32(hour);
-            w.u64(truth - have);
-            out.short += 1;
-            out.added += u128::from(truth - have);
-        } else {
-            out.over.push(format!("{}/{}/{} at {hour}: aggregate {have}, ledger {truth}", r[0], r[1], r[2]));
-        }
-    }
-    if out.short > 0 {
-        ch.insert(
-            &format!(
-                "INSERT INTO {}.usage_hourly_agg (org_id, project_id, meter, hour, value) FORMAT RowBinary",
-                ch.database()
-            ),
-            &w.buf,
-        )?;
-    }
-    Ok(out)
+    vars: Vec<(&'static str, String)>,
+    next: Next,
+    out: Mended,
+    /// The correction's rows (RowBinary of `usage_hourly_agg`'s columns) and its staging table.
+    correction: Vec<u8>,
+    stage: String,
 }
+
+/// The request a [`Mend`] makes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Count,
+    Fence,
+    UniqueHourly,
+    UniqueDaily,
+    Additive,
+    Create,
+    Fill,
+    Move,
+    Drop,
+}
+
+/// What [`Mend::step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// One request made; more to come.
+    More,
+    /// The mend is complete.
+    Done(Mended),
+}
+
+impl Mend {
+    /// A mend of `topic`/`partition`'s rows at `offsets`. `horizon` (Unix seconds) bounds the
+    /// event times read, as the dedupe state load does: every accepted event is younger.
+    pub fn new(topic: &str, partition: i32, offsets: std::ops::Range<i64>, horizon: i64) -> Self {
+        let horizon = horizon.max(0);
+        Mend {
+            topic: topic.to_string(),
+            partition,
+            vars: vec![
+                ("topic", quote(topic)),
+                ("partition", partition.to_string()),
+                ("from_offset", offsets.start.max(0).to_string()),
+                ("to_offset", offsets.end.max(0).to_string()),
+                ("horizon_hour", (horizon - horizon % 3600).to_string()),
+            ],
+            next: Next::Count,
+            out: Mended::default(),
+            correction: Vec::new(),
+            stage: String::new(),
+        }
+    }
+
+    /// The queries' variables in `database`, `touched` (the rows' (org, project, hour)) last.
+    fn vars(&self, database: &str) -> Vec<(&'static str, String)> {
+        let mut vars = self.vars.clone();
+        vars.push(("database", database.to_string()));
+        let touched = render(TOUCHED, &vars);
+        vars.push(("touched", touched));
+        vars
+    }
+
+    /// Makes the next request. Errors: any ClickHouse error; the mend is then abandoned, and a new
+    /// [`Mend`] of the same rows starts over (every step before the correction is idempotent, and
+    /// the new mend fences the correction staged by this one before it reads the shortfall).
+    pub fn step(&mut self, ch: &ClickHouse) -> Result<Step, ChError> {
+        let vars = self.vars(ch.database());
+        match self.next {
+            Next::Count => {
+                let touched = &vars.last().expect("touched is the last variable").1;
+                let count = rows(ch, &format!("SELECT count() FROM ({touched})"))?;
+                self.out.rows = num(count.first().and_then(|r| r.first()).map(String::as_str).unwrap_or("0"))?;
+                if self.out.rows == 0 {
+                    return Ok(Step::Done(std::mem::take(&mut self.out)));
+                }
+                self.next = Next::Fence;
+            }
+            Next::Fence => {
+                self.out.fenced = ch.fence_partitions(&self.topic, &[self.partition])?;
+                self.next = Next::UniqueHourly;
+            }
+            Next::UniqueHourly => {
+                ch.execute(&render(UNIQUE_HOURLY, &vars), true)?;
+                self.next = Next::UniqueDaily;
+            }
+            Next::UniqueDaily => {
+                ch.execute(&render(UNIQUE_DAILY, &vars), true)?;
+                self.next = Next::Additive;
+            }
+            Next::Additive => {
+                let mut w = RowWriter::default();
+                for r in rows(ch, &render(ADDITIVE, &vars))? {
+                    if r.len() != 6 {
+                        return Err(ChError::Response(format!("mend: expected 6 columns, got {r:?}")));
+                    }
+                    let (hour, truth, have): (u32, u64, u64) = (num(&r[3])?, num(&r[4])?, num(&r[5])?);
+                    if truth > have {
+                        w.string(&r[0]);
+                        w.string(&r[1]);
+                        w.string(&r[2]);
+                        w.u32(hour);
+                        w.u64(truth - have);
+                        self.out.short += 1;
+                        self.out.added += u128::from(truth - have);
+                    } else {
+                        self.out
+                            .over
+                            .push(format!("{}/{}/{} at {hour}: aggregate {have}, ledger {truth}", r[0], r[1], r[2]));
+                    }
+                }
+                if self.out.short == 0 {
+                    return Ok(Step::Done(std::mem::take(&mut self.out)));
+                }
+                self.correction = w.buf;
+                self.next = Next::Create;
+            }
+            Next::Create => {
+                self.stage = stage_name(&self.topic, &[self.partition]);
+                ch.execute(&format!("CREATE TABLE {} AS usage_hourly_agg ENGINE = Memory", self.stage), true)?;
+                self.next = Next::Fill;
+            }
+            Next::Fill => {
+                ch.insert(
+                    &format!("INSERT INTO {} ({CORRECTION_COLUMNS}) FORMAT RowBinary", self.stage),
+                    &self.correction,
+                )?;
+                self.next = Next::Move;
+            }
+            Next::Move => {
+                ch.execute(
+                    &format!(
+                        "INSERT INTO {}.usage_hourly_agg ({CORRECTION_COLUMNS}) SELECT {CORRECTION_COLUMNS} FROM {}",
+                        ch.database(),
+                        self.stage
+                    ),
+                    true,
+                )?;
+                self.next = Next::Drop;
+            }
+            Next::Drop => {
+                ch.fence(&self.stage)?;
+                return Ok(Step::Done(std::mem::take(&mut self.out)));
+            }
+        }
+        Ok(Step::More)
+    }
+
+    /// The staging table of this mend's correction, once created (empty before): to drop when the
+    /// mend is abandoned (the partition is no longer the caller's).
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+}
+
+/// The columns of a correction, as `usage_hourly_agg` names them.
+const CORRECTION_COLUMNS: &str = "org_id, project_id, meter, hour, value";

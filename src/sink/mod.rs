@@ -55,16 +55,11 @@ pub trait EventStore {
     /// other partitions (this worker's own INSERT in flight among them) are left alone.
     /// Returns how many staging tables were dropped.
     fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError>;
-    /// Makes the aggregates of `topic`/`partition`'s rows at `offsets` whole, whether or not the
-    /// INSERTs that wrote them ran their materialized views: run before messages whose rows may
-    /// have landed unconfirmed are decided again ([`mend`]). Idempotent.
-    fn mend_aggregates(
-        &self,
-        topic: &str,
-        partition: i32,
-        offsets: std::ops::Range<i64>,
-        horizon: i64,
-    ) -> Result<mend::Mended, ChError>;
+    /// Makes the next request of `mend`, which makes the aggregates of a partition's rows whole
+    /// whether or not the INSERTs that wrote them ran their materialized views: run before
+    /// messages whose rows may have landed unconfirmed are decided again ([`mend`]). The caller
+    /// serves the consumer group between the steps.
+    fn mend_step(&self, mend: &mut mend::Mend) -> Result<mend::Step, ChError>;
 }
 
 /// Settings of the `INSERT … SELECT` that moves an attempt's rows from its staging table into
@@ -211,14 +206,8 @@ impl EventStore for ClickHouse {
         self.execute(&format!("DROP TABLE IF EXISTS {stage}"), true)
     }
 
-    fn mend_aggregates(
-        &self,
-        topic: &str,
-        partition: i32,
-        offsets: std::ops::Range<i64>,
-        horizon: i64,
-    ) -> Result<mend::Mended, ChError> {
-        mend::mend_aggregates(self, topic, partition, offsets, horizon)
+    fn mend_step(&self, mend: &mut mend::Mend) -> Result<mend::Step, ChError> {
+        mend.step(self)
     }
 
     fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError> {

@@ -26,6 +26,7 @@ use crate::pipeline::{InMessage, Processor, Rejection, Staged};
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{ChError, ErrorClass};
 use crate::sink::flight::Flight;
+use crate::sink::mend::{Mend, Mended, Step};
 use crate::sink::{EventStore, InsertFailed};
 use crate::verify::Credential;
 
@@ -800,44 +801,66 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     /// Mends the aggregates of `partition`'s rows at `offsets` ([`crate::sink::mend`]), retrying
-    /// until ClickHouse answers or the partition is no longer ours at `epoch`.
+    /// until ClickHouse answers or the partition is no longer ours at `epoch`. The group is served
+    /// between the mend's requests (one request at most between polls), and the correction is
+    /// sent only while the partition is ours: a mend abandoned before it leaves its staging table
+    /// (dropped here if ClickHouse answers, else by the partition's next load or mend).
     fn mend(&mut self, when: &'static str, partition: i32, epoch: u64, offsets: Range<i64>) -> Result<(), Abandoned> {
         let d = &self.cfg.dedupe;
         let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
         let mut backoff = self.backoff();
-        while self.owns(partition, epoch) {
+        'attempt: while self.owns(partition, epoch) {
             let t = Instant::now();
-            match self.store.mend_aggregates(&self.cfg.kafka.topic, partition, offsets.clone(), horizon) {
-                Ok(r) => {
-                    counter!(m::MENDS, "when" => when).increment(1);
-                    if r.rows > 0 {
-                        info!(
-                            partition,
-                            when,
-                            rows = r.rows,
-                            short = r.short,
-                            ms = t.elapsed().as_millis() as u64,
-                            "unconfirmed rows: their aggregates checked against the ledger"
-                        );
+            let mut mend = Mend::new(&self.cfg.kafka.topic, partition, offsets.clone(), horizon);
+            loop {
+                match self.store.mend_step(&mut mend) {
+                    Ok(Step::Done(r)) => {
+                        self.mended(when, partition, &r, t.elapsed());
+                        return Ok(());
                     }
-                    if r.short > 0 {
-                        warn!(partition, aggregates = r.short, added = %r.added, "aggregates short of the ledger mended (an INSERT landed without its views)");
-                        counter!(m::MENDED).increment(r.short);
+                    Ok(Step::More) => {
+                        self.poll_aside(Duration::ZERO);
+                        if !self.owns(partition, epoch) {
+                            if !mend.stage().is_empty() {
+                                let _ = self.store.fence(mend.stage());
+                            }
+                            return Ok(());
+                        }
                     }
-                    for o in &r.over {
-                        error!(partition, "aggregate above the ledger, left as it is (see tally-invoicer verify): {o}");
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        self.clickhouse_failed("mend", &e, &[partition], delay);
+                        self.wait(delay, "clickhouse")?;
+                        continue 'attempt;
                     }
-                    counter!(m::OVER_LEDGER).increment(r.over.len() as u64);
-                    return Ok(());
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    self.clickhouse_failed("mend", &e, &[partition], delay);
-                    self.wait(delay, "clickhouse")?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Logs and counts what a mend found.
+    fn mended(&self, when: &'static str, partition: i32, r: &Mended, took: Duration) {
+        counter!(m::MENDS, "when" => when).increment(1);
+        if r.rows > 0 {
+            info!(
+                partition,
+                when,
+                rows = r.rows,
+                short = r.short,
+                fenced = r.fenced,
+                ms = took.as_millis() as u64,
+                "unconfirmed rows: their aggregates checked against the ledger"
+            );
+        }
+        if r.short > 0 {
+            warn!(partition, aggregates = r.short, added = %r.added, "aggregates short of the ledger mended (an INSERT landed without its views)");
+            counter!(m::MENDED).increment(r.short);
+        }
+        for o in &r.over {
+            error!(partition, "aggregate above the ledger, left as it is (see tally-invoicer verify): {o}");
+        }
+        counter!(m::OVER_LEDGER).increment(r.over.len() as u64);
     }
 
     /// Drops a failed attempt's staging table, retrying until ClickHouse confirms it.
