@@ -264,6 +264,64 @@ fn the_move_reads_its_staging_table_in_row_order() {
     assert_eq!(w.scalar("SELECT countIf(n != read) FROM probe_out"), 0, "rows read out of order");
 }
 
+/// A mend's correction staged in a Memory table that a server restart emptied is not taken for
+/// added: its `INSERT … SELECT` checks the staging table's count and fails (code 395), and the
+/// next mend fences that table and adds the shortfall once (docs/exactly-once.md, "Rows that
+/// landed without their aggregates are mended"). Without the check the move copied nothing, the
+/// mend reported the shortfall added, and the aggregates stayed short.
+#[test]
+fn a_correction_emptied_by_a_restart_is_read_again() {
+    use tally::sink::clickhouse::ChError;
+    use tally::sink::mend::{Mend, Mended, Step};
+    let w = World::new("emptied");
+    let views = ["usage_hourly_mv", "usage_unique_hourly_mv", "usage_unique_daily_mv"];
+    for v in views {
+        w.ch.execute(&format!("DETACH TABLE {v}"), true).unwrap();
+    }
+    // Two rows of partition 0 that landed without their views (they count themselves: no carrier).
+    let hour = 1_796_097_600;
+    w.ch.execute(
+        &format!(
+            "INSERT INTO events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, \
+             src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES \
+             ('o', 'p', 'e1', 't', {hour}, {hour}, 1, ['events', 'input_tokens'], [1, 7], 'topic', 0, 0, -1, {hour}), \
+             ('o', 'p', 'e2', 't', {hour}, {hour}, 2, ['events', 'input_tokens'], [1, 5], 'topic', 0, 1, -1, {hour})"
+        ),
+        true,
+    )
+    .unwrap();
+    for v in views {
+        w.ch.execute(&format!("ATTACH TABLE {v}"), true).unwrap();
+    }
+    let run = |m: &mut Mend| -> Mended {
+        loop {
+            if let Step::Done(r) = m.step(&w.ch).unwrap() {
+                return r;
+            }
+        }
+    };
+    let mut first = Mend::new("topic", 0, 0..i64::MAX, 0);
+    while !first.adds_next() {
+        assert_eq!(first.step(&w.ch).unwrap(), Step::More);
+    }
+    // The restart: the Memory table is there, its rows are not.
+    w.ch.execute(&format!("TRUNCATE TABLE {}", first.stage()), true).unwrap();
+    let err = first.step(&w.ch).unwrap_err();
+    assert!(matches!(err, ChError::Server { code: Some(395), .. }), "{err}");
+    assert!(w.usage_hourly().is_empty(), "nothing added");
+    let r = run(&mut Mend::new("topic", 0, 0..i64::MAX, 0));
+    assert_eq!((r.rows, r.short, r.added, r.fenced), (2, 2, 14, 1), "{r:?}");
+    let key = |m: &str| ("o".to_string(), "p".to_string(), m.to_string(), hour);
+    assert_eq!(w.usage_hourly(), [(key("events"), 2), (key("input_tokens"), 12)].into());
+    // Whole now: a mend of the same rows adds nothing.
+    let r = run(&mut Mend::new("topic", 0, 0..i64::MAX, 0));
+    assert_eq!((r.rows, r.short, r.fenced), (2, 0, 0), "{r:?}");
+    assert_eq!(
+        w.scalar("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'events_stage_%'"),
+        0
+    );
+}
+
 /// Dedupe look-ups (and the re-check after a failed INSERT) find exactly the stored keys, whatever
 /// they hold: 128-byte ids, 256-byte tenant ids, quotes, backslashes, control characters, and
 /// thousands of keys in one look-up (they travel as ClickHouse external data, not SQL).

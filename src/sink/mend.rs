@@ -27,9 +27,10 @@
 //! ([`super::EventStore::fence_partitions`]), as the partition's next owner does before its load.
 //! Once that `DROP` has returned, an earlier correction has landed whole or never will.
 //!
-//! A mend is a [`Mend`] run one request per [`Mend::step`]: the worker serves the consumer group
-//! between the steps and stops when the partition is no longer its own, so it is never away from
-//! `poll` for more than one request (docs/exactly-once.md, "Zombie writers"). The comparison is exact because nobody else writes those
+//! A mend is a [`Mend`], run one step at a time ([`Mend::step`]): the worker serves the consumer
+//! group before each step and stops when the partition is no longer its own. A step is one
+//! request, except the fence: one listing, then one `DROP` per staging table found (docs/exactly-once.md,
+//! "Zombie writers": how long a worker may go without a poll). The comparison is exact because nobody else writes those
 //! (org, project) hours meanwhile: a project's messages are on one partition (keyed by project id,
 //! docs/exactly-once.md "Limits"), the partition has one owner, and that owner has no INSERT of it
 //! in flight while it mends. An aggregate *above* the ledger is not something a crash can cause; it
@@ -58,8 +59,10 @@ pub struct Mended {
     /// (org, project, meter, hour) additive aggregates above the ledger, described (left as they
     /// are: a crash cannot cause them; `tally-invoicer verify` reports them too).
     pub over: Vec<String>,
-    /// Staging tables of the partition dropped before the shortfall was read: earlier corrections
-    /// (or INSERT attempts) that had failed on the client's side.
+    /// Staging tables dropped before the shortfall was read: those that may hold the partition's
+    /// rows — earlier corrections or INSERT attempts that failed on the client's side, of this
+    /// worker or another — and any without a partition list (an older version's, or one listing
+    /// too many partitions).
     pub fenced: usize,
 }
 
@@ -131,6 +134,11 @@ impl Mend {
         vars
     }
 
+    /// Whether the next step adds the correction to `usage_hourly_agg` (its `INSERT … SELECT`).
+    pub fn adds_next(&self) -> bool {
+        self.next == Next::Move
+    }
+
     /// Makes the next request. Errors: any ClickHouse error; the mend is then abandoned, and a new
     /// [`Mend`] of the same rows starts over (every step before the correction is idempotent, and
     /// the new mend fences the correction staged by this one before it reads the shortfall).
@@ -198,26 +206,34 @@ impl Mend {
                 self.next = Next::Move;
             }
             Next::Move => {
+                // The staging table must still hold every row: a Memory table comes back empty
+                // after a server restart, and adding nothing must fail, not report the shortfall
+                // mended (code 395; the next mend reads it again).
+                let (stage, n) = (&self.stage, self.out.short);
                 ch.execute(
                     &format!(
-                        "INSERT INTO {}.usage_hourly_agg ({CORRECTION_COLUMNS}) SELECT {CORRECTION_COLUMNS} FROM {}",
+                        "INSERT INTO {}.usage_hourly_agg ({CORRECTION_COLUMNS}) SELECT {CORRECTION_COLUMNS} FROM {stage} \
+                         WHERE throwIf((SELECT count() FROM {stage}) != {n}) = 0",
                         ch.database(),
-                        self.stage
                     ),
                     true,
                 )?;
                 self.next = Next::Drop;
             }
             Next::Drop => {
-                ch.fence(&self.stage)?;
+                // Added. A staging table left behind (this DROP failed) is empty of consequences:
+                // its one INSERT … SELECT is done; the next fence of the partition drops it.
+                if let Err(e) = ch.fence(&self.stage) {
+                    tracing::debug!(error = %e, stage = self.stage, "correction's staging table not dropped; the next fence drops it");
+                }
                 return Ok(Step::Done(std::mem::take(&mut self.out)));
             }
         }
         Ok(Step::More)
     }
 
-    /// The staging table of this mend's correction, once created (empty before): to drop when the
-    /// mend is abandoned (the partition is no longer the caller's).
+    /// The staging table of this mend's correction, named at the step that creates it (empty
+    /// before): to drop when the mend is abandoned (the partition is no longer the caller's).
     pub fn stage(&self) -> &str {
         &self.stage
     }

@@ -50,10 +50,11 @@ pub trait EventStore {
     /// moved its rows into `events` or never will (a request of it still on its way fails).
     fn fence(&self, stage: &str) -> Result<(), ChError>;
     /// Fences every attempt of `topic` still staged, by any worker, that may hold rows of one of
-    /// `partitions` ([`stage::stage_covers`]): run before those partitions' dedupe states are
-    /// loaded, so that no earlier owner's INSERT of them can land after the load. Attempts of
-    /// other partitions (this worker's own INSERT in flight among them) are left alone.
-    /// Returns how many staging tables were dropped.
+    /// `partitions` ([`stage::stage_covers`]) — INSERT attempts of events and the mend's
+    /// corrections alike: run before those partitions' dedupe states are loaded, so that no
+    /// earlier owner's INSERT of them can land after the load, and by a mend before it reads a
+    /// shortfall ([`mend`]). Attempts of other partitions (this worker's own INSERT in flight
+    /// among them) are left alone. Returns how many staging tables were dropped.
     fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError>;
     /// Makes the next request of `mend`, which makes the aggregates of a partition's rows whole
     /// whether or not the INSERTs that wrote them ran their materialized views: run before

@@ -8,6 +8,10 @@
 //! of the topic, and a worker's own INSERT in flight for other partitions was fenced and retried
 //! in every first pass (docs/measurements.md, "Fences scoped to partitions").
 //!
+//! The mend's corrections of `usage_hourly_agg` are staged under the same names (one partition
+//! each), with that table's columns instead of `events`'s, so that the same fences cover them
+//! ([`super::mend`]). Only the attempt that created a staging table reads it.
+//!
 //! A name without the list (one of an older version, or an attempt whose list would be longer
 //! than [`MAX_PARTITIONS_CHARS`]) may hold rows of any partition, so every load fences it. A
 //! name is always a plain identifier (`[a-z0-9_]`), so it needs no quoting in SQL.

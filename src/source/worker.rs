@@ -802,9 +802,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
 
     /// Mends the aggregates of `partition`'s rows at `offsets` ([`crate::sink::mend`]), retrying
     /// until ClickHouse answers or the partition is no longer ours at `epoch`. The group is served
-    /// between the mend's requests (one request at most between polls), and the correction is
-    /// sent only while the partition is ours: a mend abandoned before it leaves its staging table
-    /// (dropped here if ClickHouse answers, else by the partition's next load or mend).
+    /// before each of the mend's steps, and a step is sent only while the partition is ours. A
+    /// mend abandoned after its correction was staged drops the staging table if ClickHouse
+    /// answers; otherwise the partition's next load or mend does.
     fn mend(&mut self, when: &'static str, partition: i32, epoch: u64, offsets: Range<i64>) -> Result<(), Abandoned> {
         let d = &self.cfg.dedupe;
         let horizon = now_secs() - (d.window_secs + d.replay_slack_secs) as i64;
@@ -813,20 +813,20 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             let t = Instant::now();
             let mut mend = Mend::new(&self.cfg.kafka.topic, partition, offsets.clone(), horizon);
             loop {
+                // Serve the group before every request; send none for a partition no longer ours.
+                self.poll_aside(Duration::ZERO);
+                if !self.owns(partition, epoch) {
+                    if !mend.stage().is_empty() {
+                        let _ = self.store.fence(mend.stage());
+                    }
+                    return Ok(());
+                }
                 match self.store.mend_step(&mut mend) {
                     Ok(Step::Done(r)) => {
                         self.mended(when, partition, &r, t.elapsed());
                         return Ok(());
                     }
-                    Ok(Step::More) => {
-                        self.poll_aside(Duration::ZERO);
-                        if !self.owns(partition, epoch) {
-                            if !mend.stage().is_empty() {
-                                let _ = self.store.fence(mend.stage());
-                            }
-                            return Ok(());
-                        }
-                    }
+                    Ok(Step::More) => {}
                     Err(e) => {
                         let delay = backoff.next_delay();
                         self.clickhouse_failed("mend", &e, &[partition], delay);
