@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{end_offsets, merge, produce_with_headers, Running, World};
+use common::{end_offsets, merge, produce_at, produce_with_headers, Running, World};
 use tally::devkeys::{basic, bearer};
 use tally::loadgen::H_LOADGEN_ID;
 
@@ -262,6 +262,45 @@ fn the_move_reads_its_staging_table_in_row_order() {
     .unwrap();
     assert_eq!(w.scalar("SELECT count() FROM probe_out"), 32_000);
     assert_eq!(w.scalar("SELECT countIf(n != read) FROM probe_out"), 0, "rows read out of order");
+}
+
+/// Two copies of one event id whose event times straddle the dedupe state's horizon
+/// (`now − window − replay_slack`), 20 minutes apart, the second decided by a worker whose state
+/// was loaded after the first was counted: the second is a duplicate. A copy at or after the
+/// horizon that misses the Bloom filter is decided new without a look-up, so the load reads keys
+/// from one window before the horizon (docs/exactly-once.md, "The dedupe authority is
+/// ClickHouse, not memory"). Found by a review; fails when the load reads from the horizon (the
+/// second copy was counted too).
+#[test]
+fn copies_straddling_the_horizon_are_counted_once() {
+    let w = World::new("straddle");
+    let now = tally::source::worker::now_secs();
+    // The test configuration's window (7 days) and the default replay slack (7 days).
+    let horizon = now - 7 * 86_400 - 7 * 86_400;
+    let t = w.keys.tenants[0].clone();
+    let auth = basic(&t);
+    let copy = |ts: i64, tag: &str| {
+        let v = format!(
+            r#"{{"id":"straddler","type":"trace-create","timestamp":"{}"}}"#,
+            tally::timestamp::format_rfc3339(ts)
+        );
+        // Stamped with its event's time (as backfilling producers do): within the window of it.
+        let headers = [("authorization", auth.as_str()), (H_LOADGEN_ID, tag)];
+        produce_at(&w.kafka.topic, &t.project_id, v.as_bytes(), &headers, Some((ts + 10) * 1000))
+    };
+    let first = copy(horizon - 600, "1");
+    let worker = Running(Some(w.worker("1")));
+    tally::admin::wait_committed(&w.kafka, &end_offsets(&[first]), Duration::from_secs(120)).unwrap();
+    worker.stop();
+    // A new worker loads the partition's state; the second copy is 20 minutes younger.
+    let second = copy(horizon + 600, "2");
+    let worker = Running(Some(w.worker("2")));
+    tally::admin::wait_committed(&w.kafka, &end_offsets(&[first, second]), Duration::from_secs(120)).unwrap();
+    worker.stop();
+    assert_eq!(w.scalar("SELECT count() FROM events"), 1, "one narrow row");
+    let events: u64 = w.usage_hourly().iter().filter(|(k, _)| k.2 == "events").map(|(_, v)| v).sum();
+    assert_eq!(events, 1, "counted once");
+    assert!(w.dead_letters().is_empty(), "neither copy was rejected");
 }
 
 /// A mend's correction staged in a Memory table that a server restart emptied is not taken for

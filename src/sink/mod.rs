@@ -35,12 +35,14 @@ const LOOKUP_BY_TABLE: &str =
 pub trait EventStore {
     /// Which of `keys` (org, project, id) already have a row.
     fn existing(&self, keys: &[(&str, &str, &str)]) -> Result<HashSet<EventKey>, ChError>;
-    /// Feeds every stored key hash of `topic`/`partition` with event time ≥ `horizon` to `state`.
+    /// Feeds every stored key hash of `topic`/`partition` with event time ≥ `from` (Unix
+    /// seconds) to `state`. The worker reads from one dedupe window before the state's horizon
+    /// (docs/exactly-once.md, "The dedupe authority is ClickHouse, not memory").
     fn load_partition(
         &self,
         topic: &str,
         partition: i32,
-        horizon: i64,
+        from: i64,
         state: &mut PartitionState,
     ) -> Result<u64, ChError>;
     /// Inserts the rows of `flight` (`topic`'s events), with their carrier columns computed from
@@ -179,15 +181,15 @@ impl EventStore for ClickHouse {
         &self,
         topic: &str,
         partition: i32,
-        horizon: i64,
+        from: i64,
         state: &mut PartitionState,
     ) -> Result<u64, ChError> {
-        let horizon = horizon.max(0);
+        let from = from.max(0);
         let sql = format!(
             "SELECT key_hash FROM events WHERE src_topic = {} AND src_partition = {partition} \
-             AND hour >= toDateTime({}) AND ts >= toDateTime({horizon}) FORMAT RowBinary",
+             AND hour >= toDateTime({}) AND ts >= toDateTime({from}) FORMAT RowBinary",
             quote(topic),
-            horizon - horizon % 3600,
+            from - from % 3600,
         );
         let body = self.query(&sql)?;
         if body.len() % 8 != 0 {

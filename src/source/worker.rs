@@ -435,7 +435,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
                 let t = Instant::now();
                 let mut state = PartitionState::new(d.bloom_bytes_per_partition, d.recent_keys_per_partition, horizon);
-                match self.store.load_partition(&self.cfg.kafka.topic, p, horizon, &mut state) {
+                // From one window before the horizon: a copy at or after the horizon that misses
+                // the filter is decided new without a look-up, so the filter must hold every
+                // stored copy of its key, whose event time may differ from its own (copies more
+                // than a window apart are past the contract's window: "Limits").
+                let from = horizon.saturating_sub(d.window_secs as i64);
+                match self.store.load_partition(&self.cfg.kafka.topic, p, from, &mut state) {
                     Ok(keys) => {
                         histogram!(m::DEDUPE_LOAD_SECONDS).record(t.elapsed().as_secs_f64());
                         info!(partition = p, keys, ms = t.elapsed().as_millis() as u64, "dedupe state loaded");

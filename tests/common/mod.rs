@@ -481,6 +481,12 @@ pub fn sample(text: &str, metric: &str, labels: &str) -> Option<f64> {
 /// Produces one message with exactly `headers` (in order, names as given) and returns its
 /// (partition, offset) once acknowledged.
 pub fn produce_with_headers(topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) -> (i32, i64) {
+    produce_at(topic, key, value, headers, None)
+}
+
+/// [`produce_with_headers`] with the message's timestamp (Unix milliseconds) set by the producer,
+/// as a producer that stamps messages with their events' time does (`None`: the send time).
+pub fn produce_at(topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)], at_ms: Option<i64>) -> (i32, i64) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
@@ -488,7 +494,10 @@ pub fn produce_with_headers(topic: &str, key: &str, value: &[u8], headers: &[(&s
     for (k, v) in headers {
         h = h.insert(Header { key: k, value: Some(*v) });
     }
-    let record = FutureRecord::to(topic).key(key).payload(value).headers(h);
+    let mut record = FutureRecord::to(topic).key(key).payload(value).headers(h);
+    if let Some(ms) = at_ms {
+        record = record.timestamp(ms);
+    }
     let delivery = tokio_block_on(p.send(record, Duration::from_secs(30)));
     let d = delivery.map_err(|(e, _)| e).unwrap();
     (d.partition, d.offset)
