@@ -7,7 +7,8 @@
 //! * an exact cache of recently remembered keys (128-bit hashes, 4-way set-associative, bounded
 //!   by count; a key may be evicted early, never held wrongly): hit ⇒ duplicate;
 //! * a Bloom filter over every key in ClickHouse for the partition whose event time is at or after
-//!   the filter's horizon: miss ⇒ new (a Bloom filter has no false negatives);
+//!   one dedupe window before the filter's horizon (copies of one id may carry different times):
+//!   for an event at or after the horizon, miss ⇒ new (a Bloom filter has no false negatives);
 //! * anything else (a Bloom hit, or an event older than the horizon) ⇒ [`Verdict::Unknown`].
 //!
 //! A full filter only makes look-ups more frequent; it never makes the answer wrong. The state is
@@ -274,7 +275,8 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// An empty state covering events at or after `horizon`; fill it with [`Self::load`].
+    /// An empty state covering events at or after `horizon`; fill it with [`Self::load`] with
+    /// every stored key whose event time is at or after `horizon` − the dedupe window.
     pub fn new(bloom_bytes: usize, recent_keys: usize, horizon: i64) -> Self {
         PartitionState { bloom: Bloom::with_bytes(bloom_bytes), recent: Recent::new(recent_keys), horizon }
     }
