@@ -24,10 +24,11 @@ pub enum ChError {
     Server { status: u16, code: Option<u32>, body: String },
     #[error("clickhouse response: {0}")]
     Response(String),
-    /// An INSERT attempt's staging table was dropped under it: a worker loading a partition's
-    /// dedupe state fenced every attempt in flight (docs/exactly-once.md, "Zombie writers").
-    /// Transient: the attempt is re-checked and sent again.
-    #[error("insert attempt fenced: its staging table {0} was dropped by a dedupe-state load")]
+    /// An INSERT attempt's (or a mend's correction's) staging table was dropped under it: a
+    /// worker loading a partition's dedupe state, or mending it, fenced it (docs/exactly-once.md,
+    /// "Zombie writers"). Transient: the attempt is re-checked and sent again (the mend starts
+    /// over), or stops if its partitions went elsewhere.
+    #[error("attempt fenced: its staging table {0} was dropped by a dedupe-state load or a mend")]
     Fenced(String),
     /// A total read from ClickHouse needs more than 64 bits: refused rather than wrapped
     /// (PRODUCT.md §1). No retry can change it; the events behind it must be looked at.

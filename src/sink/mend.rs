@@ -41,7 +41,7 @@ use crate::invoice::sql::{num, render, rows};
 use super::clickhouse::{quote, ChError, ClickHouse};
 use super::rowbinary::RowWriter;
 use super::stage::stage_name;
-use super::EventStore;
+use super::{fenced_or, EventStore};
 
 const TOUCHED: &str = include_str!("../../sql/ingest/mend_touched.sql");
 const ADDITIVE: &str = include_str!("../../sql/ingest/mend_additive.sql");
@@ -202,7 +202,8 @@ impl Mend {
                 ch.insert(
                     &format!("INSERT INTO {} ({CORRECTION_COLUMNS}) FORMAT RowBinary", self.stage),
                     &self.correction,
-                )?;
+                )
+                .map_err(|e| fenced_or(e, &self.stage))?;
                 self.next = Next::Move;
             }
             Next::Move => {
@@ -217,7 +218,8 @@ impl Mend {
                         ch.database(),
                     ),
                     true,
-                )?;
+                )
+                .map_err(|e| fenced_or(e, stage))?;
                 self.next = Next::Drop;
             }
             Next::Drop => {

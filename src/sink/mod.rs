@@ -94,6 +94,20 @@ pub struct InsertFailed {
     pub stage: String,
 }
 
+/// `error` of a request that reads or writes the staging table `stage`, as
+/// [`ChError::Fenced`] when it says that table is gone although its attempt never dropped it:
+/// someone fenced it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the `DROP`). A transient
+/// error: the attempt re-checks and retries, or stops if its partitions went elsewhere. Any other
+/// missing table is a real error, classified by its code.
+pub(crate) fn fenced_or(error: ChError, stage: &str) -> ChError {
+    match &error {
+        ChError::Server { code: Some(60 | 218), body, .. } if body.contains(stage) => {
+            ChError::Fenced(stage.to_string())
+        }
+        _ => error,
+    }
+}
+
 impl ClickHouse {
     /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
     /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
@@ -115,14 +129,7 @@ impl ClickHouse {
         count: usize,
     ) -> Result<(), InsertFailed> {
         let stage = stage_name(topic, partitions);
-        let failed = |error: ChError| {
-            // This attempt's own table is gone although it never dropped it: a state load fenced
-            // it (60 UNKNOWN_TABLE, or 218 TABLE_IS_DROPPED during the DROP). Any other missing
-            // table is a real error, classified by its code.
-            let fenced = matches!(&error, ChError::Server { code: Some(60 | 218), body, .. } if body.contains(&stage));
-            let error = if fenced { ChError::Fenced(stage.clone()) } else { error };
-            InsertFailed { error, stage: stage.clone() }
-        };
+        let failed = |error: ChError| InsertFailed { error: fenced_or(error, &stage), stage: stage.clone() };
         // The first request: nothing can be missing yet, so a code 60 here is a real error.
         self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
             .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
@@ -226,5 +233,26 @@ impl EventStore for ClickHouse {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only "this very staging table is gone" is a fence; another missing table, or another
+    /// error, keeps its own class.
+    #[test]
+    fn only_the_attempts_own_missing_table_is_a_fence() {
+        let stage = stage_name("events", &[3]);
+        let server = |code, body: &str| ChError::Server { status: 404, code: Some(code), body: body.to_string() };
+        for code in [60, 218] {
+            let gone = server(code, &format!("Code: {code}. DB::Exception: Table db.{stage} doesn't exist."));
+            assert!(matches!(fenced_or(gone, &stage), ChError::Fenced(s) if s == stage), "{code}");
+            let other = server(code, "Code: 60. DB::Exception: Table db.usage_hourly_agg doesn't exist.");
+            assert!(matches!(fenced_or(other, &stage), ChError::Server { .. }), "{code}");
+        }
+        let timeout = server(159, &format!("Code: 159. Timeout reading {stage}"));
+        assert!(matches!(fenced_or(timeout, &stage), ChError::Server { code: Some(159), .. }));
     }
 }
