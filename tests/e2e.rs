@@ -494,6 +494,31 @@ fn revocation_waits_for_the_insert_in_flight() {
     eprintln!("[measure] revocation gate: {}", waited[0].rsplit("INFO").next().unwrap_or(""));
 }
 
+/// A world whose ClickHouse is behind a test proxy, one worker with `clickhouse.timeout_secs` 2
+/// (its log in the world's worker log "1"), assigned and caught up with 2,000 warm-up events.
+fn a_worker_with_a_2s_timeout_behind_a_proxy(
+    name: &str,
+    seed: u64,
+) -> (common::proxy::Proxy, World, std::process::Child, tally::loadgen::expected::Expected) {
+    let proxy = common::proxy::Proxy::to_clickhouse();
+    let w = World::with(name, &format!("http://{}", proxy.addr), "127.0.0.1:0");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
+    let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();
+    assert!(w.wait_assigned("1", Duration::from_secs(60)));
+    let warm = w.generate(&w.gen_config(2_000, seed));
+    w.wait_caught_up(&warm);
+    (proxy, w, worker, warm)
+}
+
+/// Waits until the proxy has held and forwarded a request ([`common::proxy::Proxy::hold_next_matching`]).
+fn wait_held_and_forwarded(proxy: &common::proxy::Proxy, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while proxy.held_and_forwarded() == 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The zombie writer (docs/exactly-once.md): an INSERT that reaches ClickHouse after the client
 /// timed out and after its retry's re-check. The proxy holds the request that moves a batch's rows
 /// into `events` for 5 s, past the worker's `clickhouse.timeout_secs` (2 s), then forwards it.
@@ -501,22 +526,12 @@ fn revocation_waits_for_the_insert_in_flight() {
 /// rows again, so the late request finds nothing to insert.
 #[test]
 fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
-    let proxy = common::proxy::Proxy::to_clickhouse();
-    let w = World::with("zombie", &format!("http://{}", proxy.addr), "127.0.0.1:0");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
-    let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();
-    assert!(w.wait_assigned("1", Duration::from_secs(60)));
-    let warm = w.generate(&w.gen_config(2_000, 51));
-    w.wait_caught_up(&warm);
+    let (proxy, w, worker, warm) = a_worker_with_a_2s_timeout_behind_a_proxy("zombie", 51);
     proxy.hold_next_matching(b"INSERT INTO events (", Duration::from_secs(5));
     let gen = tally::loadgen::GenConfig { rate: 2_000, first_message_id: 1_000_000, ..w.gen_config(6_000, 52) };
     let e = w.generate(&gen);
     w.wait_caught_up(&e);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.held_and_forwarded() == 0 {
-        assert!(Instant::now() < deadline, "the held INSERT was forwarded");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_held_and_forwarded(&proxy, Duration::from_secs(30), "the held INSERT was forwarded");
     std::thread::sleep(Duration::from_secs(2)); // time for the late request to do whatever it can
     stop_all(vec![worker]);
     let mut all = warm.clone();
@@ -537,13 +552,7 @@ fn an_insert_that_arrives_after_its_timeout_does_not_count_twice() {
 /// landed after the second correction and the totals were over by the first one's shortfall.
 #[test]
 fn a_correction_that_arrives_after_its_timeout_does_not_count_twice() {
-    let proxy = common::proxy::Proxy::to_clickhouse();
-    let w = World::with("latemend", &format!("http://{}", proxy.addr), "127.0.0.1:0");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.log_path("1")).unwrap();
-    let worker = w.cli(&["run"]).env("TALLY_CLICKHOUSE_TIMEOUT_SECS", "2").stderr(log).spawn().unwrap();
-    assert!(w.wait_assigned("1", Duration::from_secs(60)));
-    let mut all = w.generate(&w.gen_config(2_000, 61));
-    w.wait_caught_up(&all);
+    let (proxy, w, worker, mut all) = a_worker_with_a_2s_timeout_behind_a_proxy("latemend", 61);
     proxy.hold_next_matching(
         b"usage_hourly_agg (org_id, project_id, meter, hour, value) SELECT",
         Duration::from_secs(5),
@@ -552,11 +561,7 @@ fn a_correction_that_arrives_after_its_timeout_does_not_count_twice() {
     views(&w, false);
     let gen = tally::loadgen::GenConfig { rate: 2_000, first_message_id: 1_000_000, ..w.gen_config(4_000, 62) };
     let e = w.generate(&gen);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.held_and_forwarded() == 0 {
-        assert!(Instant::now() < deadline, "a correction was held and forwarded");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_held_and_forwarded(&proxy, Duration::from_secs(60), "a correction was held and forwarded");
     views(&w, true);
     proxy.restore();
     w.wait_caught_up(&e);

@@ -41,7 +41,7 @@ use crate::invoice::sql::{num, render, rows};
 use super::clickhouse::{quote, ChError, ClickHouse};
 use super::rowbinary::RowWriter;
 use super::stage::stage_name;
-use super::{fenced_or, EventStore};
+use super::{fenced_or, move_whole, EventStore};
 
 const TOUCHED: &str = include_str!("../../sql/ingest/mend_touched.sql");
 const ADDITIVE: &str = include_str!("../../sql/ingest/mend_additive.sql");
@@ -207,19 +207,10 @@ impl Mend {
                 self.next = Next::Move;
             }
             Next::Move => {
-                // The staging table must still hold every row: a Memory table comes back empty
-                // after a server restart, and adding nothing must fail, not report the shortfall
-                // mended (code 395; the next mend reads it again).
-                let (stage, n) = (&self.stage, self.out.short);
-                ch.execute(
-                    &format!(
-                        "INSERT INTO {}.usage_hourly_agg ({CORRECTION_COLUMNS}) SELECT {CORRECTION_COLUMNS} FROM {stage} \
-                         WHERE throwIf((SELECT count() FROM {stage}) != {n}) = 0",
-                        ch.database(),
-                    ),
-                    true,
-                )
-                .map_err(|e| fenced_or(e, stage))?;
+                // Fails unless the staging table still holds every row (emptied by a restart, it
+                // must not report the shortfall mended; the next mend reads it again).
+                let sql = move_whole("usage_hourly_agg", CORRECTION_COLUMNS, &self.stage, self.out.short as usize);
+                ch.execute(&sql, true).map_err(|e| fenced_or(e, &self.stage))?;
                 self.next = Next::Drop;
             }
             Next::Drop => {

@@ -108,6 +108,16 @@ pub(crate) fn fenced_or(error: ChError, stage: &str) -> ChError {
     }
 }
 
+/// `INSERT INTO table (columns) SELECT columns FROM stage` that fails (code 395, transient)
+/// unless `stage` still holds the `count` rows sent to it: a Memory table comes back empty after
+/// a server restart, and copying nothing must fail, not succeed.
+pub(crate) fn move_whole(table: &str, columns: &str, stage: &str, count: usize) -> String {
+    format!(
+        "INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} \
+         WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
+    )
+}
+
 impl ClickHouse {
     /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
     /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
@@ -141,14 +151,9 @@ impl ClickHouse {
             &[("max_insert_block_size", &block)],
         )
         .map_err(failed)?;
-        // The staging table must still hold every row: a Memory table comes back empty after a
-        // server restart, and copying nothing must fail, not succeed (code 395, transient).
+        // Fails unless the staging table still holds every row (emptied by a server restart).
         self.execute_with(
-            &format!(
-                "INSERT INTO events ({EVENTS_COLUMNS}, {CARRIER_COLUMNS}) \
-                 SELECT {EVENTS_COLUMNS}, {CARRIER_COLUMNS} FROM {stage} \
-                 WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
-            ),
+            &move_whole("events", &format!("{EVENTS_COLUMNS}, {CARRIER_COLUMNS}"), &stage, count),
             &MOVE_SETTINGS,
         )
         .map_err(failed)?;
