@@ -22,8 +22,18 @@ if ! ch_up >/dev/null 2>&1; then
       /etc/clickhouse-server/config.xml > "$CH/config.xml"
   cp /etc/clickhouse-server/users.xml "$CH/users.xml"
   log "starting clickhouse-server (data in $CH)"
+  # Its allocator (jemalloc), configured as ClickHouse's own builds configure it
+  # (contrib/jemalloc-cmake/CMakeLists.txt: per-CPU arenas, no separate arena that returns large
+  # allocations to the kernel at once, freed pages kept 5 s) and without transparent huge pages,
+  # as ClickHouse's usage recommendations ask ("Huge Pages": they interfere with memory
+  # allocators). Debian's 18.16 links the system jemalloc with none of this: on this machine
+  # (THP "always") that cost a third of the server's CPU in an ingest pass, most of it the kernel
+  # zeroing fresh huge pages (docs/measurements.md, "ClickHouse's allocator").
+  # TALLYDEV_CH_MALLOC_CONF overrides it (empty: Debian's defaults, to measure against).
+  CH_MALLOC_CONF="${TALLYDEV_CH_MALLOC_CONF-thp:never,percpu_arena:percpu,oversize_threshold:0,muzzy_decay_ms:5000,dirty_decay_ms:5000}"
   # Detached (setsid, no inherited stdio): nothing of it may hold the caller's pipes open.
-  (cd "$CH" && exec setsid clickhouse-server --config-file="$CH/config.xml" </dev/null >"$CH/log/stdout.log" 2>&1) &
+  (cd "$CH" && MALLOC_CONF="$CH_MALLOC_CONF" exec setsid clickhouse-server --config-file="$CH/config.xml" \
+    </dev/null >"$CH/log/stdout.log" 2>&1) &
   echo $! >"$CH/pid"
   wait_for clickhouse 60 ch_up
 fi
