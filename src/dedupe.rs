@@ -16,8 +16,26 @@
 //! project) and is rebuilt from ClickHouse whenever a partition is assigned.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::LazyLock;
 
-/// The identity of an event: a 128-bit hash of (org_id, project_id, id).
+/// The identity of an event (org_id, project_id, id), in two 64-bit halves over the same bytes,
+/// `len(org_id) as u32 LE ‖ len(project_id) as u32 LE ‖ org_id ‖ project_id ‖ id` (lengths
+/// first, so that ("ab","c") and ("a","bc") differ):
+///
+/// * the low half is the low 64 bits of XXH3-128 of those bytes: it is stored in ClickHouse
+///   (`events.key_hash`) and fed to the Bloom filter, so it must never change;
+/// * the high half is a keyed hash of them (`std`'s `RandomState`, SipHash-1-3 today, with a key
+///   drawn at random once per process), never stored.
+///
+/// Why keyed: XXH3 is not collision-resistant. With its public default secret, two different ids
+/// with one XXH3-128 digest take a few lines to compute (its 16-byte mixer is a product that is
+/// the same with its two operands swapped; `a_crafted_xxh3_collision_is_two_keys` builds one).
+/// The recent keys and the batch's key set decide "duplicate" on the whole 128 bits without
+/// asking ClickHouse, so with an unkeyed digest a producer could have its own events, or another
+/// tenant's on the same partition, taken for copies and left unbilled. A collision must now also
+/// hold under a key the producer never sees. A collision of the low half alone is a Bloom-filter
+/// hit, which only asks ClickHouse, and ClickHouse compares the ids themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventKey(pub u128);
 
@@ -30,42 +48,62 @@ impl std::hash::Hash for EventKey {
 /// A set of event keys that does not hash them again.
 pub type KeySet = HashSet<EventKey, BuildXxh>;
 
+/// The key of [`EventKey`]'s high half: random, drawn once per process.
+static PROCESS_KEY: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
 impl EventKey {
-    /// XXH3-128 of `len(org_id) as u32 LE ‖ len(project_id) as u32 LE ‖ org_id ‖ project_id ‖ id`
-    /// (lengths first, so that ("ab","c") and ("a","bc") differ). The value is stored in
-    /// ClickHouse (`events.key_hash`, its low 64 bits): it must never change.
+    /// The key of (org_id, project_id, id) in this process (see [`EventKey`]).
     pub fn new(org_id: &str, project_id: &str, id: &str) -> Self {
-        // One-shot hashing of the concatenation (the same digest as streaming it, and about
+        Self::keyed_with(&PROCESS_KEY, [org_id.as_bytes(), project_id.as_bytes(), id.as_bytes()])
+    }
+
+    fn keyed_with(key: &RandomState, parts: [&[u8]; 3]) -> Self {
+        // One-shot hashing of the concatenation (the same digests as streaming it, and about
         // twice as fast for these short inputs); the streaming form for the rare long one.
         let mut buf = [0u8; 256];
-        let parts = [org_id.as_bytes(), project_id.as_bytes(), id.as_bytes()];
         let n = 8 + parts.iter().map(|p| p.len()).sum::<usize>();
         if n > buf.len() {
-            return Self::streamed(org_id, project_id, id);
+            return Self::streamed(key, parts);
         }
-        buf[..4].copy_from_slice(&(org_id.len() as u32).to_le_bytes());
-        buf[4..8].copy_from_slice(&(project_id.len() as u32).to_le_bytes());
+        buf[..4].copy_from_slice(&(parts[0].len() as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&(parts[1].len() as u32).to_le_bytes());
         let mut at = 8;
         for p in parts {
             buf[at..at + p.len()].copy_from_slice(p);
             at += p.len();
         }
-        EventKey(xxhash_rust::xxh3::xxh3_128(&buf[..n]))
+        let bytes = &buf[..n];
+        Self::from_halves(xxhash_rust::xxh3::xxh3_128(bytes) as u64, key.hash_one(Bytes(bytes)))
     }
 
-    fn streamed(org_id: &str, project_id: &str, id: &str) -> Self {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&(org_id.len() as u32).to_le_bytes());
-        h.update(&(project_id.len() as u32).to_le_bytes());
-        h.update(org_id.as_bytes());
-        h.update(project_id.as_bytes());
-        h.update(id.as_bytes());
-        EventKey(h.digest128())
+    fn streamed(key: &RandomState, parts: [&[u8]; 3]) -> Self {
+        let mut stored = xxhash_rust::xxh3::Xxh3::new();
+        let mut keyed = key.build_hasher();
+        let lengths = [(parts[0].len() as u32).to_le_bytes(), (parts[1].len() as u32).to_le_bytes()];
+        for bytes in lengths.iter().map(|l| &l[..]).chain(parts) {
+            stored.update(bytes);
+            keyed.write(bytes);
+        }
+        Self::from_halves(stored.digest128() as u64, keyed.finish())
+    }
+
+    fn from_halves(stored: u64, keyed: u64) -> Self {
+        EventKey((keyed as u128) << 64 | stored as u128)
     }
 
     /// The 64-bit hash stored in ClickHouse (`events.key_hash`) and fed to the Bloom filter.
     pub fn short(self) -> u64 {
         self.0 as u64
+    }
+}
+
+/// Bytes hashed as one `write` of them, so that the one-shot and the streamed forms agree
+/// (`[u8]`'s own `Hash` would write its length first).
+struct Bytes<'a>(&'a [u8]);
+
+impl std::hash::Hash for Bytes<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.0);
     }
 }
 
@@ -217,10 +255,10 @@ impl Recent {
         Recent { sets: vec![Set::default(); sets], shift: 64 - sets.max(1).trailing_zeros() }
     }
 
-    /// The index of the set `k` belongs in: the top bits of its high 64 bits times an odd
-    /// constant (Fibonacci hashing). The high half's own low bits are not uniform for keys that
-    /// differ in a few characters (five of 35 ids `e<n>` of one tenant fell in one of 128 sets),
-    /// and the product's top bits depend on every bit. The Bloom filter reads the low half.
+    /// The index of the set `k` belongs in: the top bits of its keyed high half times an odd
+    /// constant (Fibonacci hashing, so that the index depends on every bit of the half; when the
+    /// half was XXH3's, five of 35 ids `e<n>` of one tenant fell in one of 128 sets by its own
+    /// low bits). The Bloom filter reads the low half.
     #[inline]
     fn at(&self, k: u128) -> usize {
         ((k >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).checked_shr(self.shift).unwrap_or(0) as usize
@@ -338,16 +376,59 @@ mod tests {
 
     #[test]
     fn one_shot_keys_equal_streamed_keys() {
-        // Stored in ClickHouse: the fast form must give exactly the streamed form's hash.
-        let pinned = 0xae2e_4f4a_c63d_9cc7_5718_3459_0607_73d8;
-        assert_eq!(EventKey::new("org-1", "proj-2", "evt-3").0, pinned);
-        assert_eq!(EventKey::streamed("org-1", "proj-2", "evt-3").0, pinned);
+        // The low half is stored in ClickHouse: pinned across versions and processes. The fast
+        // form must give exactly the streamed form's halves.
+        let pinned = 0x5718_3459_0607_73d8;
+        assert_eq!(EventKey::new("org-1", "proj-2", "evt-3").short(), pinned);
+        let parts: [&[u8]; 3] = [b"org-1", b"proj-2", b"evt-3"];
+        assert_eq!(EventKey::streamed(&PROCESS_KEY, parts), EventKey::new("org-1", "proj-2", "evt-3"));
         for len in [0, 1, 15, 16, 17, 100, 128, 200, 247, 248, 249, 300] {
             let id = "x".repeat(len);
             for (o, p) in [("o", "p"), ("org-with-a-long-name", "project-with-a-long-name"), ("", "")] {
-                assert_eq!(EventKey::new(o, p, &id), EventKey::streamed(o, p, &id), "{o} {p} {len}");
+                let parts = [o.as_bytes(), p.as_bytes(), id.as_bytes()];
+                assert_eq!(EventKey::new(o, p, &id), EventKey::streamed(&PROCESS_KEY, parts), "{o} {p} {len}");
             }
         }
+    }
+
+    #[test]
+    fn the_stored_half_is_the_same_under_every_process_key_and_the_other_is_not() {
+        let parts: [&[u8]; 3] = [b"org-1", b"proj-2", b"evt-3"];
+        let (a, b) = (RandomState::new(), RandomState::new());
+        let (ka, kb) = (EventKey::keyed_with(&a, parts), EventKey::keyed_with(&b, parts));
+        assert_eq!((ka.short(), kb.short()), (0x5718_3459_0607_73d8, 0x5718_3459_0607_73d8));
+        assert_ne!(ka.0 >> 64, kb.0 >> 64);
+        assert_eq!(EventKey::streamed(&a, parts), ka);
+    }
+
+    #[test]
+    fn a_crafted_xxh3_collision_is_two_keys() {
+        // XXH3-128 of 17 to 32 bytes mixes bytes 16..32, as words w2 and w3, into one lane as
+        // mul128_fold64(w2 ^ s2, w3 ^ s3) and into the other as w2 + w3, where s2 and s3 are
+        // words 2 and 3 of the public default secret (the XXH3 specification's kSecret). Swap
+        // the product's operands, keep the sum (the same bits in each position), and a second
+        // id has the same digest.
+        let (s2, s3) = (0xdb97_9083_e96d_d4de_u64, 0x1f67_b3b7_a4a4_4072_u64);
+        let d = s2 ^ s3;
+        let e = 0x0101_0101_0101_0101 & !d;
+        let w2 = u64::from_le_bytes(*b"evt-0001");
+        let id = |a: u64, b: u64| [a.to_le_bytes(), b.to_le_bytes()].concat();
+        let (first, second) = (id(w2, w2 ^ d ^ e), id(w2 ^ e, w2 ^ d));
+        assert_ne!(first, second);
+        let input = |id: &[u8]| [&4u32.to_le_bytes()[..], &4u32.to_le_bytes(), b"orgA", b"prj1", id].concat();
+        let digest = |id: &[u8]| xxhash_rust::xxh3::xxh3_128(&input(id));
+        assert_eq!(digest(&first), digest(&second), "the construction collides in XXH3-128");
+
+        let key = |id: &[u8]| EventKey::keyed_with(&PROCESS_KEY, [b"orgA", b"prj1", id]);
+        assert_eq!(key(&first).short(), key(&second).short(), "the stored half collides too");
+        assert_ne!(key(&first), key(&second));
+        // Neither the recent keys nor a batch's key set take the second for a copy of the
+        // first; the Bloom filter's hit on the stored half sends it to ClickHouse.
+        let mut state = PartitionState::new(1 << 16, 1024, 0);
+        state.remember(key(&first));
+        assert_eq!(state.check(key(&second), 10), Verdict::Unknown);
+        let batch: KeySet = [key(&first)].into_iter().collect();
+        assert!(!batch.contains(&key(&second)));
     }
 
     #[test]
