@@ -429,6 +429,30 @@ mod tests {
         assert_eq!(state.check(key(&second), 10), Verdict::Unknown);
         let batch: KeySet = [key(&first)].into_iter().collect();
         assert!(!batch.contains(&key(&second)));
+
+        // The same construction with printable UTF-8 (found by a search over w2 and e): ids a
+        // producer can send, whatever org and project ids lead the input, when the input is 32
+        // bytes long or 48 to 64 (`field_inputs::ids_with_one_xxh3_digest_are_two_events` sends them).
+        let first = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x89\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4c").unwrap();
+        let second = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x88\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4d").unwrap();
+        for (org, project) in [("orgA", "prj1"), ("organisation-0001", "project-000017")] {
+            let input = |id: &str| {
+                [
+                    &(org.len() as u32).to_le_bytes()[..],
+                    &(project.len() as u32).to_le_bytes(),
+                    org.as_bytes(),
+                    project.as_bytes(),
+                    id.as_bytes(),
+                ]
+                .concat()
+            };
+            assert_eq!(
+                xxhash_rust::xxh3::xxh3_128(&input(first)),
+                xxhash_rust::xxh3::xxh3_128(&input(second)),
+                "{org}"
+            );
+            assert_ne!(EventKey::new(org, project, first), EventKey::new(org, project, second));
+        }
     }
 
     #[test]
