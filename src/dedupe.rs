@@ -403,8 +403,9 @@ mod tests {
 
     #[test]
     fn a_crafted_xxh3_collision_is_two_keys() {
-        // XXH3-128 of 17 to 32 bytes mixes bytes 16..32, as words w2 and w3, into one lane as
-        // mul128_fold64(w2 ^ s2, w3 ^ s3) and into the other as w2 + w3, where s2 and s3 are
+        // XXH3-128 of a 32-byte input (its 17-to-128-byte path) mixes the last 16 bytes, as words
+        // w2 and w3, into one lane as mul128_fold64(w2 ^ s2, w3 ^ s3) and into the other as
+        // w2 + w3, and nowhere else (so for 48 to 128 bytes too), where s2 and s3 are
         // words 2 and 3 of the public default secret (the XXH3 specification's kSecret). Swap
         // the product's operands, keep the sum (the same bits in each position), and a second
         // id has the same digest.
@@ -432,7 +433,7 @@ mod tests {
 
         // The same construction with printable UTF-8 (found by a search over w2 and e): ids a
         // producer can send, whatever org and project ids lead the input, when the input is 32
-        // bytes long or 48 to 64 (`field_inputs::ids_with_one_xxh3_digest_are_two_events` sends them).
+        // bytes long or 48 to 128 (`field_inputs::ids_with_one_xxh3_digest_are_two_events` sends them).
         let first = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x89\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4c").unwrap();
         let second = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x88\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4d").unwrap();
         for (org, project) in [("orgA", "prj1"), ("organisation-0001", "project-000017")] {
@@ -508,13 +509,23 @@ mod tests {
     }
 
     /// Keys of one tenant whose ids differ in a few characters spread over the sets: 40 such keys
-    /// in 128 sets of four are all held (the high half's low bits, used directly, put five of
-    /// them in one set and evicted the first).
+    /// in 128 sets of four are all held (when the high half was XXH3's, its low bits, used
+    /// directly, put five of them in one set and evicted the first). The keyed half is random
+    /// per process, so the test builds its keys with a fixed-seed hash in its place.
     #[test]
     fn similar_keys_spread_over_the_sets() {
         for (org, project) in [("org-1", "proj-1"), ("org-1-1d2f", "proj-1-1-9a0c"), ("o", "p")] {
             let mut r = Recent::new(512);
-            let keys: Vec<u128> = (0..40).map(|i| EventKey::new(org, project, &format!("e{i}")).0).collect();
+            // The high half as a keyed hash under one fixed key (the process's own key is random,
+            // and a test must not depend on it): similar ids must not share sets.
+            let keys: Vec<u128> = (0..40)
+                .map(|i| {
+                    let id = format!("e{i}");
+                    let stored = EventKey::new(org, project, &id).short();
+                    let bytes = [org.as_bytes(), project.as_bytes(), id.as_bytes()].concat();
+                    EventKey::from_halves(stored, xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, 0x5eed)).0
+                })
+                .collect();
             for &k in &keys {
                 r.insert(k);
             }
