@@ -12,7 +12,8 @@
 //! invalid JSON; a value that is not an object; a key with an escape; a captured string with an
 //! escape (they may need surrogate repair); a number where an object is walked (serde parses it as
 //! `f64`, which can fail); a batch element that is not an object; an empty batch, more than
-//! `max_events` events, or `batch` beside event fields; nesting deeper than [`MAX_DEPTH`]. So on
+//! `max_events` events, or `batch` beside event fields; nesting deeper than [`MAX_DEPTH`]; a walked
+//! object with more than [`MAX_SCANNED_KEYS`] keys. So on
 //! every value it accepts, its answer is the serde reader's: the unit tests, the differential
 //! property test and the `decode` fuzz target check exactly that. `benches/pipeline.rs` shows why
 //! it exists (docs/measurements.md, "The scanner").
@@ -29,6 +30,13 @@ type Scan<T> = Result<T, Fallback>;
 
 /// Deepest nesting the scanner follows (serde_json refuses beyond 128).
 pub const MAX_DEPTH: u32 = 100;
+
+/// Most keys of one walked object the scanner checks for repeats, each new key against the ones
+/// before it; an object with more is a [`Fallback`], and the serde reader checks it with a hash
+/// set. It keeps one value's cost linear in its size: a 1 MiB object of 100,000 short keys would
+/// otherwise take ~5·10⁹ comparisons, seconds of a worker's time for one message (found by a
+/// review).
+pub const MAX_SCANNED_KEYS: usize = 64;
 
 /// Reads `value` like [`super::decode_message_captured`]: a single event's captures into `caps`
 /// (reset by the caller), a batch's into `events` (cleared first, [`PathTree::slots`] per event).
@@ -237,7 +245,8 @@ impl<'a> Scanner<'a, '_> {
     }
 
     /// Reads an object key (and the `:` after it) of a walked object whose keys start at `base`
-    /// in `keys`; a repeated key is a [`Fallback`] (the serde reader refuses the value).
+    /// in `keys`; a repeated key is a [`Fallback`] (the serde reader refuses the value), and so is
+    /// a key past the object's first [`MAX_SCANNED_KEYS`].
     // Always inlined: its call and return were a fifth of its own instructions (callgrind,
     // benches/pipeline.rs).
     #[inline(always)]
@@ -248,7 +257,8 @@ impl<'a> Scanner<'a, '_> {
         let (start, end, escaped) = self.string()?;
         let b: &'a [u8] = self.b;
         let key = &b[start..end];
-        if escaped || self.keys[base..].iter().any(|k| same_key(k, key)) {
+        let earlier = &self.keys[base..];
+        if escaped || earlier.len() >= MAX_SCANNED_KEYS || earlier.iter().any(|k| same_key(k, key)) {
             return Err(Fallback);
         }
         self.keys.push(key);
@@ -617,6 +627,33 @@ mod tests {
             scan_message(v, &t, &mut caps, &mut Vec::new(), &mut Vec::new(), 2),
             Ok(Message::Captured(2))
         ));
+    }
+
+    /// Walked objects with up to [`MAX_SCANNED_KEYS`] keys are the scanner's; past that, at the top
+    /// level, in `body` or in a batch's event, serde decides, and reads them as the scanner would.
+    #[test]
+    fn objects_with_many_keys_are_read_by_serde() {
+        let t = tree();
+        let keys = |n: usize| (0..n).map(|i| format!(r#","k{i}":{i}"#)).collect::<String>();
+        let shapes = |n: usize| {
+            let (k, n_body) = (keys(n - 3), keys(n - 1));
+            [
+                format!(r#"{{"id":"a","type":"t","timestamp":"2026-12-01T10:00:00Z"{k}}}"#),
+                format!(r#"{{"id":"a","body":{{"usage":{{"input":5}}{n_body}}}}}"#),
+                format!(r#"{{"batch":[{{"id":"a"}},{{"id":"b","type":"t","timestamp":"x"{k}}}]}}"#),
+            ]
+        };
+        for v in shapes(MAX_SCANNED_KEYS) {
+            assert!(scanned(&v, &t).is_ok(), "{v}");
+            assert_eq!(scanned(&v, &t).map_err(drop), serde_reading(&v, &t));
+        }
+        for v in shapes(MAX_SCANNED_KEYS + 1) {
+            assert_eq!(scanned(&v, &t), Err(Fallback), "{v}");
+            assert!(serde_reading(&v, &t).is_ok(), "serde reads it: {v}");
+        }
+        // A repeat past the limit is still refused (by serde).
+        let v = format!(r#"{{"id":"a"{},"k0":1}}"#, keys(MAX_SCANNED_KEYS + 10));
+        assert_eq!(serde_reading(&v, &t), Err(()));
     }
 
     /// Captured integers around every limit of the plain-integer path read as `meter_value`

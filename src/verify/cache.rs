@@ -30,20 +30,35 @@ pub const FRONT_SLOTS: usize = 1024;
 /// memory stays under `FRONT_SLOTS` × this (4 MiB) whatever headers producers send.
 pub const FRONT_MAX_VALUE: usize = 4096;
 
+/// Bytes of values the map holds per entry it may hold, on average: the map is emptied when its
+/// values would pass `entries` × this, as when it holds `entries` values. Nothing but the
+/// broker's message size bounds an `authorization` header, and refusals are cached too, so
+/// without it a producer sending padded, ever-different headers (a valid JWT
+/// followed by a different run of spaces each time, or no credential at all) grew the map by a
+/// header per message, up to 100,000 headers of a megabyte (found by a review). Real credentials
+/// are a few hundred bytes: API key pairs ~100, JWTs 300–1,500.
+pub const MAP_BYTES_PER_ENTRY: usize = 2048;
+
 /// See the module documentation.
 pub struct CredentialCache {
     map: HashMap<Box<[u8]>, Verdict>,
     entries: usize,
+    /// Bytes of the values in `map`, and their bound (`entries` × [`MAP_BYTES_PER_ENTRY`]).
+    bytes: usize,
+    max_bytes: usize,
     /// Per slot: the value (its buffer reused) and its verdict, `None` when empty.
     front: Vec<(Vec<u8>, Option<Verdict>)>,
 }
 
 impl CredentialCache {
-    /// A cache of at most `entries` values (at least 1).
+    /// A cache of at most `entries` values (at least 1) and `entries` × [`MAP_BYTES_PER_ENTRY`]
+    /// bytes of them.
     pub fn new(entries: usize) -> Self {
         CredentialCache {
             map: HashMap::new(),
             entries: entries.max(1),
+            bytes: 0,
+            max_bytes: entries.max(1).saturating_mul(MAP_BYTES_PER_ENTRY),
             front: (0..FRONT_SLOTS).map(|_| (Vec::new(), None)).collect(),
         }
     }
@@ -78,10 +93,14 @@ impl CredentialCache {
         slot.1.insert(verdict)
     }
 
-    /// Caches the verdict of `value` (emptying the cache first when it is full) and returns it.
+    /// Caches the verdict of `value` (emptying the cache first when it is full, by count or by
+    /// bytes) and returns it.
     pub fn insert(&mut self, value: &[u8], verdict: Verdict) -> &Verdict {
-        if self.map.len() >= self.entries {
-            self.clear();
+        if !self.map.contains_key(value) {
+            if self.map.len() >= self.entries || self.bytes.saturating_add(value.len()) > self.max_bytes {
+                self.clear();
+            }
+            self.bytes += value.len();
         }
         let verdict = self.map.entry(value.into()).or_insert(verdict);
         if value.len() > FRONT_MAX_VALUE {
@@ -93,6 +112,7 @@ impl CredentialCache {
     /// Forgets every verdict (after a key change or a revocation).
     pub fn clear(&mut self) {
         self.map.clear();
+        self.bytes = 0;
         for slot in &mut self.front {
             slot.1 = None;
         }
@@ -174,6 +194,31 @@ mod tests {
         c.insert(b"x", checked("short"));
         assert_eq!(org(c.get(b"x")).as_deref(), Some("short"));
         assert!(c.get(b"").is_none() && c.get(b"y").is_none());
+    }
+
+    /// Padded headers, each different, cannot grow the map past its byte bound: it starts again,
+    /// and what it holds is still answered exactly.
+    #[test]
+    fn headers_of_any_length_keep_the_map_within_its_bytes() {
+        let mut c = CredentialCache::new(100);
+        let max = 100 * MAP_BYTES_PER_ENTRY;
+        for i in 0..50 {
+            let padded = [b"Bearer a.b.c".as_slice(), &vec![b' '; 20_000 + i]].concat();
+            c.insert(&padded, Err(Denied(Reason::InvalidCredentials)));
+            assert!(c.bytes <= max && c.map.keys().map(|k| k.len()).sum::<usize>() == c.bytes);
+            assert_eq!(org(c.get(&padded)).as_deref(), Some("denied InvalidCredentials"));
+        }
+        assert!(c.len() < 50, "the map was emptied on the way");
+        // The same value again adds nothing.
+        let v = b"Basic pk:sk".as_slice();
+        c.insert(v, checked("o"));
+        let bytes = c.bytes;
+        c.insert(v, checked("o"));
+        assert_eq!(c.bytes, bytes);
+        // A value longer than the whole bound is cached alone.
+        let huge = vec![b'x'; max + 1];
+        c.insert(&huge, checked("huge"));
+        assert_eq!((c.len(), org(c.get(&huge)).as_deref()), (1, Some("huge")));
     }
 
     #[test]
