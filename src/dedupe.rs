@@ -73,7 +73,9 @@ impl EventKey {
             at += p.len();
         }
         let bytes = &buf[..n];
-        Self::from_halves(xxhash_rust::xxh3::xxh3_128(bytes) as u64, key.hash_one(Bytes(bytes)))
+        let mut keyed = key.build_hasher();
+        keyed.write(bytes);
+        Self::from_halves(xxhash_rust::xxh3::xxh3_128(bytes) as u64, keyed.finish())
     }
 
     fn streamed(key: &RandomState, parts: [&[u8]; 3]) -> Self {
@@ -94,16 +96,6 @@ impl EventKey {
     /// The 64-bit hash stored in ClickHouse (`events.key_hash`) and fed to the Bloom filter.
     pub fn short(self) -> u64 {
         self.0 as u64
-    }
-}
-
-/// Bytes hashed as one `write` of them, so that the one-shot and the streamed forms agree
-/// (`[u8]`'s own `Hash` would write its length first).
-struct Bytes<'a>(&'a [u8]);
-
-impl std::hash::Hash for Bytes<'_> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.0);
     }
 }
 
@@ -416,9 +408,18 @@ mod tests {
         let id = |a: u64, b: u64| [a.to_le_bytes(), b.to_le_bytes()].concat();
         let (first, second) = (id(w2, w2 ^ d ^ e), id(w2 ^ e, w2 ^ d));
         assert_ne!(first, second);
-        let input = |id: &[u8]| [&4u32.to_le_bytes()[..], &4u32.to_le_bytes(), b"orgA", b"prj1", id].concat();
-        let digest = |id: &[u8]| xxhash_rust::xxh3::xxh3_128(&input(id));
-        assert_eq!(digest(&first), digest(&second), "the construction collides in XXH3-128");
+        // XXH3-128 of the key's input, written out here independently of `EventKey`.
+        let digest = |org: &str, project: &str, id: &[u8]| {
+            let lengths = [(org.len() as u32).to_le_bytes(), (project.len() as u32).to_le_bytes()];
+            xxhash_rust::xxh3::xxh3_128(
+                &[&lengths[0][..], &lengths[1], org.as_bytes(), project.as_bytes(), id].concat(),
+            )
+        };
+        assert_eq!(
+            digest("orgA", "prj1", &first),
+            digest("orgA", "prj1", &second),
+            "the construction collides in XXH3-128"
+        );
 
         let key = |id: &[u8]| EventKey::keyed_with(&PROCESS_KEY, [b"orgA", b"prj1", id]);
         assert_eq!(key(&first).short(), key(&second).short(), "the stored half collides too");
@@ -437,21 +438,7 @@ mod tests {
         let first = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x89\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4c").unwrap();
         let second = std::str::from_utf8(b"\x7c\x3b\xe5\x9e\x9e\x51\xcc\x88\xd0\xaf\x2c\xd3\xaa\x72\x3c\x4d").unwrap();
         for (org, project) in [("orgA", "prj1"), ("organisation-0001", "project-000017")] {
-            let input = |id: &str| {
-                [
-                    &(org.len() as u32).to_le_bytes()[..],
-                    &(project.len() as u32).to_le_bytes(),
-                    org.as_bytes(),
-                    project.as_bytes(),
-                    id.as_bytes(),
-                ]
-                .concat()
-            };
-            assert_eq!(
-                xxhash_rust::xxh3::xxh3_128(&input(first)),
-                xxhash_rust::xxh3::xxh3_128(&input(second)),
-                "{org}"
-            );
+            assert_eq!(digest(org, project, first.as_bytes()), digest(org, project, second.as_bytes()), "{org}");
             assert_ne!(EventKey::new(org, project, first), EventKey::new(org, project, second));
         }
     }

@@ -298,9 +298,13 @@ fn copies_straddling_the_horizon_are_counted_once() {
     tally::admin::wait_committed(&w.kafka, &end_offsets(&[first, second]), Duration::from_secs(120)).unwrap();
     worker.stop();
     assert_eq!(w.scalar("SELECT count() FROM events"), 1, "one narrow row");
-    let events: u64 = w.usage_hourly().iter().filter(|(k, _)| k.2 == "events").map(|(_, v)| v).sum();
-    assert_eq!(events, 1, "counted once");
+    assert_eq!(billed_events(&w), 1, "counted once");
     assert!(w.dead_letters().is_empty(), "neither copy was rejected");
+}
+
+/// Events billed over every tenant and hour (the `events` meter's aggregates).
+fn billed_events(w: &World) -> u64 {
+    w.usage_hourly().iter().filter(|(k, _)| k.2 == "events").map(|(_, v)| v).sum()
 }
 
 /// Two ids of one tenant whose XXH3-128 digests are equal (built from XXH3's public default
@@ -346,8 +350,7 @@ fn ids_with_one_xxh3_digest_are_two_events() {
     tally::admin::wait_committed(&w.kafka, &end_offsets(&sent), Duration::from_secs(120)).unwrap();
     worker.stop();
     assert_eq!(w.scalar("SELECT count() FROM events"), 2, "two narrow rows");
-    let events: u64 = w.usage_hourly().iter().filter(|(k, _)| k.2 == "events").map(|(_, v)| v).sum();
-    assert_eq!(events, 2, "both billed");
+    assert_eq!(billed_events(&w), 2, "both billed");
     assert!(w.dead_letters().is_empty(), "neither was rejected");
 }
 
