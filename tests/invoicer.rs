@@ -786,42 +786,121 @@ fn stripe_outage_stops_the_run_and_the_next_run_completes() {
     assert_eq!(b.ledger_done("") as usize, b.emulator_events("").len());
 }
 
-/// PRODUCT.md §1: no total may wrap. Ingest caps one event's value at 2^53 − 1, so a total beyond
-/// 64 bits takes thousands of extreme events in one hour; two narrow rows of 2^63 (written
-/// directly, standing in for them) make ClickHouse's own `sum` wrap to 0. `usage`, `verify` and
-/// `reconcile` refuse with `total_overflow`, naming the figure, and push nothing.
+/// PRODUCT.md §1: no total may wrap, and one tenant's extreme events refuse only that tenant's
+/// figure. Org A sends through Kafka what any producer with a valid credential can: 2,048 events
+/// with `usage.input` 2^53 − 1 (the largest value ingest accepts) and one with 2,048, in one
+/// project-hour. They sum to exactly 2^64 more than A's other input there, and ClickHouse's own
+/// `sum` wraps that hour. `usage` and `verify` name A's figure (`total_overflow`, exit 1) and
+/// still show everything else; `explain` refuses A's line; `reconcile --apply` reports (A, input_tokens) as `total_overflow`
+/// (exit 1), writes nothing for it, and makes every other (org, meter) of both orgs equal in
+/// Stripe; a rerun writes nothing more. Until the refusal was per (org, meter), the whole run
+/// was refused: nothing was pushed for anyone until the rows were deleted by hand.
 #[test]
-fn totals_beyond_64_bits_are_refused_by_name() {
-    let b = Billing::new("overflow", 1, 1, 200);
+fn a_total_beyond_64_bits_refuses_only_its_own_figure() {
+    let b = Billing::new("overflow", 2, 1, 400);
     b.provision("", &[]);
-    let t = &b.w.keys.tenants[0];
+    let (a, other) = (b.w.keys.tenants[0].clone(), b.w.keys.tenants[1].clone());
     let hour = day(tally::invoice::reconcile::now_secs());
-    let rows: Vec<String> = (0..2)
+    let huge: u64 = (1 << 53) - 1;
+    let events: Vec<Value> = (0..2049)
         .map(|i| {
-            format!(
-                "('{}', '{}', 'huge-{i}', 'generation-create', toDateTime({hour}), toDateTime({hour}), {i}, \
-                 ['input_tokens'], [9223372036854775808], [], [], 't', 0, {i}, -1, now())",
-                t.org_id, t.project_id
-            )
+            serde_json::json!({
+                "id": format!("huge-{i}"),
+                "type": "generation-create",
+                "timestamp": arg_time(hour + 60),
+                "body": {"usage": {"input": if i < 2048 { huge } else { 2048 }}},
+            })
         })
         .collect();
-    b.w.ch
-        .execute(&format!("INSERT INTO events ({}) VALUES {}", tally::sink::EVENTS_COLUMNS, rows.join(",")), true)
-        .unwrap();
+    let auth = tally::devkeys::basic(&a);
+    let sent: Vec<(i32, i64)> = events
+        .chunks(500)
+        .map(|c| {
+            let v = serde_json::json!({ "batch": c }).to_string();
+            common::produce_with_headers(&b.w.kafka.topic, &a.project_id, v.as_bytes(), &[("authorization", &auth)])
+        })
+        .collect();
+    let worker = b.w.worker("hostile");
+    tally::admin::wait_committed(&b.w.kafka, &common::end_offsets(&sent), Duration::from_secs(120)).unwrap();
+    stop_all(vec![worker]);
+    assert_eq!(b.w.scalar("SELECT count() FROM events FINAL WHERE event_id LIKE 'huge-%'"), 2049, "all accepted");
+
+    let before = b.expected.get(&(a.org_id.clone(), "input_tokens".into(), hour)).copied().unwrap_or(0);
+    let exact = (1u128 << 64) + u128::from(before);
     let wrapped = b.w.scalar(&format!(
         "SELECT sum(value) FROM usage_hourly WHERE org_id = '{}' AND meter = 'input_tokens' AND hour = toDateTime({hour})",
-        t.org_id
+        a.org_id
     ));
-    assert!(wrapped < 1 << 63, "ClickHouse's own sum wrapped ({wrapped}): the invoicer must not show it");
-    for cmd in ["usage", "verify", "reconcile"] {
-        let extra: &[&str] = if cmd == "reconcile" { &["--apply", "--no-progress"] } else { &[] };
-        let out = b.run("", cmd, extra);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+    assert_eq!(u128::from(wrapped), exact % (1 << 64), "ClickHouse's own sum wrapped: the invoicer must not show it");
+    let named = |cmd: &str, stderr: &str| {
         assert!(stderr.contains("total_overflow"), "{cmd}: {stderr}");
-        assert!(stderr.contains(&*t.org_id) && stderr.contains("input_tokens"), "{cmd} names the figure: {stderr}");
+        let figure = format!("{}/{}/input_tokens at hour {} = {exact}", a.org_id, a.project_id, arg_time(hour));
+        assert!(stderr.contains(&figure), "{cmd} names the figure {figure}: {stderr}");
+        assert!(!stderr.contains(&*other.org_id), "{cmd} refuses nothing of the other org: {stderr}");
+    };
+
+    // The aggregates the other figures are checked against (equal to the per-event rows: verify).
+    let mut want: Hourly = BTreeMap::new();
+    for ((org, _, meter, h), v) in b.w.usage_hourly() {
+        if h >= b.from && h < b.to && v > 0 && !(org == a.org_id && meter == "input_tokens") {
+            *want.entry((org, meter, h)).or_default() += v;
+        }
     }
-    assert!(b.emulator_events("").is_empty(), "nothing was pushed");
+
+    let out = b.run("", "usage", &["--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    named("usage", &String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = |org: &str, meter: &str| -> Option<u64> {
+        rows.iter().find(|r| r["org_id"] == org && r["meter"] == meter).map(|r| r["value"].as_u64().unwrap())
+    };
+    assert_eq!(shown(&a.org_id, "input_tokens"), None, "the refused figure is not shown");
+    for (org, meter) in [(&a.org_id, "events"), (&a.org_id, "output_tokens"), (&other.org_id, "input_tokens")] {
+        let total: u64 = want.iter().filter(|(k, _)| k.0 == *org && k.1 == meter).map(|(_, v)| v).sum();
+        assert_eq!(shown(org, meter), Some(total), "usage shows {org}/{meter}");
+    }
+
+    let out = b.run("", "verify", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    named("verify", &String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aggregates equal the per-event rows"));
+
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 1, "{}", rep["problems"]);
+    let refused = rows_with(&rep, "total_overflow");
+    assert_eq!(refused.len(), 1, "{}", rep["rows"]);
+    assert_eq!((&refused[0]["org_id"], &refused[0]["meter"]), (&Value::from(&*a.org_id), &Value::from("input_tokens")));
+    assert!(refused[0]["tally"].is_null(), "the refused total is not shown: {}", refused[0]);
+    named("reconcile", refused[0]["note"].as_str().unwrap());
+    let rows = rep["rows"].as_array().unwrap();
+    assert!(
+        rows.iter().filter(|r| r["status"] != "total_overflow").all(|r| r["status"] == "pushed"),
+        "{}",
+        rep["rows"]
+    );
+    let (add, uniq) = b.stripe_additive("");
+    assert_eq!(add, want, "Stripe holds every other (org, meter, hour), and nothing of the refused pair");
+    assert_eq!(uniq, b.want_unique().into_iter().filter(|(_, v)| *v > 0).collect(), "unique_users per customer");
+
+    // The audit refuses the line, and the hour's events page; the other org's line adds up.
+    let customers = b.billing("").customers;
+    let (cus_a, cus_other) = (&customers[&a.org_id], &customers[&other.org_id]);
+    for extra in [vec![], vec!["--events".to_string(), arg_time(hour)]] {
+        let mut args = vec!["--customer", cus_a.as_str(), "--meter", "input_tokens"];
+        args.extend(extra.iter().map(String::as_str));
+        let out = b.run("", "explain", &args);
+        assert_eq!(out.status.code(), Some(1), "explain {extra:?}");
+        named("explain", &String::from_utf8_lossy(&out.stderr));
+    }
+    let line = explain(&b, cus_other, "input_tokens", &[]);
+    let total: u64 = want.iter().filter(|(k, _)| k.0 == other.org_id && k.1 == "input_tokens").map(|(_, v)| v).sum();
+    assert_eq!(line["line"]["tally"].as_u64(), Some(total), "{}", line["line"]);
+
+    let pushed = b.emulator_events("").len();
+    let (code, rep) = b.reconcile("", &["--apply"]);
+    assert_eq!(code, 1);
+    assert_eq!(rows_with(&rep, "total_overflow").len(), 1);
+    assert_eq!(b.emulator_events("").len(), pushed, "a rerun writes nothing more");
 }
 
 /// Moves the emulator's clock (Stripe's "now") on by `secs`.

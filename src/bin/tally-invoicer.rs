@@ -187,19 +187,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage { period, org, format } => {
             let period = period.period()?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
-            let rows = usage::usage(&ch, period, org.as_deref())?;
-            print!("{}", render_usage(&rows, format));
-            Ok(0)
+            let usage = usage::usage(&ch, period, org.as_deref())?;
+            print!("{}", render_usage(&usage.rows, format));
+            Ok(refuse(&usage.refused))
         }
         Command::Verify { period, format } => {
             let period = period.period()?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
-            let (mut mismatches, mut compared) = usage::verify(&ch, period)?;
-            let (daily, daily_compared) = usage::verify_daily_sketches(&ch, period)?;
-            mismatches.extend(daily);
-            compared += daily_compared;
-            print!("{}", render_mismatches(&mismatches, compared, period, format));
-            Ok(if mismatches.is_empty() { 0 } else { 1 })
+            let mut v = usage::verify(&ch, period)?;
+            let daily = usage::verify_daily_sketches(&ch, period)?;
+            v.mismatches.extend(daily.mismatches);
+            v.compared += daily.compared;
+            print!("{}", render_mismatches(&v, period, format));
+            Ok(if v.mismatches.is_empty() { refuse(&v.overflows) } else { 1 })
         }
         Command::Explain { period, customer, meter, granularity, events, project, limit, after, format } => {
             let ch = clickhouse(&cfg, cli.wait_secs)?;
@@ -260,7 +260,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let period = period.period()?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
             let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
-            let mut orgs: Vec<String> = usage::usage(&ch, period, None)?.into_iter().map(|r| r.org_id).collect();
+            let usage = usage::usage(&ch, period, None)?;
+            let mut orgs: Vec<String> =
+                usage.rows.into_iter().map(|r| r.org_id).chain(usage.refused.into_iter().map(|o| o.org_id)).collect();
+            orgs.sort();
             orgs.dedup();
             let legacy_start =
                 legacy_start.map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg)).transpose()?;
@@ -320,7 +323,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     report.exit_code()
                 }
                 Err(ReconcileError::Verify(mismatches)) => {
-                    print!("{}", render_mismatches(&mismatches, 0, period, format));
+                    let v = usage::Verification { mismatches, ..Default::default() };
+                    print!("{}", render_mismatches(&v, period, format));
                     eprintln!(
                         "error: aggregates disagree with their events; refusing to push (run `tally-invoicer verify`)"
                     );
@@ -338,6 +342,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// Names each figure refused for needing more than 64 bits on stderr (PRODUCT.md §1); the exit
+/// code: 1 if there is any, else 0.
+fn refuse(overflows: &[usage::Overflow]) -> i32 {
+    for o in overflows {
+        eprintln!("error: {}", o.error());
+    }
+    i32::from(!overflows.is_empty())
 }
 
 fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
@@ -372,11 +385,12 @@ fn render_usage(rows: &[usage::UsageRow], format: Format) -> String {
     }
 }
 
-fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, format: Format) -> String {
+fn render_mismatches(v: &usage::Verification, period: Period, format: Format) -> String {
+    let (mm, compared) = (&v.mismatches, v.compared);
     match format {
         Format::Json => {
             serde_json::to_string_pretty(&serde_json::json!({
-                "period": period.to_string(), "compared": compared, "mismatches": mm,
+                "period": period.to_string(), "compared": compared, "mismatches": mm, "overflows": v.overflows,
             }))
             .expect("json")
                 + "\n"
@@ -398,8 +412,14 @@ fn render_mismatches(mm: &[usage::Mismatch], compared: usize, period: Period, fo
             s
         }
         Format::Table => {
-            if mm.is_empty() {
+            if mm.is_empty() && v.overflows.is_empty() {
                 return format!("{period}: aggregates equal the per-event rows ({compared} figures compared)\n");
+            }
+            if mm.is_empty() {
+                return format!(
+                    "{period}: aggregates equal the per-event rows ({compared} figures compared), but {} figure(s) need more than 64 bits (listed on stderr)\n",
+                    v.overflows.len()
+                );
             }
             let mut s = format!("{period}: {} mismatch(es) between aggregates and events:\n", mm.len());
             for x in mm {

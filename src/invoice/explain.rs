@@ -163,6 +163,10 @@ pub fn explain(env: &Env, q: &Query) -> Result<Explain, ExplainError> {
     let period = q.period;
     let g = q.granularity;
     period.check_granularity(g).map_err(ExplainError::Usage)?;
+    if !r.unique {
+        // An hour whose events total more than 64 bits has wrapped aggregates: refused by name.
+        super::usage::refuse_wrapped_hours(env.ch, period, &r.orgs, &r.meter)?;
+    }
     let db = env.ch.database().to_string();
     let vars = vec![
         ("database", db),
@@ -224,7 +228,7 @@ pub fn explain(env: &Env, q: &Query) -> Result<Explain, ExplainError> {
     }
     for (k, p) in keys_projects {
         let b = buckets.get_mut(&k).expect("bucket created above");
-        b.tally += p.value;
+        b.tally = sql::add(b.tally, p.value, &|| format!("{}/{} in the bucket at {}", k.0, r.meter, b.bucket_start))?;
         b.projects.push(p);
     }
     if r.unique {
@@ -242,8 +246,9 @@ pub fn explain(env: &Env, q: &Query) -> Result<Explain, ExplainError> {
         b.writes = writes(&ps);
         b.billed = b.writes.iter().map(|w| w.counted).sum();
     }
-    let tally = buckets.values().map(|b| b.tally).sum();
-    let billed = buckets.values().map(|b| b.billed).sum();
+    let over_period = || format!("{}/{} over the period", q.customer, r.meter);
+    let tally = buckets.values().try_fold(0, |t, b| sql::add(t, b.tally, &over_period))?;
+    let billed = buckets.values().try_fold(0, |t, b| sql::add(t, b.billed, &over_period))?;
     let (stripe, stripe_error) = match stripe_figure(env, &r, q.customer, period) {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(e)),
@@ -441,10 +446,12 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
             ("orgs", orgs_sql(&r.orgs)),
             ("bucket_secs", "3600".to_string()),
         ];
+        super::usage::refuse_wrapped_hours(env.ch, hour, &r.orgs, &r.meter)?;
         let mut total = 0u64;
         for row in rows(env.ch, &render(sql::EXPLAIN_PROJECTS, &vars))? {
             if q.project.is_none_or(|p| p == row[1]) {
-                total += exact_sum(&row[3], &row[4], &|| format!("{}/{} at {}", row[0], row[1], row[2]))?;
+                let what = || format!("{}/{} at {}", row[0], row[1], row[2]);
+                total = sql::add(total, exact_sum(&row[3], &row[4], &what)?, &what)?;
             }
         }
         total

@@ -55,6 +55,9 @@ pub struct Bucket<'a> {
     /// records before it. `None` in meters mode (the 35-day window applies instead).
     pub open_from: Option<i64>,
     pub pushes: Vec<&'a Push>,
+    /// Why the bucket's (org, meter) is refused: one of its totals needs more than 64 bits
+    /// (PRODUCT.md §1). Nothing is written for a refused pair; it is reported as `total_overflow`.
+    pub overflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -89,6 +92,9 @@ pub enum Status {
     Unresolved,
     /// Stripe refused the bucket's last write: fix the cause, then `--retry-failed`.
     Failed,
+    /// A total of the bucket's (org, meter) needs more than 64 bits (PRODUCT.md §1): nothing is
+    /// written for the pair until the events behind it are looked at. Other pairs go on.
+    TotalOverflow,
 }
 
 impl Status {
@@ -99,7 +105,7 @@ impl Status {
 
     /// Errors make the run exit 1; other unsettled statuses exit 2.
     pub fn is_error(self) -> bool {
-        matches!(self, Status::Failed | Status::Unresolved)
+        matches!(self, Status::Failed | Status::Unresolved | Status::TotalOverflow)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +125,7 @@ impl Status {
             Status::Unmapped => "unmapped",
             Status::Unresolved => "unresolved",
             Status::Failed => "failed",
+            Status::TotalOverflow => "total_overflow",
         }
     }
 }
@@ -213,6 +220,14 @@ impl BucketPlan {
 
 /// Plans one bucket.
 pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
+    if let Some(why) = &b.overflow {
+        let ledger = if b.unique {
+            last_set(b).map_or(0, |p| p.entry.value)
+        } else {
+            live_pushes(b).map(|p| p.entry.value).sum()
+        };
+        return BucketPlan::status(Status::TotalOverflow, ledger, why.clone());
+    }
     let Some(t) = &b.target else {
         let st = if b.tally > 0 || !b.pushes.is_empty() { Status::Unmapped } else { Status::Ok };
         return BucketPlan::status(st, 0, "no Stripe customer or meter mapped");
@@ -312,7 +327,7 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     };
 
     if b.unique {
-        let last = b.pushes.iter().filter(done).filter(|p| p.entry.action == Action::Set).max_by_key(|p| p.entry.seq);
+        let last = last_set(b);
         let ledger = last.map_or(0, |p| p.entry.value);
         let ts = match (ctx.can_cancel, last) {
             // Legacy `set` replaces the quantity at a timestamp: keep the first one.
@@ -364,25 +379,13 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         return p;
     }
 
-    let cancelled: Vec<&str> = b
-        .pushes
-        .iter()
-        .filter(done)
-        .filter(|p| p.entry.action == Action::Cancel)
-        .map(|p| p.entry.cancels.as_str())
-        .collect();
     let refused_cancels: Vec<&str> = b
         .pushes
         .iter()
         .filter(|p| matches!(p.outcome, Outcome::Failed(_)) && p.entry.action == Action::Cancel)
         .map(|p| p.entry.cancels.as_str())
         .collect();
-    let live: Vec<&&Push> = b
-        .pushes
-        .iter()
-        .filter(done)
-        .filter(|p| p.entry.action == Action::Push && !cancelled.contains(&p.entry.push_id.as_str()))
-        .collect();
+    let live: Vec<&&Push> = live_pushes(b).collect();
     let ledger: u64 = live.iter().map(|p| p.entry.value).sum();
     // A bucket is written at its first second, or at the earliest second Stripe still accepts.
     // Legacy: a bucket that straddles the current period's start is written at that start.
@@ -456,6 +459,25 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         ));
     }
     p
+}
+
+/// A unique meter's bucket: its last done `set`, whose value the ledger says Stripe holds.
+fn last_set<'a, 'b>(b: &'b Bucket<'a>) -> Option<&'b &'a Push> {
+    b.pushes.iter().filter(|p| p.outcome == Outcome::Done && p.entry.action == Action::Set).max_by_key(|p| p.entry.seq)
+}
+
+/// An additive meter's bucket: its done pushes that no done cancel undid; their sum is what the
+/// ledger says Stripe holds.
+fn live_pushes<'a, 'b>(b: &'b Bucket<'a>) -> impl Iterator<Item = &'b &'a Push> {
+    let cancelled: Vec<&str> = b
+        .pushes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Done && p.entry.action == Action::Cancel)
+        .map(|p| p.entry.cancels.as_str())
+        .collect();
+    b.pushes.iter().filter(move |p| {
+        p.outcome == Outcome::Done && p.entry.action == Action::Push && !cancelled.contains(&p.entry.push_id.as_str())
+    })
 }
 
 /// Legacy mode: Stripe's figures are per subscription item and billing period (usage record
@@ -766,6 +788,7 @@ mod tests {
             stripe: None,
             open_from: None,
             pushes,
+            overflow: None,
         }
     }
 
@@ -1127,5 +1150,29 @@ mod tests {
         let more = item(vec![&a, &b2], vec![(cur.0, cur.1, 20)], cur);
         let got = check_item(&legacy, &more);
         assert_eq!((got[0].plan.status, got[0].plan.needs_credit), (Status::StripeAhead, 5));
+    }
+
+    /// A refused pair's bucket writes nothing, whatever tally and the ledger say, reports the
+    /// ledger's value, and makes the run exit 1.
+    #[test]
+    fn a_bucket_of_a_pair_whose_total_overflows_writes_nothing() {
+        let c = ctx();
+        let b0 = bucket(10, vec![]);
+        let pushed = done(plan(&c, &b0).actions[0].clone(), NOW - 100);
+        for (tally, pushes) in [(10, vec![]), (25, vec![&pushed]), (3, vec![&pushed])] {
+            let mut b = bucket(tally, pushes);
+            assert!(!plan(&c, &b).actions.is_empty(), "without the refusal, a write is planned");
+            b.overflow = Some("o/p/events at hour H = 18446744073709551616".into());
+            let p = plan(&c, &b);
+            assert_eq!(p.status, Status::TotalOverflow);
+            assert!(p.actions.is_empty(), "{p:?}");
+            assert_eq!(p.ledger, if b.pushes.is_empty() { 0 } else { 10 });
+            assert!(p.note.contains("18446744073709551616"));
+            assert!(p.status.is_error() && !p.status.settled());
+        }
+        let mut u = bucket(7, vec![]);
+        u.unique = true;
+        u.overflow = Some("the pair's additive meter overflowed".into());
+        assert_eq!(plan(&c, &u).status, Status::TotalOverflow);
     }
 }

@@ -19,6 +19,7 @@ use super::stripe::{legacy, StripeError, StripeHttp};
 use super::usage::{self, Mismatch};
 use crate::meter::{Aggregation, Meters};
 use crate::sink::clickhouse::{ChError, ClickHouse};
+use crate::timestamp::format_rfc3339;
 
 /// Pushes whose intents are written to the ledger in one insert, before any of them is sent.
 const CHUNK: usize = 256;
@@ -85,21 +86,12 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     let account = env.cfg.stripe.account.as_str();
 
     // Money never moves on aggregates that disagree with their own events.
-    let (mismatches, _) = usage::verify(env.ch, period)?;
-    metrics::gauge!(super::metrics::VERIFY_MISMATCHES).set(mismatches.len() as f64);
-    if !mismatches.is_empty() {
-        return Err(ReconcileError::Verify(mismatches));
+    let verified = usage::verify(env.ch, period)?;
+    metrics::gauge!(super::metrics::VERIFY_MISMATCHES).set(verified.mismatches.len() as f64);
+    if !verified.mismatches.is_empty() {
+        return Err(ReconcileError::Verify(verified.mismatches));
     }
-
-    let mut tally: BTreeMap<Key, u64> = BTreeMap::new();
-    for ((org, meter, b), v) in usage::additive_buckets(env.ch, period, g.secs())? {
-        if env.meters.get(&meter).is_some_and(|d| d.aggregation != Aggregation::Unique) {
-            tally.insert((org, meter, b, b + g.secs()), v);
-        }
-    }
-    for ((org, meter), v) in usage::unique_period(env.ch, period)? {
-        tally.insert((org, meter, period.from, period.to), v);
-    }
+    let tally = read_tally(env, period, g.secs(), &verified.overflows)?;
 
     let resolved = resolve(env, &tally)?;
     let ledger = Ledger::new(env.ch, mode, account, &env.run_id, env.ch_wait);
@@ -127,7 +119,13 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
 
     let pushes = ledger.read(period.from, period.to)?;
     let by_key = group_pushes(&pushes, period, g)?;
-    let keys: BTreeSet<Key> = tally.keys().cloned().chain(by_key.keys().cloned()).collect();
+    let keys: BTreeSet<Key> = tally
+        .buckets
+        .keys()
+        .chain(by_key.keys())
+        .chain(tally.refused.values().flat_map(|r| &r.keys))
+        .cloned()
+        .collect();
     let stripe_before = read_stripe(env, &resolved, &keys, period, g)?;
 
     let mut plans = plan_all(env, opts, mode, &resolved, &keys, &tally, &by_key, &stripe_before);
@@ -182,7 +180,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         mode,
         opts.apply,
         &keys,
-        &tally,
+        &tally.buckets,
         &before,
         &after,
         &stripe_before,
@@ -207,7 +205,97 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
 }
 
 /// Maps each (org, meter) with usage to its Stripe target, checking Stripe meters first.
-fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileError> {
+/// Tally's side of a run.
+#[derive(Default)]
+struct Tally {
+    /// Each bucket's exact total, for the (org, meter) pairs that are not refused.
+    buckets: BTreeMap<Key, u64>,
+    refused: Refused,
+}
+
+/// (org, meter) pairs refused because one of their totals needs more than 64 bits (PRODUCT.md
+/// §1): their buckets (to report) and why. Nothing is written for them; every other pair of the
+/// run goes on, so one tenant's extreme events cannot stop the others' billing.
+type Refused = BTreeMap<(String, String), Overflowed>;
+
+struct Overflowed {
+    keys: BTreeSet<Key>,
+    /// The first figure that overflowed, as [`ChError::TotalOverflow`] names it.
+    why: String,
+}
+
+/// Reads each bucket's total: additive meters per `bucket_secs`, unique meters over the period.
+fn read_tally(env: &Env, period: Period, bucket_secs: i64, overflows: &[usage::Overflow]) -> Result<Tally, ChError> {
+    let additive = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation != Aggregation::Unique);
+    let sums = usage::additive_buckets(env.ch, period, bucket_secs)?.into_iter().filter(|(k, _)| additive(&k.1));
+    let overflows: Vec<&usage::Overflow> = overflows.iter().filter(|o| additive(&o.meter)).collect();
+    let mut tally = Tally::additive(sums, &overflows, bucket_secs);
+    for ((org, meter), v) in usage::unique_period(env.ch, period)? {
+        tally.buckets.insert((org, meter, period.from, period.to), v);
+    }
+    Ok(tally)
+}
+
+impl Tally {
+    /// The additive buckets from their exact `sums` ((org, meter, bucket start) → total), with
+    /// an (org, meter) refused when an hour of one of its projects (`overflows`, from the
+    /// per-event rows: the aggregates wrap), one of its buckets, or the sum of its buckets needs
+    /// more than 64 bits. A refused pair's buckets are all in [`Tally::refused`], none in
+    /// [`Tally::buckets`].
+    fn additive(
+        sums: impl Iterator<Item = ((String, String, i64), u128)>,
+        overflows: &[&usage::Overflow],
+        bucket_secs: i64,
+    ) -> Tally {
+        let key = |org: &str, meter: &str, b: i64| (org.to_string(), meter.to_string(), b, b + bucket_secs);
+        fn refuse<'r>(
+            refused: &'r mut Refused,
+            org: &str,
+            meter: &str,
+            why: &dyn Fn() -> String,
+        ) -> &'r mut Overflowed {
+            refused
+                .entry((org.to_string(), meter.to_string()))
+                .or_insert_with(|| Overflowed { keys: BTreeSet::new(), why: why() })
+        }
+        let mut refused = Refused::new();
+        for o in overflows {
+            let r = refuse(&mut refused, &o.org_id, &o.meter, &|| o.error().to_string());
+            if let Some(h) = o.hour {
+                r.keys.insert(key(&o.org_id, &o.meter, h - h.rem_euclid(bucket_secs)));
+            }
+        }
+        let mut buckets = BTreeMap::new();
+        let mut pairs: BTreeMap<(String, String), u128> = BTreeMap::new();
+        for ((org, meter, b), v) in sums {
+            *pairs.entry((org.clone(), meter.clone())).or_default() += v;
+            let what = || format!("{org}/{meter} in the bucket at {}", format_rfc3339(b));
+            match super::sql::fits(v, &what) {
+                Ok(v) => {
+                    buckets.insert(key(&org, &meter, b), v);
+                }
+                Err(e) => {
+                    refuse(&mut refused, &org, &meter, &|| e.to_string()).keys.insert(key(&org, &meter, b));
+                }
+            }
+        }
+        for ((org, meter), total) in pairs {
+            if let Err(e) = super::sql::fits(total, &|| format!("{org}/{meter} over the period")) {
+                refuse(&mut refused, &org, &meter, &|| e.to_string());
+            }
+        }
+        buckets.retain(|k: &Key, _| match refused.get_mut(&(k.0.clone(), k.1.clone())) {
+            Some(r) => {
+                r.keys.insert(k.clone());
+                false
+            }
+            None => true,
+        });
+        Tally { buckets, refused }
+    }
+}
+
+fn resolve(env: &Env, tally: &Tally) -> Result<Resolved, ReconcileError> {
     let mut infos = HashMap::new();
     if env.cfg.stripe.mode == StripeMode::Meters {
         for id in env.mapping.stripe_meters() {
@@ -215,7 +303,8 @@ fn resolve(env: &Env, tally: &BTreeMap<Key, u64>) -> Result<Resolved, ReconcileE
             infos.insert(id.to_string(), info);
         }
     }
-    let mut pairs: BTreeSet<(String, String)> = tally.keys().map(|k| (k.0.clone(), k.1.clone())).collect();
+    let mut pairs: BTreeSet<(String, String)> =
+        tally.buckets.keys().map(|k| (k.0.clone(), k.1.clone())).chain(tally.refused.keys().cloned()).collect();
     for org in env.mapping.customers.keys() {
         for m in env.meters.meters() {
             pairs.insert((org.clone(), m.name.clone()));
@@ -296,8 +385,8 @@ fn group_pushes(pushes: &[Push], period: Period, g: Granularity) -> Result<BTree
                 return Err(ReconcileError::Setup(format!(
                     "the ledger holds a push for {}..{} that does not fit the buckets of this run ({} granularity, period {period}); \
                      reconcile with the granularity and period boundaries used before",
-                    crate::timestamp::format_rfc3339(e.bucket_start),
-                    crate::timestamp::format_rfc3339(e.bucket_end),
+                    format_rfc3339(e.bucket_start),
+                    format_rfc3339(e.bucket_end),
                     g.stripe_window()
                 )));
             }
@@ -466,7 +555,7 @@ fn plan_all(
     mode: &str,
     resolved: &Resolved,
     keys: &BTreeSet<Key>,
-    tally: &BTreeMap<Key, u64>,
+    tally: &Tally,
     by_key: &BTreeMap<Key, Vec<&Push>>,
     stripe: &StripeView,
 ) -> BTreeMap<Key, BucketPlan> {
@@ -490,8 +579,9 @@ fn plan_all(
                     StripeMode::Meters => None,
                 },
                 target,
-                tally: tally.get(k).copied().unwrap_or(0),
+                tally: tally.buckets.get(k).copied().unwrap_or(0),
                 pushes: by_key.get(k).cloned().unwrap_or_default(),
+                overflow: tally.refused.get(&(k.0.clone(), k.1.clone())).map(|r| r.why.clone()),
             };
             (k.clone(), plan(&ctx, &b))
         })
@@ -655,6 +745,64 @@ mod tests {
     use super::*;
     use crate::config::ClickHouseConfig;
 
+    /// Each way a total of an (org, meter) can need more than 64 bits refuses that pair, all
+    /// its buckets, and nothing else.
+    #[test]
+    fn a_total_beyond_64_bits_refuses_its_pair_and_only_it() {
+        const H: i64 = 20_833 * 86_400; // a whole day
+        let big = u128::from(u64::MAX);
+        let sum = |org: &str, meter: &str, b: i64, v: u128| ((org.to_string(), meter.to_string(), b), v);
+        let sums = vec![
+            sum("a", "input_tokens", H, 5),          // refused by an hour of its events
+            sum("a", "input_tokens", H + 86_400, 6), // … with every bucket of the pair
+            sum("a", "output_tokens", H, 7),
+            sum("b", "input_tokens", H, big + 1), // one bucket beyond 64 bits
+            sum("b", "input_tokens", H + 86_400, 1),
+            sum("c", "input_tokens", H, big / 2 + 1), // each bucket fits, the period does not
+            sum("c", "input_tokens", H + 86_400, big / 2 + 1),
+            sum("d", "input_tokens", H, big), // exactly 2^64 − 1 fits
+        ];
+        let hour = usage::Overflow {
+            org_id: "a".into(),
+            project_id: "p".into(),
+            meter: "input_tokens".into(),
+            hour: Some(H + 2 * 86_400 + 3600),
+            total: big + 2,
+        };
+        let t = Tally::additive(sums.into_iter(), &[&hour], 86_400);
+        let pair = |o: &str, m: &str| (o.to_string(), m.to_string());
+        let key = |o: &str, m: &str, b: i64| (o.to_string(), m.to_string(), b, b + 86_400);
+        assert_eq!(
+            t.refused.keys().cloned().collect::<Vec<_>>(),
+            [pair("a", "input_tokens"), pair("b", "input_tokens"), pair("c", "input_tokens")]
+        );
+        let a = &t.refused[&pair("a", "input_tokens")];
+        assert_eq!(a.keys, [H, H + 86_400, H + 2 * 86_400].map(|b| key("a", "input_tokens", b)).into());
+        assert!(
+            a.why.contains("total_overflow")
+                && a.why.contains("a/p/input_tokens at hour")
+                && a.why.contains(&(big + 2).to_string()),
+            "{}",
+            a.why
+        );
+        let b = &t.refused[&pair("b", "input_tokens")];
+        assert_eq!(b.keys, [H, H + 86_400].map(|d| key("b", "input_tokens", d)).into());
+        assert!(
+            b.why.contains("b/input_tokens in the bucket at") && b.why.contains(&(big + 1).to_string()),
+            "{}",
+            b.why
+        );
+        let c = &t.refused[&pair("c", "input_tokens")];
+        assert!(
+            c.why.contains("c/input_tokens over the period") && c.why.contains(&(big + 1).to_string()),
+            "{}",
+            c.why
+        );
+        assert_eq!(c.keys.len(), 2);
+        let kept: Vec<(Key, u64)> = t.buckets.into_iter().collect();
+        assert_eq!(kept, [(key("a", "output_tokens", H), 7), (key("d", "input_tokens", H), u64::MAX)]);
+    }
+
     #[test]
     fn two_meters_on_one_stripe_target_are_refused() {
         let cfg = InvoicerConfig::load(None, vec![("TALLY_STRIPE_MODE".to_string(), "legacy".to_string())]).unwrap();
@@ -674,12 +822,12 @@ mod tests {
             run_id: "t".into(),
             ch_wait: std::time::Duration::ZERO,
         };
-        let err = resolve(&env, &BTreeMap::new()).map(|_| ()).unwrap_err();
+        let err = resolve(&env, &Tally::default()).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("si_1"), "{err}");
         let ok =
             Mapping::parse("[customers]\n\"o\" = \"cus_1\"\n[subscription_items.\"o\"]\nevents = \"si_1\"\n").unwrap();
         let env = Env { mapping: &ok, ..env };
-        let r = resolve(&env, &BTreeMap::new()).unwrap();
+        let r = resolve(&env, &Tally::default()).unwrap();
         assert_eq!(r.targets[&("o".to_string(), "events".to_string())].as_ref().unwrap().target, "si_1");
         assert_eq!(r.targets[&("o".to_string(), "traces".to_string())], None, "unmapped meter");
     }

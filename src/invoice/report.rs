@@ -38,12 +38,14 @@ pub struct Row {
     pub customer: String,
     pub meter: String,
     pub stripe_target: String,
-    pub tally: u64,
+    /// tally's total over the period; `None` when it is refused (`total_overflow`: a total of the
+    /// pair needs more than 64 bits, PRODUCT.md §1; the note names it).
+    pub tally: Option<u64>,
     pub ledger_before: u64,
     pub stripe_before: Option<u64>,
     /// Change of the ledger's value by this run (negative after cancels); in a dry run, the
-    /// change `--apply` would make.
-    pub delta_pushed: i64,
+    /// change `--apply` would make. 128 bits: both sides are 64-bit totals.
+    pub delta_pushed: i128,
     pub stripe_after: Option<u64>,
     pub needs_credit: u64,
     /// Usage Stripe does not hold and will not get without action (see [`BucketPlan::unbilled`]).
@@ -62,7 +64,8 @@ pub struct Problem {
     pub bucket_start: String,
     pub bucket_end: String,
     pub status: &'static str,
-    pub tally: u64,
+    /// `None` for a refused bucket (`total_overflow`).
+    pub tally: Option<u64>,
     pub ledger: u64,
     pub stripe: Option<u64>,
     pub needs_credit: u64,
@@ -200,7 +203,7 @@ impl Report {
                         Status::Repair if !applied => "would_repair",
                         s => s.as_str(),
                     },
-                    tally: tally.get(**k).copied().unwrap_or(0),
+                    tally: (p.status != Status::TotalOverflow).then(|| tally.get(**k).copied().unwrap_or(0)),
                     ledger: p.ledger,
                     stripe: (mode == "meters" && target.is_some())
                         .then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
@@ -219,7 +222,7 @@ impl Report {
                         Status::Repair if !applied => "would_repair",
                         s => s.as_str(),
                     },
-                    tally: 0,
+                    tally: None,
                     ledger: c.plan.ledger,
                     stripe: Some(c.stripe),
                     needs_credit: c.plan.needs_credit,
@@ -232,11 +235,13 @@ impl Report {
                 customer: target.as_ref().map(|t| t.customer.clone()).unwrap_or_default(),
                 meter: pair.1.clone(),
                 stripe_target: target.as_ref().map(|t| t.target.clone()).unwrap_or_default(),
-                tally: ks.iter().map(|k| tally.get(*k).copied().unwrap_or(0)).sum(),
+                // read_tally refuses a pair whose buckets' sum needs more than 64 bits.
+                tally: (worst != Status::TotalOverflow)
+                    .then(|| ks.iter().map(|k| tally.get(*k).copied().unwrap_or(0)).sum()),
                 ledger_before,
                 stripe_before: target.as_ref().and(stripe_before.pair.get(pair).copied()),
                 delta_pushed: if applied {
-                    ledger_after as i64 - ledger_before as i64
+                    i128::from(ledger_after) - i128::from(ledger_before)
                 } else {
                     // What --apply would change: the planned buckets' tally − ledger.
                     ks.iter()
@@ -246,7 +251,7 @@ impl Report {
                                 .filter(|p| matches!(p.status, Status::Push | Status::Correct))
                                 .map(|p| (k, p))
                         })
-                        .map(|(k, p)| tally.get(*k).copied().unwrap_or(0) as i64 - p.ledger as i64)
+                        .map(|(k, p)| i128::from(tally.get(*k).copied().unwrap_or(0)) - i128::from(p.ledger))
                         .sum()
                 },
                 stripe_after: target.as_ref().and(stripe_after.pair.get(pair).copied()),
@@ -341,7 +346,7 @@ impl Report {
                         csv(&r.customer),
                         csv(&r.meter),
                         csv(&r.stripe_target),
-                        r.tally.to_string(),
+                        opt(r.tally),
                         opt(r.stripe_before),
                         r.delta_pushed.to_string(),
                         opt(r.stripe_after),
@@ -383,7 +388,7 @@ impl Report {
                     r.org_id.clone(),
                     if r.customer.is_empty() { "-".into() } else { r.customer.clone() },
                     r.meter.clone(),
-                    r.tally.to_string(),
+                    opt(r.tally),
                     opt(r.stripe_before),
                     format!("{:+}", r.delta_pushed),
                     opt(r.stripe_after),
@@ -454,7 +459,7 @@ impl Report {
                     p.bucket_start,
                     p.bucket_end,
                     p.status,
-                    p.tally,
+                    opt(p.tally),
                     p.ledger,
                     opt(p.stripe),
                     p.unbilled,

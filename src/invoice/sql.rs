@@ -74,8 +74,9 @@ pub fn org_filter(org: Option<&str>) -> String {
     org.map(|o| format!("AND org_id = {}", quote(o))).unwrap_or_default()
 }
 
-/// Keyed figures: (org, project, meter, hour) → value.
-pub type Figures = BTreeMap<(String, String, String, i64), u64>;
+/// Keyed figures: (org, project, meter, hour) → exact value. 128 bits: a figure of the per-event
+/// rows may need more than 64 (PRODUCT.md §1), and the caller decides what to refuse.
+pub type Figures = BTreeMap<(String, String, String, i64), u128>;
 
 pub fn figures(ch: &ClickHouse, sql: &str) -> Result<Figures, ChError> {
     let mut out = Figures::new();
@@ -83,22 +84,34 @@ pub fn figures(ch: &ClickHouse, sql: &str) -> Result<Figures, ChError> {
         if r.len() != 6 {
             return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
         }
-        let what = || format!("{}/{}/{} at hour {}", r[0], r[1], r[2], r[3]);
-        let v = exact_sum(&r[4], &r[5], &what)?;
-        let e = out.entry((r[0].clone(), r[1].clone(), r[2].clone(), num(&r[3])?)).or_default();
-        *e = e.checked_add(v).ok_or_else(|| ChError::TotalOverflow(what()))?;
+        // Both halves are sums of at most 2^64 rows of 32-bit values: a u128 cannot wrap.
+        *out.entry((r[0].clone(), r[1].clone(), r[2].clone(), num(&r[3])?)).or_default() += split_total(&r[4], &r[5])?;
     }
     Ok(out)
 }
 
-/// Joins a sum the queries return split into 32-bit halves (`value_hi`, `value_lo`: each the
-/// exact sum of the high and low halves of the values) into the exact total, or
-/// [`ChError::TotalOverflow`] naming `what` when the total needs more than 64 bits: a total
-/// anywhere in the invoicer is either exact or refused, never wrapped (PRODUCT.md §1).
-pub fn exact_sum(hi: &str, lo: &str, what: &dyn Fn() -> String) -> Result<u64, ChError> {
+/// The exact total of a sum the queries return split into 32-bit halves (`value_hi`, `value_lo`:
+/// each the exact sum of the high and low halves of the values).
+pub fn split_total(hi: &str, lo: &str) -> Result<u128, ChError> {
     let (hi, lo): (u64, u64) = (num(hi)?, num(lo)?);
-    let total = (u128::from(hi) << 32) + u128::from(lo);
+    Ok((u128::from(hi) << 32) + u128::from(lo))
+}
+
+/// `total` as a 64-bit figure, or [`ChError::TotalOverflow`] naming `what` when it needs more
+/// than 64 bits: a total anywhere in the invoicer is either exact or refused, never wrapped
+/// (PRODUCT.md §1).
+pub fn fits(total: u128, what: &dyn Fn() -> String) -> Result<u64, ChError> {
     u64::try_from(total).map_err(|_| ChError::TotalOverflow(format!("{} = {total}", what())))
+}
+
+/// `a + b`, or [`ChError::TotalOverflow`] naming `what` (PRODUCT.md §1).
+pub fn add(a: u64, b: u64, what: &dyn Fn() -> String) -> Result<u64, ChError> {
+    fits(u128::from(a) + u128::from(b), what)
+}
+
+/// [`split_total`] then [`fits`].
+pub fn exact_sum(hi: &str, lo: &str, what: &dyn Fn() -> String) -> Result<u64, ChError> {
+    fits(split_total(hi, lo)?, what)
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! tally's side of an invoice: totals read from ClickHouse, and the check that the aggregates
 //! agree with the per-event rows they were built from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use super::period::Period;
-use super::sql::{self, exact_sum, figures, num, org_filter, period_vars, render, rows, Figures};
-use crate::sink::clickhouse::{ChError, ClickHouse};
+use super::sql::{self, figures, num, org_filter, period_vars, render, rows, split_total, Figures};
+use crate::sink::clickhouse::{quote, ChError, ClickHouse};
 use crate::timestamp::format_rfc3339;
 
 /// One line of `tally-invoicer usage`.
@@ -21,48 +21,110 @@ pub struct UsageRow {
     pub kind: &'static str,
 }
 
-/// Totals per (org, project, meter) over `period`; unique meters merged across hours.
-pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Vec<UsageRow>, ChError> {
+/// A figure whose exact total needs more than 64 bits: refused by name, never shown or billed
+/// (PRODUCT.md §1). It refuses its own (org, project, meter), not the other tenants' figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Overflow {
+    pub org_id: String,
+    pub project_id: String,
+    pub meter: String,
+    /// Start of the hour whose total overflows (Unix seconds; RFC 3339 when serialized); `None`
+    /// when each hour fits and the period's total does not.
+    #[serde(serialize_with = "rfc3339")]
+    pub hour: Option<i64>,
+    /// The exact total, from the per-event rows (hours) or the aggregates (period).
+    pub total: u128,
+}
+
+impl Overflow {
+    /// The named error ([`ChError::TotalOverflow`]) that reports it.
+    pub fn error(&self) -> ChError {
+        let at =
+            self.hour.map_or_else(|| " over the period".to_string(), |h| format!(" at hour {}", format_rfc3339(h)));
+        let what = || format!("{}/{}/{}{at}", self.org_id, self.project_id, self.meter);
+        sql::fits(self.total, &what).expect_err("an overflow does not fit in 64 bits")
+    }
+}
+
+fn rfc3339<S: serde::Serializer>(hour: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    hour.map(format_rfc3339).serialize(s)
+}
+
+/// `tally-invoicer usage`: the totals that fit in 64 bits, and the ones refused.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub rows: Vec<UsageRow>,
+    /// (org, project, meter) figures with an hour, or a period total, beyond 64 bits.
+    pub refused: Vec<Overflow>,
+}
+
+/// Totals per (org, project, meter) over `period`; unique meters merged across hours. A figure
+/// with an hour beyond 64 bits in the per-event rows, or a period total beyond 64 bits, is in
+/// [`Usage::refused`] instead of [`Usage::rows`]: the aggregates cannot tell (ClickHouse's `sum`
+/// wraps, in the materialized view too), so the hours are checked against the events first.
+pub fn usage(ch: &ClickHouse, period: Period, org: Option<&str>) -> Result<Usage, ChError> {
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("org_filter", org_filter(org)));
-    refuse_overflow(ch, &vars)?;
-    let mut out = Vec::new();
+    let mut out = Usage { refused: overflow_hours(ch, &vars)?, ..Usage::default() };
+    let refused: BTreeSet<(String, String, String)> =
+        out.refused.iter().map(|o| (o.org_id.clone(), o.project_id.clone(), o.meter.clone())).collect();
     for (template, kind) in [(sql::USAGE_ADDITIVE, "sum"), (sql::USAGE_UNIQUE, "unique")] {
         for r in rows(ch, &render(template, &vars))? {
-            let value = exact_sum(&r[3], &r[4], &|| format!("{}/{}/{} over the period", r[0], r[1], r[2]))?;
-            out.push(UsageRow { org_id: r[0].clone(), project_id: r[1].clone(), meter: r[2].clone(), value, kind });
+            let (org_id, project_id, meter) = (r[0].clone(), r[1].clone(), r[2].clone());
+            if refused.contains(&(org_id.clone(), project_id.clone(), meter.clone())) {
+                continue;
+            }
+            let total = split_total(&r[3], &r[4])?;
+            match u64::try_from(total) {
+                Ok(value) => out.rows.push(UsageRow { org_id, project_id, meter, value, kind }),
+                Err(_) => out.refused.push(Overflow { org_id, project_id, meter, hour: None, total }),
+            }
         }
     }
-    out.sort_by(|a, b| (&a.org_id, &a.project_id, &a.meter).cmp(&(&b.org_id, &b.project_id, &b.meter)));
+    out.rows.sort_by(|a, b| (&a.org_id, &a.project_id, &a.meter).cmp(&(&b.org_id, &b.project_id, &b.meter)));
     Ok(out)
 }
 
-/// [`ChError::TotalOverflow`] if any hour of the period has a total beyond 64 bits in the
-/// per-event rows. The aggregates cannot tell (ClickHouse's `sum` wraps, in the materialized view
-/// too), so what is shown from them is checked against the events first.
-fn refuse_overflow(ch: &ClickHouse, vars: &[(&str, String)]) -> Result<(), ChError> {
-    match rows(ch, &render(sql::OVERFLOW_HOURS, vars))?.first() {
-        None => Ok(()),
-        Some(r) => {
-            let what =
-                || format!("{}/{}/{} at hour {}", r[0], r[1], r[2], num(&r[3]).map_or(r[3].clone(), format_rfc3339));
-            exact_sum(&r[4], &r[5], &what).map(|_| ())
-        }
-    }
+/// The first (org, project, `meter`, hour) of `orgs` in `period` whose total in the per-event
+/// rows needs more than 64 bits, as the [`ChError::TotalOverflow`] that refuses it: the
+/// aggregates of such an hour wrapped, so nothing read from them for these orgs and `meter` may
+/// be shown.
+pub fn refuse_wrapped_hours(ch: &ClickHouse, period: Period, orgs: &[String], meter: &str) -> Result<(), ChError> {
+    let mut vars = period_vars(ch, period.from, period.to);
+    let orgs: Vec<String> = orgs.iter().map(|o| quote(o)).collect();
+    vars.push(("org_filter", format!("AND org_id IN ({}) AND meter = {}", orgs.join(", "), quote(meter))));
+    overflow_hours(ch, &vars)?.first().map_or(Ok(()), |o| Err(o.error()))
 }
 
-/// Additive totals per (org, meter, bucket start).
+/// Every (org, project, meter, hour) of the period whose total in the per-event rows needs more
+/// than 64 bits.
+fn overflow_hours(ch: &ClickHouse, vars: &[(&str, String)]) -> Result<Vec<Overflow>, ChError> {
+    rows(ch, &render(sql::OVERFLOW_HOURS, vars))?
+        .into_iter()
+        .map(|r| {
+            Ok(Overflow {
+                total: split_total(&r[4], &r[5])?,
+                hour: Some(num(&r[3])?),
+                org_id: r[0].clone(),
+                project_id: r[1].clone(),
+                meter: r[2].clone(),
+            })
+        })
+        .collect()
+}
+
+/// Additive totals per (org, meter, bucket start), exact: a total beyond 64 bits is returned as
+/// it is, for the caller to refuse by name.
 pub fn additive_buckets(
     ch: &ClickHouse,
     period: Period,
     bucket_secs: i64,
-) -> Result<BTreeMap<(String, String, i64), u64>, ChError> {
+) -> Result<BTreeMap<(String, String, i64), u128>, ChError> {
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("bucket_secs", bucket_secs.to_string()));
     let mut out = BTreeMap::new();
     for r in rows(ch, &render(sql::ADDITIVE_BUCKETS, &vars))? {
-        let value = exact_sum(&r[3], &r[4], &|| format!("{}/{} in the bucket at {}", r[0], r[1], r[2]))?;
-        out.insert((r[0].clone(), r[1].clone(), num(&r[2])?), value);
+        out.insert((r[0].clone(), r[1].clone(), num(&r[2])?), split_total(&r[3], &r[4])?);
     }
     Ok(out)
 }
@@ -88,49 +150,55 @@ pub struct Mismatch {
     /// `hour`: the hourly aggregates (`usage_hourly_agg`, `usage_unique_hourly`), which bill;
     /// `day`: the daily unique-meter sketches (`usage_unique_daily`), which only tally-api reads.
     pub window: &'static str,
-    pub aggregates: u64,
-    pub events: u64,
+    /// Exact sums of the rows on each side (128 bits: nothing here wraps).
+    pub aggregates: u128,
+    pub events: u128,
 }
 
-/// Compares every (org, project, meter, hour) of the period; returns the mismatches and the
-/// number of figures compared.
-pub fn verify(ch: &ClickHouse, period: Period) -> Result<(Vec<Mismatch>, usize), ChError> {
+/// What [`verify`] found: the figures that disagree, the figures too large to compare (their
+/// exact total, from the per-event rows, needs more than 64 bits, which the aggregates cannot
+/// hold), and how many figures were compared.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    pub mismatches: Vec<Mismatch>,
+    pub overflows: Vec<Overflow>,
+    pub compared: usize,
+}
+
+/// Compares every (org, project, meter, hour) of the period.
+pub fn verify(ch: &ClickHouse, period: Period) -> Result<Verification, ChError> {
     let vars = period_vars(ch, period.from, period.to);
     let agg = figures(ch, &render(sql::VERIFY_AGGREGATES, &vars))?;
     let ev = figures(ch, &render(sql::VERIFY_EVENTS, &vars))?;
     Ok(compare(&agg, &ev, "hour"))
 }
 
-/// The keys where `agg` and `ev` differ (a missing key counts as 0), and how many keys there are.
-fn compare(agg: &Figures, ev: &Figures, window: &'static str) -> (Vec<Mismatch>, usize) {
+/// The keys where `agg` and `ev` differ (a missing key counts as 0), the keys whose events
+/// total needs more than 64 bits, and how many keys there are.
+fn compare(agg: &Figures, ev: &Figures, window: &'static str) -> Verification {
     let mut keys: Vec<_> = agg.keys().chain(ev.keys()).collect();
     keys.sort();
     keys.dedup();
-    let compared = keys.len();
-    let out = keys
-        .into_iter()
-        .filter_map(|k| {
-            let (a, e) = (agg.get(k).copied().unwrap_or(0), ev.get(k).copied().unwrap_or(0));
-            (a != e).then(|| Mismatch {
-                org_id: k.0.clone(),
-                project_id: k.1.clone(),
-                meter: k.2.clone(),
-                hour: format_rfc3339(k.3),
-                window,
-                aggregates: a,
-                events: e,
-            })
-        })
-        .collect();
-    (out, compared)
+    let mut out = Verification { compared: keys.len(), ..Verification::default() };
+    for k in keys {
+        let (a, e) = (agg.get(k).copied().unwrap_or(0), ev.get(k).copied().unwrap_or(0));
+        let (org_id, project_id, meter) = (k.0.clone(), k.1.clone(), k.2.clone());
+        if e > u128::from(u64::MAX) {
+            out.overflows.push(Overflow { org_id, project_id, meter, hour: Some(k.3), total: e });
+        } else if a != e {
+            let hour = format_rfc3339(k.3);
+            out.mismatches.push(Mismatch { org_id, project_id, meter, hour, window, aggregates: a, events: e });
+        }
+    }
+    out
 }
 
 /// Compares the daily unique-meter sketches of every UTC day that meets the period with the
-/// per-event rows; returns the mismatches (`window = "day"`) and the number of figures compared.
+/// per-event rows (mismatches with `window = "day"`; distinct counts cannot overflow).
 /// Not part of [`verify`]: the invoicer bills from the hourly aggregates, so a daily sketch out of
 /// step (a server crash between the views of one insert) is reported, not a reason to stop billing.
 /// The repair is in docs/clickhouse.md.
-pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<(Vec<Mismatch>, usize), ChError> {
+pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<Verification, ChError> {
     let mut vars = period_vars(ch, period.from, period.to);
     vars.push(("day_from", period.from.div_euclid(86_400).saturating_mul(86_400).to_string()));
     vars.push(("day_to", (period.to + 86_399).div_euclid(86_400).saturating_mul(86_400).to_string()));
@@ -140,7 +208,7 @@ pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<(Vec<Mis
             return Err(ChError::Response(format!("expected 6 columns, got {r:?}")));
         }
         let side = if r[0] == "sketch" { &mut sketch } else { &mut events };
-        side.insert((r[1].clone(), r[2].clone(), r[3].clone(), num::<i64>(&r[4])?), num::<u64>(&r[5])?);
+        side.insert((r[1].clone(), r[2].clone(), r[3].clone(), num::<i64>(&r[4])?), num::<u128>(&r[5])?);
     }
     Ok(compare(&sketch, &events, "day"))
 }
