@@ -135,8 +135,13 @@ impl DeadLetters {
     pub fn new(base: &ClientConfig, topic: &str, source_topic: &str) -> anyhow::Result<Self> {
         let mut cfg = base.clone();
         // A rejected message is as large as the source topic allowed (`too_large` ones exceed
-        // `ingest.max_message_bytes`, not the broker's limit): let the broker be the judge.
+        // `ingest.max_message_bytes`, not the broker's limit): let the broker be the judge. The
+        // broker's limit applies to the compressed batch, and the source message may have come
+        // compressed (a `too_large` value of 50 MB of repeats in a 1 MB record): dead letters are
+        // compressed too, with zstd, the codec of the four that compresses best, so that what fit
+        // on the source topic fits on a dead-letter topic with the same `max.message.bytes`.
         cfg.set("acks", "all")
+            .set("compression.type", "zstd")
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "5")
             .set("message.max.bytes", "1000000000");
