@@ -251,8 +251,6 @@ def check_invoicer_queries(q, s, h):
     daily = rows(render("verify_daily_sketches", {**v, "day_from": day0 - 86400, "day_to": day0 + 2 * 86400}))
     assert sorted(daily) == [["events", "o1", "p1", "unique_users", str(day0), "2"],
                              ["sketch", "o1", "p1", "unique_users", str(day0), "2"]], daily
-    buckets = rows(render("additive_buckets", {**v, "bucket_secs": 3600}))
-    assert ["o1", "scores", str(hour), "0", "1"] in buckets, buckets
     assert rows(render("unique_period", v)) == [["o1", "unique_users", "2"]]
     usage = rows(render("usage_additive", {**v, "org_filter": "AND org_id = 'o1'"}))
     assert ["o1", "p2", "scores", "0", "1"] in usage, usage

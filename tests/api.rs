@@ -706,7 +706,24 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     let used: BTreeMap<String, u64> =
         tally::api::usage::usage(&w.ch, &meters, &q).unwrap().into_iter().map(|r| (r.org_id, r.value)).collect();
     assert_eq!(used.len(), 4, "every org has usage this period: {used:?}");
-    let mut plans = String::new();
+    // One more org, whose input this period is two hours of 2^63 each: every hour fits in 64
+    // bits, the period does not (PRODUCT.md §1). Its evaluation is refused and skipped, named in
+    // an error line; the other orgs' notifications below come as if it were not there. (Before,
+    // its error ended the round of the replica that owned it, for the orgs after it too.)
+    let huge: Vec<String> = (0..2)
+        .map(|i| {
+            format!(
+                "('0-huge', 'p', 'huge-{i}', 'generation-create', toDateTime({h}), toDateTime({h}), {i}, \
+                 ['input_tokens'], [9223372036854775808], [], [], 't', 0, {i}, -1, now())",
+                h = start + 3600 * i
+            )
+        })
+        .collect();
+    w.ch.execute(&format!("INSERT INTO events ({}) VALUES {}", tally::sink::EVENTS_COLUMNS, huge.join(",")), true)
+        .unwrap();
+    let mut plans = String::from(
+        "[plans.p-huge.meters.input_tokens]\nlimit = 1000\nthresholds = [50]\n[orgs.\"0-huge\"]\nplan = \"p-huge\"\n",
+    );
     for (org, u) in &used {
         plans += &format!(
             "[plans.p-{org}.meters.events]\nlimit = {}\nenforcement = \"hard\"\nthresholds = [50, 100]\n[orgs.{org}]\nplan = \"p-{org}\"\n",
@@ -745,6 +762,14 @@ fn threshold_notifications_exactly_once_across_replicas_and_kills() {
     let orgs: Vec<String> = used.keys().cloned().collect();
     let mut want: Vec<(String, u64, &str, u64)> = orgs.iter().map(|o| (o.clone(), 50, "crossed", 1)).collect();
     expect(want.clone());
+    let logs =
+        || ["a", "b"].map(|l| std::fs::read_to_string(w.dir.join(format!("{l}.log"))).unwrap_or_default()).concat();
+    assert!(
+        logs()
+            .lines()
+            .any(|l| l.contains("org skipped this round") && l.contains("0-huge") && l.contains("total_overflow")),
+        "the refused org is named"
+    );
 
     // Phase 2 doubles the usage (≈ 140 %): 100 % is crossed while it is ingested, and one replica
     // is SIGKILLed meanwhile, then restarted. Its successor (the other replica, or its own

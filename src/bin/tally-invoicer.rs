@@ -199,7 +199,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             v.mismatches.extend(daily.mismatches);
             v.compared += daily.compared;
             print!("{}", render_mismatches(&v, period, format));
-            Ok(if v.mismatches.is_empty() { refuse(&v.overflows) } else { 1 })
+            let refused = refuse(&v.overflows);
+            Ok(if v.mismatches.is_empty() { refused } else { 1 })
         }
         Command::Explain { period, customer, meter, granularity, events, project, limit, after, format } => {
             let ch = clickhouse(&cfg, cli.wait_secs)?;

@@ -402,6 +402,10 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
         return Err(ExplainError::Usage(format!("--limit must be between 1 and {MAX_EVENTS_PAGE}")));
     }
     let r = resolve(env, q.customer, q.meter)?;
+    if !r.unique {
+        let hour = Period { from: q.hour, to: q.hour + 3600 };
+        super::usage::refuse_wrapped_hours(env.ch, hour, &r.orgs, &r.meter)?;
+    }
     let (ao, ap, ae) = match q.after {
         Some(c) => parse_cursor(c)?,
         None => (String::new(), String::new(), String::new()),
@@ -430,7 +434,10 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
             value: if r.unique { None } else { Some(num(&row[5])?) },
         });
     }
-    let page_value = events.iter().filter_map(|e| e.value).sum();
+    let page_value = events
+        .iter()
+        .filter_map(|e| e.value)
+        .try_fold(0, |t, v| sql::add(t, v, &|| format!("{}/{} on this page", q.customer, r.meter)))?;
     let next_after = (events.len() == q.limit as usize)
         .then(|| events.last().map(|e| cursor(&e.org_id, &e.project_id, &e.event_id)))
         .flatten();
@@ -446,7 +453,6 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
             ("orgs", orgs_sql(&r.orgs)),
             ("bucket_secs", "3600".to_string()),
         ];
-        super::usage::refuse_wrapped_hours(env.ch, hour, &r.orgs, &r.meter)?;
         let mut total = 0u64;
         for row in rows(env.ch, &render(sql::EXPLAIN_PROJECTS, &vars))? {
             if q.project.is_none_or(|p| p == row[1]) {

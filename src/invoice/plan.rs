@@ -216,19 +216,25 @@ impl BucketPlan {
     fn unbilled(status: Status, ledger: u64, amount: u64, note: impl Into<String>) -> Self {
         BucketPlan { unbilled: amount, ..BucketPlan::status(status, ledger, note) }
     }
-}
 
-/// Plans one bucket.
-pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
-    if let Some(why) = &b.overflow {
+    /// A bucket of a pair whose total needs more than 64 bits: nothing planned, what the ledger
+    /// holds reported.
+    fn refused(b: &Bucket, why: &str) -> Self {
         let ledger = if b.unique {
             last_set(b).map_or(0, |p| p.entry.value)
         } else {
             live_pushes(b).map(|p| p.entry.value).sum()
         };
-        return BucketPlan::status(Status::TotalOverflow, ledger, why.clone());
+        BucketPlan::status(Status::TotalOverflow, ledger, why)
     }
+}
+
+/// Plans one bucket.
+pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     let Some(t) = &b.target else {
+        if let Some(why) = &b.overflow {
+            return BucketPlan::refused(b, why);
+        }
         let st = if b.tally > 0 || !b.pushes.is_empty() { Status::Unmapped } else { Status::Ok };
         return BucketPlan::status(st, 0, "no Stripe customer or meter mapped");
     };
@@ -246,6 +252,11 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
             0,
             format!("{} push(es) of an earlier run to resend", pending.len()),
         );
+    }
+    // After the pending checks: a write an earlier run left without an answer is still resent as
+    // it was (it completes that run's decision); nothing new is planned for a refused pair.
+    if let Some(why) = &b.overflow {
+        return BucketPlan::refused(b, why);
     }
     let next_seq = b.pushes.iter().map(|p| p.entry.seq).max().unwrap_or(0) + 1;
     let entry = |action: Action, seq: u32, value: u64, cancels: &str, event_ts: i64, reason: String| Entry {
@@ -1174,5 +1185,15 @@ mod tests {
         u.unique = true;
         u.overflow = Some("the pair's additive meter overflowed".into());
         assert_eq!(plan(&c, &u).status, Status::TotalOverflow);
+        // Unmapped, it is still refused (its tally was taken out: it would read `ok`).
+        let mut n = bucket(0, vec![]);
+        n.target = None;
+        n.overflow = Some("overflowed".into());
+        assert_eq!(plan(&c, &n).status, Status::TotalOverflow);
+        // A write an earlier run left pending is resent first: the bucket says so.
+        let pending = Push { outcome: Outcome::Pending, done_at: None, ..pushed.clone() };
+        let mut p = bucket(25, vec![&pending]);
+        p.overflow = Some("overflowed".into());
+        assert_eq!(plan(&c, &p).status, Status::Pending);
     }
 }

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use crate::sink::clickhouse::{quote, ChError, ClickHouse};
 
-pub const ADDITIVE_BUCKETS: &str = include_str!("../../sql/invoicer/additive_buckets.sql");
 pub const UNIQUE_PERIOD: &str = include_str!("../../sql/invoicer/unique_period.sql");
 pub const USAGE_ADDITIVE: &str = include_str!("../../sql/invoicer/usage_additive.sql");
 pub const USAGE_UNIQUE: &str = include_str!("../../sql/invoicer/usage_unique.sql");
@@ -136,10 +135,7 @@ mod tests {
 
     #[test]
     fn templates_render_and_fields_unescape() {
-        let sql = render(
-            ADDITIVE_BUCKETS,
-            &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into()), ("bucket_secs", "3600".into())],
-        );
+        let sql = render(VERIFY_AGGREGATES, &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into())]);
         assert!(!sql.contains("${") && !sql.contains("--"), "{sql}");
         assert!(sql.contains("db.usage_hourly"));
         assert_eq!(unescape(r"a\tb\\c\nd"), "a\tb\\c\nd");

@@ -113,22 +113,6 @@ fn overflow_hours(ch: &ClickHouse, vars: &[(&str, String)]) -> Result<Vec<Overfl
         .collect()
 }
 
-/// Additive totals per (org, meter, bucket start), exact: a total beyond 64 bits is returned as
-/// it is, for the caller to refuse by name.
-pub fn additive_buckets(
-    ch: &ClickHouse,
-    period: Period,
-    bucket_secs: i64,
-) -> Result<BTreeMap<(String, String, i64), u128>, ChError> {
-    let mut vars = period_vars(ch, period.from, period.to);
-    vars.push(("bucket_secs", bucket_secs.to_string()));
-    let mut out = BTreeMap::new();
-    for r in rows(ch, &render(sql::ADDITIVE_BUCKETS, &vars))? {
-        out.insert((r[0].clone(), r[1].clone(), num(&r[2])?), split_total(&r[3], &r[4])?);
-    }
-    Ok(out)
-}
-
 /// Distinct counts per (org, meter) over the whole period.
 pub fn unique_period(ch: &ClickHouse, period: Period) -> Result<BTreeMap<(String, String), u64>, ChError> {
     let vars = period_vars(ch, period.from, period.to);
@@ -157,20 +141,26 @@ pub struct Mismatch {
 
 /// What [`verify`] found: the figures that disagree, the figures too large to compare (their
 /// exact total, from the per-event rows, needs more than 64 bits, which the aggregates cannot
-/// hold), and how many figures were compared.
+/// hold), how many figures were compared, and the aggregates' figures themselves.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
     pub mismatches: Vec<Mismatch>,
     pub overflows: Vec<Overflow>,
     pub compared: usize,
+    /// The aggregates as read, before the events: (org, project, meter, hour) → exact sum
+    /// (additive meters) or distinct count (unique meters).
+    pub aggregates: Figures,
 }
 
-/// Compares every (org, project, meter, hour) of the period.
+/// Compares every (org, project, meter, hour) of the period. The aggregates are read first: every
+/// row behind them is then in the events read after them (a view's rows are written after their
+/// `events` rows), so a wrapped figure of the aggregates is always seen as an overflow of the
+/// events, even while ingestion goes on.
 pub fn verify(ch: &ClickHouse, period: Period) -> Result<Verification, ChError> {
     let vars = period_vars(ch, period.from, period.to);
     let agg = figures(ch, &render(sql::VERIFY_AGGREGATES, &vars))?;
     let ev = figures(ch, &render(sql::VERIFY_EVENTS, &vars))?;
-    Ok(compare(&agg, &ev, "hour"))
+    Ok(Verification { aggregates: agg.clone(), ..compare(&agg, &ev, "hour") })
 }
 
 /// The keys where `agg` and `ev` differ (a missing key counts as 0), the keys whose events
@@ -179,13 +169,16 @@ fn compare(agg: &Figures, ev: &Figures, window: &'static str) -> Verification {
     let mut keys: Vec<_> = agg.keys().chain(ev.keys()).collect();
     keys.sort();
     keys.dedup();
-    let mut out = Verification { compared: keys.len(), ..Verification::default() };
+    let mut out = Verification::default();
     for k in keys {
         let (a, e) = (agg.get(k).copied().unwrap_or(0), ev.get(k).copied().unwrap_or(0));
         let (org_id, project_id, meter) = (k.0.clone(), k.1.clone(), k.2.clone());
         if e > u128::from(u64::MAX) {
             out.overflows.push(Overflow { org_id, project_id, meter, hour: Some(k.3), total: e });
-        } else if a != e {
+            continue;
+        }
+        out.compared += 1;
+        if a != e {
             let hour = format_rfc3339(k.3);
             out.mismatches.push(Mismatch { org_id, project_id, meter, hour, window, aggregates: a, events: e });
         }
@@ -211,4 +204,43 @@ pub fn verify_daily_sketches(ch: &ClickHouse, period: Period) -> Result<Verifica
         side.insert((r[1].clone(), r[2].clone(), r[3].clone(), num::<i64>(&r[4])?), num::<u128>(&r[5])?);
     }
     Ok(compare(&sketch, &events, "day"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2^64 − 1 is a figure like any other; one more is an overflow, named with its exact value and
+    /// never compared or counted as a mismatch (the aggregates cannot hold it).
+    #[test]
+    fn figures_past_64_bits_are_overflows_not_mismatches() {
+        let max = u128::from(u64::MAX);
+        let key = |m: &str| ("o".to_string(), "p".to_string(), m.to_string(), 7200);
+        let agg: Figures = [(key("a"), max), (key("b"), max), (key("c"), 0), (key("d"), 5)].into();
+        let ev: Figures = [(key("a"), max), (key("b"), max - 1), (key("c"), max + 1), (key("d"), 5)].into();
+        let v = compare(&agg, &ev, "hour");
+        assert_eq!(v.compared, 3);
+        assert_eq!(v.mismatches.len(), 1);
+        assert_eq!(
+            (v.mismatches[0].meter.as_str(), v.mismatches[0].aggregates, v.mismatches[0].events),
+            ("b", max, max - 1)
+        );
+        assert_eq!(
+            v.overflows,
+            [Overflow {
+                org_id: "o".into(),
+                project_id: "p".into(),
+                meter: "c".into(),
+                hour: Some(7200),
+                total: max + 1
+            }]
+        );
+        let e = v.overflows[0].error().to_string();
+        assert!(
+            e.starts_with("total_overflow") && e.contains("o/p/c at hour 1970-01-01T02:00:00Z = 18446744073709551616"),
+            "{e}"
+        );
+        let period = Overflow { hour: None, ..v.overflows[0].clone() };
+        assert!(period.error().to_string().contains("o/p/c over the period = "), "{}", period.error());
+    }
 }

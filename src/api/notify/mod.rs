@@ -334,9 +334,17 @@ impl Notifier {
                 continue;
             }
             let plan = self.state.plans.for_org(&org);
-            let items = match plan {
-                Some(plan) => entitlements(&self.state.ch, &self.state.meters, &org, plan, now)?,
+            let items = match plan.map(|plan| entitlements(&self.state.ch, &self.state.meters, &org, plan, now)) {
                 None => Vec::new(),
+                Some(Ok(items)) => items,
+                // A figure of this org beyond 64 bits (PRODUCT.md §1) refuses this org's
+                // evaluation, named and counted, not the round of every other org.
+                Some(Err(e @ ChError::TotalOverflow(_))) => {
+                    metrics::counter!("tally_api_notify_orgs_refused_total", "reason" => "total_overflow").increment(1);
+                    tracing::error!(org = %org, error = %e, "org skipped this round: its usage cannot be read exactly");
+                    continue;
+                }
+                Some(Err(e)) => return Err(e.into()),
             };
             let records = due(
                 &org,

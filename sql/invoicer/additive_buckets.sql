@@ -1,8 +1,0 @@
--- tally's additive totals per (org, meter, bucket) in [from, to), from the public view.
--- Sums are split into high and low 32-bit halves (each exact for up to 2^32 rows) and joined in the
--- invoicer as a 128-bit integer: a total beyond 64 bits is refused by name, never wrapped (PRODUCT.md §1).
-SELECT org_id, meter, intDiv(toUInt32(hour), ${bucket_secs}) * ${bucket_secs} AS bucket, sum(intDiv(value, 4294967296)) AS value_hi, sum(value % 4294967296) AS value_lo
-FROM ${database}.usage_hourly
-WHERE hour >= toDateTime(${from}) AND hour < toDateTime(${to})
-GROUP BY org_id, meter, bucket
-ORDER BY org_id, meter, bucket
