@@ -131,9 +131,25 @@ pub fn read_dead_letters(
                 }
                 out.push(d);
             }
+            Some(Err(e)) if undecodable(&e) => {
+                // Every later fetch fails on the same record: a listing without it would be
+                // silently short.
+                anyhow::bail!(
+                    "a dead letter cannot be decoded by this client ({e}); raise \
+                     kafka.options.\"receive.message.max.bytes\" above its decompressed size"
+                )
+            }
             Some(Err(e)) => tracing::warn!(error = %e, "poll failed"),
             None => {}
         }
     }
     Ok(out)
+}
+
+/// Whether a consumer error is a record the client cannot decompress (librdkafka reports it
+/// again on every fetch of its partition): a codec it was built without, corrupt data, or a zstd
+/// or lz4 record that decompresses beyond `receive.message.max.bytes`.
+pub fn undecodable(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(e.rdkafka_error_code(), Some(C::BadCompression | C::NotImplemented))
 }
