@@ -241,7 +241,7 @@ def check_invoicer_queries(q, s, h):
     rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
     # Sums come as (value_hi, value_lo) 32-bit halves, joined exactly as src/invoice/sql.rs does.
     fig = lambda name: {tuple(r[:4]): (int(r[4]) << 32) + int(r[5]) for r in rows(render(name, v))}
-    agg, ev = fig("verify_aggregates"), fig("verify_events")
+    agg, ev = {**fig("verify_aggregates_additive"), **fig("verify_aggregates_unique")}, fig("verify_events")
     diff = sorted(k for k in set(agg) | set(ev) if agg.get(k) != ev.get(k))
     want = [("o1", "p1", m, str(hour)) for m in ("events", "input_tokens", "observations")]
     assert diff == want, f"verify mismatches {diff}, want {want}"

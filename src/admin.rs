@@ -148,7 +148,7 @@ pub fn read_dead_letters(
 
 /// Whether a consumer error is a record the client cannot decompress (librdkafka reports it
 /// again on every fetch of its partition): a codec it was built without, corrupt data, or a zstd
-/// or lz4 record that decompresses beyond `receive.message.max.bytes`.
+/// record that decompresses beyond `receive.message.max.bytes`.
 pub fn undecodable(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(e.rdkafka_error_code(), Some(C::BadCompression | C::NotImplemented))

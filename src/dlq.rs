@@ -66,6 +66,7 @@ pub fn is_permanent(code: rdkafka::types::RDKafkaErrorCode) -> bool {
             | C::SaslAuthenticationFailed
             | C::InvalidRequiredAcks
             | C::PolicyViolation
+            | C::UnsupportedCompressionType
     )
 }
 
@@ -138,10 +139,13 @@ impl DeadLetters {
         // `ingest.max_message_bytes`, not the broker's limit): let the broker be the judge. The
         // broker's limit applies to the compressed batch, and the source message may have come
         // compressed (a `too_large` value of 50 MB of repeats in a 1 MB record): dead letters are
-        // compressed too, with zstd, the codec of the four that compresses best, so that what fit
-        // on the source topic fits on a dead-letter topic with the same `max.message.bytes`.
+        // compressed too, with lz4 unless `kafka.options` names a codec. lz4 is the cheapest of
+        // the four to write, and librdkafka decompresses it without the `receive.message.max.bytes`
+        // cap it puts on zstd, so a reader with default settings can read a large dead letter.
+        if cfg.get("compression.type").is_none() {
+            cfg.set("compression.type", "lz4");
+        }
         cfg.set("acks", "all")
-            .set("compression.type", "zstd")
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "5")
             .set("message.max.bytes", "1000000000");

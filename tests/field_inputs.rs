@@ -481,43 +481,9 @@ fn lookups_find_every_kind_of_key() {
 #[test]
 fn messages_of_every_compression_codec_are_billed() {
     let w = World::new("codecs");
-    let t = w.keys.tenants[0].clone();
-    let auth = basic(&t);
-    let now = tally::timestamp::format_rfc3339(tally::source::worker::now_secs());
     let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
-    let script = format!(
-        r#"
-import json, sys
-from confluent_kafka import Producer
-out = []
-for codec in {codecs:?}:
-    p = Producer({{"bootstrap.servers": "{brokers}", "compression.type": codec, "linger.ms": 0}})
-    v = json.dumps({{"id": "codec-" + codec, "type": "trace-create", "timestamp": "{now}"}})
-    p.produce("{topic}", key="{key}", value=v, headers=[("authorization", {auth:?})],
-              on_delivery=lambda e, m: out.append((e, m.partition(), m.offset())))
-    p.flush(30)
-for e, part, off in out:
-    if e is not None: sys.exit(str(e))
-    print(part, off)
-"#,
-        brokers = common::brokers(),
-        topic = w.kafka.topic,
-        key = t.project_id,
-    );
-    let root = env!("CARGO_MANIFEST_DIR");
-    let venv = std::process::Command::new(format!("{root}/scripts/venv.sh")).output().unwrap();
-    assert!(venv.status.success(), "scripts/venv.sh: {}", String::from_utf8_lossy(&venv.stderr));
-    let python = String::from_utf8(venv.stdout).unwrap().trim().to_string();
-    let out = std::process::Command::new(python).arg("-c").arg(&script).output().unwrap();
-    assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
-    let sent: Vec<(i32, i64)> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (p, o) = l.split_once(' ').unwrap();
-            (p.parse().unwrap(), o.parse().unwrap())
-        })
-        .collect();
+    let messages: Vec<(&str, String)> = codecs.iter().map(|c| (*c, format!("{{'id': 'codec-{c}'}}"))).collect();
+    let sent = produce_compressed(&w, &messages);
     assert_eq!(sent.len(), codecs.len());
     let worker = Running(Some(w.worker("1")));
     // Without zstd in the worker's librdkafka, the zstd message stalled its partition here.
@@ -530,4 +496,70 @@ for e, part, off in out:
     let mut want: Vec<String> = codecs.iter().map(|c| format!("codec-{c}")).collect();
     want.sort();
     assert_eq!(ids, want, "one row per codec");
+}
+
+/// Produces one message per `(codec, fields)` with confluent-kafka (its own librdkafka, every
+/// codec; `scripts/venv.sh`), as tenant 0 of `w`: a `trace-create` event stamped now, updated
+/// with `fields` (a Python dict expression). Returns each message's (partition, offset).
+fn produce_compressed(w: &World, messages: &[(&str, String)]) -> Vec<(i32, i64)> {
+    let t = &w.keys.tenants[0];
+    let now = tally::timestamp::format_rfc3339(tally::source::worker::now_secs());
+    let sends: String = messages.iter().map(|(codec, fields)| format!("send({codec:?}, {fields})\n")).collect();
+    let script = format!(
+        r#"
+import json, sys
+from confluent_kafka import Producer
+out = []
+def send(codec, fields):
+    p = Producer({{"bootstrap.servers": "{brokers}", "compression.type": codec, "linger.ms": 0,
+                  "message.max.bytes": 1000000000}})
+    v = {{"type": "trace-create", "timestamp": "{now}"}}
+    v.update(fields)
+    p.produce("{topic}", key="{key}", value=json.dumps(v), headers=[("authorization", {auth:?})],
+              on_delivery=lambda e, m: out.append((e, m.partition(), m.offset())))
+    if p.flush(60) != 0:
+        sys.exit("a message was not delivered in 60 s")
+{sends}
+for e, part, off in out:
+    if e is not None: sys.exit(str(e))
+    print(part, off)
+"#,
+        brokers = common::brokers(),
+        topic = w.kafka.topic,
+        key = t.project_id,
+        auth = basic(t),
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let venv = std::process::Command::new(format!("{root}/scripts/venv.sh")).output().unwrap();
+    assert!(venv.status.success(), "scripts/venv.sh: {}", String::from_utf8_lossy(&venv.stderr));
+    let python = String::from_utf8(venv.stdout).unwrap().trim().to_string();
+    let out = std::process::Command::new(python).arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (p, o) = l.split_once(' ').unwrap();
+            (p.parse().unwrap(), o.parse().unwrap())
+        })
+        .collect()
+}
+
+/// A message far over `ingest.max_message_bytes` that came compressed (200 MB of repeats, a few
+/// hundred KB in gzip) is dead-lettered whole as `too_large`, and its dead letter can be read back
+/// with the client's default settings: the dead-letter producer compresses with lz4, which
+/// librdkafka decompresses without the `receive.message.max.bytes` cap it puts on zstd (with zstd
+/// the listing below failed on it).
+#[test]
+fn a_compressed_message_far_over_the_limit_is_dead_lettered_and_readable() {
+    let w = World::new("bomb");
+    let sent = produce_compressed(&w, &[("gzip", "{'id': 'huge', 'pad': '0' * 200_000_000}".to_string())]);
+    let worker = Running(Some(w.worker("1")));
+    tally::admin::wait_committed(&w.kafka, &end_offsets(&sent), Duration::from_secs(120)).unwrap();
+    worker.stop();
+    let letters = tally::admin::read_dead_letters(&w.kafka, None, Duration::from_secs(4)).unwrap();
+    let got: Vec<(&str, i32, i64)> =
+        letters.iter().map(|d| (d.reason.as_str(), d.source_partition, d.source_offset)).collect();
+    assert_eq!(got, [("too_large", sent[0].0, sent[0].1)]);
+    assert_eq!(w.scalar("SELECT count() FROM events"), 0, "nothing billed");
 }

@@ -193,6 +193,7 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
         &stripe_after,
         &sent,
         &resolved.targets,
+        &tally.refused.keys().cloned().collect(),
         &checks_after,
         env.stripe.requests(),
         started.elapsed().as_secs_f64(),
@@ -232,10 +233,10 @@ struct Overflowed {
 }
 
 /// Reads each bucket's total: unique meters over the period, additive meters per `bucket_secs`
-/// from the aggregates' figures that `verified` compared with the events. One read, taken before
-/// the events were: every row behind those figures was in the events read after them, so a figure
-/// that wrapped is among `verified.overflows`, however much was ingested meanwhile. (A second read
-/// of the aggregates could see an hour wrap that the comparison never saw.)
+/// from the aggregates' figures that `verified` compared with the events. Each of those equals the
+/// exact events figure (the caller stops on a mismatch) or is an overflow, refused: so no figure
+/// that wrapped can become a bucket, however much is ingested meanwhile. (A second read of the
+/// aggregates, as before, could see an hour wrap that the comparison never saw.)
 fn read_tally(env: &Env, period: Period, bucket_secs: i64, verified: &usage::Verification) -> Result<Tally, ChError> {
     let additive = |meter: &str| env.meters.get(meter).is_some_and(|d| d.aggregation != Aggregation::Unique);
     let mut sums: BTreeMap<(String, String, i64), u128> = BTreeMap::new();

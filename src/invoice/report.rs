@@ -118,6 +118,7 @@ impl Report {
         stripe_after: &StripeView,
         sent: &Sent,
         targets: &HashMap<(String, String), Option<Target>>,
+        refused: &BTreeSet<(String, String)>,
         items: &[ItemCheck],
         stripe_requests: u64,
         elapsed_secs: f64,
@@ -203,7 +204,7 @@ impl Report {
                         Status::Repair if !applied => "would_repair",
                         s => s.as_str(),
                     },
-                    tally: (p.status != Status::TotalOverflow).then(|| tally.get(**k).copied().unwrap_or(0)),
+                    tally: (!refused.contains(&pair_of(k))).then(|| tally.get(**k).copied().unwrap_or(0)),
                     ledger: p.ledger,
                     stripe: (mode == "meters" && target.is_some())
                         .then(|| stripe_after.bucket.get(**k).copied().unwrap_or(0)),
@@ -235,9 +236,9 @@ impl Report {
                 customer: target.as_ref().map(|t| t.customer.clone()).unwrap_or_default(),
                 meter: pair.1.clone(),
                 stripe_target: target.as_ref().map(|t| t.target.clone()).unwrap_or_default(),
-                // read_tally refuses a pair whose buckets' sum needs more than 64 bits.
-                tally: (worst != Status::TotalOverflow)
-                    .then(|| ks.iter().map(|k| tally.get(*k).copied().unwrap_or(0)).sum()),
+                // A refused pair's total is not shown; every other pair's buckets sum within 64
+                // bits (read_tally refuses a pair whose sum does not).
+                tally: (!refused.contains(pair)).then(|| ks.iter().map(|k| tally.get(*k).copied().unwrap_or(0)).sum()),
                 ledger_before,
                 stripe_before: target.as_ref().and(stripe_before.pair.get(pair).copied()),
                 delta_pushed: if applied {
@@ -271,8 +272,11 @@ impl Report {
             });
         }
         let count = |a: Action| sent.done.iter().filter(|(x, _, _)| *x == a).count();
-        let any_error =
-            !sent.failed.is_empty() || !sent.indeterminate.is_empty() || after.values().any(|p| p.status.is_error());
+        // A refused pair is an error even while a bucket of it shows `pending` first.
+        let any_error = !sent.failed.is_empty()
+            || !sent.indeterminate.is_empty()
+            || !refused.is_empty()
+            || after.values().any(|p| p.status.is_error());
         let buckets_unsettled = after.values().filter(|p| !p.status.settled()).count()
             + items.iter().filter(|c| !c.plan.status.settled()).count();
         let exit_code = if any_error {

@@ -8,7 +8,8 @@ use crate::sink::clickhouse::{quote, ChError, ClickHouse};
 pub const UNIQUE_PERIOD: &str = include_str!("../../sql/invoicer/unique_period.sql");
 pub const USAGE_ADDITIVE: &str = include_str!("../../sql/invoicer/usage_additive.sql");
 pub const USAGE_UNIQUE: &str = include_str!("../../sql/invoicer/usage_unique.sql");
-pub const VERIFY_AGGREGATES: &str = include_str!("../../sql/invoicer/verify_aggregates.sql");
+pub const VERIFY_AGGREGATES_ADDITIVE: &str = include_str!("../../sql/invoicer/verify_aggregates_additive.sql");
+pub const VERIFY_AGGREGATES_UNIQUE: &str = include_str!("../../sql/invoicer/verify_aggregates_unique.sql");
 pub const VERIFY_EVENTS: &str = include_str!("../../sql/invoicer/verify_events.sql");
 pub const VERIFY_DAILY_SKETCHES: &str = include_str!("../../sql/invoicer/verify_daily_sketches.sql");
 pub const LEDGER_READ: &str = include_str!("../../sql/invoicer/ledger_read.sql");
@@ -135,7 +136,10 @@ mod tests {
 
     #[test]
     fn templates_render_and_fields_unescape() {
-        let sql = render(VERIFY_AGGREGATES, &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into())]);
+        let sql = render(
+            VERIFY_AGGREGATES_ADDITIVE,
+            &[("database", "db".into()), ("from", "0".into()), ("to", "3600".into())],
+        );
         assert!(!sql.contains("${") && !sql.contains("--"), "{sql}");
         assert!(sql.contains("db.usage_hourly"));
         assert_eq!(unescape(r"a\tb\\c\nd"), "a\tb\\c\nd");

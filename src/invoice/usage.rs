@@ -147,20 +147,22 @@ pub struct Verification {
     pub mismatches: Vec<Mismatch>,
     pub overflows: Vec<Overflow>,
     pub compared: usize,
-    /// The aggregates as read, before the events: (org, project, meter, hour) → exact sum
-    /// (additive meters) or distinct count (unique meters).
+    /// The additive aggregates as read (`usage_hourly_agg`, before the events): (org, project,
+    /// meter, hour) → exact sum. Never a distinct count, whatever the meter's name.
     pub aggregates: Figures,
 }
 
-/// Compares every (org, project, meter, hour) of the period. The aggregates are read first: every
-/// row behind them is then in the events read after them (a view's rows are written after their
-/// `events` rows), so a wrapped figure of the aggregates is always seen as an overflow of the
-/// events, even while ingestion goes on.
+/// Compares every (org, project, meter, hour) of the period, the aggregates read first.
 pub fn verify(ch: &ClickHouse, period: Period) -> Result<Verification, ChError> {
     let vars = period_vars(ch, period.from, period.to);
-    let agg = figures(ch, &render(sql::VERIFY_AGGREGATES, &vars))?;
+    let additive = figures(ch, &render(sql::VERIFY_AGGREGATES_ADDITIVE, &vars))?;
+    let mut agg = additive.clone();
+    // A name in both tables (a meter whose aggregation changed) adds up here as in the events.
+    for (k, v) in figures(ch, &render(sql::VERIFY_AGGREGATES_UNIQUE, &vars))? {
+        *agg.entry(k).or_default() += v;
+    }
     let ev = figures(ch, &render(sql::VERIFY_EVENTS, &vars))?;
-    Ok(Verification { aggregates: agg.clone(), ..compare(&agg, &ev, "hour") })
+    Ok(Verification { aggregates: additive, ..compare(&agg, &ev, "hour") })
 }
 
 /// The keys where `agg` and `ev` differ (a missing key counts as 0), the keys whose events

@@ -301,7 +301,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                     held.push((msg, epoch));
                     started.get_or_insert_with(Instant::now);
                 }
-                Some(Err(e)) => poll_failed(&e),
+                Some(Err(e)) => poll_failed(&e, false),
                 None => {}
             }
         }
@@ -364,7 +364,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 let epoch = self.epoch_of(msg.partition());
                 self.stash.push((msg, epoch));
             }
-            Some(Err(e)) => poll_failed(&e),
+            Some(Err(e)) => poll_failed(&e, true),
             None => {}
         }
     }
@@ -1069,12 +1069,17 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// A poll that returned an error: counted; a message the client cannot decode is an ERROR, since
 /// it stops its partition until someone acts. librdkafka reports it again on every fetch of the
 /// partition, with its offset in the client's error line ("Decompression (codec …) of message at
-/// OFFSET … failed"): a codec it was built without, corrupt data, or a zstd or lz4 batch that
-/// decompresses beyond `receive.message.max.bytes` (docs/alerts.md, TallyPartitionNoProgress).
-fn poll_failed(e: &rdkafka::error::KafkaError) {
+/// OFFSET … failed", the offset of the batch's first record): a codec it was built without,
+/// corrupt data, or a zstd batch that decompresses beyond `receive.message.max.bytes`
+/// (docs/alerts.md, TallyPartitionNoProgress).
+/// `waiting`: the loop is waiting on something else (ClickHouse, a dead-letter write), when
+/// broker errors are expected and logged at debug.
+fn poll_failed(e: &rdkafka::error::KafkaError, waiting: bool) {
     counter!(m::BROKER_ERRORS).increment(1);
     if crate::admin::undecodable(e) {
         error!(error = %e, "a message of the source topic cannot be decoded: its partition does not advance");
+    } else if waiting {
+        debug!(error = %e, "poll failed while waiting");
     } else {
         warn!(error = %e, "poll failed");
     }
