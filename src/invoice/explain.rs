@@ -402,8 +402,8 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
         return Err(ExplainError::Usage(format!("--limit must be between 1 and {MAX_EVENTS_PAGE}")));
     }
     let r = resolve(env, q.customer, q.meter)?;
+    let hour = Period { from: q.hour, to: q.hour + 3600 };
     if !r.unique {
-        let hour = Period { from: q.hour, to: q.hour + 3600 };
         super::usage::refuse_wrapped_hours(env.ch, hour, &r.orgs, &r.meter)?;
     }
     let (ao, ap, ae) = match q.after {
@@ -444,7 +444,6 @@ pub fn events(env: &Env, q: &EventsQuery) -> Result<EventsPage, ExplainError> {
     let hour_tally = if r.unique {
         0
     } else {
-        let hour = Period { from: q.hour, to: q.hour + 3600 };
         let vars = vec![
             ("database", env.ch.database().to_string()),
             ("from", hour.from.to_string()),

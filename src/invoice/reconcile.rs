@@ -212,7 +212,6 @@ pub fn reconcile(env: &Env, opts: &Options) -> Result<Report, ReconcileError> {
     Ok(report)
 }
 
-/// Maps each (org, meter) with usage to its Stripe target, checking Stripe meters first.
 /// Tally's side of a run.
 #[derive(Default)]
 struct Tally {
@@ -310,6 +309,7 @@ impl Tally {
     }
 }
 
+/// Maps each (org, meter) with usage to its Stripe target, checking Stripe meters first.
 fn resolve(env: &Env, tally: &Tally) -> Result<Resolved, ReconcileError> {
     let mut infos = HashMap::new();
     if env.cfg.stripe.mode == StripeMode::Meters {
