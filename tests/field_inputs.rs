@@ -426,7 +426,7 @@ fn lookups_find_every_kind_of_key() {
     let ids: Vec<String> = (0..6000).map(|i| long_id[..120].to_string() + &format!("{i:08}")).collect();
     let mut stored: Vec<(&str, &str, &str)> = vec![(&org, &ctl, &nasty_id), ("org-1", "proj-1", "")];
     stored.extend(ids.iter().step_by(3).map(|id| ("org-1", "proj-1", id.as_str())));
-    let rows = tally::sink::flight::Flight::encode(Vec::new(), (0, 0), |rows, row| {
+    let rows = tally::sink::flight::Flight::encode(Vec::new(), Default::default(), |rows, row| {
         for (i, (o, p, id)) in stored.iter().enumerate() {
             for s in [o, p, id, &"span-create"] {
                 rows.string(s);

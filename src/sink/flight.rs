@@ -38,6 +38,16 @@ struct Row {
     unique: Range<u32>,
 }
 
+/// What a [`Flight`] is sized for up front ([`Flight::encode`]): its rows, their bytes (near
+/// enough), and their additive and unique meter entries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capacity {
+    pub rows: usize,
+    pub bytes: usize,
+    pub additive: usize,
+    pub unique: usize,
+}
+
 /// RowBinary rows of `events` and, per row, its byte range, source partition and what its
 /// group's carrier needs.
 #[derive(Debug, Default)]
@@ -57,16 +67,20 @@ impl Flight {
     /// Encodes rows with `encode`, which appends one whole row per call of its `row` callback
     /// (`row(w, meta)` is called after the row's bytes in the [`crate::sink::EVENTS_COLUMNS`]
     /// layout are written, and appends the carrier columns; `meta`'s meter indices index `names`).
-    /// `capacity` is (rows, bytes) expected: the buffers are sized for it up front, as growing a
-    /// batch's megabytes by doubling copies them again and again (benches/pipeline.rs).
+    /// `capacity` is what the rows are expected to hold: the buffers are sized for it up front, as
+    /// growing a batch's megabytes by doubling copies them again and again and touches fresh
+    /// pages (benches/pipeline.rs).
     pub fn encode(
         names: Vec<String>,
-        capacity: (usize, usize),
+        capacity: Capacity,
         encode: impl FnOnce(&mut RowWriter, &mut dyn FnMut(&mut RowWriter, RowMeta<'_>)),
     ) -> Flight {
-        let mut w = RowWriter { buf: Vec::with_capacity(capacity.1) };
-        let (mut rows, mut additive, mut unique) =
-            (Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0), Vec::with_capacity(capacity.0));
+        let mut w = RowWriter { buf: Vec::with_capacity(capacity.bytes) };
+        let (mut rows, mut additive, mut unique) = (
+            Vec::with_capacity(capacity.rows),
+            Vec::with_capacity(capacity.additive),
+            Vec::with_capacity(capacity.unique),
+        );
         let mut start = 0;
         encode(&mut w, &mut |w: &mut RowWriter, m: RowMeta<'_>| {
             w.buf.extend_from_slice(Carriers::COUNTED);
@@ -234,7 +248,7 @@ mod tests {
     use super::*;
 
     fn flight(rows: &[(&str, &str, &str, i32)]) -> Flight {
-        Flight::encode(Vec::new(), (0, 0), |w, row| {
+        Flight::encode(Vec::new(), Capacity::default(), |w, row| {
             for (o, p, id, part) in rows {
                 w.string(o);
                 w.string(p);
@@ -273,7 +287,7 @@ mod tests {
         // Per row: its one (meter, value) sum entry and its one (meter, hash) unique entry.
         type Entries = [(u16, u64); 1];
         let metas: Vec<(Entries, Entries)> = rows.iter().map(|&(_, v, h)| ([(0, v)], [(1, h)])).collect();
-        let f = Flight::encode(names.clone(), (0, 0), |w, row| {
+        let f = Flight::encode(names.clone(), Capacity::default(), |w, row| {
             for (i, (&(g, _, _), (add, uniq))) in rows.iter().zip(&metas).enumerate() {
                 w.string("o");
                 w.string("p");
