@@ -19,7 +19,7 @@ use crate::meter::{Contribution, Meters};
 use crate::reject::Reason;
 use crate::sink::flight::{Capacity, Flight, RowMeta};
 use crate::sink::rowbinary::RowWriter;
-use crate::timestamp::parse_rfc3339;
+use crate::timestamp::{parse_rfc3339_with, HourCache};
 use crate::verify::{Credential, Principal, Verifier};
 use serde_json::value::RawValue;
 
@@ -90,6 +90,8 @@ pub struct Staged<'a> {
     pub rejections: Vec<Rejection>,
     /// Duplicates found so far (in memory, then by [`Staged::resolve`]).
     pub duplicates: u64,
+    /// The date and hour of the last event timestamp read.
+    hours: HourCache,
 }
 
 /// Holds what staging needs besides the messages.
@@ -384,7 +386,7 @@ impl Processor {
         if id.is_empty() || id.len() > MAX_ID_BYTES || ty.is_empty() {
             return Err(Reason::Malformed);
         }
-        let ts = parse_rfc3339(ts).ok_or(Reason::Malformed)?;
+        let ts = parse_rfc3339_with(ts, &mut out.hours).ok_or(Reason::Malformed)?;
         contribution.clear();
         self.meters.apply(ty, caps, contribution).map_err(|_| Reason::Malformed)?;
         // `at` is the producer's message timestamp: any i64. The rows store ClickHouse
