@@ -89,6 +89,7 @@ def main():
         check_mend_queries(q, s, h)
         check_carriers(q, s, h)
         check_move_settings(q, s)
+        check_move_whole(q, s)
         print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries and carrier rows verified")
     finally:
         s.close()
@@ -117,6 +118,39 @@ def check_move_settings(q, s):
     s.query(f"INSERT INTO {DB}.probe_out SELECT n, rowNumberInAllBlocks() FROM {DB}.probe_in SETTINGS {move_settings()}")
     got = q(f"SELECT count(), countIf(n != read) FROM {DB}.probe_out")
     assert got == "32000\t0", f"the move read its staging table out of order: {got}"
+
+
+def move_whole(table, columns, stage, count):
+    """The move out of a staging table as `move_whole` in src/sink/mod.rs writes it (its format
+    string, read from the source: one place for it)."""
+    src = open(os.path.join(ROOT, "src", "sink", "mod.rs")).read()
+    body = re.search(r"fn move_whole\([^)]*\) -> String \{\s*format!\(\s*\"(.*?)\"\s*\)", src, re.S).group(1)
+    sql = re.sub(r"\\\n\s*", "", body)
+    return sql.format(table=table, columns=columns, stage=stage, count=count)
+
+
+def check_move_whole(q, s):
+    """The move copies a staging table only while it holds every row sent: an emptied one (a
+    server restart empties Memory tables) or one short of rows fails with code 395 and copies
+    nothing. (A `throwIf` over the copied rows is never called on current ClickHouse when there is
+    none: the empty case moved nothing and succeeded.)"""
+    s.query(f"CREATE TABLE {DB}.move_in (n UInt64) ENGINE = Memory")
+    s.query(f"CREATE TABLE {DB}.move_out (n UInt64) ENGINE = Memory")
+    for count, rows in [(5, 0), (5, 4), (5, 5)]:
+        s.query(f"TRUNCATE TABLE {DB}.move_in")
+        if rows:
+            s.query(f"INSERT INTO {DB}.move_in SELECT number FROM system.numbers LIMIT {rows}")
+        sql = move_whole(f"{DB}.move_out", "n", f"{DB}.move_in", count)
+        try:
+            s.query(sql)
+            failed = None
+        except Exception as e:
+            failed = str(e)
+        if rows == count:
+            assert failed is None, failed
+        else:
+            assert failed is not None and "395" in failed, f"the move of {rows} of {count} rows: {failed or 'succeeded'}"
+    assert q(f"SELECT count() FROM {DB}.move_out") == "5", "only the whole staging table was moved"
 
 
 def check_carriers(q, s, h):

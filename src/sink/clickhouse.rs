@@ -30,6 +30,12 @@ pub enum ChError {
     /// over), or stops if its partitions went elsewhere.
     #[error("attempt fenced: its staging table {0} was dropped by a dedupe-state load or a mend")]
     Fenced(String),
+    /// A fenced attempt's move out of its staging table (query id `{0}`) was still running on the
+    /// server after its table was dropped: on current ClickHouse a `DROP` returns at once while a
+    /// query that opened the table keeps going ([`crate::sink::EventStore::fence`]). Transient:
+    /// the fence is asked again until the move is over.
+    #[error("fence: the move {0} of a fenced attempt is still running on the server")]
+    MoveRunning(String),
     /// A total read from ClickHouse needs more than 64 bits: refused rather than wrapped
     /// (PRODUCT.md §1). No retry can change it; the events behind it must be looked at.
     #[error("total_overflow: the total of {0} does not fit in 64 bits; refusing to report or bill it")]

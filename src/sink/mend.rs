@@ -41,7 +41,7 @@ use crate::invoice::sql::{num, render, rows};
 use super::clickhouse::{quote, ChError, ClickHouse};
 use super::rowbinary::RowWriter;
 use super::stage::stage_name;
-use super::{fenced_or, move_whole, EventStore};
+use super::{fenced_or, move_query_id, move_whole, EventStore};
 
 const TOUCHED: &str = include_str!("../../sql/ingest/mend_touched.sql");
 const ADDITIVE: &str = include_str!("../../sql/ingest/mend_additive.sql");
@@ -210,13 +210,15 @@ impl Mend {
                 // Fails unless the staging table still holds every row (emptied by a restart, it
                 // must not report the shortfall mended; the next mend reads it again).
                 let sql = move_whole("usage_hourly_agg", CORRECTION_COLUMNS, &self.stage, self.out.short as usize);
-                ch.execute(&sql, true).map_err(|e| fenced_or(e, &self.stage))?;
+                // Named, so that a fence finds it running ([`super::wait_for_moves`]).
+                let query_id = move_query_id(&self.stage);
+                ch.execute_with(&sql, &[("query_id", &query_id)]).map_err(|e| fenced_or(e, &self.stage))?;
                 self.next = Next::Drop;
             }
             Next::Drop => {
                 // Added. A staging table left behind (this DROP failed) is empty of consequences:
                 // its one INSERT … SELECT is done; the next fence of the partition drops it.
-                if let Err(e) = ch.fence(&self.stage) {
+                if let Err(e) = ch.drop_stage(&self.stage) {
                     tracing::debug!(error = %e, stage = self.stage, "correction's staging table not dropped; the next fence drops it");
                 }
                 return Ok(Step::Done(std::mem::take(&mut self.out)));

@@ -11,6 +11,7 @@ pub mod schema;
 pub mod stage;
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use crate::dedupe::{EventKey, PartitionState};
 use carrier::CARRIER_COLUMNS;
@@ -48,15 +49,17 @@ pub trait EventStore {
     /// Inserts the rows of `flight` (`topic`'s events), with their carrier columns computed from
     /// exactly these rows ([`Flight::body`]), as one fenced attempt (see [`InsertFailed`]).
     fn insert_events(&self, topic: &str, flight: &Flight) -> Result<(), InsertFailed>;
-    /// Drops a failed attempt's staging table: once this returns Ok, the attempt has either
-    /// moved its rows into `events` or never will (a request of it still on its way fails).
+    /// Drops a failed attempt's staging table and waits until no move out of it is running
+    /// ([`wait_for_moves`]): once this returns Ok, the attempt has either moved its rows into
+    /// `events` or never will (a request of it still on its way fails).
     fn fence(&self, stage: &str) -> Result<(), ChError>;
     /// Fences every attempt of `topic` still staged, by any worker, that may hold rows of one of
     /// `partitions` ([`stage::stage_covers`]) — INSERT attempts of events and the mend's
     /// corrections alike: run before those partitions' dedupe states are loaded, so that no
     /// earlier owner's INSERT of them can land after the load, and by a mend before it reads a
     /// shortfall ([`mend`]). Attempts of other partitions (this worker's own INSERT in flight
-    /// among them) are left alone. Returns how many staging tables were dropped.
+    /// among them) are left alone. Like [`EventStore::fence`], it returns only once no move out
+    /// of a fenced attempt is running. Returns how many staging tables were dropped.
     fn fence_partitions(&self, topic: &str, partitions: &[i32]) -> Result<usize, ChError>;
     /// Makes the next request of `mend`, which makes the aggregates of a partition's rows whole
     /// whether or not the INSERTs that wrote them ran their materialized views: run before
@@ -83,11 +86,13 @@ pub const MOVE_SETTINGS: [(&str, &str); 3] =
 ///
 /// An attempt is `CREATE TABLE <stage> AS events ENGINE = Memory`, the rows into `<stage>`,
 /// `INSERT INTO events SELECT … FROM <stage>` (the materialized views run here; it fails unless
-/// the staging table holds every row sent), `DROP TABLE <stage>`. Its rows can reach `events` only through its own staging table, so dropping that
-/// table fences the attempt: `DROP` waits for an `INSERT … SELECT` reading the table to finish,
-/// and any request of the attempt that reaches the server afterwards — held by a proxy past the
-/// client's timeout, or sent by a worker that was killed or expelled — finds no table and fails.
-/// ClickHouse 18.16 has no insert deduplication token; this is the fence it allows.
+/// the staging table holds every row sent), `DROP TABLE <stage>`. Its rows can reach `events`
+/// only through its own staging table, so dropping that table and waiting for a move already
+/// reading it fences the attempt: any request of the attempt that reaches the server afterwards —
+/// held by a proxy past the client's timeout, or sent by a worker that was killed or expelled —
+/// finds no table and fails. ClickHouse 18.16 has no insert deduplication token; this is the
+/// fence it allows. (On 18.16 the `DROP` itself waits for the move; on current ClickHouse, whose
+/// databases are Atomic, it returns at once and the move goes on: hence [`wait_for_moves`].)
 #[derive(Debug)]
 pub struct InsertFailed {
     pub error: ChError,
@@ -111,14 +116,69 @@ pub(crate) fn fenced_or(error: ChError, stage: &str) -> ChError {
 /// `INSERT INTO table (columns) SELECT columns FROM stage` that fails (code 395, transient)
 /// unless `stage` still holds the `count` rows sent to it: a Memory table comes back empty after
 /// a server restart, and copying nothing must fail, not succeed.
+///
+/// The check is a scalar subquery, `(SELECT throwIf(count() != n) FROM stage)`: ClickHouse runs
+/// it while it analyses the query, and `count()` makes one row even of an empty table. A
+/// `throwIf` in the `WHERE` over the copied rows instead is never called when there is no row
+/// on current ClickHouse (it is not folded to a constant there, as 18.16 folds it), so an
+/// emptied staging table moved nothing and answered 200 (chDB, scripts/check_chdb.py; found by a
+/// review).
 pub(crate) fn move_whole(table: &str, columns: &str, stage: &str, count: usize) -> String {
     format!(
         "INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} \
-         WHERE throwIf((SELECT count() FROM {stage}) != {count}) = 0"
+         WHERE (SELECT throwIf(count() != {count}) FROM {stage}) = 0"
     )
 }
 
+/// The `query_id` of the move out of `stage` ([`move_whole`]): the staging table's name and
+/// `_move`, unique per attempt (each attempt stages under a fresh name), so that a fence can find
+/// the move among the server's running queries ([`wait_for_moves`]).
+pub(crate) fn move_query_id(stage: &str) -> String {
+    format!("{stage}_move")
+}
+
+/// How long one fence waits for the moves it fenced to end before it fails with
+/// [`ChError::MoveRunning`] (its caller asks again, serving the consumer group in between).
+const MOVE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until no running query of the server (`system.processes`) is a move ([`move_query_id`])
+/// out of a staging table for which `fenced(stage)` holds; fails with [`ChError::MoveRunning`]
+/// after [`MOVE_WAIT`].
+///
+/// Why it is needed: the fence is "drop the staging table", and its argument is that no move
+/// of the attempt runs after it. ClickHouse 18.16 (Ordinary databases) makes the `DROP` wait for
+/// a query that reads the table. Current ClickHouse creates Atomic databases, where `DROP TABLE`
+/// only unlinks the name and returns, while a query that already opened the table keeps reading
+/// it and writing into `events` (`DROP … SYNC` would wait, and 18.16 refuses its syntax). Why it
+/// is enough: a query is in `system.processes` from before it opens its tables until its
+/// parts are written; one that had not opened the staging table when the `DROP` returned
+/// cannot find it any more.
+pub(crate) fn wait_for_moves(ch: &ClickHouse, fenced: impl Fn(&str) -> bool) -> Result<(), ChError> {
+    let t = Instant::now();
+    loop {
+        let body = ch.query(
+            "SELECT query_id FROM system.processes WHERE startsWith(query_id, 'events_stage_') \
+             AND endsWith(query_id, '_move') FORMAT TabSeparated",
+        )?;
+        let running = String::from_utf8_lossy(&body).into_owned();
+        let Some(id) = running.lines().find(|id| id.strip_suffix("_move").is_some_and(&fenced)).map(str::to_string)
+        else {
+            return Ok(());
+        };
+        if t.elapsed() >= MOVE_WAIT {
+            return Err(ChError::MoveRunning(id));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl ClickHouse {
+    /// `DROP TABLE IF EXISTS stage`, without waiting for a move out of it: after that move's
+    /// own answer, or as the first step of a fence.
+    pub(crate) fn drop_stage(&self, stage: &str) -> Result<(), ChError> {
+        self.execute(&format!("DROP TABLE IF EXISTS {stage}"), true)
+    }
+
     /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
     /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
     /// the four requests, and docs/exactly-once.md ("Carrier rows") for the two settings:
@@ -152,14 +212,17 @@ impl ClickHouse {
         )
         .map_err(failed)?;
         // Fails unless the staging table still holds every row (emptied by a server restart).
+        let query_id = move_query_id(&stage);
+        let settings: Vec<(&str, &str)> =
+            MOVE_SETTINGS.iter().copied().chain([("query_id", query_id.as_str())]).collect();
         self.execute_with(
             &move_whole("events", &format!("{EVENTS_COLUMNS}, {CARRIER_COLUMNS}"), &stage, count),
-            &MOVE_SETTINGS,
+            &settings,
         )
         .map_err(failed)?;
         // Written. A staging table left behind (this DROP failed) is empty of consequences: its
         // one INSERT … SELECT is done; the next state load or fence drops it.
-        if let Err(e) = self.fence(&stage) {
+        if let Err(e) = self.drop_stage(&stage) {
             tracing::debug!(error = %e, stage, "staging table not dropped; the next state load drops it");
         }
         Ok(())
@@ -218,7 +281,8 @@ impl EventStore for ClickHouse {
     }
 
     fn fence(&self, stage: &str) -> Result<(), ChError> {
-        self.execute(&format!("DROP TABLE IF EXISTS {stage}"), true)
+        self.drop_stage(stage)?;
+        wait_for_moves(self, |s| s == stage)
     }
 
     fn mend_step(&self, mend: &mut mend::Mend) -> Result<mend::Step, ChError> {
@@ -234,9 +298,13 @@ impl EventStore for ClickHouse {
         let names = String::from_utf8_lossy(&body).into_owned();
         let mut n = 0;
         for name in names.lines().filter(|l| !l.is_empty() && stage_covers(topic, l, partitions)) {
-            self.fence(name)?;
+            self.drop_stage(name)?;
             n += 1;
         }
+        // Every move of the topic that may hold rows of these partitions, whether its table was
+        // listed now or dropped by an earlier fence whose wait ran out.
+        let prefix = stage_prefix(topic);
+        wait_for_moves(self, |stage| stage.starts_with(&prefix) && stage_covers(topic, stage, partitions))?;
         Ok(n)
     }
 }
