@@ -13,7 +13,7 @@
 -- `ALTER … MODIFY QUERY`, so each view is dropped and created again, and an INSERT between the two
 -- would miss that view. Committed offsets make the stop a pause, not a loss. Workers of an older
 -- version may run after it: their rows count themselves.
--- 18.16 has no `ADD COLUMN IF NOT EXISTS`: `migrate` takes "column already exists" (code 44) on
+-- 18.16 has no `ADD COLUMN IF NOT EXISTS`: `migrate` takes "column already exists" (code 44 on 18.16, 15 on current versions) on
 -- an ADD COLUMN for done, so a run interrupted after one can be run again (one column each).
 -- Runs on ClickHouse 18.16 and on current ClickHouse (checked on chDB in CI).
 

@@ -42,12 +42,15 @@ def main():
             for stmt in statements(open(f).read().replace("${database}", DB)):
                 s.query(stmt)
             # Idempotent: a second application is a no-op (an `ADD COLUMN` whose column exists is
-            # taken for done, as `tally-ingest migrate` does: 18.16 has no `IF NOT EXISTS` there).
+            # taken for done when its code is one of `COLUMN_EXISTS`, as `tally-ingest migrate`
+            # does: 18.16 has no `IF NOT EXISTS` there).
             for stmt in statements(open(f).read().replace("${database}", DB)):
                 try:
                     s.query(stmt)
                 except Exception as e:
-                    if not (stmt.startswith("ALTER TABLE") and "ADD COLUMN" in stmt and "already exists" in str(e)):
+                    code = re.search(r"Code: (\d+)", str(e))
+                    if not (stmt.startswith("ALTER TABLE") and "ADD COLUMN" in stmt and code
+                            and int(code.group(1)) in column_exists()):
                         raise
         h = "toDateTime('2026-11-28 10:00:00', 'UTC')"
         rows = [
@@ -90,6 +93,7 @@ def main():
         check_carriers(q, s, h)
         check_move_settings(q, s)
         check_move_whole(q, s)
+        check_fill_is_one_block(q, s)
         print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries and carrier rows verified")
     finally:
         s.close()
@@ -118,6 +122,45 @@ def check_move_settings(q, s):
     s.query(f"INSERT INTO {DB}.probe_out SELECT n, rowNumberInAllBlocks() FROM {DB}.probe_in SETTINGS {move_settings()}")
     got = q(f"SELECT count(), countIf(n != read) FROM {DB}.probe_out")
     assert got == "32000\t0", f"the move read its staging table out of order: {got}"
+
+
+def column_exists():
+    """`COLUMN_EXISTS` of src/sink/schema.rs: the codes `migrate` takes for "column already exists"."""
+    src = open(os.path.join(ROOT, "src", "sink", "schema.rs")).read()
+    body = re.search(r"pub const COLUMN_EXISTS: \[u32; \d+\] = \[([0-9, ]+)\];", src).group(1)
+    return [int(c) for c in body.split(",")]
+
+
+def fill_row_settings():
+    """`FILL_ROW_SETTINGS` of src/sink/mod.rs: the settings of a staging table's fill, each set to
+    the attempt's row count."""
+    src = open(os.path.join(ROOT, "src", "sink", "mod.rs")).read()
+    body = re.search(r"pub const FILL_ROW_SETTINGS[^=]*=\s*\[(.*?)\];", src, re.S).group(1)
+    names = re.findall(r'"([a-z_]+)"', body)
+    assert names, body
+    return names
+
+
+def check_fill_is_one_block(q, s):
+    """A staging table is filled as one block whatever the server's defaults (docs/exactly-once.md,
+    "Carrier rows", point 1): current ClickHouse cuts a row-input block once
+    `min_insert_block_size_rows` and `_bytes` are both reached (checked each `max_block_size` rows
+    parsed). Here those defaults are 1,000 rows and 10,000 bytes, and 200,000 rows were cut in
+    blocks of ~66,000 with `max_insert_block_size` alone; the worker's fill settings (each at the
+    row count) keep them in one block. TSV with parallel parsing off stands in for RowBinary,
+    which is parsed in one stream."""
+    s.query(f"CREATE TABLE {DB}.fill_probe (n UInt64, pad String) ENGINE = Memory")
+    rows = 200000
+    data = "\n".join(f"{i}\t{'x' * 16}" for i in range(rows))
+    defaults = "min_insert_block_size_rows = 1000, min_insert_block_size_bytes = 10000, input_format_parallel_parsing = 0"
+    blocks = lambda: q(f"SELECT uniqExact(blockNumber()), count() FROM {DB}.fill_probe SETTINGS max_threads = 1")
+    # With `max_insert_block_size` alone at the row count (as the worker filled until 2026-12-01).
+    s.query(f"INSERT INTO {DB}.fill_probe SETTINGS {defaults}, max_insert_block_size = {rows} FORMAT TSV\n{data}")
+    assert blocks() != f"1\t{rows}", "the probe's defaults no longer cut blocks: the check below proves nothing"
+    s.query(f"TRUNCATE TABLE {DB}.fill_probe")
+    fill = ", ".join(f"{name} = {rows}" for name in fill_row_settings())
+    s.query(f"INSERT INTO {DB}.fill_probe SETTINGS {defaults}, {fill} FORMAT TSV\n{data}")
+    assert blocks() == f"1\t{rows}", f"the staging fill was cut into blocks: {blocks()}"
 
 
 def move_whole(table, columns, stage, count):

@@ -81,6 +81,19 @@ pub trait EventStore {
 pub const MOVE_SETTINGS: [(&str, &str); 3] =
     [("max_threads", "4"), ("max_streams_to_max_threads_ratio", "0.25"), ("parallel_view_processing", "1")];
 
+/// Settings of the fill of a staging table (`INSERT INTO <stage> … FORMAT RowBinary`), each set to
+/// the attempt's row count, so that the staging table holds the rows as **one block** on every
+/// version (docs/exactly-once.md, "Carrier rows", point 1):
+/// - `max_insert_block_size`: the parser cuts a block at this many rows (the only cut 18.16
+///   makes);
+/// - `min_insert_block_size_rows`: current ClickHouse's parser also cuts a block once
+///   `min_insert_block_size_rows` *and* `min_insert_block_size_bytes` are both reached (1,048,449
+///   rows and 256 MiB by default); with the first at the row count, never before the last row.
+///   Without it, a batch of 1.2 M rows was staged as two blocks on chDB 26.9, and the move wrote
+///   the part with every carrier before the part with most of the rows they count (found by a
+///   review; `scripts/check_chdb.py` stages with server defaults that cut every 1,000 rows).
+pub const FILL_ROW_SETTINGS: [&str; 2] = ["max_insert_block_size", "min_insert_block_size_rows"];
+
 /// A failed INSERT attempt: the error, and the staging table to [`EventStore::fence`] before
 /// looking for rows of the attempt that landed.
 ///
@@ -182,7 +195,7 @@ impl ClickHouse {
     /// One fenced INSERT attempt of `count` rows: `body` is RowBinary in the columns
     /// [`EVENTS_COLUMNS`] then [`CARRIER_COLUMNS`] ([`Flight::body`]). See [`InsertFailed`] for
     /// the four requests, and docs/exactly-once.md ("Carrier rows") for the two settings:
-    /// - the staging table is filled as **one block** (`max_insert_block_size` ≥ `count`), so
+    /// - the staging table is filled as **one block** ([`FILL_ROW_SETTINGS`] = `count`), so
     ///   `events` receives it as one block: one part per month, carriers and the rows they count
     ///   in the same part;
     /// - the `INSERT … SELECT` reads it in one stream ([`MOVE_SETTINGS`]), so that even a server
@@ -204,11 +217,12 @@ impl ClickHouse {
         self.execute(&format!("CREATE TABLE {stage} AS events ENGINE = Memory"), true)
             .map_err(|error| InsertFailed { error, stage: stage.clone() })?;
         let block = count.max(1).to_string();
+        let fill: Vec<(&str, &str)> = FILL_ROW_SETTINGS.iter().map(|name| (*name, block.as_str())).collect();
         self.insert_read(
             &format!("INSERT INTO {stage} ({EVENTS_COLUMNS}, {CARRIER_COLUMNS}) FORMAT RowBinary"),
             body.len(),
             &mut body,
-            &[("max_insert_block_size", &block)],
+            &fill,
         )
         .map_err(failed)?;
         // Fails unless the staging table still holds every row (emptied by a server restart).

@@ -4,6 +4,12 @@ use std::path::Path;
 
 use super::clickhouse::{quote, ChError, ClickHouse};
 
+/// The codes of "column with this name already exists" on an `ADD COLUMN`: 44 (ILLEGAL_COLUMN)
+/// on ClickHouse 18.16, 15 (DUPLICATE_COLUMN) on current versions (chDB 26.9; found by a review:
+/// with 44 alone, a migration interrupted after an `ADD COLUMN` failed on every rerun there).
+/// `scripts/check_chdb.py` reads this list and checks the code current ClickHouse gives.
+pub const COLUMN_EXISTS: [u32; 2] = [44, 15];
+
 /// The migrations compiled into the binary, so that `migrate` works from any directory.
 pub const BUILTIN: &[(&str, &str)] = &[
     ("001_events.sql", include_str!("../../schemas/001_events.sql")),
@@ -168,9 +174,11 @@ pub fn migrate(
         for stmt in statements(&sql.replace("${database}", &db)) {
             match apply(name, &stmt) {
                 // ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: a run interrupted between
-                // an `ADD COLUMN` and the record finds its columns there (code 44) and goes on.
+                // an `ADD COLUMN` and the record finds its columns there and goes on.
                 Err(MigrateError::Apply { source, .. })
-                    if source.code() == Some(44) && stmt.starts_with("ALTER TABLE") && stmt.contains("ADD COLUMN") => {}
+                    if source.code().is_some_and(|c| COLUMN_EXISTS.contains(&c))
+                        && stmt.starts_with("ALTER TABLE")
+                        && stmt.contains("ADD COLUMN") => {}
                 r => r?,
             }
         }
