@@ -502,6 +502,19 @@ impl IngestConfig {
         if self.ingest.max_message_bytes == 0 {
             return bad("ingest.max_message_bytes", "must be > 0");
         }
+        // Consumer settings that exactness depends on cannot be overridden to values that break
+        // it (found by a review of what a real Kafka cluster does that tansu does not).
+        for (key, value) in &self.kafka.options {
+            let allowed = FIXED_KAFKA_OPTIONS.iter().find(|(k, _, _)| k == key);
+            if let Some((_, allowed, why)) = allowed {
+                if !allowed.iter().any(|a| a.eq_ignore_ascii_case(value.trim())) {
+                    return Err(ConfigError::Invalid {
+                        key: "kafka.options",
+                        reason: format!("{key} = {value:?} is refused: {why}"),
+                    });
+                }
+            }
+        }
         // A worker must never be expelled from the group while its ClickHouse requests are in
         // flight (it does not poll then): see docs/exactly-once.md, "Zombie writers".
         let max_poll_ms: u64 = match self.kafka.options.get("max.poll.interval.ms") {
@@ -519,6 +532,33 @@ impl IngestConfig {
         Ok(())
     }
 }
+
+/// `kafka.options` keys that exactness fixes, with the only values accepted (none: the key is
+/// refused) and why (docs/exactly-once.md, "Limits"). Validation refuses any other value.
+pub const FIXED_KAFKA_OPTIONS: &[(&str, &[&str], &str)] = &[
+    (
+        "auto.offset.reset",
+        &["earliest", "smallest", "beginning"],
+        "a new group must read each partition from its first message (`latest` skips what is there)",
+    ),
+    (
+        "isolation.level",
+        &["read_committed"],
+        "events of aborted Kafka transactions must not be billed (`read_uncommitted` reads them)",
+    ),
+    ("enable.auto.commit", &["false"], "offsets are committed only after their rows and dead letters are written"),
+    (
+        "enable.auto.offset.store",
+        &["false"],
+        "offsets are committed only after their rows and dead letters are written",
+    ),
+    (
+        "group.instance.id",
+        &[],
+        "with static membership a replaced member is fenced without a revocation, so nothing waits \
+         for its INSERT in flight before the partitions' next owner loads its dedupe state",
+    ),
+];
 
 /// Lays the `TALLY_<SECTION>_<KEY>` variables of `sections` over a file's table. Variables of
 /// other sections (and other `TALLY_*` names) are not configuration.
@@ -635,6 +675,39 @@ mod tests {
         let err = IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "76")])).unwrap_err();
         assert!(err.to_string().contains("clickhouse.timeout_secs"), "{err}");
         assert!(IngestConfig::load(None, env(&[("TALLY_CLICKHOUSE_TIMEOUT_SECS", "75")])).is_ok());
+    }
+
+    #[test]
+    fn kafka_options_that_break_exactness_are_refused() {
+        let with = |key: &str, value: &str| {
+            let cfg: IngestConfig =
+                parse_sections(&format!("[kafka.options]\n\"{key}\" = \"{value}\"\n"), env(&[]), INGEST_SECTIONS)
+                    .unwrap();
+            cfg.validate()
+        };
+        for (key, value) in [
+            ("auto.offset.reset", "latest"),
+            ("auto.offset.reset", "error"),
+            ("isolation.level", "read_uncommitted"),
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "true"),
+            ("group.instance.id", "worker-1"),
+        ] {
+            let err = with(key, value).unwrap_err().to_string();
+            assert!(err.contains("kafka.options") && err.contains(key), "{key} = {value}: {err}");
+        }
+        // The values the worker sets itself, in any case, and unrelated keys, are accepted.
+        for (key, value) in [
+            ("auto.offset.reset", "earliest"),
+            ("auto.offset.reset", "Smallest"),
+            ("isolation.level", "read_committed"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("fetch.max.bytes", "1048576"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+        ] {
+            assert!(with(key, value).is_ok(), "{key} = {value}");
+        }
     }
 
     #[test]
