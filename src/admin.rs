@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
@@ -116,17 +115,17 @@ pub fn read_dead_letters(
                     batch_index: None,
                     tag: None,
                 };
-                if let Some(h) = m.headers() {
-                    for h in h.iter() {
-                        let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-                        match h.key {
-                            dlq::H_REASON => d.reason = v,
-                            dlq::H_PARTITION => d.source_partition = v.parse().unwrap_or(-1),
-                            dlq::H_OFFSET => d.source_offset = v.parse().unwrap_or(-1),
-                            dlq::H_BATCH_INDEX => d.batch_index = v.parse().ok(),
-                            k if Some(k) == tag_header => d.tag = Some(v),
-                            _ => {}
-                        }
+                // Header names as bytes: a dead letter copies the source message's headers whole,
+                // and rdkafka's `Headers::iter` panics on a name that is not UTF-8.
+                for (name, value) in crate::source::headers::raw_headers(&m) {
+                    let v = value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                    match name {
+                        n if n == dlq::H_REASON.as_bytes() => d.reason = v,
+                        n if n == dlq::H_PARTITION.as_bytes() => d.source_partition = v.parse().unwrap_or(-1),
+                        n if n == dlq::H_OFFSET.as_bytes() => d.source_offset = v.parse().unwrap_or(-1),
+                        n if n == dlq::H_BATCH_INDEX.as_bytes() => d.batch_index = v.parse().ok(),
+                        n if tag_header.is_some_and(|t| n == t.as_bytes()) => d.tag = Some(v),
+                        _ => {}
                     }
                 }
                 out.push(d);

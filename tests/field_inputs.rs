@@ -7,7 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{end_offsets, merge, produce_at, produce_with_headers, Running, World};
+use common::{brokers, end_offsets, merge, produce_at, produce_with_headers, tokio_block_on, Running, World};
+use rdkafka::config::ClientConfig;
 use tally::devkeys::{basic, bearer};
 use tally::loadgen::H_LOADGEN_ID;
 
@@ -521,6 +522,50 @@ fn a_fence_waits_for_a_move_still_running() {
     slow.join().unwrap().unwrap();
     // The same for one attempt's own fence.
     assert!(w.ch.fence(&stage).is_ok());
+}
+
+/// Kafka header names are bytes: a producer may send one that is not UTF-8. The worker reads
+/// names as bytes (`source::headers`), bills the valid message and dead-letters the malformed one
+/// with its headers copied whole; `tally-ingest dead-letters` (`admin::read_dead_letters`) then
+/// lists it. Until it read names as bytes too, the listing panicked on such a dead letter
+/// (rdkafka 0.38's `Headers::iter` unwraps a UTF-8 conversion; found by a review).
+#[test]
+fn header_names_that_are_not_utf8_pass_through() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let w = World::new("rawnames");
+    let t = w.keys.tenants[0].clone();
+    let auth = basic(&t);
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let mut sent = Vec::new();
+    for (tag, value) in
+        [("1", r#"{"id":"n1","type":"trace-create","timestamp":"2026-11-28T10:00:00Z"}"#), ("2", "{not json")]
+    {
+        let h = OwnedHeaders::new()
+            .insert(Header { key: "authorization", value: Some(auth.as_str()) })
+            .insert(Header { key: H_LOADGEN_ID, value: Some(tag) });
+        let name: &[u8] = b"x-\xff\xfe-name";
+        // SAFETY: `as_borrowed` is the headers' own pointer; `rd_kafka_header_add` copies the
+        // name and value (lengths given) into the list, which `h` goes on owning.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_header_add(
+                h.as_borrowed() as *const _ as *mut rdkafka::bindings::rd_kafka_headers_t,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                b"v".as_ptr().cast(),
+                1,
+            )
+        };
+        assert_eq!(err, rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let record = FutureRecord::to(&w.kafka.topic).key(&t.project_id).payload(value).headers(h);
+        let d = tokio_block_on(p.send(record, Duration::from_secs(30))).map_err(|(e, _)| e).unwrap();
+        sent.push((d.partition, d.offset));
+    }
+    let worker = Running(Some(w.worker("1")));
+    tally::admin::wait_committed(&w.kafka, &end_offsets(&sent), Duration::from_secs(120)).unwrap();
+    worker.stop();
+    assert_eq!(billed_events(&w), 1, "the valid message is billed");
+    assert_eq!(w.dead_letters(), vec![(2, None, "malformed".to_string())], "the malformed one is listed");
 }
 
 /// Producers compress: Kafka clients offer gzip, snappy, lz4 and zstd (`compression.type`), and

@@ -403,7 +403,7 @@ pub fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) {
     }
 }
 
-fn tokio_block_on<F: std::future::Future>(f: F) -> F::Output {
+pub fn tokio_block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
 
