@@ -322,6 +322,38 @@ fn reconciles_a_month_for_200_orgs_exactly() {
     );
     assert_eq!((code, rep["summary"]["rows"].as_u64()), (0, Some(1400)), "{}", rep["problems"]);
 
+    // A pre-aggregated Stripe meter (`event_time_window`) keeps only the last event of each hour:
+    // the hourly deltas would replace one another. Mapped to one, the run refuses by name and
+    // pushes nothing (until 2026-12-01 it did not read the setting).
+    let windowed = ureq::post(&format!("{}/v1/billing/meters", b.emu.base_url()))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_form(&[
+            ("display_name", "events, hourly last"),
+            ("event_name", "tally_events_windowed"),
+            ("default_aggregation[formula]", "sum"),
+            ("event_time_window", "hour"),
+            ("customer_mapping[event_payload_key]", "stripe_customer_id"),
+            ("customer_mapping[type]", "by_id"),
+            ("value_settings[event_payload_key]", "value"),
+        ])
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let windowed: Value = serde_json::from_str(&windowed).unwrap();
+    let events_meter = b.billing("").meter("", "events").unwrap().stripe_meter.clone();
+    let remapped = text.replace(&events_meter, windowed["id"].as_str().unwrap());
+    std::fs::write(b.w.dir.join("billing-windowed.toml"), remapped).unwrap();
+    let posts = b.emu.stats().posts;
+    let out = b
+        .reconcile_cmd("", &["--apply"])
+        .env("TALLY_BILLING_MAPPING_PATH", b.w.dir.join("billing-windowed.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is pre-aggregated (event_time_window = hour)"), "{stderr}");
+    assert_eq!(b.emu.stats().posts, posts, "nothing pushed");
+
     // Late events: the next run pushes exactly the difference.
     let before: BTreeMap<(String, String, i64), u64> = b.want_additive();
     let seen: BTreeSet<String> =
@@ -356,9 +388,12 @@ fn reconciles_a_month_for_200_orgs_exactly() {
 }
 
 /// SIGKILL the invoicer at random moments of `--apply` (5 times), then with the emulator
-/// injecting 429s, 500s and dropped answers after the write (and 3 more kills): after reruns to
-/// completion no identifier was pushed twice, the ledger and Stripe agree one to one, and every
-/// summary equals tally.
+/// injecting 429s, 500s and dropped answers after the write (and 3 more kills), then with answers
+/// dropped after the write and no Idempotency-Key kept (3 more kills: every resend of a landed
+/// push meets its own identifier, refused as real Stripe refuses it): after reruns to completion
+/// no identifier was pushed twice, the ledger and Stripe agree one to one, and every summary
+/// equals tally. (Until the invoicer knew real Stripe's answer to a taken identifier, such a
+/// resend was recorded as refused: the forgetful account's reruns ended in exit 1.)
 #[test]
 fn crashes_and_stripe_faults_push_nothing_twice() {
     let b = Billing::new("invcrash", 60, 1, 16_000);
@@ -366,9 +401,15 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
     for (account, kills, faults) in [
         ("", 5, Faults::default()),
         ("acct_faults", 3, Faults { rate_429: 0.1, rate_500: 0.1, rate_drop_after_write: 0.1, ..Faults::default() }),
+        (
+            "acct_forgetful",
+            3,
+            Faults { rate_drop_after_write: 0.1, forget_idempotency_keys: true, ..Faults::default() },
+        ),
     ] {
         b.provision(account, &[]);
         b.emu.set_faults(faults.clone());
+        let conflicts_before = b.emu.stats().identifier_conflicts;
         let mut killed_mid_run = 0;
         for _ in 0..kills {
             // Slow enough (300 requests/s) that a kill lands in the middle of the writes: wait
@@ -428,6 +469,9 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
         if account == "acct_faults" {
             assert!(stats.injected_429 > 0 && stats.injected_500 > 0 && stats.injected_drops > 0, "{stats:?}");
             assert!(stats.idempotent_replays > 0, "answers lost after the write were replayed: {stats:?}");
+        }
+        if account == "acct_forgetful" {
+            assert!(stats.identifier_conflicts > conflicts_before, "resends met their own identifiers: {stats:?}");
         }
     }
 }

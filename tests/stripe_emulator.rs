@@ -262,9 +262,14 @@ fn stripes_rules_hold() {
     assert_eq!((s3, r3.as_deref(), &c), (200, Some("true"), &a));
     let (s, _, e) = call(&emu, "POST", "/v1/billing/meter_events", &ev("i2", now(), 1), Some("k1"));
     assert_eq!((s, e["error"]["type"].as_str()), (400, Some("idempotency_error")));
-    // Identifier uniqueness under a different key.
+    // Identifier uniqueness under a different key, answered as real Stripe answers it: no code,
+    // "An event already exists with identifier …" (langfuse/langfuse#16292).
     let (s, _, e) = call(&emu, "POST", "/v1/billing/meter_events", &ev("i1", now(), 1), Some("k2"));
-    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("resource_already_exists")));
+    assert_eq!(
+        (s, e["error"]["type"].as_str(), e["error"]["code"].as_str()),
+        (400, Some("invalid_request_error"), None)
+    );
+    assert!(e["error"]["message"].as_str().unwrap().contains("already exists with identifier i1"), "{e}");
     // 35 days back, 5 minutes ahead.
     let (s, _, e) = call(&emu, "POST", "/v1/billing/meter_events", &ev("old", now() - 36 * 86_400, 1), Some("k3"));
     assert_eq!((s, e["error"]["param"].as_str()), (400, Some("timestamp")));

@@ -30,6 +30,10 @@ struct Args {
     /// validation): it never shows in a summary.
     #[arg(long, default_value_t = 0.0)]
     rate_async_drop: f64,
+    /// Keep no Idempotency-Key (as after Stripe forgot one, 24 hours on): a resent meter event
+    /// meets its own identifier and is refused the way Stripe refuses it.
+    #[arg(long)]
+    forget_idempotency_keys: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         rate_500: args.rate_500,
         rate_drop_after_write: args.rate_drop_after_write,
         rate_async_drop: args.rate_async_drop,
+        forget_idempotency_keys: args.forget_idempotency_keys,
     });
     eprintln!("stripe emulator listening on {}", emu.base_url());
     emu.join();

@@ -342,6 +342,16 @@ fn resolve(env: &Env, tally: &Tally) -> Result<Resolved, ReconcileError> {
                             info.id, info.event_name, info.formula
                         )));
                     }
+                    // A pre-aggregated meter counts only the last event of each hour or day: the
+                    // hourly deltas tally pushes would replace one another.
+                    if let Some(window) = &info.event_time_window {
+                        return Err(ReconcileError::Setup(format!(
+                            "Stripe meter {} ({}) is pre-aggregated (event_time_window = {window}): it keeps only \
+                             the last event of each {window}, and tally pushes hourly deltas that must add up; \
+                             map tally meter {meter} to a meter without an event time window",
+                            info.id, info.event_name
+                        )));
+                    }
                     if let Some(en) = &mm.event_name {
                         if *en != info.event_name {
                             return Err(ReconcileError::Setup(format!(
@@ -733,7 +743,7 @@ fn send(env: &Env, resolved: &Resolved, e: &Entry) -> Result<(), StripeError> {
     };
     match r {
         // The identifier is already taken: an earlier attempt of this very push landed.
-        Err(err) if err.code() == Some("resource_already_exists") && e.action != Action::Cancel => Ok(()),
+        Err(err) if err.is_duplicate_identifier() && e.action != Action::Cancel => Ok(()),
         other => other,
     }
 }

@@ -37,6 +37,9 @@ pub struct Faults {
     /// Meter events only: accept the event (200), then drop it as Stripe's asynchronous
     /// validation would: it never counts in a summary.
     pub rate_async_drop: f64,
+    /// Keep no Idempotency-Key: every request runs afresh, as after Stripe forgot a key (it keeps
+    /// them 24 hours). A resent meter event then meets its own `identifier` and is refused.
+    pub forget_idempotency_keys: bool,
 }
 
 /// What the emulator counted (for tests and the demo).
@@ -247,12 +250,15 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             p if p.ends_with("/usage_records") => inner.stats.usage_records_created += 1,
             _ => {}
         }
-    } else if out.pointer("/error/code").and_then(Value::as_str) == Some("resource_already_exists")
+    } else if out
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m.contains("already exists with identifier"))
         && req.path == "/v1/billing/meter_events"
     {
         inner.stats.identifier_conflicts += 1;
     }
-    if let Some(k) = key {
+    if let Some(k) = key.filter(|_| !f.forget_idempotency_keys) {
         inner.idempotency.insert((account, k), Saved { fingerprint, status, body: out.clone(), at: now });
     }
     if post && roll < f.rate_429 + f.rate_500 + f.rate_drop_after_write {
@@ -301,6 +307,7 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
                 rate_500: get("rate_500"),
                 rate_drop_after_write: get("rate_drop_after_write"),
                 rate_async_drop: get("rate_async_drop"),
+                forget_idempotency_keys: p.get("forget_idempotency_keys").and_then(Value::as_str) == Some("true"),
             };
             Reply::json(200, &serde_json::to_value(&inner.faults).expect("json"))
         }

@@ -243,10 +243,19 @@ impl Account {
             .to_string();
         let value_key =
             p.pointer("/value_settings/event_payload_key").and_then(Value::as_str).unwrap_or("value").to_string();
+        // A pre-aggregated meter (Stripe keeps only the last event of each hour or day). The
+        // emulator records the setting, which tally refuses to push to; it does not aggregate by it.
+        let window = match str_param(p, "event_time_window") {
+            None => Value::Null,
+            Some(w @ ("hour" | "day")) => Value::from(w),
+            Some(w) => {
+                return Err(invalid(format!("Invalid event_time_window: {w}"), Some("event_time_window"), None));
+            }
+        };
         let id = self.id("mtr");
         let obj = json!({
             "id": id, "object": "billing.meter", "created": now, "updated": now, "livemode": false,
-            "display_name": display_name, "event_name": event_name, "event_time_window": null,
+            "display_name": display_name, "event_name": event_name, "event_time_window": window,
             "status": "active", "status_transitions": {"deactivated_at": null},
             "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
             "default_aggregation": {"formula": formula},
@@ -314,11 +323,8 @@ impl Account {
             return Err(invalid("identifier must be at most 100 characters.", Some("identifier"), None));
         }
         if self.by_identifier.contains_key(&identifier) {
-            return Err(invalid(
-                format!("A meter event with identifier {identifier} already exists."),
-                Some("identifier"),
-                Some("resource_already_exists"),
-            ));
+            // Real Stripe's answer: no `code`, this message (langfuse/langfuse#16292).
+            return Err(invalid(format!("An event already exists with identifier {identifier}."), None, None));
         }
         let obj = json!({
             "object": "billing.meter_event", "created": now, "livemode": false,

@@ -32,6 +32,25 @@ pub enum StripeError {
 }
 
 impl StripeError {
+    /// Whether Stripe refused a meter event because its `identifier` is already taken: proof that
+    /// an earlier attempt of the same push landed (the identifier is the push id). Real Stripe
+    /// answers `400 invalid_request_error` with the message "An event already exists with
+    /// identifier …", no `code`, and `Stripe-Should-Retry: false` (as seen in production by
+    /// langfuse/langfuse#16292); `resource_already_exists` and `duplicate_meter_event`, codes
+    /// Stripe uses for other duplicates, are taken too. Until 2026-12-01 only
+    /// `resource_already_exists` was, which is what the emulator answered: against real Stripe a
+    /// resend whose Idempotency-Key Stripe no longer held was recorded as refused, and
+    /// `--retry-failed` would have pushed it again (found by a review).
+    pub fn is_duplicate_identifier(&self) -> bool {
+        match self {
+            StripeError::Api { status: 400, kind, code, message, .. } if kind == "invalid_request_error" => {
+                matches!(code.as_deref(), Some("resource_already_exists" | "duplicate_meter_event"))
+                    || message.contains("already exists with identifier")
+            }
+            _ => false,
+        }
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             StripeError::Api { code, .. } => code.as_deref(),
@@ -324,5 +343,31 @@ fn status_class(status: u16) -> &'static str {
         429 => "429",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StripeError;
+
+    fn api(status: u16, kind: &str, code: Option<&str>, message: &str) -> StripeError {
+        StripeError::Api { status, kind: kind.into(), code: code.map(Into::into), param: None, message: message.into() }
+    }
+
+    /// Real Stripe's refusal of a taken identifier has no code (langfuse/langfuse#16292); the
+    /// coded duplicates count too; other 400s, and the same text in another error, do not.
+    #[test]
+    fn a_taken_identifier_is_recognised_in_stripes_own_words() {
+        let real = "An event already exists with identifier tracing:org-1:1795860000.";
+        assert!(api(400, "invalid_request_error", None, real).is_duplicate_identifier());
+        assert!(api(400, "invalid_request_error", Some("resource_already_exists"), "x").is_duplicate_identifier());
+        assert!(api(400, "invalid_request_error", Some("duplicate_meter_event"), "x").is_duplicate_identifier());
+        let timestamp = "Timestamp must be within the past 35 calendar days.";
+        assert!(
+            !api(400, "invalid_request_error", Some("timestamp_outside_window"), timestamp).is_duplicate_identifier()
+        );
+        assert!(!api(400, "idempotency_error", None, real).is_duplicate_identifier());
+        assert!(!api(500, "api_error", None, real).is_duplicate_identifier());
+        assert!(!StripeError::Transport(real.into()).is_duplicate_identifier());
     }
 }

@@ -29,6 +29,10 @@ pub struct MeterInfo {
     pub customer_key: String,
     pub value_key: String,
     pub active: bool,
+    /// `hour` or `day` for a pre-aggregated meter, which keeps only the last event of each
+    /// window (Stripe: "Billing meters", `event_time_window`); `None` for a meter that adds up
+    /// every event, the only kind tally can push to.
+    pub event_time_window: Option<String>,
 }
 
 fn key(k: &str) -> Result<RequestStrategy, StripeError> {
@@ -49,6 +53,7 @@ fn info(m: stripe_billing::BillingMeter) -> MeterInfo {
         customer_key: m.customer_mapping.event_payload_key,
         value_key: m.value_settings.event_payload_key,
         active: m.status.as_str() == "active",
+        event_time_window: m.event_time_window.map(|w| w.as_str().to_string()),
     }
 }
 
