@@ -18,7 +18,7 @@ use carrier::CARRIER_COLUMNS;
 use clickhouse::{quote, ChError, ClickHouse};
 use flight::{Body, Flight};
 use rowbinary::{RowReader, RowWriter};
-use stage::{stage_covers, stage_name, stage_prefix};
+use stage::{stage_covers, stage_name, stage_prefix, STAGE_PREFIX};
 
 /// Column order of the RowBinary rows produced by [`crate::pipeline`].
 pub const EVENTS_COLUMNS: &str = "org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, \
@@ -147,8 +147,11 @@ pub(crate) fn move_whole(table: &str, columns: &str, stage: &str, count: usize) 
 /// `_move`, unique per attempt (each attempt stages under a fresh name), so that a fence can find
 /// the move among the server's running queries ([`wait_for_moves`]).
 pub(crate) fn move_query_id(stage: &str) -> String {
-    format!("{stage}_move")
+    format!("{stage}{MOVE_SUFFIX}")
 }
+
+/// What a move's `query_id` adds to its staging table's name ([`move_query_id`]).
+const MOVE_SUFFIX: &str = "_move";
 
 /// How long one fence waits for the moves it fenced to end before it fails with
 /// [`ChError::MoveRunning`] (its caller asks again, serving the consumer group in between).
@@ -169,12 +172,12 @@ const MOVE_WAIT: Duration = Duration::from_secs(2);
 pub(crate) fn wait_for_moves(ch: &ClickHouse, fenced: impl Fn(&str) -> bool) -> Result<(), ChError> {
     let t = Instant::now();
     loop {
-        let body = ch.query(
-            "SELECT query_id FROM system.processes WHERE startsWith(query_id, 'events_stage_') \
-             AND endsWith(query_id, '_move') FORMAT TabSeparated",
-        )?;
+        let body = ch.query(&format!(
+            "SELECT query_id FROM system.processes WHERE startsWith(query_id, '{STAGE_PREFIX}') \
+             AND endsWith(query_id, '{MOVE_SUFFIX}') FORMAT TabSeparated"
+        ))?;
         let running = String::from_utf8_lossy(&body).into_owned();
-        let Some(id) = running.lines().find(|id| id.strip_suffix("_move").is_some_and(&fenced)).map(str::to_string)
+        let Some(id) = running.lines().find(|id| id.strip_suffix(MOVE_SUFFIX).is_some_and(&fenced)).map(str::to_string)
         else {
             return Ok(());
         };

@@ -20,9 +20,12 @@
 /// most 160 bytes, well under the 255-byte file names that hold a table's metadata.
 pub const MAX_PARTITIONS_CHARS: usize = 96;
 
+/// What every staging table's name starts with, whatever its topic.
+pub const STAGE_PREFIX: &str = "events_stage_";
+
 /// Prefix of the staging tables of `topic`'s INSERT attempts: `events_stage_<xxh3 of topic>_`.
 pub fn stage_prefix(topic: &str) -> String {
-    format!("events_stage_{:016x}_", xxhash_rust::xxh3::xxh3_64(topic.as_bytes()))
+    format!("{STAGE_PREFIX}{:016x}_", xxhash_rust::xxh3::xxh3_64(topic.as_bytes()))
 }
 
 /// A fresh staging table name for an attempt of `topic` holding rows of `partitions` (any order,

@@ -253,7 +253,7 @@ fn handle(shared: &Shared, req: Request) -> Reply {
     } else if out
         .pointer("/error/message")
         .and_then(Value::as_str)
-        .is_some_and(|m| m.contains("already exists with identifier"))
+        .is_some_and(|m| m.contains(crate::invoice::stripe::client::DUPLICATE_IDENTIFIER_TEXT))
         && req.path == "/v1/billing/meter_events"
     {
         inner.stats.identifier_conflicts += 1;

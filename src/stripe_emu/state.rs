@@ -324,7 +324,8 @@ impl Account {
         }
         if self.by_identifier.contains_key(&identifier) {
             // Real Stripe's answer: no `code`, this message (langfuse/langfuse#16292).
-            return Err(invalid(format!("An event already exists with identifier {identifier}."), None, None));
+            let text = crate::invoice::stripe::client::DUPLICATE_IDENTIFIER_TEXT;
+            return Err(invalid(format!("An event {text} {identifier}."), None, None));
         }
         let obj = json!({
             "object": "billing.meter_event", "created": now, "livemode": false,

@@ -31,6 +31,10 @@ pub enum StripeError {
     Client(String),
 }
 
+/// The words of Stripe's refusal of a meter event whose `identifier` is taken ("An event already
+/// exists with identifier …"; see [`StripeError::is_duplicate_identifier`]).
+pub const DUPLICATE_IDENTIFIER_TEXT: &str = "already exists with identifier";
+
 impl StripeError {
     /// Whether Stripe refused a meter event because its `identifier` is already taken: proof that
     /// an earlier attempt of the same push landed (the identifier is the push id). Real Stripe
@@ -45,7 +49,7 @@ impl StripeError {
         match self {
             StripeError::Api { status: 400, kind, code, message, .. } if kind == "invalid_request_error" => {
                 matches!(code.as_deref(), Some("resource_already_exists" | "duplicate_meter_event"))
-                    || message.contains("already exists with identifier")
+                    || message.contains(DUPLICATE_IDENTIFIER_TEXT)
             }
             _ => false,
         }
