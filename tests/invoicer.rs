@@ -393,7 +393,11 @@ fn reconciles_a_month_for_200_orgs_exactly() {
 /// push meets its own identifier, refused as real Stripe refuses it): after reruns to completion
 /// no identifier was pushed twice, the ledger and Stripe agree one to one, and every summary
 /// equals tally. (Until the invoicer knew real Stripe's answer to a taken identifier, such a
-/// resend was recorded as refused: the forgetful account's reruns ended in exit 1.)
+/// resend was recorded as refused: the forgetful account's reruns ended in exit 1.) Last, with
+/// Stripe failing writes while executing (half of them after the write) with a 500 it keeps under
+/// the Idempotency-Key and gives every resend with that key for 24 hours (2 kills): each resend
+/// goes under a new key, the identifier kept. (With the key kept, a push whose first answer was
+/// such a 500 stayed pending run after run.)
 #[test]
 fn crashes_and_stripe_faults_push_nothing_twice() {
     let b = Billing::new("invcrash", 60, 1, 16_000);
@@ -406,6 +410,7 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
             3,
             Faults { rate_drop_after_write: 0.1, forget_idempotency_keys: true, ..Faults::default() },
         ),
+        ("acct_stored_500", 2, Faults { rate_500_stored: 0.2, rate_drop_after_write: 0.05, ..Faults::default() }),
     ] {
         b.provision(account, &[]);
         b.emu.set_faults(faults.clone());
@@ -472,6 +477,9 @@ fn crashes_and_stripe_faults_push_nothing_twice() {
         }
         if account == "acct_forgetful" {
             assert!(stats.identifier_conflicts > conflicts_before, "resends met their own identifiers: {stats:?}");
+        }
+        if account == "acct_stored_500" {
+            assert!(stats.stored_500 > 0, "{stats:?}");
         }
     }
 }

@@ -34,6 +34,11 @@ struct Args {
     /// meets its own identifier and is refused the way Stripe refuses it.
     #[arg(long)]
     forget_idempotency_keys: bool,
+    /// Probability of a POST with a new Idempotency-Key failing while executing (its write done
+    /// half of the time) with a 500 that Stripe keeps under the key: resends with that key get it
+    /// again for 24 hours.
+    #[arg(long, default_value_t = 0.0)]
+    rate_500_stored: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         rate_drop_after_write: args.rate_drop_after_write,
         rate_async_drop: args.rate_async_drop,
         forget_idempotency_keys: args.forget_idempotency_keys,
+        rate_500_stored: args.rate_500_stored,
     });
     eprintln!("stripe emulator listening on {}", emu.base_url());
     emu.join();

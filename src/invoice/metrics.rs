@@ -14,6 +14,7 @@ pub const VERIFY_MISMATCHES: &str = "tally_invoicer_verify_mismatches";
 pub const STRIPE_REQUESTS: &str = "tally_invoicer_stripe_requests_total";
 pub const STRIPE_ERRORS: &str = "tally_invoicer_stripe_errors_total";
 pub const STRIPE_RETRIES: &str = "tally_invoicer_stripe_retries_total";
+pub const STRIPE_KEYS_RENEWED: &str = "tally_invoicer_stripe_idempotency_keys_renewed_total";
 pub const STRIPE_REQUEST_SECONDS: &str = "tally_invoicer_stripe_request_seconds";
 pub const RUN_SECONDS: &str = "tally_invoicer_run_seconds";
 pub const LAST_SUCCESS: &str = "tally_invoicer_last_success_timestamp_seconds";
@@ -33,6 +34,10 @@ pub fn describe() {
     describe_counter!(STRIPE_REQUESTS, "Stripe HTTP requests, by endpoint and status class.");
     describe_counter!(STRIPE_ERRORS, "Stripe requests that failed after retries, by endpoint.");
     describe_counter!(STRIPE_RETRIES, "Stripe requests retried (429, 5xx, network), by endpoint.");
+    describe_counter!(
+        STRIPE_KEYS_RENEWED,
+        "Stripe writes resent under a new Idempotency-Key after a 5xx (Stripe keeps a 500 under its key for 24 h), by endpoint."
+    );
     describe_histogram!(STRIPE_REQUEST_SECONDS, Unit::Seconds, "Latency of one Stripe HTTP attempt.");
     describe_gauge!(RUN_SECONDS, Unit::Seconds, "Duration of the last command.");
     describe_gauge!(LAST_SUCCESS, Unit::Seconds, "Unix time of the last reconcile that ended reconciled (exit 0).");

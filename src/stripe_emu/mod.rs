@@ -40,6 +40,12 @@ pub struct Faults {
     /// Keep no Idempotency-Key: every request runs afresh, as after Stripe forgot a key (it keeps
     /// them 24 hours). A resent meter event then meets its own `identifier` and is refused.
     pub forget_idempotency_keys: bool,
+    /// POSTs with an Idempotency-Key not seen before: the request starts executing (half of the
+    /// time its write is done), then fails with a 500 that is saved under the key, as Stripe saves
+    /// "the resulting status code and body of the first request made for any given idempotency
+    /// key, … including 500 errors" (Stripe API reference, "Idempotent requests"): every resend
+    /// with that key gets the same 500 for 24 hours.
+    pub rate_500_stored: f64,
 }
 
 /// What the emulator counted (for tests and the demo).
@@ -50,6 +56,7 @@ pub struct Stats {
     pub unauthorized: u64,
     pub injected_429: u64,
     pub injected_500: u64,
+    pub stored_500: u64,
     pub injected_drops: u64,
     pub idempotent_replays: u64,
     pub meter_events_created: u64,
@@ -224,14 +231,26 @@ fn handle(shared: &Shared, req: Request) -> Reply {
         }
     }
     let params = form::parse(if post { &body } else { &req.query });
-    let result = {
+    // Drawn for every request, so that the other faults' draws do not depend on this one's rate.
+    let (stored_roll, write_roll): (f64, f64) = (inner.rng.gen(), inner.rng.gen());
+    let stored_500 = key.is_some() && stored_roll < f.rate_500_stored;
+    let result = if stored_500 && write_roll < 0.5 {
+        Err(stored_500_error())
+    } else {
         let acct = inner.accounts.entry(account.clone()).or_default();
         route(acct, &req.method, &req.path, &params, now)
     };
     let (status, out) = match result {
+        Ok(_) if stored_500 => {
+            let e = stored_500_error();
+            (e.status, e.body)
+        }
         Ok(v) => (200, v),
         Err(e) => (e.status, e.body),
     };
+    if stored_500 {
+        inner.stats.stored_500 += 1;
+    }
     if status == 200 {
         match req.path.as_str() {
             "/v1/billing/meter_events" => {
@@ -266,6 +285,15 @@ fn handle(shared: &Shared, req: Request) -> Reply {
         return Reply::Drop;
     }
     Reply::json(status, &out).with_header("Request-Id", &format!("req_emu{}", inner.stats.requests))
+}
+
+/// The 500 of a request that failed while executing ([`Faults::rate_500_stored`]).
+fn stored_500_error() -> ApiError {
+    ApiError {
+        status: 500,
+        body: json!({"error": {"type": "api_error",
+            "message": "An unknown error occurred while processing the request (injected by the emulator; saved under the Idempotency-Key)."}}),
+    }
 }
 
 fn route(a: &mut Account, method: &str, path: &str, p: &Value, now: i64) -> Result<Value, ApiError> {
@@ -308,6 +336,7 @@ fn handle_admin(inner: &mut Inner, what: &str, req: &Request) -> Reply {
                 rate_drop_after_write: get("rate_drop_after_write"),
                 rate_async_drop: get("rate_async_drop"),
                 forget_idempotency_keys: p.get("forget_idempotency_keys").and_then(Value::as_str) == Some("true"),
+                rate_500_stored: get("rate_500_stored"),
             };
             Reply::json(200, &serde_json::to_value(&inner.faults).expect("json"))
         }

@@ -207,6 +207,8 @@ impl StripeHttp {
             return Err(StripeError::Client(format!("refusing POST {path} without an Idempotency-Key")));
         }
         let endpoint = endpoint_label(path);
+        let renewable = post && renewable_after_5xx(path, form.unwrap_or(""));
+        let mut key = idempotency_key.map(str::to_string);
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let mut attempt = 0;
         loop {
@@ -214,7 +216,7 @@ impl StripeHttp {
             self.limiter.acquire();
             self.requests.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let result = self.attempt(method, path, query, form, idempotency_key);
+            let result = self.attempt(method, path, query, form, key.as_deref());
             metrics::histogram!(m::STRIPE_REQUEST_SECONDS, "endpoint" => endpoint)
                 .record(started.elapsed().as_secs_f64());
             let (err, retry) = match result {
@@ -230,7 +232,19 @@ impl StripeHttp {
                         Some(r) => r,
                         None => matches!(a.status, 409 | 429 | 500..=599),
                     };
-                    (self.api_error(a.status, &a.body), retry)
+                    if renewable && (500..=599).contains(&a.status) {
+                        // Stripe keeps this answer under the key for 24 hours and would give it
+                        // to every resend: the next attempt goes under a key of its own.
+                        let base = idempotency_key.unwrap_or_default();
+                        let renewed = format!("{base}{RENEWED_KEY_SEPARATOR}{:016x}", rand::random::<u64>());
+                        tracing::warn!(endpoint, status = a.status, key = base, renewed = %renewed,
+                            "stripe answered 5xx; the resend goes under a new Idempotency-Key (the request itself makes it harmless)");
+                        metrics::counter!(m::STRIPE_KEYS_RENEWED, "endpoint" => endpoint).increment(1);
+                        key = Some(renewed);
+                        (self.api_error(a.status, &a.body), true)
+                    } else {
+                        (self.api_error(a.status, &a.body), retry)
+                    }
                 }
                 Err(e) => {
                     metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => "network").increment(1);
@@ -312,6 +326,35 @@ impl StripeHttp {
     }
 }
 
+/// What separates a request's own Idempotency-Key from the random part of a renewed one
+/// ([`renewable_after_5xx`]).
+pub const RENEWED_KEY_SEPARATOR: &str = ".r";
+
+/// Whether a POST may be resent under a new Idempotency-Key after a 5xx answer because the request
+/// itself makes a second copy harmless, whatever the key:
+/// - a meter event (`/billing/meter_events`) with an `identifier`: Stripe refuses a second event
+///   with a taken identifier (unique within a rolling 24 hours at least; Stripe API reference,
+///   "Create a billing meter event", `identifier`), and
+///   [`StripeError::is_duplicate_identifier`] reads that refusal as the push done;
+/// - a usage record with `action=set` (`/subscription_items/{id}/usage_records`), which replaces
+///   the quantity at its timestamp (Stripe API reference, "Create a usage record").
+///
+/// Why a new key at all: Stripe saves the first answer of a request that started executing under
+/// its Idempotency-Key, "including 500 errors", and gives it to every request with that key for 24
+/// hours (Stripe API reference, "Idempotent requests"). A push whose first answer was a stored 500
+/// would fail the same way on every resend for a day. An `increment`, a cancel, a customer or a
+/// subscription keeps its key: resent under a new one it could be applied twice.
+pub fn renewable_after_5xx(path: &str, form: &str) -> bool {
+    let mut fields = form.split('&');
+    if path == "/billing/meter_events" {
+        fields.any(|f| f.strip_prefix("identifier=").is_some_and(|v| !v.is_empty()))
+    } else if path.starts_with("/subscription_items/") && path.ends_with("/usage_records") {
+        fields.any(|f| f == "action=set")
+    } else {
+        false
+    }
+}
+
 /// async-stripe's typed requests run through the same discipline.
 impl StripeBlockingClient for StripeHttp {
     type Err = StripeError;
@@ -352,10 +395,26 @@ fn status_class(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::StripeError;
+    use super::{renewable_after_5xx, StripeError};
 
     fn api(status: u16, kind: &str, code: Option<&str>, message: &str) -> StripeError {
         StripeError::Api { status, kind: kind.into(), code: code.map(Into::into), param: None, message: message.into() }
+    }
+
+    /// Only a request that is harmless twice whatever its key goes under a new key after a 5xx.
+    #[test]
+    fn only_requests_harmless_twice_renew_their_key() {
+        let event = "event_name=tokens&identifier=tally_ab12&payload%5Bvalue%5D=3&timestamp=1";
+        assert!(renewable_after_5xx("/billing/meter_events", event));
+        assert!(!renewable_after_5xx("/billing/meter_events", "event_name=tokens&payload%5Bvalue%5D=3"));
+        assert!(!renewable_after_5xx("/billing/meter_events", "event_name=tokens&identifier="));
+        assert!(renewable_after_5xx("/subscription_items/si_1/usage_records", "quantity=5&timestamp=1&action=set"));
+        assert!(!renewable_after_5xx(
+            "/subscription_items/si_1/usage_records",
+            "quantity=5&timestamp=1&action=increment"
+        ));
+        assert!(!renewable_after_5xx("/billing/meter_event_adjustments", "event_name=tokens&type=cancel"));
+        assert!(!renewable_after_5xx("/customers", "name=identifier%3Dx&identifier=y"));
     }
 
     /// Real Stripe's refusal of a taken identifier has no code (langfuse/langfuse#16292); the
