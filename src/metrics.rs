@@ -33,6 +33,7 @@ pub const WAITING: &str = "tally_waiting";
 pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
 pub const PARTITIONS: &str = "tally_partitions_assigned";
 pub const REBALANCES: &str = "tally_rebalances_total";
+pub const OFFSETS_SKIPPED: &str = "tally_offsets_skipped_total";
 pub const STALLED: &str = "tally_stalled";
 pub const MENDS: &str = "tally_aggregate_mends_total";
 pub const MENDED: &str = "tally_aggregates_mended_total";
@@ -84,6 +85,12 @@ pub fn describe() {
     describe_counter!(RETRY_SECONDS, "Seconds spent backing off, by dependency.");
     describe_gauge!(PARTITIONS, "Partitions currently assigned.");
     describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");
+    describe_counter!(
+        OFFSETS_SKIPPED,
+        "Offsets passed over when a partition's reading started away from the group's committed offset, by partition \
+         and reason: deleted (retention passed the committed offset; never billed), rewound (the log is shorter than \
+         the committed offset; read again) (src/source/start.rs)."
+    );
     describe_counter!(
         crate::verify::jwks::JWKS_FETCHES,
         "Key set fetches from identity providers, by issuer and result (ok|error|rate_limited)."

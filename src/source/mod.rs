@@ -3,6 +3,7 @@
 
 pub mod headers;
 pub mod rebalance;
+pub mod start;
 pub mod worker;
 
 use rdkafka::config::ClientConfig;

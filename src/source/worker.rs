@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::rebalance::{Change, Context, DeadLetterAcks, Unlanded};
+use super::start::{self, Start};
 use crate::config::IngestConfig;
 use crate::dedupe::PartitionState;
 use crate::dlq::{DeadLetters, DlqRecord, Failure};
@@ -32,6 +33,9 @@ use crate::verify::Credential;
 
 /// Poll slice: how long one `poll` may block, so shutdown and batch deadlines are noticed.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// How long the start check ([`super::start`]) waits for the broker's committed offsets or log
+/// start before it gives up checking.
+const START_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
 /// INSERT is landed (committed) when no new messages arrive.
 const LANDING_SLICE: Duration = Duration::from_millis(5);
@@ -72,6 +76,9 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// Partitions whose batch cannot go through because of an error retrying does not fix, and
     /// why (`tally_stalled{partition,reason}` is 1 for them).
     stalled: BTreeMap<i32, &'static str>,
+    /// Per partition assigned and not read from yet: the group's committed offset at the
+    /// assignment (negative: none), checked against the first record read ([`super::start`]).
+    starts: HashMap<i32, i64>,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -96,6 +103,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             states: HashMap::new(),
             stash: Vec::new(),
             stalled: BTreeMap::new(),
+            starts: HashMap::new(),
         }
     }
 
@@ -237,10 +245,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                     for &p in &ps {
                         self.owned.remove(&p);
                         self.states.remove(&p);
+                        self.starts.remove(&p);
                     }
                     self.unstall(ps);
                 }
                 Change::Assigned(ps) => {
+                    self.read_starts(&ps);
                     for p in ps {
                         self.owned.insert(p, self.next_epoch);
                         self.next_epoch += 1;
@@ -255,6 +265,66 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             h.retain(keep);
         }
         gauge!(m::PARTITIONS).set(self.owned.len() as f64);
+    }
+
+    /// Reads the group's committed offsets of newly assigned `partitions` (one request), for
+    /// [`Self::check_start`]. Best effort: a partition whose offset cannot be read is not checked.
+    fn read_starts(&mut self, partitions: &[i32]) {
+        let topic = &self.cfg.kafka.topic;
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(topic, p);
+        }
+        match self.consumer.committed_offsets(tpl, START_CHECK_TIMEOUT) {
+            Ok(tpl) => {
+                for e in tpl.elements_for_topic(topic) {
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => -1,
+                    };
+                    self.starts.insert(e.partition(), committed);
+                }
+            }
+            Err(e) => warn!(partitions = ?partitions, error = %e,
+                "could not read the committed offsets of assigned partitions; where their reading starts is not checked"),
+        }
+    }
+
+    /// Checks the first record read from a partition since its assignment against the committed
+    /// offset ([`super::start`]): records deleted before the group read them, or a log that
+    /// starts over below it, are logged and counted (`tally_offsets_skipped_total`).
+    fn check_start(&mut self, msg: &BorrowedMessage<'c>) {
+        let (p, first) = (msg.partition(), msg.offset());
+        let Some(committed) = self.starts.remove(&p) else { return };
+        let low = if start::needs_low(committed, first) {
+            match self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, START_CHECK_TIMEOUT) {
+                Ok((low, _)) => Some(low),
+                Err(e) => {
+                    warn!(partition = p, committed, first, error = %e,
+                        "could not read the log start of a partition that resumed past its committed offset");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let label = p.to_string();
+        match start::classify(committed, first, low) {
+            Start::Resumed => {}
+            Start::Deleted(n) => {
+                counter!(m::OFFSETS_SKIPPED, "partition" => label, "reason" => "deleted").increment(n);
+                error!(partition = p, committed, first, low = ?low, offsets = n,
+                    "records deleted from the topic before this group read them (retention or compaction passed the committed \
+                     offset): they are not billed (docs/alerts.md#tallyoffsetsskipped)");
+            }
+            Start::Rewound(n) => {
+                counter!(m::OFFSETS_SKIPPED, "partition" => label, "reason" => "rewound").increment(n);
+                error!(partition = p, committed, first, offsets = n,
+                    "the partition's log is shorter than the committed offset (unclean leader election, or the topic was \
+                     created again): reading starts over below it, and events older than the dedupe window are counted \
+                     again (docs/alerts.md#tallyoffsetsskipped)");
+            }
+        }
     }
 
     fn epoch_of(&self, partition: i32) -> u64 {
@@ -296,6 +366,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             self.apply_changes(Some(held));
             match polled {
                 Some(Ok(msg)) => {
+                    self.check_start(&msg);
                     let epoch = self.epoch_of(msg.partition());
                     bytes += msg.payload_len();
                     held.push((msg, epoch));
@@ -361,6 +432,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         self.apply_changes(None);
         match polled {
             Some(Ok(msg)) => {
+                self.check_start(&msg);
                 let epoch = self.epoch_of(msg.partition());
                 self.stash.push((msg, epoch));
             }
