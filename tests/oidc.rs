@@ -28,6 +28,8 @@ struct IdpState {
     down: bool,
     /// Wait this long before answering.
     delay: Duration,
+    /// Where `/moved` redirects (302).
+    redirect_to: String,
     discovery_requests: u64,
     jwks_requests: u64,
 }
@@ -70,6 +72,7 @@ impl Idp {
                 "/.well-known/openid-configuration" => {
                     Reply::json(200, &json!({"issuer": iss, "jwks_uri": format!("{base}/keys")}))
                 }
+                "/moved" => Reply::json(302, &json!({})).with_header("Location", &s.redirect_to),
                 "/keys" => {
                     let r = Reply::json(200, &s.jwks);
                     match &s.cache_control {
@@ -310,4 +313,33 @@ fn cache_control_max_age_is_honoured() {
         v.maybe_reload(Instant::now()).unwrap();
         assert_eq!(idp.jwks_requests() > 1, refetched, "{cache_control}");
     }
+}
+
+/// A key set is fetched over https or from loopback only, and so is every redirect target: ureq
+/// followed redirects itself, from https to plain http too, and the URL was checked before the
+/// first request only (found by a review). A redirect within loopback is followed; one to a plain
+/// http host is refused before it is requested, and the last good set keeps serving.
+#[test]
+fn redirects_to_plain_http_are_refused() {
+    use tally::verify::jwks::{RemoteConfig, RemoteJwks};
+    let (jwks, _) = pyjwt(json!({"keys": [{"kid": "r1", "kty": "RSA"}], "tokens": {}}));
+    let idp = Idp::start(MAIN, jwks);
+    idp.set(|s| s.redirect_to = format!("{}/keys", idp.url));
+    let mut remote = RemoteJwks::new(RemoteConfig {
+        issuer: MAIN.into(),
+        discovery_url: String::new(),
+        jwks_url: format!("{}/moved", idp.url),
+        min_refetch: Duration::ZERO,
+        default_max_age: Duration::from_secs(60),
+        timeout: Duration::from_secs(5),
+    });
+    assert!(remote.fetch(std::time::Instant::now()).is_ok());
+    assert_eq!((remote.keys().len(), idp.jwks_requests()), (1, 1), "the loopback redirect was followed");
+    for target in ["http://idp.tally.test/keys", "http://127.evil.test/keys", "ftp://127.0.0.1/keys"] {
+        idp.set(|s| s.redirect_to = target.to_string());
+        let err = remote.fetch(std::time::Instant::now()).unwrap_err();
+        assert!(err.contains(target) && (err.contains("must be https") || err.contains("not an http(s) URL")), "{err}");
+        assert_eq!(remote.keys().len(), 1, "the last good set keeps serving");
+    }
+    assert_eq!(idp.jwks_requests(), 1);
 }

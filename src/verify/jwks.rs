@@ -71,29 +71,34 @@ pub fn max_age(cache_control: &str) -> Option<Duration> {
 }
 
 /// Key sets come over HTTPS: anyone on the path of a plain-HTTP fetch could add keys and mint
-/// tokens. Plain HTTP is allowed only to the loopback interface (tests, a local sidecar).
+/// tokens. Plain HTTP is allowed only to the loopback interface (tests, a local sidecar):
+/// `localhost`, 127.0.0.0/8 or `::1`, as parsed by the WHATWG URL rules (`url` crate), so that
+/// neither `http://127.evil.example` nor `http://127.0.0.1@evil.example` passes. Every URL a
+/// fetch requests is checked, redirect targets included ([`RemoteJwks`] follows redirects itself).
 pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Ok(());
-    }
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    let name = if host.starts_with('[') {
-        host.split(']').next().unwrap_or("").trim_start_matches('[')
-    } else {
-        host.split(':').next().unwrap_or("")
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    if matches!(name, "localhost" | "127.0.0.1" | "::1") || name.starts_with("127.") {
-        Ok(())
-    } else {
-        Err(format!("{url:?}: identity provider URLs must be https (plain http only to loopback)"))
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!("{url:?}: identity provider URLs must be https (plain http only to loopback)")),
+        _ => Err(format!("{url:?} is not an http(s) URL")),
     }
 }
 
+/// Most redirects one fetch follows (ureq's own default).
+const MAX_REDIRECTS: usize = 5;
+
 impl RemoteJwks {
     pub fn new(cfg: RemoteConfig) -> Self {
-        let agent = ureq::AgentBuilder::new().timeout_connect(cfg.timeout).timeout(cfg.timeout).build();
+        // Redirects are followed by `get`, which checks each target before requesting it: ureq
+        // would follow one from https to plain http.
+        let agent = ureq::AgentBuilder::new().timeout_connect(cfg.timeout).timeout(cfg.timeout).redirects(0).build();
         let jwks_uri = (!cfg.jwks_url.is_empty()).then(|| cfg.jwks_url.clone());
         RemoteJwks {
             cfg,
@@ -145,11 +150,27 @@ impl RemoteJwks {
         self.fetch(now)
     }
 
+    /// GETs `url`, following up to [`MAX_REDIRECTS`] redirects, each target checked by
+    /// [`check_url`] before it is requested. (body, `max-age`).
     fn get(&self, url: &str) -> Result<(String, Option<Duration>), String> {
-        let resp = self.agent.get(url).call().map_err(|e| format!("GET {url}: {e}"))?;
-        let age = resp.header("cache-control").and_then(max_age);
-        let body = resp.into_string().map_err(|e| format!("GET {url}: {e}"))?;
-        Ok((body, age))
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            check_url(&current)?;
+            let resp = self.agent.get(&current).call().map_err(|e| format!("GET {current}: {e}"))?;
+            if (300..400).contains(&resp.status()) {
+                let location =
+                    resp.header("location").ok_or_else(|| format!("GET {current}: redirect without Location"))?;
+                let next = url::Url::parse(&current)
+                    .and_then(|base| base.join(location))
+                    .map_err(|e| format!("GET {current}: redirect to {location:?}: {e}"))?;
+                current = next.into();
+                continue;
+            }
+            let age = resp.header("cache-control").and_then(max_age);
+            let body = resp.into_string().map_err(|e| format!("GET {current}: {e}"))?;
+            return Ok((body, age));
+        }
+        Err(format!("GET {url}: more than {MAX_REDIRECTS} redirects"))
     }
 
     fn discover(&self) -> Result<String, String> {
@@ -208,7 +229,6 @@ impl RemoteJwks {
             }
         };
         let (body, age) = self.get(&uri)?;
-        check_url(&uri)?;
         let (keys, skipped) = parse_jwks_with(&body, true).map_err(|e| format!("{uri}: {e}"))?;
         Ok((keys, skipped, age, xxhash_rust::xxh3::xxh3_64(body.as_bytes())))
     }
@@ -233,6 +253,11 @@ mod tests {
         assert!(check_url("http://[::1]:9/k").is_ok());
         assert!(check_url("http://idp.example/keys").is_err());
         assert!(check_url("http://127.0.0.1@evil.example/keys").is_err());
+        // Names that merely start like a loopback address (found by a review).
+        assert!(check_url("http://127.evil.example/keys").is_err());
+        assert!(check_url("http://localhost.evil.example/keys").is_err());
+        assert!(check_url("http://127.1.2.3:9/keys").is_ok());
+        assert!(check_url("HTTP://LOCALHOST/keys").is_ok());
         assert!(check_url("ftp://x").is_err());
     }
 

@@ -23,6 +23,12 @@ struct Header<'a> {
     alg: Cow<'a, str>,
     #[serde(default, borrow)]
     kid: Option<Cow<'a, str>>,
+    /// Extensions the token says must be understood (RFC 7515 §4.1.11): tally understands none,
+    /// so a token that names any is invalid ("If any of the listed extension Header Parameters
+    /// are not understood and supported by the recipient, then the JWS is invalid"). Until
+    /// 2026-12-01 the member was ignored (found by a review).
+    #[serde(default, borrow)]
+    crit: Option<&'a RawValue>,
 }
 
 /// A claim set with every member kept as raw JSON. A repeated member name is an error (which copy
@@ -148,6 +154,9 @@ pub fn verify<'k>(
     };
     let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| invalid)?;
     let header: Header = serde_json::from_slice(&header_bytes).map_err(|_| invalid)?;
+    if header.crit.is_some() {
+        return Err(invalid.into());
+    }
     let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| invalid)?;
     let c: ClaimMap = serde_json::from_slice(&payload).map_err(|_| invalid)?;
     // The issuer only selects the keys; nothing of the claims is trusted before the signature.

@@ -70,7 +70,7 @@ struct Jwks {
     keys: Vec<Jwk>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone, PartialEq, Eq, Hash)]
 struct Jwk {
     kty: String,
     kid: Option<String>,
@@ -140,13 +140,45 @@ pub const MIN_RSA_BITS: usize = 2048;
 
 /// Parses a JWKS. A key file (`lenient = false`) must hold only keys tally can use; an identity
 /// provider's set (`lenient = true`) also publishes keys for other uses (encryption keys,
-/// RS384, …): those are skipped and counted (the second value), never an error.
+/// RS384, …): those are skipped and counted (the second value), never an error. Two more kinds
+/// are skipped in a provider's set:
+/// - an `oct` (HS256) key: a key set is public, and a secret in it lets anyone sign tokens
+///   (HS256 keys come from the key file only; RFC 8725 §3.1, §3.2; until 2026-12-01 such a key
+///   was used, found by a review);
+/// - every key under a `kid` that names two different keys (RFC 7517 §4.5 only says `kid`s
+///   "SHOULD" be distinct): which one a token means is not knowable, so that `kid` verifies
+///   nothing, and the rest of the set still serves (until 2026-12-01 the whole set was refused).
+///
+/// A key file must have distinct `kid`s.
 pub fn parse_jwks_with(text: &str, lenient: bool) -> Result<(HashMap<String, JwtKey>, usize), String> {
     let jwks: Jwks = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
+    // Per usable `kid` of a provider's set: the JWK it came from, to tell a repeat of the same key
+    // (kept once) from a second key (the `kid` becomes ambiguous).
+    let mut seen: HashMap<String, Option<Jwk>> = HashMap::new();
     let mut skipped = 0;
     for (i, k) in jwks.keys.into_iter().enumerate() {
+        let jwk = lenient.then(|| k.clone());
         match parse_jwk(i, k) {
+            Ok((kid, JwtKey::Hs256(_))) if lenient => {
+                tracing::warn!(kid, "a fetched key set publishes a secret (oct) key: skipped");
+                skipped += 1;
+            }
+            Ok((kid, key)) if lenient => match seen.get_mut(&kid) {
+                None => {
+                    seen.insert(kid.clone(), jwk);
+                    out.insert(kid, key);
+                }
+                Some(first) if first.is_some() && *first == jwk => skipped += 1,
+                Some(first) => {
+                    if first.take().is_some() {
+                        tracing::warn!(kid, "a fetched key set names two different keys with one kid: both skipped");
+                        out.remove(&kid);
+                        skipped += 1;
+                    }
+                    skipped += 1;
+                }
+            },
             Ok((kid, key)) => {
                 if out.insert(kid.clone(), key).is_some() {
                     return Err(format!("kid {kid:?} appears twice"));

@@ -363,3 +363,51 @@ fn only_the_main_issuer_grants_usage_admin() {
     assert!(scopes(true).contains(Scopes::USAGE_ADMIN));
     assert!(!scopes(false).contains(Scopes::USAGE_ADMIN), "a customer's IdP cannot mint admin tokens");
 }
+
+/// RFC 7515 §4.1.11: a token that lists extensions in `crit` must be refused by a recipient that
+/// does not understand them, and tally understands none (the member was ignored until
+/// 2026-12-01; found by a review). The same token without `crit` verifies.
+#[test]
+fn tokens_with_critical_extensions_are_invalid() {
+    let mut f = fixture("crit");
+    let t = f.keys.tenants[1].clone();
+    let payload = format!(
+        r#"{{"iss":"https://issuer.test","aud":"tally-ingest","exp":{},"org_id":"{}","project_id":"{}","scope":"ingest"}}"#,
+        NOW + 3600,
+        t.org_id,
+        t.project_id
+    );
+    assert!(f.check(&sign_raw(&f, r#"{"alg":"HS256","kid":"hs-1"}"#, &payload)).is_ok());
+    for header in [
+        r#"{"alg":"HS256","kid":"hs-1","crit":["urn:x:tenant-bound"],"urn:x:tenant-bound":true}"#,
+        r#"{"alg":"HS256","kid":"hs-1","crit":["b64"],"b64":false}"#,
+        r#"{"alg":"HS256","kid":"hs-1","crit":[]}"#,
+    ] {
+        assert_eq!(f.check(&sign_raw(&f, header, &payload)), Err(Reason::InvalidCredentials), "{header}");
+    }
+}
+
+/// What a provider's fetched key set may not give: an `oct` (HS256) secret, published for anyone
+/// to sign with, is skipped; a `kid` that names two different keys verifies nothing while the
+/// rest of the set serves; the same key listed twice is one key (found by a review: the secret was
+/// used, and a repeated `kid` refused the whole set). A key file stays strict.
+#[test]
+fn fetched_key_sets_skip_secrets_and_ambiguous_kids() {
+    use super::keys::parse_jwks_with;
+    let ed = |kid: &str, x: &str| format!(r#"{{"kty":"OKP","crv":"Ed25519","kid":"{kid}","x":"{x}"}}"#);
+    // Two valid Ed25519 public keys (RFC 8037 A.2 and RFC 8032 §7.1 test 2).
+    let (x1, x2) = ("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "PUAXw-hDiVqStwqnTRt-vJyYLM8uxJaMwM1V8Sr0Zgw");
+    let secret = r#"{"kty":"oct","kid":"hs","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldC0zMg"}"#;
+    let set = format!(r#"{{"keys":[{},{},{},{},{}]}}"#, ed("a", x1), ed("a", x1), ed("b", x1), ed("b", x2), secret);
+    let (keys, skipped) = parse_jwks_with(&set, true).unwrap();
+    let mut kids: Vec<&str> = keys.keys().map(String::as_str).collect();
+    kids.sort_unstable();
+    assert_eq!(kids, ["a"], "the repeated key is kept once; the ambiguous kid and the secret are not");
+    assert_eq!(skipped, 4);
+    // The ambiguous kid stays out whatever follows.
+    let set = format!(r#"{{"keys":[{},{},{}]}}"#, ed("b", x1), ed("b", x2), ed("b", x1));
+    assert!(parse_jwks_with(&set, true).unwrap().0.is_empty());
+    // A key file: a repeated kid is an error, and a secret is what HS256 keys are for.
+    assert!(parse_jwks_with(&format!(r#"{{"keys":[{},{}]}}"#, ed("a", x1), ed("a", x1)), false).is_err());
+    assert_eq!(parse_jwks_with(&format!(r#"{{"keys":[{secret}]}}"#), false).unwrap().0.len(), 1);
+}
