@@ -121,7 +121,12 @@ pub fn fold(events: &[KeyEvent]) -> HashMap<String, ApiKey> {
                 for s in &mut k.secrets {
                     s.valid_until = Some(s.valid_until.map_or(e.grace_until, |v| v.min(e.grace_until)));
                 }
-                k.secrets.retain(|s| s.valid_until.is_none_or(|v| v > e.at));
+                // Every rotated-out secret is kept with its grace end: a message is checked
+                // against it at the time it was produced, so a replay or a lagging partition
+                // still verifies what was sent within the grace, and a message sent after it
+                // reads `expired_credentials`. (Until 2026-12-01 a second rotation dropped the
+                // secrets whose grace had ended by then, and such messages read
+                // `invalid_credentials`; found by a review.)
                 k.secrets.push(StoredSecret { hash: h, valid_until: None });
             }
             _ => {}
@@ -403,13 +408,23 @@ mod tests {
         // A revoke stamped before the create (a host with a slow clock) still revokes.
         let skewed = vec![ev("pk", KeyAction::Revoke, "", 50, 0), ev("pk", KeyAction::Create, "s1", 100, 0)];
         assert!(fold(&skewed)["pk"].revoked);
-        // A second rotation after the first grace drops the expired secret.
+        // A second rotation after the first grace keeps the first secret with its own grace end:
+        // a message produced before it (replayed, or read late) still verifies with it.
         let rows = vec![
             ev("pk", KeyAction::Create, "s1", 100, 0),
             ev("pk", KeyAction::Rotate, "s2", 200, 210),
             ev("pk", KeyAction::Rotate, "s3", 400, 500),
         ];
         let k = &fold(&rows)["pk"];
-        assert_eq!(k.secrets.iter().map(|s| s.valid_until).collect::<Vec<_>>(), vec![Some(500), None]);
+        assert_eq!(k.secrets.iter().map(|s| s.valid_until).collect::<Vec<_>>(), vec![Some(210), Some(500), None]);
+        // What the verifier makes of it: s1 is a known secret that ends at 210 (a message
+        // produced at 205 verifies; one produced later reads expired, not invalid).
+        use base64::Engine;
+        let keys = fold(&rows);
+        let basic = |secret: &str| base64::engine::general_purpose::STANDARD.encode(format!("pk:{secret}"));
+        let checked = crate::verify::api_key::verify(&basic("s1"), &keys, b"pepper").unwrap();
+        assert_eq!(checked.expires_at, Some(210));
+        assert_eq!(crate::verify::api_key::verify(&basic("s3"), &keys, b"pepper").unwrap().expires_at, None);
+        assert!(crate::verify::api_key::verify(&basic("s9"), &keys, b"pepper").is_err());
     }
 }
