@@ -170,6 +170,9 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
         // Azure AD style: org in `tid`, project in `azp`, scopes in `scp`.
         json!({"name": "azure", "kid": "az-1", "alg": "RS256", "claims": {
             "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-az", "azp": "proj-az", "scp": "read ingest"}}),
+        // The same issuer naming an org it is not allowed to (its entry lists only org-az).
+        json!({"name": "azure-other-org", "kid": "az-1", "alg": "RS256", "claims": {
+            "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-ec", "azp": "proj-az", "scp": "read ingest"}}),
         json!({"name": "azure-no-scope", "kid": "az-1", "alg": "RS256", "claims": {
             "iss": AZURE, "aud": "tally-ingest", "exp": now() + 3600, "tid": "org-az", "azp": "proj-az", "scp": "read"}}),
         // Dex style: the customer's own IdP (org fixed by the issuer entry), one client per project
@@ -207,6 +210,8 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
                 audience: "tally-ingest".into(),
                 org_claim: "tid".into(),
                 org_id: None,
+                orgs: vec!["org-az".into()],
+                any_org: false,
                 project_claim: "azp".into(),
                 scope_claim: "scp".into(),
                 required_scope: "ingest".into(),
@@ -218,6 +223,8 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
                 audience: "tally-ingest".into(),
                 org_claim: "org_id".into(),
                 org_id: Some("org-dex".into()),
+                orgs: Vec::new(),
+                any_org: false,
                 project_claim: "azp".into(),
                 scope_claim: "groups".into(),
                 required_scope: "tally-ingest".into(),
@@ -233,6 +240,11 @@ fn identity_providers_rotate_fail_and_are_not_confused() {
     }
     assert_eq!(check(&mut v, &t["azure"]), Ok(("org-az".into(), "proj-az".into())), "Azure claim names");
     assert_eq!(check(&mut v, &t["azure-no-scope"]), Err(Reason::ForbiddenScope));
+    assert_eq!(
+        check(&mut v, &t["azure-other-org"]),
+        Err(Reason::InvalidCredentials),
+        "an issuer names only the orgs its entry lists"
+    );
     assert_eq!(check(&mut v, &t["dex"]), Ok(("org-dex".into(), "proj-dex".into())), "org fixed by the issuer entry");
     assert_eq!(check(&mut v, &t["azure-claims-at-main"]), Err(Reason::InvalidCredentials), "org claim named tid there");
     let before = main.jwks_requests();

@@ -159,6 +159,7 @@ impl ApiConfig {
         if self.api.audience.is_empty() {
             return bad("api.audience", "must not be empty");
         }
+        self.auth.validate()?;
         let n = &self.notify;
         if n.interval_ms == 0 {
             return bad("notify.interval_ms", "must be at least 1");

@@ -129,6 +129,82 @@ pub struct AuthConfig {
     pub jwks_timeout_ms: u64,
 }
 
+impl AuthConfig {
+    /// The `auth` section's rules, shared by tally-ingest and tally-api (which reads the same
+    /// section): bounds, issuer entries (distinct, https, and which orgs each may name), and the
+    /// key store's pepper.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.leeway_secs > 86_400 {
+            return bad("auth.leeway_secs", "must be at most one day (86400)");
+        }
+        for iss in &self.issuers {
+            if iss.issuer.is_empty() || (iss.oidc_issuer_url.is_empty() == iss.jwks_url.is_empty()) {
+                return bad("auth.issuers", "each needs an issuer and exactly one of oidc_issuer_url or jwks_url");
+            }
+        }
+        if !self.oidc_issuer_url.is_empty() && !self.jwks_url.is_empty() {
+            return bad("auth.jwks_url", "set auth.oidc_issuer_url or auth.jwks_url, not both");
+        }
+        let mut seen = vec![self.issuer.as_str()];
+        for iss in &self.issuers {
+            // Tokens choose their issuer entry by `iss`: two entries for one `iss` would make the
+            // second one's org and claim names silently unused.
+            if seen.contains(&iss.issuer.as_str()) {
+                return bad("auth.issuers", "two entries for the same issuer (or the same as auth.issuer)");
+            }
+            seen.push(&iss.issuer);
+            match (&iss.org_id, iss.orgs.is_empty(), iss.any_org) {
+                (Some(_), true, false) | (None, false, false) | (None, true, true) => {}
+                (Some(_), _, _) => {
+                    return bad("auth.issuers", "org_id fixes the org: orgs and any_org do not apply with it");
+                }
+                (None, false, true) => return bad("auth.issuers", "set orgs or any_org, not both"),
+                (None, true, false) => {
+                    return bad(
+                        "auth.issuers",
+                        "an issuer whose tokens name their org by claim needs orgs = [...] (the orgs it may name) or \
+                         any_org = true (an identity provider the operator runs); a customer's own identity provider \
+                         fixes its org with org_id (docs/identity.md)",
+                    );
+                }
+            }
+            for url in [&iss.oidc_issuer_url, &iss.jwks_url].into_iter().filter(|u| !u.is_empty()) {
+                if crate::verify::jwks::check_url(url).is_err() {
+                    return bad("auth.issuers", "identity provider URLs must be https (plain http only to loopback)");
+                }
+            }
+        }
+        for url in [&self.oidc_issuer_url, &self.jwks_url].into_iter().filter(|u| !u.is_empty()) {
+            if crate::verify::jwks::check_url(url).is_err() {
+                return bad(
+                    "auth.oidc_issuer_url",
+                    "identity provider URLs must be https (plain http only to loopback)",
+                );
+            }
+        }
+        if self.jwks_refetch_min_secs == 0 || self.jwks_refetch_min_secs > 86_400 {
+            return bad(
+                "auth.jwks_refetch_min_secs",
+                "must be between 1 and 86400 (it rate-limits fetches on unknown kids)",
+            );
+        }
+        if self.jwks_cache_secs > 86_400 {
+            return bad("auth.jwks_cache_secs", "must be at most 86400");
+        }
+        if self.jwks_timeout_ms == 0 || self.jwks_timeout_ms > 60_000 {
+            return bad("auth.jwks_timeout_ms", "must be between 1 and 60000");
+        }
+        if self.api_keys_store == ApiKeysStore::ClickHouse && self.api_key_pepper.0.len() < 32 {
+            return bad(
+                "auth.api_key_pepper",
+                "must be at least 32 bytes with api_keys_store = \"clickhouse\" (set TALLY_AUTH_API_KEY_PEPPER)",
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One more identity provider (`[[auth.issuers]]`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +225,15 @@ pub struct IssuerConfig {
     /// Every token of this issuer belongs to this org (the org's own IdP); `org_claim` unused.
     #[serde(default)]
     pub org_id: Option<String>,
+    /// Without `org_id`: the only orgs `org_claim` may name; a token naming another is refused
+    /// (`invalid_credentials`). Whoever runs an identity provider decides what it puts in its
+    /// claims: a customer's Keycloak realm admin could otherwise bill, and read, any org.
+    #[serde(default)]
+    pub orgs: Vec<String>,
+    /// Without `org_id` and `orgs`: this identity provider is the operator's own, and its tokens
+    /// may name any org. `validate` refuses a claim-named issuer that has neither.
+    #[serde(default)]
+    pub any_org: bool,
     /// Claim with the project id (a string).
     #[serde(default = "default_project_claim")]
     pub project_claim: String,
@@ -437,57 +522,7 @@ impl IngestConfig {
         if self.ingest.max_future_secs > 86_400 * 366 {
             return bad("ingest.max_future_secs", "must be at most one year (31622400)");
         }
-        if self.auth.leeway_secs > 86_400 {
-            return bad("auth.leeway_secs", "must be at most one day (86400)");
-        }
-        for iss in &self.auth.issuers {
-            if iss.issuer.is_empty() || (iss.oidc_issuer_url.is_empty() == iss.jwks_url.is_empty()) {
-                return bad("auth.issuers", "each needs an issuer and exactly one of oidc_issuer_url or jwks_url");
-            }
-        }
-        if !self.auth.oidc_issuer_url.is_empty() && !self.auth.jwks_url.is_empty() {
-            return bad("auth.jwks_url", "set auth.oidc_issuer_url or auth.jwks_url, not both");
-        }
-        let mut seen = vec![self.auth.issuer.as_str()];
-        for iss in &self.auth.issuers {
-            // Tokens choose their issuer entry by `iss`: two entries for one `iss` would make the
-            // second one's org and claim names silently unused.
-            if seen.contains(&iss.issuer.as_str()) {
-                return bad("auth.issuers", "two entries for the same issuer (or the same as auth.issuer)");
-            }
-            seen.push(&iss.issuer);
-            for url in [&iss.oidc_issuer_url, &iss.jwks_url].into_iter().filter(|u| !u.is_empty()) {
-                if crate::verify::jwks::check_url(url).is_err() {
-                    return bad("auth.issuers", "identity provider URLs must be https (plain http only to loopback)");
-                }
-            }
-        }
-        for url in [&self.auth.oidc_issuer_url, &self.auth.jwks_url].into_iter().filter(|u| !u.is_empty()) {
-            if crate::verify::jwks::check_url(url).is_err() {
-                return bad(
-                    "auth.oidc_issuer_url",
-                    "identity provider URLs must be https (plain http only to loopback)",
-                );
-            }
-        }
-        if self.auth.jwks_refetch_min_secs == 0 || self.auth.jwks_refetch_min_secs > 86_400 {
-            return bad(
-                "auth.jwks_refetch_min_secs",
-                "must be between 1 and 86400 (it rate-limits fetches on unknown kids)",
-            );
-        }
-        if self.auth.jwks_cache_secs > 86_400 {
-            return bad("auth.jwks_cache_secs", "must be at most 86400");
-        }
-        if self.auth.jwks_timeout_ms == 0 || self.auth.jwks_timeout_ms > 60_000 {
-            return bad("auth.jwks_timeout_ms", "must be between 1 and 60000");
-        }
-        if self.auth.api_keys_store == ApiKeysStore::ClickHouse && self.auth.api_key_pepper.0.len() < 32 {
-            return bad(
-                "auth.api_key_pepper",
-                "must be at least 32 bytes with api_keys_store = \"clickhouse\" (set TALLY_AUTH_API_KEY_PEPPER)",
-            );
-        }
+        self.auth.validate()?;
         if self.clickhouse.events_retention_days.saturating_mul(86_400)
             < self.dedupe.window_secs + self.dedupe.replay_slack_secs
         {
@@ -620,6 +655,31 @@ mod tests {
         .unwrap();
         assert_eq!(c.kafka.topic, "b");
         assert_eq!(c.dedupe.window_secs, 7);
+    }
+
+    /// A claim-named issuer says which orgs it may name, or that it is the operator's own: a
+    /// customer's identity provider could otherwise name any org (found by a review).
+    #[test]
+    fn an_issuer_that_names_orgs_by_claim_says_which() {
+        let dir = std::env::temp_dir().join(format!("tally-cfg-iss-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |entry: &str| {
+            let p = dir.join("c.toml");
+            std::fs::write(
+                &p,
+                format!("[[auth.issuers]]\nissuer = \"https://kc.example/realms/acme\"\noidc_issuer_url = \"https://kc.example/realms/acme\"\n{entry}"),
+            )
+            .unwrap();
+            IngestConfig::load(Some(&p), env(&[]))
+        };
+        let err = load("org_claim = \"org_id\"\n").unwrap_err().to_string();
+        assert!(err.contains("orgs") && err.contains("any_org"), "{err}");
+        assert_eq!(load("orgs = [\"acme\", \"acme-eu\"]\n").unwrap().auth.issuers[0].orgs, ["acme", "acme-eu"]);
+        assert!(load("any_org = true\n").unwrap().auth.issuers[0].any_org);
+        assert!(load("org_id = \"acme\"\n").is_ok());
+        assert!(load("orgs = [\"acme\"]\nany_org = true\n").is_err());
+        assert!(load("org_id = \"acme\"\norgs = [\"acme\"]\n").is_err());
+        assert!(load("org_id = \"acme\"\nany_org = true\n").is_err());
     }
 
     #[test]

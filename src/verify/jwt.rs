@@ -111,6 +111,9 @@ pub struct IssuerPolicy {
     /// The org of every token of this issuer, when the IdP is the org's own (a self-hosted
     /// customer's Dex or Keycloak); `org_claim` is then not read.
     pub fixed_org: Option<String>,
+    /// The only orgs `org_claim` may name (`None`: any, for the operator's own issuer);
+    /// `auth.issuers[].orgs`.
+    pub orgs: Option<Vec<String>>,
     /// Claim holding the project id (a string).
     pub project_claim: String,
     /// Claim holding the scopes: a space-separated string (`scope`, Azure's `scp`) or an array
@@ -203,6 +206,9 @@ pub fn verify<'k>(
     let Some(org) = org else {
         return Err(invalid.into());
     };
+    if policy.orgs.as_ref().is_some_and(|allowed| !allowed.contains(&org)) {
+        return Err(invalid.into());
+    }
     // No project claim: an org-wide credential (the usage API accepts it; ingest does not).
     let project = c.string(&policy.project_claim)?;
     let id_ok = |s: &str| !s.is_empty() && s.len() <= super::MAX_TENANT_ID_BYTES;

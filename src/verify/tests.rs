@@ -347,6 +347,7 @@ fn only_the_main_issuer_grants_usage_admin() {
             audience: "tally-api".into(),
             org_claim: "org_id".into(),
             fixed_org: Some("org-dex".into()),
+            orgs: None,
             project_claim: "project_id".into(),
             scope_claim: "groups".into(),
             required_scope: "ingest".into(),
