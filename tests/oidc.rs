@@ -334,7 +334,7 @@ fn cache_control_max_age_is_honoured() {
 #[test]
 fn redirects_to_plain_http_are_refused() {
     use tally::verify::jwks::{RemoteConfig, RemoteJwks};
-    let (jwks, _) = pyjwt(json!({"keys": [{"kid": "r1", "kty": "RSA"}], "tokens": {}}));
+    let (jwks, _) = pyjwt(json!({"keys": [{"kid": "r1", "kty": "RSA"}], "tokens": []}));
     let idp = Idp::start(MAIN, jwks);
     idp.set(|s| s.redirect_to = format!("{}/keys", idp.url));
     let mut remote = RemoteJwks::new(RemoteConfig {
@@ -354,4 +354,33 @@ fn redirects_to_plain_http_are_refused() {
         assert_eq!(remote.keys().len(), 1, "the last good set keeps serving");
     }
     assert_eq!(idp.jwks_requests(), 1);
+}
+
+/// A token whose `kid` is missing from a refetched set that did change (the provider's replica or
+/// CDN behind its signer) is refused, not cached: once the key is published, its next use after
+/// `jwks_refetch_min_secs` is accepted (the refusal was cached until the cache was next cleared;
+/// found by a review).
+#[test]
+fn a_kid_still_missing_after_a_refetch_is_asked_again() {
+    let (jwks, t) = pyjwt(json!({
+        "keys": [{"kid": "rsa-1", "kty": "RSA"}, {"kid": "rsa-2", "kty": "RSA"}, {"kid": "rsa-3", "kty": "RSA"}],
+        "tokens": [
+            {"name": "old", "kid": "rsa-1", "alg": "RS256", "claims": claims(MAIN, "org-a")},
+            {"name": "new", "kid": "rsa-3", "alg": "RS256", "claims": claims(MAIN, "org-b")},
+        ],
+    }));
+    let by_kid = |kids: &[&str]| -> Value {
+        json!({"keys": jwks["keys"].as_array().unwrap().iter().filter(|k| kids.contains(&k["kid"].as_str().unwrap())).cloned().collect::<Vec<_>>()})
+    };
+    let idp = Idp::start(MAIN, by_kid(&["rsa-1"]));
+    let mut v = Verifier::from_config(&auth(&idp.url, Vec::new())).unwrap();
+    assert_eq!(check(&mut v, &t["old"]), Ok(("org-a".into(), "org-a-p".into())));
+    // The set changes (rsa-2 added) but rsa-3 is not in it yet.
+    idp.set(|s| s.jwks = by_kid(&["rsa-1", "rsa-2"]));
+    std::thread::sleep(Duration::from_millis(1_100)); // past jwks_refetch_min_secs
+    assert_eq!(check(&mut v, &t["new"]), Err(Reason::InvalidCredentials));
+    assert_eq!(idp.jwks_requests(), 2, "the unknown kid refetched the set");
+    idp.set(|s| s.jwks = by_kid(&["rsa-1", "rsa-2", "rsa-3"]));
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(check(&mut v, &t["new"]), Ok(("org-b".into(), "org-b-p".into())));
 }

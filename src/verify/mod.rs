@@ -395,7 +395,11 @@ impl Verifier {
                             match attempt(self) {
                                 Ok(c) => (Ok(c), true),
                                 Err(JwtError::Denied(d)) => (Err(d), true),
-                                Err(JwtError::UnknownKid(_)) => (Err(invalid), true),
+                                // The set changed but does not have the kid yet (a replica or
+                                // a CDN behind the signer): not cached, so that its next use
+                                // asks again (it was cached until 2026-12-01, refused until
+                                // the cache was next cleared; found by a review).
+                                Err(JwtError::UnknownKid(_)) => (Err(invalid), false),
                             }
                         }
                         Ok(false) => (Err(invalid), false),
