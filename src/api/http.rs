@@ -258,15 +258,17 @@ async fn get_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQu
         let completeness = completeness(&state);
         let data = usage(&state.ch, &state.meters, &q)?;
         let mut warnings = Vec::new();
-        if let Some(org) = &q.org {
-            if data.iter().all(|r| r.value == 0) {
-                warnings.push(format!(
-                    "no usage recorded for org_id {org:?}{} in [{}, {}): the figures are zeros",
-                    q.project.as_ref().map(|p| format!(" project_id {p:?}")).unwrap_or_default(),
-                    format_rfc3339(q.from),
-                    format_rfc3339(q.to)
-                ));
-            }
+        if data.iter().all(|r| r.value == 0) {
+            // Zeros are stated, never left to an empty list (PRODUCT.md §11), also for an admin's
+            // query over every org (until 2026-12-01 that one was an empty 200 with no word;
+            // found by a review).
+            warnings.push(format!(
+                "no usage recorded for {}{} in [{}, {}): the figures are zeros",
+                q.org.as_ref().map(|o| format!("org_id {o:?}")).unwrap_or_else(|| "any org".into()),
+                q.project.as_ref().map(|p| format!(" project_id {p:?}")).unwrap_or_default(),
+                format_rfc3339(q.from),
+                format_rfc3339(q.to)
+            ));
         }
         Ok(UsageAnswer { data, completeness, warnings })
     });

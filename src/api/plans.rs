@@ -26,7 +26,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::meter::Meters;
-use crate::timestamp::{civil_from_days, days_from_civil};
+use crate::timestamp::{civil_from_days, days_from_civil, days_in_month};
 
 /// Soft limits warn; hard limits also take access away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -185,6 +185,10 @@ fn resolve(at: &str, d: &EntitlementDef, base: Option<&Entitlement>, meters: &Me
         return Err(format!("{at}: no meter named {name:?} in the meters file"));
     }
     let limit = d.limit.or(base.map(|b| b.limit)).ok_or_else(|| format!("{at}.limit: required"))?;
+    // `limit` and `remaining` are JSON numbers in every answer (PRODUCT.md §1).
+    if limit > crate::decode::number::MAX_EXACT_JSON_INTEGER {
+        return Err(format!("{at}.limit: at most 2^53 - 1 (9007199254740991), the largest integer JSON holds exactly"));
+    }
     let enforcement = d.enforcement.or(base.map(|b| b.enforcement)).unwrap_or(Enforcement::Soft);
     let mut thresholds = d.thresholds.clone().or(base.map(|b| b.thresholds.clone())).unwrap_or_default();
     if thresholds.iter().any(|&t| t == 0 || t > 1000) {
@@ -208,11 +212,6 @@ pub fn period_at(t: i64, anchor_day: u32) -> (i64, i64) {
     let (sy, sm) = if t >= start_in(y, m) { (y, m) } else { prev(y, m) };
     let (ny, nm) = next(sy, sm);
     (start_in(sy, sm), start_in(ny, nm))
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    days_from_civil(ny, nm, 1) - days_from_civil(y, m, 1)
 }
 
 #[cfg(test)]
@@ -289,6 +288,7 @@ mod tests {
             ("default_plan = \"z\"", "default_plan"),
             ("[plans.a.meters.events]\nlimit = 1\nthresholds = [0]", "thresholds"),
             ("[plans.a]\nlimits = 3", "unknown field"),
+            ("[plans.a.meters.events]\nlimit = 9007199254740992", "at most 2^53 - 1"),
         ] {
             let e = Plans::parse(text, &meters).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");

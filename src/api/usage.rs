@@ -1,6 +1,7 @@
 //! `GET /v1/usage` (PRODUCT.md §11): totals from the same hourly aggregates the invoicer bills.
 //!
-//! Additive meters are summed exactly (32-bit halves joined as 128 bits, refused past 64 bits);
+//! Additive meters are summed exactly (32-bit halves joined as 128 bits, refused past 64 bits,
+//! and past 2^53 − 1 in an answer, which is JSON);
 //! unique meters merge their hourly sketches over each window (never summed) and are marked
 //! approximate. When the query is about one org (named, or the caller's own), every (project
 //! group, meter, window) is listed, zeros included, so that "no usage" is stated rather than
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::decode::number::MAX_EXACT_JSON_INTEGER;
 use crate::invoice::sql::{exact_sum, num, render, rows};
 use crate::meter::{Aggregation, Meters};
 use crate::sink::clickhouse::{quote, ChError, ClickHouse};
@@ -199,6 +201,14 @@ pub fn usage(ch: &ClickHouse, meters: &Meters, q: &UsageQuery) -> Result<Vec<Usa
         }
         let what = || format!("{}/{}/{} in the window at {}", r[0], r[1], r[2], r[3]);
         let value = exact_sum(&r[4], &r[5], &what)?;
+        // The answer is JSON: a figure its readers could not all hold exactly is refused by name
+        // (PRODUCT.md §1), as one beyond 64 bits is (a JavaScript reader would round it).
+        if value > MAX_EXACT_JSON_INTEGER {
+            return Err(ChError::TotalOverflow(format!(
+                "{} = {value} is beyond 2^53 − 1, the largest integer every JSON reader holds exactly",
+                what()
+            )));
+        }
         let start = if q.window == Window::None { q.from } else { num::<i64>(&r[3])?.max(q.from) };
         figures.insert((r[0].clone(), r[1].clone(), r[2].clone(), start), value);
     }

@@ -5,9 +5,12 @@
 //! instead of going through `f64` (where `12.000000000000000001` would become `12`).
 //! The input is a JSON number token as the parser validated it (`-?int(.frac)?([eE][+-]?exp)?`).
 
-/// Largest meter value one event may carry: 2^53 − 1, the largest integer every JSON
-/// implementation represents exactly (PRODUCT.md §1; RFC 8259 §6, I-JSON RFC 7493 §2.2).
-pub const MAX_METER_VALUE: u64 = (1 << 53) - 1;
+/// 2^53 − 1, the largest integer every JSON implementation represents exactly (PRODUCT.md §1;
+/// RFC 8259 §6, I-JSON RFC 7493 §2.2).
+pub const MAX_EXACT_JSON_INTEGER: u64 = (1 << 53) - 1;
+
+/// Largest meter value one event may carry: [`MAX_EXACT_JSON_INTEGER`].
+pub const MAX_METER_VALUE: u64 = MAX_EXACT_JSON_INTEGER;
 
 /// Why a number is not a meter value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

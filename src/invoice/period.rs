@@ -1,6 +1,6 @@
 //! The period an invoicer command covers and its buckets.
 
-use crate::timestamp::{days_from_civil, format_rfc3339, parse_rfc3339};
+use crate::timestamp::{days_from_civil, days_in_month, format_rfc3339, parse_rfc3339};
 
 use super::config::Granularity;
 
@@ -11,22 +11,27 @@ pub struct Period {
     pub to: i64,
 }
 
-/// Parses `2026-11-29T13:00:00Z` (any RFC 3339), `2026-11-29T13` or `2026-11-29` (midnight UTC).
+/// Parses `2026-11-29T13:00:00Z` (any RFC 3339), `2026-11-29T13` or `2026-11-29` (midnight UTC):
+/// four-digit years, two-digit months, days and hours, and only days the month has
+/// (`2026-02-31` is refused, not read as March 3rd; until 2026-12-01 it was, found by a review).
 pub fn parse_time(s: &str) -> Result<i64, String> {
     let s = s.trim();
     if let Some(t) = parse_rfc3339(s) {
         return Ok(t);
     }
+    let digits = |t: &str, n: usize| -> Option<i64> {
+        (t.len() == n && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.parse().ok()).flatten()
+    };
     let date = |d: &str| -> Option<i64> {
         let mut it = d.split('-');
-        let (y, m, dd) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?);
-        if it.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&dd) {
+        let (y, m, dd) = (digits(it.next()?, 4)?, digits(it.next()?, 2)?, digits(it.next()?, 2)?);
+        if it.next().is_some() || !(1..=12).contains(&m) || !(1..=days_in_month(y, m)).contains(&dd) {
             return None;
         }
         Some(days_from_civil(y, m, dd) * 86_400)
     };
     if let Some((d, h)) = s.split_once('T') {
-        if let (Some(day), Ok(h)) = (date(d), h.parse::<i64>()) {
+        if let (Some(day), Some(h)) = (date(d), digits(h, 2)) {
             if (0..24).contains(&h) {
                 return Ok(day + h * 3600);
             }
@@ -112,5 +117,28 @@ mod tests {
             .contains("whole hours"));
         assert!(Period::from_args(None, Some("2026-11-01"), None).is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    /// Only dates the calendar has, in one spelling each (found by a review: `2026-02-31` was
+    /// read as March 3rd, `2026-1-5` and `2026-11-29T+5` were taken, and a 14-digit year
+    /// overflowed).
+    #[test]
+    fn impossible_or_loose_dates_are_refused() {
+        assert_eq!(parse_time("2028-02-29").map(format_rfc3339), Ok("2028-02-29T00:00:00Z".into()));
+        assert_eq!(parse_time("2026-12-31T23").map(format_rfc3339), Ok("2026-12-31T23:00:00Z".into()));
+        for bad in [
+            "2026-02-29",
+            "2026-02-31",
+            "2026-04-31",
+            "2026-1-5",
+            "2026-01-05T5",
+            "2026-11-29T+5",
+            "2026-11-29T24",
+            "99999999999999-01-01",
+            "+2026-01-01",
+            "2026-00-10",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -101,7 +101,7 @@ pub fn split_total(hi: &str, lo: &str) -> Result<u128, ChError> {
 /// than 64 bits: a total anywhere in the invoicer is either exact or refused, never wrapped
 /// (PRODUCT.md §1).
 pub fn fits(total: u128, what: &dyn Fn() -> String) -> Result<u64, ChError> {
-    u64::try_from(total).map_err(|_| ChError::TotalOverflow(format!("{} = {total}", what())))
+    u64::try_from(total).map_err(|_| ChError::TotalOverflow(format!("{} = {total} does not fit in 64 bits", what())))
 }
 
 /// `a + b`, or [`ChError::TotalOverflow`] naming `what` (PRODUCT.md §1).

@@ -36,9 +36,11 @@ pub enum ChError {
     /// the fence is asked again until the move is over.
     #[error("fence: the move {0} of a fenced attempt is still running on the server")]
     MoveRunning(String),
-    /// A total read from ClickHouse needs more than 64 bits: refused rather than wrapped
-    /// (PRODUCT.md §1). No retry can change it; the events behind it must be looked at.
-    #[error("total_overflow: the total of {0} does not fit in 64 bits; refusing to report or bill it")]
+    /// A total read from ClickHouse cannot be represented exactly where it goes: more than 64
+    /// bits (the invoicer, the API), or, in a JSON answer of the API, more than 2^53 − 1. Refused
+    /// rather than wrapped or rounded (PRODUCT.md §1); the string names the figure and its
+    /// bound. No retry can change it; the events behind it must be looked at.
+    #[error("total_overflow: the total of {0}; refusing to report or bill it")]
     TotalOverflow(String),
 }
 
