@@ -68,8 +68,16 @@ fn two_workers_count_exactly() {
     assert!(scraped.iter().all(|m| m.contains("tally_committed_offset{partition=")), "committed offset per partition");
     assert!(scraped.iter().all(|m| m.contains("tally_consumer_lag{partition=")), "lag per partition");
     assert!(total("tally_dedupe_state_bytes", "") > 0.0);
-    // Both workers' assignments (the second join moved partitions that the first had committed)
-    // started reading at the group's committed offsets: nothing reads as skipped.
+    // Every partition's start was checked (its series exist), and every assignment started
+    // reading at the group's committed offset: nothing reads as skipped.
+    for p in 0..common::PARTITIONS {
+        assert!(
+            scraped
+                .iter()
+                .any(|m| m.contains(&format!("tally_offsets_skipped_total{{partition=\"{p}\",reason=\"deleted\"}}"))),
+            "partition {p}'s start was checked"
+        );
+    }
     assert_eq!(total("tally_offsets_skipped_total", ""), 0.0, "no offset skipped at an assignment");
     assert!(total("tally_rebalances_total", "kind=\"assign\"") >= 2.0);
     stop_all(workers);

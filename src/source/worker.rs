@@ -309,6 +309,11 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             None
         };
         let label = p.to_string();
+        // Both series exist, at 0, once a partition's start was checked (a scrape shows which
+        // partitions were).
+        for reason in ["deleted", "rewound"] {
+            counter!(m::OFFSETS_SKIPPED, "partition" => label.clone(), "reason" => reason).increment(0);
+        }
         match start::classify(committed, first, low) {
             Start::Resumed => {}
             Start::Deleted(n) => {

@@ -151,12 +151,21 @@ impl RemoteJwks {
     }
 
     /// GETs `url`, following up to [`MAX_REDIRECTS`] redirects, each target checked by
-    /// [`check_url`] before it is requested. (body, `max-age`).
+    /// [`check_url`] before it is requested, all within one `timeout` (as ureq's own redirects
+    /// were: a chain of slow hops must not hold the worker for a timeout each). (body, `max-age`).
     fn get(&self, url: &str) -> Result<(String, Option<Duration>), String> {
+        let deadline = Instant::now() + self.cfg.timeout;
         let mut current = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
             check_url(&current)?;
-            let resp = self.agent.get(&current).call().map_err(|e| format!("GET {current}: {e}"))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "GET {url}: timed out after {} ms (redirects included)",
+                    self.cfg.timeout.as_millis()
+                ));
+            }
+            let resp = self.agent.get(&current).timeout(left).call().map_err(|e| format!("GET {current}: {e}"))?;
             if (300..400).contains(&resp.status()) {
                 let location =
                     resp.header("location").ok_or_else(|| format!("GET {current}: redirect without Location"))?;

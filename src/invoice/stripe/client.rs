@@ -133,6 +133,8 @@ impl RateLimiter {
 struct Answer {
     status: u16,
     should_retry: Option<bool>,
+    /// `Idempotent-Replayed: true`: the answer is one Stripe stored under the Idempotency-Key.
+    replayed: bool,
     body: String,
 }
 
@@ -211,6 +213,9 @@ impl StripeHttp {
         let mut key = idempotency_key.map(str::to_string);
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let mut attempt = 0;
+        // A renewed key always gets one attempt of its own, even past `max_attempts`: every run
+        // starts with the push's own key, which may hold a stored 500 for 24 hours.
+        let mut attempts_allowed = self.max_attempts;
         loop {
             attempt += 1;
             self.limiter.acquire();
@@ -232,15 +237,17 @@ impl StripeHttp {
                         Some(r) => r,
                         None => matches!(a.status, 409 | 429 | 500..=599),
                     };
-                    if renewable && (500..=599).contains(&a.status) {
-                        // Stripe keeps this answer under the key for 24 hours and would give it
-                        // to every resend: the next attempt goes under a key of its own.
+                    if renewable && a.replayed && (500..=599).contains(&a.status) {
+                        // A 5xx that Stripe kept under the key (a fresh one is retried as it
+                        // is): it would give it to every resend for 24 hours, so the next
+                        // attempt goes under a key of its own.
                         let base = idempotency_key.unwrap_or_default();
                         let renewed = format!("{base}{RENEWED_KEY_SEPARATOR}{:016x}", rand::random::<u64>());
                         tracing::warn!(endpoint, status = a.status, key = base, renewed = %renewed,
                             "stripe answered 5xx; the resend goes under a new Idempotency-Key (the request itself makes it harmless)");
                         metrics::counter!(m::STRIPE_KEYS_RENEWED, "endpoint" => endpoint).increment(1);
                         key = Some(renewed);
+                        attempts_allowed = attempts_allowed.max(attempt + 1);
                         (self.api_error(a.status, &a.body), true)
                     } else {
                         (self.api_error(a.status, &a.body), retry)
@@ -251,7 +258,7 @@ impl StripeHttp {
                     (e, true)
                 }
             };
-            if !retry || attempt >= self.max_attempts {
+            if !retry || attempt >= attempts_allowed {
                 metrics::counter!(m::STRIPE_ERRORS, "endpoint" => endpoint).increment(1);
                 return Err(err);
             }
@@ -308,8 +315,9 @@ impl StripeHttp {
         };
         let status = resp.status();
         let should_retry = resp.header("Stripe-Should-Retry").and_then(|v| v.trim().parse::<bool>().ok());
+        let replayed = resp.header("Idempotent-Replayed").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
         let body = resp.into_string().map_err(|e| StripeError::Transport(format!("reading the answer: {e}")))?;
-        Ok(Answer { status, should_retry, body })
+        Ok(Answer { status, should_retry, replayed, body })
     }
 
     fn api_error(&self, status: u16, body: &str) -> StripeError {
@@ -342,8 +350,12 @@ pub const RENEWED_KEY_SEPARATOR: &str = ".r";
 /// Why a new key at all: Stripe saves the first answer of a request that started executing under
 /// its Idempotency-Key, "including 500 errors", and gives it to every request with that key for 24
 /// hours (Stripe API reference, "Idempotent requests"). A push whose first answer was a stored 500
-/// would fail the same way on every resend for a day. An `increment`, a cancel, a customer or a
-/// subscription keeps its key: resent under a new one it could be applied twice.
+/// would fail the same way on every resend for a day. The key is renewed when a 5xx comes back
+/// marked `Idempotent-Replayed: true` (a stored one); a fresh 5xx is retried under the same key
+/// first, so that an answer lost after the write is replayed rather than met as a taken
+/// identifier. A renewed key always gets one attempt, even past `stripe.max_attempts`. An
+/// `increment`, a cancel, a customer or a subscription keeps its key: resent under a new one it
+/// could be applied twice.
 pub fn renewable_after_5xx(path: &str, form: &str) -> bool {
     let mut fields = form.split('&');
     if path == "/billing/meter_events" {
