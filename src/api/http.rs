@@ -4,7 +4,7 @@
 //!
 //! Every error is JSON `{"error": {"code", "message"}}` with a status that never reads as data:
 //! 400 bad parameters, 401 no or bad credential, 403 outside the credential's tenant or scope,
-//! 404 no such route, 422 a total that does not fit in 64 bits, 502 ClickHouse refused the query,
+//! 404 no such route, 422 a total beyond 2^53 − 1 (JSON) or 64 bits, 502 ClickHouse refused the query,
 //! 503 ClickHouse unreachable (with `Retry-After`). Never an empty 200.
 
 use std::sync::{Arc, Mutex};
