@@ -294,6 +294,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// offset ([`super::start`]): records deleted before the group read them, or a log that
     /// starts over below it, are logged and counted (`tally_offsets_skipped_total`).
     fn check_start(&mut self, msg: &BorrowedMessage<'c>) {
+        if self.starts.is_empty() {
+            return; // every message but the first of each assignment: no hashing on the hot path
+        }
         let (p, first) = (msg.partition(), msg.offset());
         let Some(committed) = self.starts.remove(&p) else { return };
         let low = if start::needs_low(committed, first) {

@@ -70,7 +70,7 @@ struct Jwks {
     keys: Vec<Jwk>,
 }
 
-#[derive(Deserialize, Clone, PartialEq, Eq, Hash)]
+#[derive(Deserialize, Clone, PartialEq, Eq)]
 struct Jwk {
     kty: String,
     kid: Option<String>,

@@ -233,7 +233,7 @@ impl StripeHttp {
                 Ok(a) => {
                     metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => status_class(a.status))
                         .increment(1);
-                    let retry = match a.should_retry {
+                    let mut retry = match a.should_retry {
                         Some(r) => r,
                         None => matches!(a.status, 409 | 429 | 500..=599),
                     };
@@ -248,10 +248,9 @@ impl StripeHttp {
                         metrics::counter!(m::STRIPE_KEYS_RENEWED, "endpoint" => endpoint).increment(1);
                         key = Some(renewed);
                         attempts_allowed = attempts_allowed.max(attempt + 1);
-                        (self.api_error(a.status, &a.body), true)
-                    } else {
-                        (self.api_error(a.status, &a.body), retry)
+                        retry = true;
                     }
+                    (self.api_error(a.status, &a.body), retry)
                 }
                 Err(e) => {
                     metrics::counter!(m::STRIPE_REQUESTS, "endpoint" => endpoint, "status" => "network").increment(1);
