@@ -247,20 +247,22 @@ fn export_rows(world: &World, per: u64, columns: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Inserts `chunks` (RowBinary of `columns`) into a fresh database made of `schema`; seconds.
-fn insert_into(world: &World, db: &str, schema: &[String], columns: &str, chunks: &[Vec<u8>]) -> f64 {
+/// Inserts `chunks` (RowBinary of `columns`) into a fresh database made of `schema`: wall seconds,
+/// and the CPU seconds (user + system) the ClickHouse server used meanwhile, its work.
+fn insert_into(world: &World, db: &str, schema: &[String], columns: &str, chunks: &[Vec<u8>]) -> (f64, f64) {
     let ch = &world.ch;
     ch.execute(&format!("DROP DATABASE IF EXISTS {db}"), false).unwrap();
     for sql in schema {
         ch.execute(&sql.replace("${database}", db), false).unwrap();
     }
-    let t = Instant::now();
+    let server = pids_named("clickhouse");
+    let (t, cpu) = (Instant::now(), cpu_secs(&server));
     for c in chunks {
         ch.insert(&format!("INSERT INTO {db}.events ({columns}) FORMAT RowBinary"), c).unwrap();
     }
-    let s = t.elapsed().as_secs_f64();
+    let (s, cpu) = (t.elapsed().as_secs_f64(), cpu_secs(&server) - cpu);
     ch.execute(&format!("DROP DATABASE {db}"), false).unwrap();
-    s
+    (s, cpu)
 }
 
 /// The statements of the built-in migrations up to and including `last` (split as
@@ -392,11 +394,14 @@ fn main() {
         ),
     ];
     let mut inserts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut insert_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // Inserts are short and noisy: more rounds, interleaved.
     for _ in 0..rounds.max(5) {
         for (name, schema, columns, chunks) in &targets {
             let db = format!("{}_{name}", world.ch.database());
-            inserts.entry(name).or_default().push(insert_into(&world, &db, schema, columns, chunks));
+            let (s, cpu) = insert_into(&world, &db, schema, columns, chunks);
+            inserts.entry(name).or_default().push(s);
+            insert_cpu.entry(name).or_default().push(cpu);
         }
     }
     let (plain_s, full_s) = (&inserts["plain"], &inserts["full"]);
@@ -407,6 +412,14 @@ fn main() {
         min(full_s),
         min(&inserts["plain_carriers"]),
         min(&inserts["full_before"])
+    );
+    println!(
+        "ClickHouse CPU for those inserts: plain {:.2} s, with the aggregates {:.2} s (plain with the carrier columns \
+         {:.2} s; before carrier rows {:.2} s)",
+        min(&insert_cpu["plain"]),
+        min(&insert_cpu["full"]),
+        min(&insert_cpu["plain_carriers"]),
+        min(&insert_cpu["full_before"])
     );
 
     // Latency: one worker consumes from the end of the topic while new traffic arrives at a
@@ -431,6 +444,8 @@ fn main() {
         "two_workers_together_s": together.secs, "two_workers_together_assignments": rebalances,
         "insert_plain_s": plain_s, "insert_full_s": full_s,
         "insert_plain_with_carrier_columns_s": inserts["plain_carriers"], "insert_full_before_carriers_s": inserts["full_before"],
+        // The ClickHouse server's CPU seconds during each of those inserts (the work, not the wait).
+        "insert_cpu_s": insert_cpu,
         "ratios": {
             "first_pass_vs_raw_consume": first_b / raw_b,
             "two_workers_vs_one": two / first_b,
@@ -438,6 +453,8 @@ fn main() {
             "two_workers_together_vs_one": together.secs / first_b,
             "replay_rate_vs_first_pass": first_b / replay_b,
             "aggregates_vs_plain_insert": full_b / plain_b,
+            "aggregates_vs_plain_insert_cpu": min(&insert_cpu["full"]) / min(&insert_cpu["plain"]),
+            "aggregates_vs_plain_insert_before_carriers_cpu": min(&insert_cpu["full_before"]) / min(&insert_cpu["plain"]),
             "aggregates_vs_plain_insert_before_carriers": min(&inserts["full_before"]) / plain_b,
             "carrier_columns_vs_plain_insert": min(&inserts["plain_carriers"]) / plain_b,
         },

@@ -49,6 +49,14 @@ rows += [
      f"{full:.2f} s vs {plain:.2f} s",
      f"{r['aggregates_vs_plain_insert']:.2f}×", "≤ 1.5×", ok(r["aggregates_vs_plain_insert"] <= 1.5)),
 ]
+if "aggregates_vs_plain_insert_cpu" in r:
+    cpu = ing["insert_cpu_s"]
+    rows.append(("… the same inserts' ClickHouse work: the server's CPU seconds (user + system, /proc), best round",
+                 f"{best(cpu['full']):.2f} s vs {best(cpu['plain']):.2f} s",
+                 f"{r['aggregates_vs_plain_insert_cpu']:.2f}×", "≤ 1.5×", ok(r["aggregates_vs_plain_insert_cpu"] <= 1.5)))
+    rows.append(("… … the schema before carrier rows, CPU seconds",
+                 f"{best(cpu['full_before']):.2f} s vs {best(cpu['plain']):.2f} s",
+                 f"{r['aggregates_vs_plain_insert_before_carriers_cpu']:.2f}×", "(before)", "—"))
 if "aggregates_vs_plain_insert_before_carriers" in r:
     rows.append(("… the schema before carrier rows (views over every event's meters), same rows, same run",
                  f"{best(ing['insert_full_before_carriers_s']):.2f} s vs {plain:.2f} s",
