@@ -14,7 +14,7 @@ ENDPOINTS = {
         ("post", "/v1/billing/meter_events"), ("post", "/v1/billing/meter_event_adjustments"),
         ("get", "/v1/billing/meters"), ("post", "/v1/billing/meters"), ("get", "/v1/billing/meters/{id}"),
         ("get", "/v1/billing/meters/{id}/event_summaries"), ("get", "/v1/customers"), ("post", "/v1/customers"),
-        ("get", "/v1/customers/{customer}"), ("get", "/v1/customers/search"),
+        ("get", "/v1/customers/{customer}"), ("get", "/v1/customers/search"), ("get", "/v1/invoices"),
     ],
     "stripe-legacy-usage-records.openapi.json": [
         ("post", "/v1/subscription_items/{subscription_item}/usage_records"),
@@ -22,9 +22,12 @@ ENDPOINTS = {
     ],
 }
 # Objects the emulator serves on endpoints outside the spec subsets (GET subscriptions and
-# subscription items, which the invoicer reads for the current billing period in legacy mode):
-# validated against their component schemas.
-OBJECTS = {"stripe-legacy-usage-records.openapi.json": ["subscription", "subscription_item"]}
+# subscription items, which the invoicer reads for the current billing period in legacy mode;
+# POST prices, whose metered prices name a meter): validated against their component schemas.
+OBJECTS = {
+    "stripe-billing-meters.openapi.json": ["price"],
+    "stripe-legacy-usage-records.openapi.json": ["subscription", "subscription_item"],
+}
 out = {"paths": {}, "components": {"schemas": {}}}
 for fname, eps in ENDPOINTS.items():
     spec = json.load(open(os.path.join(spec_dir, fname)))

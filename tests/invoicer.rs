@@ -1203,6 +1203,52 @@ fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
     assert_eq!((code, b.emu.stats().posts), (2, posts));
 }
 
+/// PRODUCT.md §7, closed periods, meters mode. Subscriptions whose billing period ends 2 h from
+/// now bill the Stripe meters (`provision --subscription-start`). Usage pushed within the period
+/// is billed; usage that arrives after the period ended, while its invoice is still a draft
+/// (Stripe finalizes it an hour later), is pushed and billed; usage that arrives after the invoice
+/// was finalized is reported `period_closed` with its amount, exit 2, and not sent — Stripe would
+/// take the meter event, but no invoice would ever bill it — on every run.
+#[test]
+fn meters_usage_after_the_invoice_is_finalized_is_reported_not_sent() {
+    let mut b = Billing::new("invfinal", 10, 1, 3_000);
+    let now = tally::invoice::reconcile::now_secs();
+    let start = arg_time(now + 2 * 3600 - tally::stripe_emu::state::PERIOD_SECS);
+    b.provision("acct_final", &["--subscription-start", &start]);
+    let (code, rep) = b.reconcile("acct_final", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally("acct_final");
+
+    // The period ends; its invoice stays a draft for an hour: late usage is still pushed.
+    b.ingest(600);
+    advance_stripe_clock(&b, 2 * 3600 + 600);
+    let (code, rep) = b.reconcile("acct_final", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    assert!(rep["summary"]["writes_done"].as_u64().unwrap() > 0, "the late usage was pushed: {}", rep["summary"]);
+    b.assert_stripe_equals_tally("acct_final");
+
+    // The invoice is finalized: later usage for its period is reported, never sent.
+    let before = b.want_additive();
+    b.ingest(600);
+    advance_stripe_clock(&b, 3600);
+    let posts = b.emu.stats().posts;
+    let grown: u64 = b.want_additive().iter().map(|(k, v)| v - before.get(k).copied().unwrap_or(0)).sum();
+    for round in 1..=2 {
+        let (code, rep) = b.reconcile("acct_final", &["--apply"]);
+        let closed = problems_with(&rep, "period_closed");
+        let additive: u64 = closed.iter().filter(|c| ADDITIVE.contains(&c.1.as_str())).map(|c| c.2).sum();
+        assert_eq!(code, 2, "{}", rep["problems"]);
+        assert_eq!(rep["problems"].as_array().unwrap().len(), closed.len(), "only period_closed: {}", rep["problems"]);
+        assert!(grown > 0);
+        assert_eq!(additive, grown, "run {round}: the amounts are the late usage");
+        assert_eq!(b.emu.stats().posts, posts, "run {round}: no write attempted");
+        eprintln!(
+            "[measure] meters mode, invoice finalized, run {round}: {} buckets period_closed ({additive} additive units), exit {code}",
+            closed.len()
+        );
+    }
+}
+
 /// `tally-invoicer explain --format json` for one (customer, meter).
 fn explain(b: &Billing, customer: &str, meter: &str, extra: &[&str]) -> Value {
     let mut args: Vec<String> = vec!["explain".into()];

@@ -222,9 +222,108 @@ fn responses_match_stripes_schemas() {
         assert!(errors.is_empty(), "{}", errors.join("\n"));
     }
 
+    // Meters mode reads which periods invoices closed: a metered price naming the meter, a
+    // subscription on it, and its invoices, as Stripe's schemas define them.
+    let (s, _, price) = call(
+        &emu,
+        "POST",
+        "/v1/prices",
+        &format!("currency=usd&unit_amount=1&recurring[interval]=month&recurring[usage_type]=metered&recurring[meter]={mid}&product_data[name]=API"),
+        Some("p1"),
+    );
+    assert_eq!(s, 200, "{price}");
+    let mut errors = Vec::new();
+    check(&spec, &json!({"$ref": "#/components/schemas/price"}), &price, "price", &mut errors);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    let backdated = now() - tally::stripe_emu::state::PERIOD_SECS - 7200;
+    let (s, _, msub) = call(
+        &emu,
+        "POST",
+        "/v1/subscriptions",
+        &format!("customer={cid}&backdate_start_date={backdated}&items[0][price]={}", price["id"].as_str().unwrap()),
+        Some("s2"),
+    );
+    assert_eq!(s, 200, "{msub}");
+    assert_eq!(msub["items"]["data"][0]["price"]["recurring"]["meter"], mid.as_str());
+    let (s, _, invoices) =
+        call(&emu, "GET", &format!("/v1/invoices?subscription={}", msub["id"].as_str().unwrap()), "", None);
+    assert_eq!(s, 200, "{invoices}");
+    assert_shape(&spec, "/v1/invoices", "get", &invoices);
+    assert_eq!(invoices["data"].as_array().unwrap().len(), 2, "the create invoice and one cycle: {invoices}");
+
     let (s, _, err) = call(&emu, "GET", "/v1/billing/meters/mtr_nope", "", None);
     assert_eq!(s, 404);
     assert_error_shape(&spec, &err);
+}
+
+/// Meters mode: a subscription's cycle invoice is a draft for an hour after its period ends, then
+/// finalized; `invoices::finalized_until` gives, per Stripe meter a subscription bills, the end of
+/// the latest finalized period — the create invoice's empty period at first — and nothing for a
+/// meter no subscription bills or a customer without subscriptions.
+#[test]
+fn finalized_invoices_close_periods_per_meter() {
+    use tally::invoice::stripe::invoices::finalized_until;
+    use tally::stripe_emu::state::{FINALIZE_AFTER_SECS, PERIOD_SECS};
+    let emu = emulator();
+    let (cid, m) = customer_and_meter(&emu);
+    let mid = m["id"].as_str().unwrap().to_string();
+    let (_, _, other) = call(
+        &emu,
+        "POST",
+        "/v1/billing/meters",
+        "display_name=y&event_name=ev2&default_aggregation[formula]=sum",
+        Some("m2"),
+    );
+    let (_, _, lonely) = call(&emu, "POST", "/v1/customers", "name=B", Some("c2"));
+    let (_, _, price) = call(
+        &emu,
+        "POST",
+        "/v1/prices",
+        &format!("currency=usd&recurring[interval]=month&recurring[usage_type]=metered&recurring[meter]={mid}"),
+        Some("p"),
+    );
+    // A metered price needs a meter that exists, and usage_type=metered.
+    let (s, _, _) = call(
+        &emu,
+        "POST",
+        "/v1/prices",
+        "currency=usd&recurring[meter]=mtr_nope&recurring[usage_type]=metered",
+        Some("p2"),
+    );
+    assert_eq!(s, 404);
+    let (s, _, _) = call(&emu, "POST", "/v1/prices", &format!("currency=usd&recurring[meter]={mid}"), Some("p3"));
+    assert_eq!(s, 400);
+    // The period ends 10 minutes from now.
+    let start = now() + 600 - PERIOD_SECS;
+    let (s, _, sub) = call(
+        &emu,
+        "POST",
+        "/v1/subscriptions",
+        &format!(
+            "customer={cid}&backdate_start_date={start}&items[0][price]={}&items[1][price]=price_legacy",
+            price["id"].as_str().unwrap()
+        ),
+        Some("s"),
+    );
+    assert_eq!(s, 200, "{sub}");
+    let c = client(&emu, KEY);
+    let at = |advance: i64| {
+        ureq::post(&format!("{}_emulator/clock", emu.base_url()))
+            .send_string(&format!("advance_secs={advance}"))
+            .unwrap();
+        finalized_until(&c, &cid).unwrap()
+    };
+    let want = |until: i64| [(mid.clone(), until)].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    assert_eq!(at(0), want(start), "only the create invoice is final");
+    assert_eq!(at(1200), want(start), "the period ended: its invoice is a draft");
+    let statuses = |c: &Value| c["data"].as_array().unwrap().iter().map(|i| i["status"].clone()).collect::<Vec<_>>();
+    let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
+    assert_eq!(statuses(&list), [json!("draft"), json!("open")]);
+    assert_eq!(at(FINALIZE_AFTER_SECS), want(start + PERIOD_SECS), "finalized an hour after the period's end");
+    let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
+    assert_eq!(statuses(&list), [json!("open"), json!("open")]);
+    assert!(!at(0).contains_key(other["id"].as_str().unwrap()), "no subscription bills the other meter");
+    assert!(finalized_until(&c, lonely["id"].as_str().unwrap()).unwrap().is_empty());
 }
 
 /// A customer and a `sum` meter with event name `ev`: (customer id, meter object).

@@ -135,8 +135,9 @@ enum Command {
     },
     /// Apply the ClickHouse schema, including the invoicer's ledger (idempotent).
     Migrate,
-    /// Create Stripe meters and customers (and subscriptions in legacy mode) for the orgs with
-    /// usage in the period, and write the billing mapping. For the emulator and Stripe test mode.
+    /// Create Stripe meters and customers (and subscriptions: in legacy mode, or in meters mode
+    /// with --subscription-start) for the orgs with usage in the period, and write the billing
+    /// mapping. For the emulator and Stripe test mode.
     Provision {
         #[command(flatten)]
         period: PeriodArgs,
@@ -146,6 +147,10 @@ enum Command {
         /// Legacy mode: start of the subscriptions' first billing period (RFC 3339 or date).
         #[arg(long)]
         legacy_start: Option<String>,
+        /// Meters mode: also create a metered price per meter and a subscription per org with
+        /// them, whose first billing period starts here (RFC 3339 or date).
+        #[arg(long, conflicts_with = "legacy_start")]
+        subscription_start: Option<String>,
     },
 }
 
@@ -257,7 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Provision { period, write_mapping, legacy_start } => {
+        Command::Provision { period, write_mapping, legacy_start, subscription_start } => {
             let period = period.period()?;
             let ch = clickhouse(&cfg, cli.wait_secs)?;
             let meters = Meters::load(&cfg.meters.path).context("failed to load meters")?;
@@ -266,9 +271,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 usage.rows.into_iter().map(|r| r.org_id).chain(usage.refused.into_iter().map(|o| o.org_id)).collect();
             orgs.sort();
             orgs.dedup();
-            let legacy_start =
-                legacy_start.map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg)).transpose()?;
-            let text = provision::provision(&stripe(&cfg)?, &meters, &orgs, legacy_start)?;
+            let time = |s: Option<String>| {
+                s.map(|s| tally::invoice::period::parse_time(&s).map_err(anyhow::Error::msg)).transpose()
+            };
+            let subscriptions = match (time(legacy_start)?, time(subscription_start)?) {
+                (Some(t), _) => Some(provision::Subscriptions::Legacy(t)),
+                (None, Some(t)) => Some(provision::Subscriptions::Metered(t)),
+                (None, None) => None,
+            };
+            let text = provision::provision(&stripe(&cfg)?, &meters, &orgs, subscriptions)?;
             std::fs::write(&write_mapping, text)
                 .with_context(|| format!("failed to write {}", write_mapping.display()))?;
             eprintln!("provisioned {} orgs; mapping written to {}", orgs.len(), write_mapping.display());

@@ -51,8 +51,11 @@ pub struct Bucket<'a> {
     pub tally: u64,
     /// Stripe's value for exactly this bucket, when Stripe can say (not in legacy mode).
     pub stripe: Option<u64>,
-    /// Legacy mode: start of the subscription's current billing period; Stripe refuses usage
-    /// records before it. `None` in meters mode (the 35-day window applies instead).
+    /// Where Stripe still bills usage from. Legacy mode: the start of the subscription's current
+    /// billing period (Stripe refuses usage records before it). Meters mode: the end of the
+    /// latest usage period whose invoice Stripe has finalized (it would take a meter event
+    /// before it, but no invoice would bill it; `stripe::invoices`), `None` when no
+    /// subscription's invoice has closed a period; Stripe's 35-day window applies as well.
     pub open_from: Option<i64>,
     pub pushes: Vec<&'a Push>,
     /// Why the bucket's (org, meter) is refused: one of its totals needs more than 64 bits
@@ -311,20 +314,32 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         }
     };
     // Stripe's time rules for a write at `ts`: legacy usage records only inside the current
-    // billing period, meter events within 35 days.
+    // billing period; meter events within 35 days, and billed only before the invoice of their
+    // period is finalized.
+    let meters_mode = ctx.can_cancel;
     let closed = |ts: i64, ledger: u64, amount: u64| -> Option<BucketPlan> {
         match b.open_from {
             Some(open) if ts < open => Some(BucketPlan::unbilled(
                 Status::PeriodClosed,
                 ledger,
                 amount,
-                format!("the subscription's billing period now starts at {}", crate::timestamp::format_rfc3339(open)),
+                if meters_mode {
+                    format!(
+                        "Stripe finalized the invoice for usage before {}: a meter event would not be billed",
+                        crate::timestamp::format_rfc3339(open)
+                    )
+                } else {
+                    format!(
+                        "the subscription's billing period now starts at {}",
+                        crate::timestamp::format_rfc3339(open)
+                    )
+                },
             )),
-            Some(_) => None,
-            None if ts < oldest_allowed => {
+            Some(_) if !meters_mode => None,
+            _ if ts < oldest_allowed => {
                 Some(BucketPlan::unbilled(Status::TooOldForStripe, ledger, amount, "older than Stripe's 35 days"))
             }
-            None => None,
+            _ => None,
         }
     };
     let last_done = |f: &dyn Fn(Action) -> bool| -> Option<i64> {
@@ -401,7 +416,8 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
     // A bucket is written at its first second, or at the earliest second Stripe still accepts.
     // Legacy: a bucket that straddles the current period's start is written at that start.
     let ts = match b.open_from {
-        Some(open) => b.start.max(open),
+        Some(open) if !meters_mode => b.start.max(open),
+        Some(open) => b.start.max(open).max(oldest_allowed),
         None => b.start.max(oldest_allowed),
     };
     if b.tally == ledger {
@@ -960,6 +976,46 @@ mod tests {
         u.open_from = Some(NOW + 3600);
         let p = plan(&legacy, &u);
         assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40));
+    }
+
+    #[test]
+    fn meters_usage_before_a_finalized_invoice_is_period_closed() {
+        let mut b = bucket(10, vec![]);
+        b.open_from = Some(H + 3600);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::PeriodClosed, 10, 0));
+        assert!(p.note.contains("finalized the invoice"), "{}", p.note);
+        b.open_from = Some(H);
+        assert_eq!(plan(&ctx(), &b).status, Status::Push);
+        // A bucket straddling the end of the finalized period is written after it: billed.
+        b.open_from = Some(H + 1383);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.actions[0].event_ts), (Status::Push, H + 1383));
+        // Stripe's 35-day window still applies after an invoice's period.
+        let mut old = bucket(3, vec![]);
+        old.start = NOW - 40 * 86_400 - 1800;
+        old.end = old.start + 3600;
+        old.open_from = Some(old.start - 86_400);
+        assert_eq!(plan(&ctx(), &old).status, Status::TooOldForStripe);
+        // A straddling old bucket is written at the later of the two limits.
+        let oldest_allowed = NOW - MAX_EVENT_AGE_SECS + AGE_MARGIN_SECS;
+        old.start = oldest_allowed - 1800;
+        old.end = old.start + 3600;
+        old.open_from = Some(old.start + 60);
+        let p = plan(&ctx(), &old);
+        assert_eq!((p.status, p.actions[0].event_ts), (Status::Push, oldest_allowed));
+        old.open_from = Some(oldest_allowed + 60);
+        assert_eq!(plan(&ctx(), &old).actions[0].event_ts, oldest_allowed + 60);
+        // A unique meter's value for a period whose invoice is final cannot be set any more.
+        let mut u = bucket(40, vec![]);
+        u.unique = true;
+        u.start = NOW - 1800 - 40 * 86_400;
+        u.end = NOW - 1800 - 9 * 86_400;
+        u.open_from = Some(u.end);
+        let p = plan(&ctx(), &u);
+        assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40));
+        u.open_from = Some(u.start);
+        assert_eq!(plan(&ctx(), &u).status, Status::Push);
     }
 
     #[test]

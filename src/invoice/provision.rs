@@ -1,7 +1,10 @@
 //! `tally-invoicer provision`: creates what billing needs in a Stripe account (the emulator, or a
 //! test-mode account) — one Stripe meter per tally meter, one customer per org (metadata
 //! `tally_org_id`), and in legacy mode a subscription per org with an item per meter — and writes
-//! the matching `billing.toml`. Rerunning finds what exists instead of creating it again.
+//! the matching `billing.toml`. In meters mode it can also create a metered price per Stripe meter
+//! and a subscription per org with them, whose invoices close billing periods
+//! (`stripe::invoices`). Rerunning finds what exists instead of creating it again (subscriptions
+//! and prices by their Idempotency-Keys, for Stripe's 24 hours).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,14 +35,26 @@ pub fn price_id(meter: &str) -> String {
     format!("price_tally_{meter}")
 }
 
-/// Ensures meters, customers (and subscriptions when `legacy_start` is given) exist; returns the
-/// mapping file's text.
+/// Which subscriptions to create, with the start of their first billing period (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscriptions {
+    /// Legacy mode: items on the prices [`price_id`] names, usage records on the items.
+    Legacy(i64),
+    /// Meters mode: items on metered prices that bill the Stripe meters (`recurring[meter]`).
+    Metered(i64),
+}
+
+/// Ensures meters, customers (and subscriptions when asked) exist; returns the mapping file's text.
 pub fn provision(
     stripe: &StripeHttp,
     meters: &Meters,
     orgs: &[String],
-    legacy_start: Option<i64>,
+    subscriptions: Option<Subscriptions>,
 ) -> Result<String, StripeError> {
+    let legacy_start = match subscriptions {
+        Some(Subscriptions::Legacy(t)) => Some(t),
+        _ => None,
+    };
     let mut out = String::from("# Written by `tally-invoicer provision`.\n\n[customers]\n");
     let existing: BTreeMap<String, String> = list_customers(stripe)?
         .into_iter()
@@ -70,6 +85,7 @@ pub fn provision(
     match legacy_start {
         None => {
             let have = list_meters(stripe)?;
+            let mut prices = Vec::new();
             for m in meters.meters() {
                 let name = event_name(&m.name);
                 let id = match have.iter().find(|x| x.event_name == name) {
@@ -96,6 +112,17 @@ pub fn provision(
                         created.id.as_str().to_string()
                     }
                 };
+                if let Some(Subscriptions::Metered(_)) = subscriptions {
+                    let form = format!(
+                        "currency=usd&unit_amount=1&recurring[interval]=month&recurring[usage_type]=metered\
+                         &recurring[meter]={}&product_data[name]={}",
+                        encode(&id),
+                        encode(&format!("tally {}", m.name))
+                    );
+                    let key = format!("tally-provision-price-{name}");
+                    let body = stripe.send(StripeMethod::Post, "/prices", None, Some(&form), Some(&key))?;
+                    prices.push(created_id(&body)?);
+                }
                 let _ = write!(
                     out,
                     "\n[meters.{}]\nstripe_meter = {}\nevent_name = {}\n",
@@ -103,6 +130,16 @@ pub fn provision(
                     toml_str(&id),
                     toml_str(&name)
                 );
+            }
+            if let Some(Subscriptions::Metered(start)) = subscriptions {
+                for (org, customer) in &customers {
+                    let mut form = format!("customer={}&backdate_start_date={start}", encode(customer));
+                    for (i, p) in prices.iter().enumerate() {
+                        let _ = write!(form, "&items[{i}][price]={}", encode(p));
+                    }
+                    let key = format!("tally-provision-metered-subscription-{org}");
+                    stripe.send(StripeMethod::Post, "/subscriptions", None, Some(&form), Some(&key))?;
+                }
             }
         }
         Some(start) => {
@@ -131,6 +168,12 @@ pub fn provision(
         }
     }
     Ok(out)
+}
+
+/// The `id` of the object a create call returned.
+fn created_id(body: &str) -> Result<String, StripeError> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| StripeError::Decode(e.to_string()))?;
+    v["id"].as_str().map(str::to_string).ok_or_else(|| StripeError::Decode("a created object without an id".into()))
 }
 
 fn toml_str(s: &str) -> String {

@@ -15,7 +15,7 @@ use super::plan::{check_item, plan, Bucket, BucketPlan, Ctx, Item, ItemCheck, Re
 use super::progress::Progress;
 use super::report::{Report, Row};
 use super::stripe::meters::{self, MeterInfo};
-use super::stripe::{legacy, StripeError, StripeHttp};
+use super::stripe::{invoices, legacy, StripeError, StripeHttp};
 use super::usage::{self, Mismatch};
 use crate::meter::{Aggregation, Meters};
 use crate::sink::clickhouse::{ChError, ClickHouse};
@@ -427,7 +427,9 @@ fn group_pushes(pushes: &[Push], period: Period, g: Granularity) -> Result<BTree
 pub struct StripeView {
     pub bucket: BTreeMap<Key, u64>,
     pub pair: BTreeMap<(String, String), u64>,
-    /// Legacy mode: start of each (org, meter)'s current billing period.
+    /// Where each (org, meter) is open from: legacy mode, the start of its subscription item's
+    /// current billing period; meters mode, the end of the latest usage period Stripe finalized
+    /// an invoice for (absent when no subscription bills the meter; [`invoices`]).
     pub open_from: BTreeMap<(String, String), i64>,
     /// Legacy mode: each (org, meter)'s usage record summaries and current billing period.
     pub items: BTreeMap<(String, String), LegacyItem>,
@@ -493,6 +495,21 @@ fn read_stripe(
         }
     });
     let mut view = StripeView::default();
+    if env.cfg.stripe.mode == StripeMode::Meters {
+        // Meters mode: which periods each customer's invoices have closed, one read per customer.
+        let customers: Vec<&str> =
+            list.iter().map(|(_, t)| t.customer.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let finalized = parallel(&customers, env.cfg.stripe.concurrency, |c| invoices::finalized_until(env.stripe, c));
+        let mut by_customer = BTreeMap::new();
+        for (c, f) in customers.iter().zip(finalized) {
+            by_customer.insert(*c, f?);
+        }
+        for ((org, meter), t) in &list {
+            if let Some(until) = by_customer.get(t.customer.as_str()).and_then(|f| f.get(&t.target)) {
+                view.open_from.insert((org.clone(), meter.clone()), *until);
+            }
+        }
+    }
     for (((org, meter), _), r) in list.iter().zip(results) {
         let (values, item) = r?;
         if let Some(item) = item {
@@ -599,10 +616,7 @@ fn plan_all(
                     StripeMode::Meters if target.is_some() => Some(stripe.bucket.get(k).copied().unwrap_or(0)),
                     _ => None,
                 },
-                open_from: match env.cfg.stripe.mode {
-                    StripeMode::Legacy => stripe.open_from.get(&(k.0.clone(), k.1.clone())).copied(),
-                    StripeMode::Meters => None,
-                },
+                open_from: stripe.open_from.get(&(k.0.clone(), k.1.clone())).copied(),
                 target,
                 tally: tally.buckets.get(k).copied().unwrap_or(0),
                 pushes: by_key.get(k).cloned().unwrap_or_default(),

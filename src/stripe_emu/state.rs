@@ -2,8 +2,10 @@
 //!
 //! Modelled: customers (with metadata search), billing meters, meter events (identifier uniqueness,
 //! 35-day / +5-minute timestamp window), meter event summaries (hour/day grouping, minute-aligned
-//! times), meter event adjustments (cancel within 24 h of creation), subscriptions and subscription
-//! items, legacy usage records and their summaries. Everything an invoice needs, nothing else.
+//! times), meter event adjustments (cancel within 24 h of creation), prices (a metered price names
+//! its meter), subscriptions and subscription items, the subscriptions' cycle invoices (draft for
+//! an hour after their period ends, then finalized), legacy usage records and their summaries.
+//! Everything an invoice needs, nothing else.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -16,6 +18,10 @@ pub const METER_EVENT_MAX_FUTURE_SECS: i64 = 5 * 60;
 pub const CANCEL_WINDOW_SECS: i64 = 24 * 3600;
 /// Length of a subscription's billing period in the emulator.
 pub const PERIOD_SECS: i64 = 31 * 86_400;
+/// How long a subscription's cycle invoice stays a draft after its period ends before Stripe
+/// finalizes it (Stripe: "Subscription invoices", automatic finalization about 1 hour after the
+/// `invoice.created` event). Usage for the period is billed until then.
+pub const FINALIZE_AFTER_SECS: i64 = 3600;
 
 /// An API error: HTTP status and Stripe's `error` object.
 #[derive(Debug)]
@@ -93,6 +99,9 @@ pub struct Account {
     by_identifier: HashMap<String, usize>,
     subscriptions: BTreeMap<String, Value>,
     items: BTreeMap<String, Item>,
+    /// Price id → the meter a metered price bills (`recurring.meter`), for prices created
+    /// through `POST /v1/prices`; other price ids are taken as legacy metered prices.
+    prices: BTreeMap<String, Option<String>>,
     usage: Vec<UsageRecord>,
     next_id: u64,
 }
@@ -460,7 +469,43 @@ impl Account {
         list(&format!("/v1/billing/meters/{meter_id}/event_summaries"), items, p)
     }
 
-    // ---- subscriptions (legacy usage-based billing) ----
+    // ---- prices, subscriptions, their invoices ----
+
+    /// `POST /v1/prices` (beyond the spec subsets, as Stripe has it): a recurring price; a
+    /// metered one may name the Billing Meter it bills (`recurring[meter]`).
+    pub fn create_price(&mut self, p: &Value, now: i64) -> Result<Value> {
+        let currency = required(p, "currency")?.to_string();
+        let recurring = p.get("recurring").cloned().unwrap_or_else(|| json!({}));
+        let meter = str_param(&recurring, "meter").map(str::to_string);
+        if let Some(m) = &meter {
+            if !self.meters.contains_key(m) {
+                return Err(missing("billing.meter", m, "recurring[meter]"));
+            }
+            if str_param(&recurring, "usage_type") != Some("metered") {
+                return Err(invalid(
+                    "A price with a meter must have recurring[usage_type]=metered.",
+                    Some("recurring[usage_type]"),
+                    None,
+                ));
+            }
+        }
+        let id = self.id("price");
+        let product = match str_param(p, "product") {
+            Some(prod) => prod.to_string(),
+            None => self.id("prod"),
+        };
+        let unit_amount = int_param(p, "unit_amount")?;
+        self.prices.insert(id.clone(), meter.clone());
+        Ok(json!({
+            "id": id, "object": "price", "active": true, "billing_scheme": "per_unit", "created": now,
+            "currency": currency, "livemode": false, "metadata": metadata(p), "type": "recurring",
+            "product": product, "lookup_key": null, "nickname": null, "tax_behavior": "unspecified",
+            "tiers_mode": null, "transform_quantity": null, "custom_unit_amount": null,
+            "unit_amount": unit_amount, "unit_amount_decimal": unit_amount.map(|a| a.to_string()),
+            "recurring": {"interval": str_param(&recurring, "interval").unwrap_or("month"), "interval_count": 1,
+                "usage_type": str_param(&recurring, "usage_type").unwrap_or("licensed"), "meter": meter},
+        }))
+    }
 
     pub fn create_subscription(&mut self, p: &Value, now: i64) -> Result<Value> {
         let customer = required(p, "customer")?.to_string();
@@ -516,7 +561,8 @@ impl Account {
                 "created": it.created, "currency": "usd", "livemode": false, "metadata": {},
                 "product": format!("prod_{}", it.price.trim_start_matches("price_")), "type": "recurring",
                 "recurring": {"interval": "month", "interval_count": 1, "usage_type": "metered",
-                    "aggregate_usage": "sum", "meter": null, "trial_period_days": null},
+                    "aggregate_usage": "sum", "meter": self.prices.get(&it.price).cloned().flatten(),
+                    "trial_period_days": null},
             },
             "metadata": {}, "tax_rates": [], "billing_thresholds": null,
         })
@@ -531,6 +577,66 @@ impl Account {
         obj["current_period_start"] = json!(start + n * PERIOD_SECS);
         obj["current_period_end"] = json!(start + (n + 1) * PERIOD_SECS);
         Ok(obj)
+    }
+
+    /// `GET /v1/subscriptions`: by `customer` (all of the emulator's subscriptions are active).
+    pub fn list_subscriptions(&self, p: &Value, now: i64) -> Result<Value> {
+        let customer = str_param(p, "customer");
+        let mut items = Vec::new();
+        for (id, s) in self.subscriptions.iter().rev() {
+            if customer.is_none_or(|c| s["customer"] == c) {
+                items.push((id.clone(), self.subscription(id, now)?));
+            }
+        }
+        list("/v1/subscriptions", items, p)
+    }
+
+    /// `GET /v1/invoices`, by `subscription` and/or `customer`, newest first: each subscription's
+    /// `subscription_create` invoice (an empty usage period at its start, finalized at once), and
+    /// one `subscription_cycle` invoice per billing period that has ended, created at the period's
+    /// end for its usage (`period_start`/`period_end` look back one period, as Stripe's do), a
+    /// `draft` for [`FINALIZE_AFTER_SECS`], then `open` (finalized).
+    pub fn list_invoices(&self, p: &Value, now: i64) -> Result<Value> {
+        let (sub_filter, customer) = (str_param(p, "subscription"), str_param(p, "customer"));
+        let mut all: Vec<(i64, String, Value)> = Vec::new();
+        for (sub, s) in &self.subscriptions {
+            if sub_filter.is_some_and(|f| f != sub) || customer.is_some_and(|c| s["customer"] != c) {
+                continue;
+            }
+            let start = s["start_date"].as_i64().unwrap_or(0);
+            let ended = ((now - start).max(0)) / PERIOD_SECS;
+            for n in 0..=ended {
+                let (from, to) =
+                    if n == 0 { (start, start) } else { (start + (n - 1) * PERIOD_SECS, start + n * PERIOD_SECS) };
+                let draft = n > 0 && now < to + FINALIZE_AFTER_SECS;
+                let id = format!("in_{}_{n}", sub.trim_start_matches("sub_"));
+                // The emulator prices nothing: every amount is 0.
+                let obj = json!({
+                    "id": id, "object": "invoice", "customer": s["customer"], "created": to, "livemode": false,
+                    "currency": "usd", "collection_method": "charge_automatically", "auto_advance": draft,
+                    "billing_reason": if n == 0 { "subscription_create" } else { "subscription_cycle" },
+                    "status": if draft { "draft" } else { "open" },
+                    "automatically_finalizes_at": if draft { Some(to + FINALIZE_AFTER_SECS) } else { None },
+                    "status_transitions": {"finalized_at": if draft { None } else { Some(to + FINALIZE_AFTER_SECS) },
+                        "marked_uncollectible_at": null, "paid_at": null, "voided_at": null},
+                    "period_start": from, "period_end": to,
+                    "parent": {"type": "subscription_details", "quote_details": null,
+                        "subscription_details": {"subscription": sub, "metadata": {}}},
+                    "metadata": {}, "issuer": {"type": "self"}, "default_tax_rates": [], "discounts": [],
+                    "automatic_tax": {"enabled": false, "liability": null, "status": null},
+                    "payment_settings": {"default_mandate": null, "payment_method_options": null,
+                        "payment_method_types": null},
+                    "lines": {"object": "list", "data": [], "has_more": false, "url": format!("/v1/invoices/{id}/lines")},
+                    "amount_due": 0, "amount_overpaid": 0, "amount_paid": 0, "amount_remaining": 0,
+                    "amount_shipping": 0, "attempt_count": 0, "attempted": false, "starting_balance": 0,
+                    "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
+                    "subtotal": 0, "total": 0,
+                });
+                all.push((to, id, obj));
+            }
+        }
+        all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+        list("/v1/invoices", all.into_iter().map(|(_, id, v)| (id, v)).collect(), p)
     }
 
     pub fn create_item(&mut self, p: &Value, now: i64) -> Result<Value> {

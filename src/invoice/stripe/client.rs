@@ -331,6 +331,37 @@ impl StripeHttp {
             message: text("message").unwrap_or_else(|| format!("HTTP {status}")),
         }
     }
+
+    /// Every item of a Stripe list at `path` (below `v1`) with the `query` filters, page after
+    /// page (`limit=100`, `starting_after` the last id of the page; Stripe: "Pagination").
+    pub fn list_all<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &str,
+        id: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>, StripeError> {
+        #[derive(serde::Deserialize)]
+        struct Page<T> {
+            data: Vec<T>,
+            has_more: bool,
+        }
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = format!("{query}{}limit=100", if query.is_empty() { "" } else { "&" });
+            if let Some(a) = &after {
+                q.push_str(&format!("&starting_after={}", crate::stripe_emu::form::encode(a)));
+            }
+            let body = self.send(StripeMethod::Get, path, Some(&q), None, None)?;
+            let page: Page<T> = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
+            after = page.data.last().map(&id);
+            let more = page.has_more;
+            out.extend(page.data);
+            if !more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 /// What separates a request's own Idempotency-Key from the random part of a renewed one

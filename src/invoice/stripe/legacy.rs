@@ -21,12 +21,6 @@ struct Period {
     end: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
-struct SummaryList {
-    data: Vec<Summary>,
-    has_more: bool,
-}
-
 /// Records usage on a subscription item: `increment` adds `quantity` at `timestamp`; `set`
 /// replaces the quantity at that timestamp. `idempotency_key` makes a resend harmless.
 pub fn create_usage_record(
@@ -54,24 +48,9 @@ pub type PeriodUsage = (Option<i64>, Option<i64>, i64);
 
 /// Stripe's usage record summaries of `item`, one per billing period that has usage, every page.
 pub fn summaries(c: &StripeHttp, item: &str) -> Result<Vec<PeriodUsage>, StripeError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = "limit=100".to_string();
-        if let Some(a) = &after {
-            q.push_str(&format!("&starting_after={}", enc(a)));
-        }
-        let path = format!("/subscription_items/{}/usage_record_summaries", enc(item));
-        let body = c.send(StripeMethod::Get, &path, Some(&q), None, None)?;
-        let page: SummaryList = serde_json::from_str(&body).map_err(|e| StripeError::Decode(e.to_string()))?;
-        for s in &page.data {
-            out.push((s.period.start, s.period.end, s.total_usage));
-        }
-        after = page.data.last().map(|s| s.id.clone());
-        if !page.has_more || after.is_none() {
-            return Ok(out);
-        }
-    }
+    let path = format!("/subscription_items/{}/usage_record_summaries", enc(item));
+    let all: Vec<Summary> = c.list_all(&path, "", |s: &Summary| s.id.clone())?;
+    Ok(all.iter().map(|s| (s.period.start, s.period.end, s.total_usage)).collect())
 }
 
 /// Total usage of the billing periods of `item` that overlap [start, end).
