@@ -1203,50 +1203,68 @@ fn legacy_usage_after_the_period_rolled_over_is_reported_not_resent() {
     assert_eq!((code, b.emu.stats().posts), (2, posts));
 }
 
-/// PRODUCT.md §7, closed periods, meters mode. Subscriptions whose billing period ends 2 h from
-/// now bill the Stripe meters (`provision --subscription-start`). Usage pushed within the period
-/// is billed; usage that arrives after the period ended, while its invoice is still a draft
-/// (Stripe finalizes it an hour later), is pushed and billed; usage that arrives after the invoice
-/// was finalized is reported `period_closed` with its amount, exit 2, and not sent — Stripe would
-/// take the meter event, but no invoice would ever bill it — on every run.
+/// PRODUCT.md §7, closed periods, meters mode. Subscriptions bill the Stripe meters
+/// (`provision --subscription-start`); Stripe finalizes a period's cycle invoice an hour after the
+/// period ends. One account's period ended 20 minutes ago (its invoice is a draft): every bucket
+/// is pushed and billed. Another's ended a day ago (its invoice is final): buckets that end by
+/// then are reported `period_closed` with their amounts and never sent — Stripe would take the
+/// meter events, but no invoice would bill them — while later buckets (the one straddling the
+/// period's end included, written at the end) are pushed; exit 2, on every run. Late usage: the
+/// draft account takes it all, the final one only after the period's end.
 #[test]
 fn meters_usage_after_the_invoice_is_finalized_is_reported_not_sent() {
+    use tally::stripe_emu::state::PERIOD_SECS;
     let mut b = Billing::new("invfinal", 10, 1, 3_000);
     let now = tally::invoice::reconcile::now_secs();
-    let start = arg_time(now + 2 * 3600 - tally::stripe_emu::state::PERIOD_SECS);
-    b.provision("acct_final", &["--subscription-start", &start]);
-    let (code, rep) = b.reconcile("acct_final", &["--apply"]);
-    assert_eq!(code, 0, "{}", rep["problems"]);
-    b.assert_stripe_equals_tally("acct_final");
+    let draft_start = arg_time(now - 1200 - PERIOD_SECS);
+    b.provision("acct_draft", &["--subscription-start", &draft_start]);
+    let end = now - 86_400 + 1234; // not on a whole hour: one bucket straddles it
+    b.provision("acct_final", &["--subscription-start", &arg_time(end - PERIOD_SECS)]);
 
-    // The period ends; its invoice stays a draft for an hour: late usage is still pushed.
-    b.ingest(600);
-    advance_stripe_clock(&b, 2 * 3600 + 600);
-    let (code, rep) = b.reconcile("acct_final", &["--apply"]);
-    assert_eq!(code, 0, "{}", rep["problems"]);
-    assert!(rep["summary"]["writes_done"].as_u64().unwrap() > 0, "the late usage was pushed: {}", rep["summary"]);
-    b.assert_stripe_equals_tally("acct_final");
-
-    // The invoice is finalized: later usage for its period is reported, never sent.
-    let before = b.want_additive();
-    b.ingest(600);
-    advance_stripe_clock(&b, 3600);
-    let posts = b.emu.stats().posts;
-    let grown: u64 = b.want_additive().iter().map(|(k, v)| v - before.get(k).copied().unwrap_or(0)).sum();
-    for round in 1..=2 {
+    // What is billed, and what is not, of the usage so far: (before the period's end, after).
+    let split = |want: &Hourly| -> (Hourly, Hourly) { want.clone().into_iter().partition(|(k, _)| k.2 + 3600 <= end) };
+    let check_final = |b: &Billing, round: &str| -> u64 {
+        let posts = b.emu.stats().posts;
         let (code, rep) = b.reconcile("acct_final", &["--apply"]);
         let closed = problems_with(&rep, "period_closed");
-        let additive: u64 = closed.iter().filter(|c| ADDITIVE.contains(&c.1.as_str())).map(|c| c.2).sum();
         assert_eq!(code, 2, "{}", rep["problems"]);
         assert_eq!(rep["problems"].as_array().unwrap().len(), closed.len(), "only period_closed: {}", rep["problems"]);
-        assert!(grown > 0);
-        assert_eq!(additive, grown, "run {round}: the amounts are the late usage");
-        assert_eq!(b.emu.stats().posts, posts, "run {round}: no write attempted");
-        eprintln!(
-            "[measure] meters mode, invoice finalized, run {round}: {} buckets period_closed ({additive} additive units), exit {code}",
-            closed.len()
+        assert!(
+            closed.iter().all(|c| ADDITIVE.contains(&c.1.as_str())),
+            "the unique meter's value is set after the end"
         );
-    }
+        let (before, after) = split(&b.want_additive());
+        let unbilled: u64 = closed.iter().map(|c| c.2).sum();
+        assert_eq!(unbilled, before.values().sum::<u64>(), "{round}: the closed amounts are the usage before the end");
+        let (add, _) = b.stripe_additive("acct_final");
+        assert_eq!(add, after, "{round}: Stripe holds exactly the usage after the end");
+        let (code, rep) = b.reconcile("acct_final", &["--apply"]);
+        assert_eq!(code, 2, "{}", rep["problems"]);
+        assert_eq!(problems_with(&rep, "period_closed"), closed, "{round}: reported again, the same");
+        eprintln!(
+            "[measure] meters mode, invoice final, {round}: {} buckets period_closed ({unbilled} units), {} pushed after \
+             the end, {} Stripe writes",
+            closed.len(),
+            after.len(),
+            b.emu.stats().posts - posts
+        );
+        unbilled
+    };
+
+    let (code, rep) = b.reconcile("acct_draft", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally("acct_draft");
+    let (before, after) = split(&b.want_additive());
+    assert!(!before.is_empty() && !after.is_empty(), "usage on both sides of the end");
+    let unbilled = check_final(&b, "first runs");
+
+    // Late usage: billed in full while the invoice is a draft; after the end only, once final.
+    b.ingest(1_000);
+    let (code, rep) = b.reconcile("acct_draft", &["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally("acct_draft");
+    let grown = check_final(&b, "late usage");
+    assert!(grown > unbilled, "late usage before the end is reported: {grown} > {unbilled}");
 }
 
 /// `tally-invoicer explain --format json` for one (customer, meter).

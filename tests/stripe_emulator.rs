@@ -249,7 +249,9 @@ fn responses_match_stripes_schemas() {
         call(&emu, "GET", &format!("/v1/invoices?subscription={}", msub["id"].as_str().unwrap()), "", None);
     assert_eq!(s, 200, "{invoices}");
     assert_shape(&spec, "/v1/invoices", "get", &invoices);
-    assert_eq!(invoices["data"].as_array().unwrap().len(), 2, "the create invoice and one cycle: {invoices}");
+    let reasons: Vec<&Value> = invoices["data"].as_array().unwrap().iter().map(|i| &i["billing_reason"]).collect();
+    // Newest first: the backdated subscription was created after its first period ended.
+    assert_eq!(reasons, [&json!("subscription_create"), &json!("subscription_cycle")], "{invoices}");
 
     let (s, _, err) = call(&emu, "GET", "/v1/billing/meters/mtr_nope", "", None);
     assert_eq!(s, 404);
@@ -258,11 +260,12 @@ fn responses_match_stripes_schemas() {
 
 /// Meters mode: a subscription's cycle invoice is a draft for an hour after its period ends, then
 /// finalized; `invoices::finalized_until` gives, per Stripe meter a subscription bills, the end of
-/// the latest finalized period — the create invoice's empty period at first — and nothing for a
-/// meter no subscription bills or a customer without subscriptions.
+/// the latest period whose cycle invoice is final or about to be (within the margin) — nothing
+/// while only the create invoice exists, nothing for a meter no subscription bills or a customer
+/// without subscriptions.
 #[test]
 fn finalized_invoices_close_periods_per_meter() {
-    use tally::invoice::stripe::invoices::finalized_until;
+    use tally::invoice::stripe::invoices::{finalized_until, FINALIZE_MARGIN_SECS};
     use tally::stripe_emu::state::{FINALIZE_AFTER_SECS, PERIOD_SECS};
     let emu = emulator();
     let (cid, m) = customer_and_meter(&emu);
@@ -294,7 +297,8 @@ fn finalized_invoices_close_periods_per_meter() {
     let (s, _, _) = call(&emu, "POST", "/v1/prices", &format!("currency=usd&recurring[meter]={mid}"), Some("p3"));
     assert_eq!(s, 400);
     // The period ends 10 minutes from now.
-    let start = now() + 600 - PERIOD_SECS;
+    let t0 = now();
+    let start = t0 + 600 - PERIOD_SECS;
     let (s, _, sub) = call(
         &emu,
         "POST",
@@ -307,23 +311,29 @@ fn finalized_invoices_close_periods_per_meter() {
     );
     assert_eq!(s, 200, "{sub}");
     let c = client(&emu, KEY);
-    let at = |advance: i64| {
-        ureq::post(&format!("{}_emulator/clock", emu.base_url()))
-            .send_string(&format!("advance_secs={advance}"))
-            .unwrap();
-        finalized_until(&c, &cid).unwrap()
+    let advance = |secs: i64| {
+        ureq::post(&format!("{}_emulator/clock", emu.base_url())).send_string(&format!("advance_secs={secs}")).unwrap();
     };
     let want = |until: i64| [(mid.clone(), until)].into_iter().collect::<std::collections::BTreeMap<_, _>>();
-    assert_eq!(at(0), want(start), "only the create invoice is final");
-    assert_eq!(at(1200), want(start), "the period ended: its invoice is a draft");
-    let statuses = |c: &Value| c["data"].as_array().unwrap().iter().map(|i| i["status"].clone()).collect::<Vec<_>>();
-    let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
-    assert_eq!(statuses(&list), [json!("draft"), json!("open")]);
-    assert_eq!(at(FINALIZE_AFTER_SECS), want(start + PERIOD_SECS), "finalized an hour after the period's end");
-    let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
-    assert_eq!(statuses(&list), [json!("open"), json!("open")]);
-    assert!(!at(0).contains_key(other["id"].as_str().unwrap()), "no subscription bills the other meter");
-    assert!(finalized_until(&c, lonely["id"].as_str().unwrap()).unwrap().is_empty());
+    let statuses = || {
+        let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
+        list["data"].as_array().unwrap().iter().map(|i| i["status"].clone()).collect::<Vec<_>>()
+    };
+    assert!(finalized_until(&c, &cid, t0).unwrap().is_empty(), "the create invoice closes nothing");
+    assert_eq!(statuses(), [json!("open")]);
+    advance(1200);
+    assert_eq!(statuses(), [json!("draft"), json!("open")], "the period ended: its invoice is a draft");
+    let end = start + PERIOD_SECS;
+    assert!(finalized_until(&c, &cid, t0).unwrap().is_empty(), "a draft an hour from its finalization");
+    let near = end + FINALIZE_AFTER_SECS - FINALIZE_MARGIN_SECS;
+    assert_eq!(finalized_until(&c, &cid, near).unwrap(), want(end), "a draft within the margin counts as final");
+    assert!(finalized_until(&c, &cid, near - 1).unwrap().is_empty());
+    advance(FINALIZE_AFTER_SECS);
+    assert_eq!(statuses(), [json!("open"), json!("open")], "finalized an hour after the period's end");
+    let closed = finalized_until(&c, &cid, t0).unwrap();
+    assert_eq!(closed, want(end));
+    assert!(!closed.contains_key(other["id"].as_str().unwrap()), "no subscription bills the other meter");
+    assert!(finalized_until(&c, lonely["id"].as_str().unwrap(), t0).unwrap().is_empty());
 }
 
 /// A customer and a `sum` meter with event name `ev`: (customer id, meter object).

@@ -82,7 +82,8 @@ pub enum Status {
     Future,
     /// Usage older than Stripe's 35-day window for meter events: Stripe can no longer take it.
     TooOldForStripe,
-    /// Legacy usage records: the bucket lies before the subscription's current billing period.
+    /// The bucket lies before the subscription's current billing period (legacy usage records),
+    /// or in a billing period whose invoice Stripe finalized (meters mode).
     PeriodClosed,
     /// Settled pushes that Stripe does not hold (dropped after acceptance, or a Stripe account
     /// that lost them): `--apply --repair-missing` pushes the amount again.
@@ -391,6 +392,16 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         };
         let amount = value.saturating_sub(b.stripe.unwrap_or(ledger).min(ledger));
         if let Some(p) = blocked(ledger, amount).or_else(|| closed(ts, ledger, amount)) {
+            // A lower value for a period whose invoice is final: the invoice billed the higher one.
+            if p.status == Status::PeriodClosed && meters_mode && value < ledger {
+                let mut credit = BucketPlan::status(
+                    Status::NeedsCredit,
+                    ledger,
+                    "over-reported; the value is on an invoice Stripe finalized",
+                );
+                credit.needs_credit = ledger - value;
+                return credit;
+            }
             return p;
         }
         if ts >= b.end || ts > ctx.now + MAX_FUTURE_SECS {
@@ -455,18 +466,25 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         p.actions.push(entry(Action::Push, next_seq, amount, "", ts, String::new()));
         return p;
     }
-    // Over-report: the ledger holds more than tally.
+    // Over-report: the ledger holds more than tally. A meter event of a period whose invoice is
+    // final is billed: cancelling it changes no invoice, so it takes a credit.
+    let invoiced = |p: &Push| meters_mode && b.open_from.is_some_and(|open| p.entry.event_ts < open);
     let cancellable: Vec<&&&Push> = live
         .iter()
         .filter(|p| {
             ctx.can_cancel
                 && !refused_cancels.contains(&p.entry.push_id.as_str())
                 && p.done_at.is_some_and(|d| ctx.now - d < CANCEL_WINDOW_SECS)
+                && !invoiced(p)
         })
         .collect();
     let c: u64 = cancellable.iter().map(|p| p.entry.value).sum();
     if ledger - c > b.tally {
-        let mut p = BucketPlan::status(Status::NeedsCredit, ledger, "over-reported; pushes too old to cancel");
+        let mut p = BucketPlan::status(
+            Status::NeedsCredit,
+            ledger,
+            "over-reported; pushes too old to cancel, or on an invoice Stripe finalized",
+        );
         p.needs_credit = ledger - b.tally;
         return p;
     }
@@ -1016,6 +1034,38 @@ mod tests {
         assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40));
         u.open_from = Some(u.start);
         assert_eq!(plan(&ctx(), &u).status, Status::Push);
+    }
+
+    #[test]
+    fn meters_over_reports_on_a_finalized_invoice_take_a_credit_not_a_cancel() {
+        // Pushed an hour ago (within Stripe's 24 h cancel window), then tally went down.
+        let pushed = done(plan(&ctx(), &bucket(100, vec![])).actions[0].clone(), NOW - 3600);
+        let mut b = bucket(90, vec![&pushed]);
+        // The period is still open: cancel, then push the new value.
+        b.open_from = Some(H);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.actions[0].action), (Status::Correct, Action::Cancel));
+        // Its invoice is final: a cancel would change no invoice, and a push again would not be
+        // billed; the customer was billed 10 too many.
+        b.open_from = Some(H + 3600);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.needs_credit, p.actions.len()), (Status::NeedsCredit, 10, 0));
+        // A unique meter's lower value after the invoice: a credit, not a closed push of 0.
+        let mut u = bucket(40, vec![]);
+        u.unique = true;
+        u.start = NOW - 1800 - 20 * 86_400;
+        u.end = NOW - 1800 - 9 * 86_400;
+        let set = done(plan(&ctx(), &u).actions[0].clone(), NOW - 10 * 86_400);
+        u.pushes = vec![&set];
+        u.tally = 35;
+        u.stripe = Some(40);
+        u.open_from = Some(u.end);
+        let p = plan(&ctx(), &u);
+        assert_eq!((p.status, p.needs_credit, p.actions.len()), (Status::NeedsCredit, 5, 0));
+        // A higher value after the invoice is usage no invoice bills.
+        u.tally = 47;
+        let p = plan(&ctx(), &u);
+        assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 7));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! `tally_org_id`), and in legacy mode a subscription per org with an item per meter — and writes
 //! the matching `billing.toml`. In meters mode it can also create a metered price per Stripe meter
 //! and a subscription per org with them, whose invoices close billing periods
-//! (`stripe::invoices`). Rerunning finds what exists instead of creating it again (subscriptions
-//! and prices by their Idempotency-Keys, for Stripe's 24 hours).
+//! (`stripe::invoices`). Rerunning finds the meters and customers that exist instead of creating
+//! them again; subscriptions and prices are only kept from being made twice by their
+//! Idempotency-Keys, which Stripe holds for 24 hours: a rerun after that makes new ones.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

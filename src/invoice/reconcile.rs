@@ -499,7 +499,9 @@ fn read_stripe(
         // Meters mode: which periods each customer's invoices have closed, one read per customer.
         let customers: Vec<&str> =
             list.iter().map(|(_, t)| t.customer.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-        let finalized = parallel(&customers, env.cfg.stripe.concurrency, |c| invoices::finalized_until(env.stripe, c));
+        let now = now_secs();
+        let finalized =
+            parallel(&customers, env.cfg.stripe.concurrency, |c| invoices::finalized_until(env.stripe, c, now));
         let mut by_customer = BTreeMap::new();
         for (c, f) in customers.iter().zip(finalized) {
             by_customer.insert(*c, f?);

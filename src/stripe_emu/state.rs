@@ -592,7 +592,7 @@ impl Account {
     }
 
     /// `GET /v1/invoices`, by `subscription` and/or `customer`, newest first: each subscription's
-    /// `subscription_create` invoice (an empty usage period at its start, finalized at once), and
+    /// `subscription_create` invoice (an empty usage period at its creation, finalized at once), and
     /// one `subscription_cycle` invoice per billing period that has ended, created at the period's
     /// end for its usage (`period_start`/`period_end` look back one period, as Stripe's do), a
     /// `draft` for [`FINALIZE_AFTER_SECS`], then `open` (finalized).
@@ -605,19 +605,25 @@ impl Account {
             }
             let start = s["start_date"].as_i64().unwrap_or(0);
             let ended = ((now - start).max(0)) / PERIOD_SECS;
+            let created = s["created"].as_i64().unwrap_or(start);
             for n in 0..=ended {
+                // The create invoice has an empty period at the subscription's creation.
                 let (from, to) =
-                    if n == 0 { (start, start) } else { (start + (n - 1) * PERIOD_SECS, start + n * PERIOD_SECS) };
+                    if n == 0 { (created, created) } else { (start + (n - 1) * PERIOD_SECS, start + n * PERIOD_SECS) };
                 let draft = n > 0 && now < to + FINALIZE_AFTER_SECS;
                 let id = format!("in_{}_{n}", sub.trim_start_matches("sub_"));
                 // The emulator prices nothing: every amount is 0.
                 let obj = json!({
                     "id": id, "object": "invoice", "customer": s["customer"], "created": to, "livemode": false,
-                    "currency": "usd", "collection_method": "charge_automatically", "auto_advance": draft,
+                    "currency": "usd", "collection_method": "charge_automatically", "auto_advance": true,
                     "billing_reason": if n == 0 { "subscription_create" } else { "subscription_cycle" },
                     "status": if draft { "draft" } else { "open" },
                     "automatically_finalizes_at": if draft { Some(to + FINALIZE_AFTER_SECS) } else { None },
-                    "status_transitions": {"finalized_at": if draft { None } else { Some(to + FINALIZE_AFTER_SECS) },
+                    "status_transitions": {"finalized_at": match (n, draft) {
+                        (_, true) => None,
+                        (0, false) => Some(to),
+                        _ => Some(to + FINALIZE_AFTER_SECS),
+                    },
                         "marked_uncollectible_at": null, "paid_at": null, "voided_at": null},
                     "period_start": from, "period_end": to,
                     "parent": {"type": "subscription_details", "quote_details": null,

@@ -4,15 +4,28 @@
 //! it holds when it is finalized (about an hour after the period ends; Stripe: "Usage-based
 //! billing", "Subscription invoices"). A meter event for an earlier period sent after that is
 //! accepted and shows in the meter's summaries, yet no invoice ever bills it. So, per customer,
-//! tally reads the subscriptions whose metered prices bill a Stripe meter, and their invoices: the
-//! latest `period_end` of an invoice that is no longer a `draft` (`open`, `paid`,
-//! `uncollectible` or `void`) is where that (customer, meter) is open from. Usage before it is
+//! tally reads the subscriptions whose metered prices bill a Stripe meter, and their cycle
+//! invoices (`billing_reason = subscription_cycle`, whose `period_end` is the end of the billing
+//! period they bill): the latest `period_end` of such an invoice that is no longer a `draft`
+//! (`open`, `paid`, `uncollectible` or `void`), or that Stripe finalizes within
+//! [`FINALIZE_MARGIN_SECS`], is where that (customer, meter) is open from. Usage before it is
 //! reported `period_closed`, as legacy mode does before the subscription's current period.
 //!
-//! The rule is a threshold, not a set of periods: an older cycle invoice kept in draft
-//! (`auto_advance=false`) after a newer one was finalized counts as closed too.
+//! Other invoices close nothing: a `subscription_update`, `manual` or threshold invoice has an
+//! empty period at its creation (`period_start = period_end`), and the running period's metered
+//! usage is billed by the next cycle invoice; a `subscription_create` invoice bills no usage.
+//! Subscriptions that never started (`incomplete`, `incomplete_expired`) bill nothing.
+//!
+//! Limits: the rule is a threshold, not a set of periods (an older cycle invoice kept in draft,
+//! `auto_advance=false`, after a newer one was finalized counts as closed too); usage after a
+//! subscription ended is billed by nothing and is not flagged; a push planned before the margin
+//! and landing after the finalization reads `ok`.
 
 use std::collections::BTreeMap;
+
+/// A draft cycle invoice that Stripe finalizes within this long (`automatically_finalizes_at`,
+/// the invoicer's clock) counts as finalized: a push planned now could land after it.
+pub const FINALIZE_MARGIN_SECS: i64 = 15 * 60;
 
 use serde::Deserialize;
 
@@ -22,6 +35,7 @@ use crate::stripe_emu::form::encode as enc;
 #[derive(Debug, Deserialize)]
 struct Subscription {
     id: String,
+    status: String,
     items: ItemList,
 }
 
@@ -53,22 +67,30 @@ struct Invoice {
     id: String,
     /// `draft`, `open`, `paid`, `uncollectible` or `void`; null only for a deleted draft.
     status: Option<String>,
+    billing_reason: Option<String>,
+    /// When Stripe finalizes a draft on its own (null for others, and for drafts with
+    /// `auto_advance=false`).
+    automatically_finalizes_at: Option<i64>,
     /// End of the usage period the invoice bills (it looks back one period for a subscription
     /// invoice: Stripe API, "The Invoice object").
     period_end: i64,
 }
 
-/// For `customer`: Stripe meter id → the end of the latest usage period Stripe has finalized an
-/// invoice for, over the customer's subscriptions whose metered prices bill that meter
-/// (`recurring.meter`). A meter no subscription bills is absent. Two requests per subscription
-/// (more for long lists), every page read.
-pub fn finalized_until(c: &StripeHttp, customer: &str) -> Result<BTreeMap<String, i64>, StripeError> {
+/// For `customer` at `now` (Unix seconds): Stripe meter id → the end of the latest billing period
+/// Stripe has finalized a cycle invoice for (or finalizes within [`FINALIZE_MARGIN_SECS`]), over
+/// the customer's subscriptions whose metered prices bill that meter (`recurring.meter`). A
+/// meter no subscription bills is absent. Requests: one list of the customer's subscriptions,
+/// and one list of invoices per subscription with a metered price (more for long lists).
+pub fn finalized_until(c: &StripeHttp, customer: &str, now: i64) -> Result<BTreeMap<String, i64>, StripeError> {
     let subs: Vec<Subscription> =
         c.list_all("/subscriptions", &format!("customer={}&status=all", enc(customer)), |s: &Subscription| {
             s.id.clone()
         })?;
     let mut out: BTreeMap<String, i64> = BTreeMap::new();
     for sub in subs {
+        if matches!(sub.status.as_str(), "incomplete" | "incomplete_expired") {
+            continue;
+        }
         let items = if sub.items.has_more {
             c.list_all("/subscription_items", &format!("subscription={}", enc(&sub.id)), |i: &Item| i.id.clone())?
         } else {
@@ -80,8 +102,7 @@ pub fn finalized_until(c: &StripeHttp, customer: &str) -> Result<BTreeMap<String
         }
         let invoices: Vec<Invoice> =
             c.list_all("/invoices", &format!("subscription={}", enc(&sub.id)), |i: &Invoice| i.id.clone())?;
-        let Some(until) = invoices.iter().filter(|i| is_finalized(i.status.as_deref())).map(|i| i.period_end).max()
-        else {
+        let Some(until) = invoices.iter().filter(|i| closes(i, now)).map(|i| i.period_end).max() else {
             continue;
         };
         for m in meters {
@@ -92,19 +113,37 @@ pub fn finalized_until(c: &StripeHttp, customer: &str) -> Result<BTreeMap<String
     Ok(out)
 }
 
-/// Whether an invoice's usage is settled: finalized (`open`, `paid`, `uncollectible`) or voided
-/// after finalization. A `draft` still takes usage; a deleted draft (no status) bills nothing
-/// and closes nothing.
-fn is_finalized(status: Option<&str>) -> bool {
-    matches!(status, Some("open" | "paid" | "uncollectible" | "void"))
+/// Whether `invoice` closes the billing period it bills, at `now`: a cycle invoice finalized
+/// (`open`, `paid`, `uncollectible`) or voided after finalization, or a draft Stripe finalizes
+/// within [`FINALIZE_MARGIN_SECS`]. A deleted draft (no status) closes nothing.
+fn closes(invoice: &Invoice, now: i64) -> bool {
+    if invoice.billing_reason.as_deref() != Some("subscription_cycle") {
+        return false;
+    }
+    match invoice.status.as_deref() {
+        Some("open" | "paid" | "uncollectible" | "void") => true,
+        Some("draft") => invoice.automatically_finalizes_at.is_some_and(|t| t <= now + FINALIZE_MARGIN_SECS),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn invoice(status: Option<&str>, reason: &str, finalizes_at: Option<i64>) -> Invoice {
+        Invoice {
+            id: "in_1".into(),
+            status: status.map(str::to_string),
+            billing_reason: Some(reason.into()),
+            automatically_finalizes_at: finalizes_at,
+            period_end: 1_000,
+        }
+    }
+
     #[test]
-    fn only_invoices_past_draft_close_their_period() {
+    fn only_cycle_invoices_past_draft_close_their_period() {
+        let now = 10_000;
         for (s, closed) in [
             (Some("draft"), false),
             (Some("open"), true),
@@ -113,7 +152,15 @@ mod tests {
             (Some("void"), true),
             (None, false),
         ] {
-            assert_eq!(is_finalized(s), closed, "{s:?}");
+            assert_eq!(closes(&invoice(s, "subscription_cycle", None), now), closed, "{s:?}");
         }
+        // An update, manual, threshold or create invoice bills no running period's usage.
+        for reason in ["subscription_update", "manual", "subscription_threshold", "subscription_create"] {
+            assert!(!closes(&invoice(Some("paid"), reason, None), now), "{reason}");
+        }
+        // A draft about to be finalized counts as finalized: a push could land after it.
+        let soon = now + FINALIZE_MARGIN_SECS;
+        assert!(closes(&invoice(Some("draft"), "subscription_cycle", Some(soon)), now));
+        assert!(!closes(&invoice(Some("draft"), "subscription_cycle", Some(soon + 1)), now));
     }
 }
