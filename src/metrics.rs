@@ -34,6 +34,7 @@ pub const RETRY_SECONDS: &str = "tally_retry_wait_seconds_total";
 pub const PARTITIONS: &str = "tally_partitions_assigned";
 pub const REBALANCES: &str = "tally_rebalances_total";
 pub const OFFSETS_SKIPPED: &str = "tally_offsets_skipped_total";
+pub const OFFSET_GAPS: &str = "tally_offset_gaps_checked_total";
 pub const STALLED: &str = "tally_stalled";
 pub const MENDS: &str = "tally_aggregate_mends_total";
 pub const MENDED: &str = "tally_aggregates_mended_total";
@@ -87,9 +88,15 @@ pub fn describe() {
     describe_counter!(REBALANCES, "Rebalance callbacks, by kind.");
     describe_counter!(
         OFFSETS_SKIPPED,
-        "Offsets passed over when a partition's reading started away from the group's committed offset, by partition \
-         and reason: deleted (retention passed the committed offset; never billed), rewound (the log is shorter than \
-         the committed offset; read again) (src/source/start.rs)."
+        "Offsets passed over without a record read, by partition and reason: deleted (records gone before the group \
+         read them: retention passed the committed offset, or the position of a partition held; never billed), \
+         rewound (the log is shorter than the committed offset or the position; read again) (src/source/start.rs, \
+         src/source/gaps.rs)."
+    );
+    describe_counter!(
+        OFFSET_GAPS,
+        "Offsets between two records read from a held partition that no record was read for (transaction markers, \
+         compaction, deleted records), checked against the partition's log start, by partition (src/source/gaps.rs)."
     );
     describe_counter!(
         crate::verify::jwks::JWKS_FETCHES,

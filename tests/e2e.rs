@@ -660,3 +660,59 @@ fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
     assert_eq!(views, "3");
     old.execute(&format!("DROP DATABASE {db}"), false).unwrap();
 }
+
+/// A topic written by a transactional producer holds a commit marker after each transaction, so
+/// the offsets a worker reads jump (src/source/gaps.rs). Every jump is checked against the log
+/// start: the worker counts as checked exactly the offsets an independent `read_committed`
+/// consumer finds no record at, and nothing as skipped (the log starts at 0: markers, not
+/// deleted records); the totals are exact.
+#[test]
+fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let w = World::new("txgaps");
+    let e = w.generate(&tally::loadgen::GenConfig { transaction_messages: 40, ..w.gen_config(6_000, 61) });
+
+    // The gaps, as a plain consumer reads the topic.
+    let kafka = tally::config::KafkaConfig { group_id: format!("{}-oracle", w.name), ..w.kafka.clone() };
+    let c: BaseConsumer = tally::source::consumer_config(&kafka).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in e.end_offsets.keys() {
+        tpl.add_partition_offset(&w.kafka.topic, *p, Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut gaps = 0i64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while e.end_offsets.iter().any(|(p, end)| last.get(p).is_none_or(|l| l + 1 < *end)) {
+        assert!(Instant::now() < deadline, "the oracle read the topic: {last:?} of {:?}", e.end_offsets);
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if let Some(l) = last.insert(m.partition(), m.offset()) {
+                gaps += m.offset() - l - 1;
+            }
+        }
+    }
+    assert!(gaps > 10, "the producer's commit markers leave gaps: {gaps}");
+
+    let metrics = common::free_addr();
+    let worker = w.worker_with_metrics("1", &metrics);
+    w.wait_caught_up(&e);
+    // Gaps are checked at most every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let checked = loop {
+        let text = common::scrape(&metrics);
+        let checked = common::sum_samples(&text, "tally_offset_gaps_checked_total", "") as i64;
+        if checked >= gaps || Instant::now() > deadline {
+            break (checked, text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    stop_all(vec![worker]);
+    assert_eq!(checked.0, gaps, "every offset with no record was checked");
+    assert_eq!(common::sum_samples(&checked.1, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
+    eprintln!(
+        "[measure] transactional producer: {gaps} offsets without a record (commit markers), all checked, none skipped"
+    );
+    w.assert_totals(&e);
+}

@@ -110,6 +110,10 @@ struct GenerateArgs {
     /// messages sustains; holds the workload in memory, about 0.8 KiB per event).
     #[arg(long)]
     prebuild: bool,
+    /// Send as a transactional producer, committing every N messages (0: no transactions); the
+    /// commit markers leave gaps in the partitions' offsets.
+    #[arg(long, default_value_t = 0)]
+    transaction_messages: u64,
     /// Share of duplicate copies.
     #[arg(long, default_value_t = 0.06)]
     dup_ratio: f64,
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 events: a.events,
                 rate: a.rate,
                 prebuild: a.prebuild,
+                transaction_messages: a.transaction_messages,
                 dup_ratio: a.dup_ratio,
                 bad_message_ratio: a.bad_message_ratio,
                 bad_event_ratio: a.bad_event_ratio,

@@ -74,6 +74,11 @@ pub struct GenConfig {
     /// a rate the building side could not (building a message costs more than sending it).
     /// Holds the whole workload in memory (about 0.8 KiB per event).
     pub prebuild: bool,
+    /// Send as a transactional producer (`transactional.id`), committing a transaction every
+    /// this many messages (0: no transactions). Each commit writes a marker into every partition
+    /// the transaction wrote to, so the records' offsets have gaps, as in a topic fed by Kafka
+    /// Streams or any exactly-once producer.
+    pub transaction_messages: u64,
 }
 
 impl Default for GenConfig {
@@ -87,6 +92,7 @@ impl Default for GenConfig {
             batch_ratio: 0.3,
             max_batch: 20,
             seed: 42,
+            transaction_messages: 0,
             max_message_bytes: 1 << 20,
             window_secs: 30 * 24 * 3600,
             users_per_project: 50,
@@ -405,8 +411,12 @@ pub fn generate(
     pc.set("acks", "all")
         .set("linger.ms", "20")
         .set("message.max.bytes", (cfg.max_message_bytes * 2 + 4096).to_string());
+    if cfg.transaction_messages > 0 {
+        pc.set("transactional.id", format!("tally-loadgen-{}-{}", cfg.seed, cfg.first_message_id));
+    }
     let producer: BaseProducer<Deliveries> =
         pc.create_with_context(Deliveries::default()).context("failed to create producer")?;
+    let tx = Transactions::start(&producer, cfg.transaction_messages)?;
     let mut g = Gen {
         cfg: cfg.clone(),
         keys,
@@ -429,6 +439,7 @@ pub fn generate(
             built.push((msg_id, out));
         } else {
             send(&producer, topic, msg_id, &out)?;
+            tx.sent(&producer)?;
             pacer.sent(out.events);
         }
         Ok(())
@@ -463,8 +474,10 @@ pub fn generate(
     }
     for (msg_id, out) in built {
         send(&producer, topic, msg_id, &out)?;
+        tx.sent(&producer)?;
         pacer.sent(out.events);
     }
+    tx.finish(&producer)?;
     producer.flush(Duration::from_secs(120)).context("producer flush timed out")?;
     let errors = producer.context().errors.lock().expect("lock").clone();
     if !errors.is_empty() {
@@ -472,6 +485,46 @@ pub fn generate(
     }
     let end_offsets = producer.context().end_offsets.lock().expect("lock").clone();
     Ok(g.tracker.finish(end_offsets, messages, events, sending.elapsed().as_secs_f64()))
+}
+
+/// A transactional producer's transactions: one open at a time, committed every `every` messages.
+struct Transactions {
+    every: u64,
+    in_open: std::cell::Cell<u64>,
+}
+
+impl Transactions {
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn start(producer: &BaseProducer<Deliveries>, every: u64) -> anyhow::Result<Transactions> {
+        if every > 0 {
+            producer.init_transactions(Self::TIMEOUT).context("init_transactions")?;
+            producer.begin_transaction().context("begin_transaction")?;
+        }
+        Ok(Transactions { every, in_open: std::cell::Cell::new(0) })
+    }
+
+    /// After each message sent: commits the open transaction once it holds `every` messages.
+    fn sent(&self, producer: &BaseProducer<Deliveries>) -> anyhow::Result<()> {
+        if self.every == 0 {
+            return Ok(());
+        }
+        self.in_open.set(self.in_open.get() + 1);
+        if self.in_open.get() >= self.every {
+            producer.commit_transaction(Self::TIMEOUT).context("commit_transaction")?;
+            producer.begin_transaction().context("begin_transaction")?;
+            self.in_open.set(0);
+        }
+        Ok(())
+    }
+
+    /// Commits the last transaction.
+    fn finish(&self, producer: &BaseProducer<Deliveries>) -> anyhow::Result<()> {
+        if self.every > 0 {
+            producer.commit_transaction(Self::TIMEOUT).context("commit_transaction")?;
+        }
+        Ok(())
+    }
 }
 
 /// Holds a send rate: after each message, sleeps until its events are due.

@@ -1,6 +1,7 @@
 //! The Kafka side of ingest: the consumer-group member, its rebalance bookkeeping and the loop
 //! that turns polled messages into written, committed batches.
 
+pub mod gaps;
 pub mod headers;
 pub mod rebalance;
 pub mod start;

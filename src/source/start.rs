@@ -1,7 +1,7 @@
 //! Where a partition's reading starts after an assignment, checked against the group's committed
 //! offset: where librdkafka can pass records over without anything in tally seeing it
 //! (docs/exactly-once.md, Limits, "Retention below the committed offset"; the same can happen to
-//! a partition a worker keeps while retention overtakes its position, which is not checked).
+//! a partition a worker keeps while retention overtakes its position is checked by [`super::gaps`]).
 //!
 //! librdkafka fetches from the committed offset. When that offset is out of range it moves to the
 //! log start (`auto.offset.reset=earliest`, the only value tally allows) and only logs it:

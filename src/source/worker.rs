@@ -17,6 +17,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::gaps::{self, Gap, Jump, Positions};
 use super::rebalance::{Change, Context, DeadLetterAcks, Unlanded};
 use super::start::{self, Start};
 use crate::config::IngestConfig;
@@ -36,6 +37,9 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 /// How long the start check ([`super::start`]) waits for the broker's committed offsets or log
 /// start before it gives up checking.
 const START_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a check of a held partition's gaps waits for its log start: short, as it holds up
+/// the loop; a failed check is tried again at the next interval.
+const GAP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
 /// INSERT is landed (committed) when no new messages arrive.
 const LANDING_SLICE: Duration = Duration::from_millis(5);
@@ -79,6 +83,9 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// Per partition assigned and not read from yet: the group's committed offset at the
     /// assignment (negative: none), checked against the first record read ([`super::start`]).
     starts: HashMap<i32, i64>,
+    /// The next offset expected per held partition, and the jumps not checked yet
+    /// ([`super::gaps`]).
+    positions: Positions,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -104,6 +111,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             stash: Vec::new(),
             stalled: BTreeMap::new(),
             starts: HashMap::new(),
+            positions: Positions::default(),
         }
     }
 
@@ -246,12 +254,14 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                         self.owned.remove(&p);
                         self.states.remove(&p);
                         self.starts.remove(&p);
+                        self.positions.forget(p);
                     }
                     self.unstall(ps);
                 }
                 Change::Assigned(ps) => {
                     self.read_starts(&ps);
                     for p in ps {
+                        self.positions.forget(p);
                         self.owned.insert(p, self.next_epoch);
                         self.next_epoch += 1;
                     }
@@ -293,7 +303,16 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// Checks the first record read from a partition since its assignment against the committed
     /// offset ([`super::start`]): records deleted before the group read them, or a log that
     /// starts over below it, are logged and counted (`tally_offsets_skipped_total`).
+    /// Every record read is also noted in [`Self::positions`]: a jump back is counted at once, a
+    /// jump forward is checked later ([`Self::check_gaps`]).
     fn check_start(&mut self, msg: &BorrowedMessage<'c>) {
+        if let Jump::Back(n) = self.positions.observe(msg.partition(), msg.offset()) {
+            skipped(msg.partition(), "rewound", n);
+            error!(partition = msg.partition(), offset = msg.offset(), offsets = n,
+                "a held partition's log restarted below the records already read (unclean leader election, or the topic \
+                 was created again): reading starts over below them, and events older than the dedupe window are \
+                 counted again (docs/alerts.md#tallyoffsetsskipped)");
+        }
         if self.starts.is_empty() {
             return; // every message but the first of each assignment: no hashing on the hot path
         }
@@ -311,26 +330,61 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         } else {
             None
         };
-        let label = p.to_string();
-        // Both series exist, at 0, once a partition's start was checked (a scrape shows which
-        // partitions were).
-        for reason in ["deleted", "rewound"] {
-            counter!(m::OFFSETS_SKIPPED, "partition" => label.clone(), "reason" => reason).increment(0);
-        }
+        register_skipped(p);
         match start::classify(committed, first, low) {
             Start::Resumed => {}
             Start::Deleted(n) => {
-                counter!(m::OFFSETS_SKIPPED, "partition" => label, "reason" => "deleted").increment(n);
+                skipped(p, "deleted", n);
                 error!(partition = p, committed, first, low = ?low, offsets = n,
                     "records deleted from the topic before this group read them (retention or compaction passed the committed \
                      offset): they are not billed (docs/alerts.md#tallyoffsetsskipped)");
             }
             Start::Rewound(n) => {
-                counter!(m::OFFSETS_SKIPPED, "partition" => label, "reason" => "rewound").increment(n);
+                skipped(p, "rewound", n);
                 error!(partition = p, committed, first, offsets = n,
                     "the partition's log is shorter than the committed offset (unclean leader election, or the topic was \
                      created again): reading starts over below it, and events older than the dedupe window are counted \
                      again (docs/alerts.md#tallyoffsetsskipped)");
+            }
+        }
+    }
+
+    /// Checks the jumps forward in held partitions against their log starts ([`super::gaps`]):
+    /// offsets below the log start that no record was read for were deleted before this worker
+    /// read them, and are logged and counted (`tally_offsets_skipped_total{reason="deleted"}`).
+    fn check_gaps(&mut self, now: Instant) {
+        let gaps = self.positions.take(now);
+        let mut unchecked: Vec<Gap> = Vec::new();
+        for chunk in gaps.chunk_by(|a, b| a.partition == b.partition) {
+            let p = chunk[0].partition;
+            if !unchecked.is_empty() {
+                unchecked.extend_from_slice(chunk); // the broker did not answer: try again later
+                continue;
+            }
+            let low = match self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, GAP_CHECK_TIMEOUT) {
+                Ok((low, _)) => low,
+                Err(e) => {
+                    warn!(partition = p, gaps = chunk.len(), error = %e,
+                        "could not read the log start of a partition whose offsets jumped; checked again later");
+                    unchecked.extend_from_slice(chunk);
+                    continue;
+                }
+            };
+            let passed: i64 = chunk.iter().map(|g| g.to - g.from).sum();
+            counter!(m::OFFSET_GAPS, "partition" => p.to_string()).increment(passed as u64);
+            register_skipped(p);
+            let n = gaps::deleted_below(chunk, low);
+            if n > 0 {
+                skipped(p, "deleted", n);
+                error!(partition = p, low, offsets = n, first_gap = ?chunk[0], gaps = chunk.len(),
+                    "records of a held partition were deleted before this worker read them (retention overtook its \
+                     position, e.g. while it waited out an outage): they are not billed (docs/alerts.md#tallyoffsetsskipped)");
+            }
+        }
+        if !unchecked.is_empty() {
+            let dropped = self.positions.put_back(unchecked);
+            if dropped > 0 {
+                warn!(dropped, "offset gaps dropped without a check (too many waiting)");
             }
         }
     }
@@ -387,8 +441,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if self.positions.due(now) {
+            self.check_gaps(now);
+        }
         let v = &mut self.processor.verifier;
-        match v.maybe_reload(Instant::now()) {
+        match v.maybe_reload(now) {
             Ok(true) => {
                 counter!(m::KEY_RELOADS, "result" => "changed").increment(1);
                 info!("key material reloaded");
@@ -1154,6 +1212,19 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// (docs/alerts.md, TallyPartitionNoProgress).
 /// `waiting`: the loop is waiting on something else (ClickHouse, a dead-letter write), when
 /// broker errors are expected and logged at debug.
+/// Registers both series of `tally_offsets_skipped_total` for `partition`, at 0, once its
+/// offsets were checked (a scrape shows which partitions were).
+fn register_skipped(partition: i32) {
+    for reason in ["deleted", "rewound"] {
+        counter!(m::OFFSETS_SKIPPED, "partition" => partition.to_string(), "reason" => reason).increment(0);
+    }
+}
+
+/// Counts `n` offsets of `partition` passed over for `reason` (`deleted` or `rewound`).
+fn skipped(partition: i32, reason: &'static str, n: u64) {
+    counter!(m::OFFSETS_SKIPPED, "partition" => partition.to_string(), "reason" => reason).increment(n);
+}
+
 fn poll_failed(e: &rdkafka::error::KafkaError, waiting: bool) {
     counter!(m::BROKER_ERRORS).increment(1);
     if crate::admin::undecodable(e) {
