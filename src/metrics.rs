@@ -35,6 +35,7 @@ pub const PARTITIONS: &str = "tally_partitions_assigned";
 pub const REBALANCES: &str = "tally_rebalances_total";
 pub const OFFSETS_SKIPPED: &str = "tally_offsets_skipped_total";
 pub const OFFSET_GAPS: &str = "tally_offset_gaps_checked_total";
+pub const OFFSET_GAPS_UNCHECKED: &str = "tally_offset_gaps_unchecked_total";
 pub const STALLED: &str = "tally_stalled";
 pub const MENDS: &str = "tally_aggregate_mends_total";
 pub const MENDED: &str = "tally_aggregates_mended_total";
@@ -97,6 +98,11 @@ pub fn describe() {
         OFFSET_GAPS,
         "Offsets between two records read from a held partition that no record was read for (transaction markers, \
          compaction, deleted records), checked against the partition's log start, by partition (src/source/gaps.rs)."
+    );
+    describe_counter!(
+        OFFSET_GAPS_UNCHECKED,
+        "Offsets between two records read from a held partition that no record was read for, not checked: the log \
+         start was unknown (the broker's fetch responses carry none), by partition (src/source/gaps.rs)."
     );
     describe_counter!(
         crate::verify::jwks::JWKS_FETCHES,

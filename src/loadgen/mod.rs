@@ -77,7 +77,8 @@ pub struct GenConfig {
     /// Send as a transactional producer (`transactional.id`), committing a transaction every
     /// this many messages (0: no transactions). Each commit writes a marker into every partition
     /// the transaction wrote to, so the records' offsets have gaps, as in a topic fed by Kafka
-    /// Streams or any exactly-once producer.
+    /// Streams or any exactly-once producer. A transaction must commit within the producer's
+    /// `transaction.timeout.ms` (60 s by default): keep N small at low rates.
     pub transaction_messages: u64,
 }
 
@@ -412,7 +413,11 @@ pub fn generate(
         .set("linger.ms", "20")
         .set("message.max.bytes", (cfg.max_message_bytes * 2 + 4096).to_string());
     if cfg.transaction_messages > 0 {
-        pc.set("transactional.id", format!("tally-loadgen-{}-{}", cfg.seed, cfg.first_message_id));
+        // One id per producer: two runs under one id would fence each other.
+        pc.set(
+            "transactional.id",
+            format!("tally-loadgen-{topic}-{}-{}-{}", std::process::id(), cfg.seed, cfg.first_message_id),
+        );
     }
     let producer: BaseProducer<Deliveries> =
         pc.create_with_context(Deliveries::default()).context("failed to create producer")?;

@@ -17,7 +17,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use super::gaps::{self, Gap, Jump, Positions};
+use super::gaps::{self, Jump, Positions};
 use super::rebalance::{Change, Context, DeadLetterAcks, Unlanded};
 use super::start::{self, Start};
 use crate::config::IngestConfig;
@@ -37,9 +37,6 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 /// How long the start check ([`super::start`]) waits for the broker's committed offsets or log
 /// start before it gives up checking.
 const START_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a check of a held partition's gaps waits for its log start: short, as it holds up
-/// the loop; a failed check is tried again at the next interval.
-const GAP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
 /// INSERT is landed (committed) when no new messages arrive.
 const LANDING_SLICE: Duration = Duration::from_millis(5);
@@ -83,9 +80,12 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// Per partition assigned and not read from yet: the group's committed offset at the
     /// assignment (negative: none), checked against the first record read ([`super::start`]).
     starts: HashMap<i32, i64>,
-    /// The next offset expected per held partition, and the jumps not checked yet
-    /// ([`super::gaps`]).
+    /// The next offset expected per held partition ([`super::gaps`]).
     positions: Positions,
+    /// The topic's name for librdkafka's C API (its cached watermarks).
+    topic_c: std::ffi::CString,
+    /// Whether a jump could not be checked yet (logged once).
+    unchecked_logged: bool,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -97,6 +97,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         cfg: IngestConfig,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
+        // A topic name holds no NUL (Kafka allows [a-zA-Z0-9._-]).
+        let topic_c = std::ffi::CString::new(cfg.kafka.topic.clone()).unwrap_or_default();
         Worker {
             consumer,
             dlq,
@@ -112,6 +114,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             stalled: BTreeMap::new(),
             starts: HashMap::new(),
             positions: Positions::default(),
+            topic_c,
+            unchecked_logged: false,
         }
     }
 
@@ -303,15 +307,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// Checks the first record read from a partition since its assignment against the committed
     /// offset ([`super::start`]): records deleted before the group read them, or a log that
     /// starts over below it, are logged and counted (`tally_offsets_skipped_total`).
-    /// Every record read is also noted in [`Self::positions`]: a jump back is counted at once, a
-    /// jump forward is checked later ([`Self::check_gaps`]).
+    /// Every record read is also noted in [`Self::positions`]: a jump in a held partition's
+    /// offsets is checked at once ([`Self::check_jump`]).
     fn check_start(&mut self, msg: &BorrowedMessage<'c>) {
-        if let Jump::Back(n) = self.positions.observe(msg.partition(), msg.offset()) {
-            skipped(msg.partition(), "rewound", n);
-            error!(partition = msg.partition(), offset = msg.offset(), offsets = n,
-                "a held partition's log restarted below the records already read (unclean leader election, or the topic \
-                 was created again): reading starts over below them, and events older than the dedupe window are \
-                 counted again (docs/alerts.md#tallyoffsetsskipped)");
+        match self.positions.observe(msg.partition(), msg.offset()) {
+            Jump::None => {}
+            jump => self.check_jump(msg.partition(), jump),
         }
         if self.starts.is_empty() {
             return; // every message but the first of each assignment: no hashing on the hot path
@@ -349,44 +350,68 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
     }
 
-    /// Checks the jumps forward in held partitions against their log starts ([`super::gaps`]):
-    /// offsets below the log start that no record was read for were deleted before this worker
-    /// read them, and are logged and counted (`tally_offsets_skipped_total{reason="deleted"}`).
-    fn check_gaps(&mut self, now: Instant) {
-        let gaps = self.positions.take(now);
-        let mut unchecked: Vec<Gap> = Vec::new();
-        for chunk in gaps.chunk_by(|a, b| a.partition == b.partition) {
-            let p = chunk[0].partition;
-            if !unchecked.is_empty() {
-                unchecked.extend_from_slice(chunk); // the broker did not answer: try again later
-                continue;
+    /// Checks a jump in a held partition's offsets ([`super::gaps`]): offsets of a jump forward
+    /// below the partition's log start were deleted before this worker read them; a jump back
+    /// means the log starts over below the records read. Both are logged and counted
+    /// (`tally_offsets_skipped_total`); a jump forward over records that exist (commit markers,
+    /// compaction) only in `tally_offset_gaps_checked_total`.
+    fn check_jump(&mut self, p: i32, jump: Jump) {
+        let label = p.to_string();
+        register_skipped(p);
+        match jump {
+            Jump::None => {}
+            Jump::Back(n) => {
+                skipped(p, "rewound", n);
+                error!(
+                    partition = p,
+                    offsets = n,
+                    "a held partition's log restarted below the records already read (unclean leader election, or the \
+                     topic was created again): reading starts over below them, and events older than the dedupe window \
+                     are counted again (docs/alerts.md#tallyoffsetsskipped)"
+                );
             }
-            let low = match self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, GAP_CHECK_TIMEOUT) {
-                Ok((low, _)) => low,
-                Err(e) => {
-                    warn!(partition = p, gaps = chunk.len(), error = %e,
-                        "could not read the log start of a partition whose offsets jumped; checked again later");
-                    unchecked.extend_from_slice(chunk);
-                    continue;
+            Jump::Gap { from, to } => match self.cached_low(p) {
+                Some(low) => {
+                    counter!(m::OFFSET_GAPS, "partition" => label).increment((to - from) as u64);
+                    let n = gaps::deleted(from, to, low);
+                    if n > 0 {
+                        skipped(p, "deleted", n);
+                        error!(partition = p, from, to, low, offsets = n,
+                            "records of a held partition were deleted before this worker read them (retention overtook \
+                             its position, e.g. while it waited out an outage): they are not billed \
+                             (docs/alerts.md#tallyoffsetsskipped)");
+                    }
                 }
-            };
-            let passed: i64 = chunk.iter().map(|g| g.to - g.from).sum();
-            counter!(m::OFFSET_GAPS, "partition" => p.to_string()).increment(passed as u64);
-            register_skipped(p);
-            let n = gaps::deleted_below(chunk, low);
-            if n > 0 {
-                skipped(p, "deleted", n);
-                error!(partition = p, low, offsets = n, first_gap = ?chunk[0], gaps = chunk.len(),
-                    "records of a held partition were deleted before this worker read them (retention overtook its \
-                     position, e.g. while it waited out an outage): they are not billed (docs/alerts.md#tallyoffsetsskipped)");
-            }
+                None => {
+                    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => label).increment((to - from) as u64);
+                    if !std::mem::replace(&mut self.unchecked_logged, true) {
+                        warn!(partition = p, from, to,
+                            "a jump in a partition's offsets could not be checked: the broker's fetch responses carry no \
+                             log start (Fetch v5+, Kafka 0.11+); records deleted before they were read are not seen");
+                    }
+                }
+            },
         }
-        if !unchecked.is_empty() {
-            let dropped = self.positions.put_back(unchecked);
-            if dropped > 0 {
-                warn!(dropped, "offset gaps dropped without a check (too many waiting)");
-            }
-        }
+    }
+
+    /// The partition's log start as of librdkafka's latest fetch (every Fetch response carries
+    /// it), from librdkafka's cache: no request, no wait (`rd_kafka_get_watermark_offsets`).
+    /// `None` while unknown.
+    fn cached_low(&self, p: i32) -> Option<i64> {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client handle is valid for the consumer's lifetime, which outlives `self`'s
+        // borrow of it; the topic is a NUL-terminated string that outlives the call; the C
+        // function only reads librdkafka's cached offsets into the two out-parameters.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                self.topic_c.as_ptr(),
+                p,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0).then_some(low)
     }
 
     fn epoch_of(&self, partition: i32) -> u64 {
@@ -441,12 +466,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     fn housekeeping(&mut self) {
-        let now = Instant::now();
-        if self.positions.due(now) {
-            self.check_gaps(now);
-        }
         let v = &mut self.processor.verifier;
-        match v.maybe_reload(now) {
+        match v.maybe_reload(Instant::now()) {
             Ok(true) => {
                 counter!(m::KEY_RELOADS, "result" => "changed").increment(1);
                 info!("key material reloaded");
@@ -1204,14 +1225,6 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     result
 }
 
-/// A poll that returned an error: counted; a message the client cannot decode is an ERROR, since
-/// it stops its partition until someone acts. librdkafka reports it again on every fetch of the
-/// partition, with its offset in the client's error line ("Decompression (codec …) of message at
-/// OFFSET … failed", the offset of the batch's first record): a codec it was built without,
-/// corrupt data, or a zstd batch that decompresses beyond `receive.message.max.bytes`
-/// (docs/alerts.md, TallyPartitionNoProgress).
-/// `waiting`: the loop is waiting on something else (ClickHouse, a dead-letter write), when
-/// broker errors are expected and logged at debug.
 /// Registers both series of `tally_offsets_skipped_total` for `partition`, at 0, once its
 /// offsets were checked (a scrape shows which partitions were).
 fn register_skipped(partition: i32) {
@@ -1225,6 +1238,14 @@ fn skipped(partition: i32, reason: &'static str, n: u64) {
     counter!(m::OFFSETS_SKIPPED, "partition" => partition.to_string(), "reason" => reason).increment(n);
 }
 
+/// A poll that returned an error: counted; a message the client cannot decode is an ERROR, since
+/// it stops its partition until someone acts. librdkafka reports it again on every fetch of the
+/// partition, with its offset in the client's error line ("Decompression (codec …) of message at
+/// OFFSET … failed", the offset of the batch's first record): a codec it was built without,
+/// corrupt data, or a zstd batch that decompresses beyond `receive.message.max.bytes`
+/// (docs/alerts.md, TallyPartitionNoProgress).
+/// `waiting`: the loop is waiting on something else (ClickHouse, a dead-letter write), when
+/// broker errors are expected and logged at debug.
 fn poll_failed(e: &rdkafka::error::KafkaError, waiting: bool) {
     counter!(m::BROKER_ERRORS).increment(1);
     if crate::admin::undecodable(e) {
