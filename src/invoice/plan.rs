@@ -375,6 +375,10 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
                 "repair: Stripe's last value {} != the ledger's {ledger} after the settle time",
                 b.stripe.unwrap_or(0)
             );
+            // As for additive meters: a value Stripe lost in a closed period cannot be set again.
+            if let Some(p) = blocked(ledger, c.unbilled).or_else(|| closed(ts, ledger, c.unbilled)) {
+                return BucketPlan { note: format!("Stripe lost the value {ledger}; {}", p.note), ..p };
+            }
             if !ctx.repair_missing {
                 return c;
             }
@@ -479,6 +483,30 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         })
         .collect();
     let c: u64 = cancellable.iter().map(|p| p.entry.value).sum();
+    // Every write on a final invoice: the invoice billed what Stripe held, which may be less than
+    // the ledger (events Stripe dropped).
+    if meters_mode && !live.is_empty() && live.iter().all(|p| invoiced(p)) {
+        let billed = b.stripe.map_or(ledger, |s| s.min(ledger));
+        if billed < b.tally {
+            let amount = b.tally - billed;
+            return BucketPlan::unbilled(
+                Status::PeriodClosed,
+                ledger,
+                amount,
+                format!("over-reported by the ledger, but Stripe billed {billed}: {amount} not billed; the invoice is final"),
+            );
+        }
+        if billed == b.tally {
+            return BucketPlan::status(Status::Ok, ledger, format!("Stripe billed {billed} on a final invoice"));
+        }
+        let mut p = BucketPlan::status(
+            Status::NeedsCredit,
+            ledger,
+            format!("over-reported; Stripe billed {billed} on an invoice it finalized"),
+        );
+        p.needs_credit = billed - b.tally;
+        return p;
+    }
     if ledger - c > b.tally {
         let mut p = BucketPlan::status(
             Status::NeedsCredit,
@@ -1050,6 +1078,16 @@ mod tests {
         b.open_from = Some(H + 3600);
         let p = plan(&ctx(), &b);
         assert_eq!((p.status, p.needs_credit, p.actions.len()), (Status::NeedsCredit, 10, 0));
+        // The invoice billed what Stripe held: had it dropped 40 of the 100, tally's 90 is 30
+        // more than was billed, not 10 less.
+        b.stripe = Some(60);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.unbilled, p.needs_credit, p.actions.len()), (Status::PeriodClosed, 30, 0, 0));
+        b.stripe = Some(90);
+        assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+        b.stripe = Some(100);
+        assert_eq!(plan(&ctx(), &b).needs_credit, 10);
+        b.stripe = None;
         // A unique meter's lower value after the invoice: a credit, not a closed push of 0.
         let mut u = bucket(40, vec![]);
         u.unique = true;
@@ -1066,6 +1104,12 @@ mod tests {
         u.tally = 47;
         let p = plan(&ctx(), &u);
         assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 7));
+        // A value Stripe lost in a closed period: period_closed, not stripe_missing (a repair
+        // could not set it again).
+        u.tally = 40;
+        u.stripe = Some(0);
+        let p = plan(&ctx(), &u);
+        assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40), "{}", p.note);
     }
 
     #[test]

@@ -37,6 +37,10 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 /// How long the start check ([`super::start`]) waits for the broker's committed offsets or log
 /// start before it gives up checking.
 const START_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a jump whose log start is unknown waits for a fetch that tells it, at most.
+const UNCHECKED_GAP_TTL: Duration = Duration::from_secs(300);
+/// Jumps waiting for a log start, at most; more are counted unchecked at once.
+const MAX_UNCHECKED_GAPS: usize = 1024;
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
 /// INSERT is landed (committed) when no new messages arrive.
 const LANDING_SLICE: Duration = Duration::from_millis(5);
@@ -84,8 +88,10 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     positions: Positions,
     /// The topic's name for librdkafka's C API (its cached watermarks).
     topic_c: std::ffi::CString,
-    /// Whether a jump could not be checked yet (logged once).
-    unchecked_logged: bool,
+    /// Jumps forward whose log start was unknown when they were read (librdkafka's latest fetch
+    /// of the partition failed): (partition, from, to, read at), checked again at each poll
+    /// until [`UNCHECKED_GAP_TTL`]. Kept across revocations: the log start is the log's.
+    unchecked: Vec<(i32, i64, i64, Instant)>,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -115,7 +121,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             starts: HashMap::new(),
             positions: Positions::default(),
             topic_c,
-            unchecked_logged: false,
+            unchecked: Vec::new(),
         }
     }
 
@@ -356,7 +362,6 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// (`tally_offsets_skipped_total`); a jump forward over records that exist (commit markers,
     /// compaction) only in `tally_offset_gaps_checked_total`.
     fn check_jump(&mut self, p: i32, jump: Jump) {
-        let label = p.to_string();
         register_skipped(p);
         match jump {
             Jump::None => {}
@@ -371,26 +376,25 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 );
             }
             Jump::Gap { from, to } => match self.cached_low(p) {
-                Some(low) => {
-                    counter!(m::OFFSET_GAPS, "partition" => label).increment((to - from) as u64);
-                    let n = gaps::deleted(from, to, low);
-                    if n > 0 {
-                        skipped(p, "deleted", n);
-                        error!(partition = p, from, to, low, offsets = n,
-                            "records of a held partition were deleted before this worker read them (retention overtook \
-                             its position, e.g. while it waited out an outage): they are not billed \
-                             (docs/alerts.md#tallyoffsetsskipped)");
-                    }
+                Some(low) => gap_checked(p, from, to, low),
+                None if self.unchecked.len() < MAX_UNCHECKED_GAPS => {
+                    self.unchecked.push((p, from, to, Instant::now()));
                 }
-                None => {
-                    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => label).increment((to - from) as u64);
-                    if !std::mem::replace(&mut self.unchecked_logged, true) {
-                        warn!(partition = p, from, to,
-                            "a jump in a partition's offsets could not be checked: the broker's fetch responses carry no \
-                             log start (Fetch v5+, Kafka 0.11+); records deleted before they were read are not seen");
-                    }
-                }
+                None => gap_unchecked(p, from, to),
             },
+        }
+    }
+
+    /// Checks again the jumps whose log start was unknown: once a fetch of the partition told
+    /// it, as [`Self::check_jump`] does; after [`UNCHECKED_GAP_TTL`], counted unchecked.
+    fn recheck_gaps(&mut self, now: Instant) {
+        let waiting = std::mem::take(&mut self.unchecked);
+        for (p, from, to, at) in waiting {
+            match self.cached_low(p) {
+                Some(low) => gap_checked(p, from, to, low),
+                None if now.duration_since(at) >= UNCHECKED_GAP_TTL => gap_unchecked(p, from, to),
+                None => self.unchecked.push((p, from, to, at)),
+            }
         }
     }
 
@@ -466,8 +470,12 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if !self.unchecked.is_empty() {
+            self.recheck_gaps(now);
+        }
         let v = &mut self.processor.verifier;
-        match v.maybe_reload(Instant::now()) {
+        match v.maybe_reload(now) {
             Ok(true) => {
                 counter!(m::KEY_RELOADS, "result" => "changed").increment(1);
                 info!("key material reloaded");
@@ -1223,6 +1231,33 @@ pub fn run(cfg: IngestConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let result = Worker::new(&consumer, dlq, store, processor, cfg, shutdown).run();
     consumer.unsubscribe();
     result
+}
+
+/// A jump `from..to` in `partition`'s offsets, against the log start `low`: counted checked, and
+/// its offsets below `low` counted deleted and logged.
+fn gap_checked(p: i32, from: i64, to: i64, low: i64) {
+    counter!(m::OFFSET_GAPS, "partition" => p.to_string()).increment((to - from) as u64);
+    let n = gaps::deleted(from, to, low);
+    if n > 0 {
+        skipped(p, "deleted", n);
+        error!(
+            partition = p,
+            from,
+            to,
+            low,
+            offsets = n,
+            "records of a held partition were deleted before this worker read them (retention overtook its position, \
+             e.g. while it waited out an outage): they are not billed (docs/alerts.md#tallyoffsetsskipped)"
+        );
+    }
+}
+
+/// A jump `from..to` in `partition`'s offsets that could not be checked: counted, and logged.
+fn gap_unchecked(p: i32, from: i64, to: i64) {
+    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string()).increment((to - from) as u64);
+    warn!(partition = p, from, to,
+        "a jump in a partition's offsets could not be checked for deleted records: no fetch of the partition told its log \
+         start (Fetch v5+, Kafka 0.11+, gives it unless the fetch failed)");
 }
 
 /// Registers both series of `tally_offsets_skipped_total` for `partition`, at 0, once its
