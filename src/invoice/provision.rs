@@ -52,10 +52,6 @@ pub fn provision(
     orgs: &[String],
     subscriptions: Option<Subscriptions>,
 ) -> Result<String, StripeError> {
-    let legacy_start = match subscriptions {
-        Some(Subscriptions::Legacy(t)) => Some(t),
-        _ => None,
-    };
     let mut out = String::from("# Written by `tally-invoicer provision`.\n\n[customers]\n");
     let existing: BTreeMap<String, String> = list_customers(stripe)?
         .into_iter()
@@ -83,8 +79,8 @@ pub fn provision(
         customers.insert(org.clone(), id);
     }
 
-    match legacy_start {
-        None => {
+    match subscriptions {
+        None | Some(Subscriptions::Metered(_)) => {
             let have = list_meters(stripe)?;
             let mut prices = Vec::new();
             for m in meters.meters() {
@@ -143,7 +139,7 @@ pub fn provision(
                 }
             }
         }
-        Some(start) => {
+        Some(Subscriptions::Legacy(start)) => {
             for (org, customer) in &customers {
                 let mut form = format!("customer={}&backdate_start_date={start}", encode(customer));
                 for (i, m) in meters.meters().iter().enumerate() {

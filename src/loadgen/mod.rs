@@ -421,7 +421,7 @@ pub fn generate(
     }
     let producer: BaseProducer<Deliveries> =
         pc.create_with_context(Deliveries::default()).context("failed to create producer")?;
-    let tx = Transactions::start(&producer, cfg.transaction_messages)?;
+    let mut tx = Transactions::start(&producer, cfg.transaction_messages)?;
     let mut g = Gen {
         cfg: cfg.clone(),
         keys,
@@ -495,7 +495,7 @@ pub fn generate(
 /// A transactional producer's transactions: one open at a time, committed every `every` messages.
 struct Transactions {
     every: u64,
-    in_open: std::cell::Cell<u64>,
+    in_open: u64,
 }
 
 impl Transactions {
@@ -506,19 +506,19 @@ impl Transactions {
             producer.init_transactions(Self::TIMEOUT).context("init_transactions")?;
             producer.begin_transaction().context("begin_transaction")?;
         }
-        Ok(Transactions { every, in_open: std::cell::Cell::new(0) })
+        Ok(Transactions { every, in_open: 0 })
     }
 
     /// After each message sent: commits the open transaction once it holds `every` messages.
-    fn sent(&self, producer: &BaseProducer<Deliveries>) -> anyhow::Result<()> {
+    fn sent(&mut self, producer: &BaseProducer<Deliveries>) -> anyhow::Result<()> {
         if self.every == 0 {
             return Ok(());
         }
-        self.in_open.set(self.in_open.get() + 1);
-        if self.in_open.get() >= self.every {
+        self.in_open += 1;
+        if self.in_open >= self.every {
             producer.commit_transaction(Self::TIMEOUT).context("commit_transaction")?;
             producer.begin_transaction().context("begin_transaction")?;
-            self.in_open.set(0);
+            self.in_open = 0;
         }
         Ok(())
     }

@@ -362,7 +362,6 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// (`tally_offsets_skipped_total`); a jump forward over records that exist (commit markers,
     /// compaction) only in `tally_offset_gaps_checked_total`.
     fn check_jump(&mut self, p: i32, jump: Jump) {
-        register_skipped(p);
         match jump {
             Jump::None => {}
             Jump::Back(n) => {

@@ -23,14 +23,14 @@
 
 use std::collections::BTreeMap;
 
-/// A draft cycle invoice that Stripe finalizes within this long (`automatically_finalizes_at`,
-/// the invoicer's clock) counts as finalized: a push planned now could land after it.
-pub const FINALIZE_MARGIN_SECS: i64 = 15 * 60;
-
 use serde::Deserialize;
 
 use super::client::{StripeError, StripeHttp};
 use crate::stripe_emu::form::encode as enc;
+
+/// A draft cycle invoice that Stripe finalizes within this long (`automatically_finalizes_at`,
+/// the invoicer's clock) counts as finalized: a push planned now could land after it.
+pub const FINALIZE_MARGIN_SECS: i64 = 15 * 60;
 
 #[derive(Debug, Deserialize)]
 struct Subscription {
