@@ -1267,6 +1267,97 @@ fn meters_usage_after_the_invoice_is_finalized_is_reported_not_sent() {
     assert!(grown > unbilled, "late usage before the end is reported: {grown} > {unbilled}");
 }
 
+/// Meters mode: a write for a billing period counts on the period's invoice only if it arrived
+/// before Stripe finalized it (`status_transitions.finalized_at`). An earlier run left two writes
+/// of the closed period pending (its intents, no answers: a crash), one of them planned after the
+/// finalization (a slow run); the next run, after the finalization, resends both. The one planned
+/// after is `period_closed` with exactly its value; the one planned before and answered after is
+/// `unresolved` (exit 1) until a person records when it landed (a `done` row, detail `landed`).
+#[test]
+fn meters_writes_landing_after_the_finalization_are_not_counted_as_billed() {
+    use tally::invoice::ledger::LANDED_BY_HAND;
+    use tally::stripe_emu::state::{FINALIZE_AFTER_SECS, PERIOD_SECS};
+    let b = Billing::new("invlanded", 3, 1, 1_500);
+    let acct = "acct_landed";
+    // The period ended almost an hour ago: Stripe finalizes its invoice in 60 s.
+    let fin = tally::invoice::reconcile::now_secs() + 60;
+    let end = fin - FINALIZE_AFTER_SECS;
+    b.provision(acct, &["--subscription-start", &arg_time(end - PERIOD_SECS)]);
+    // No margin: every bucket is planned while the invoice is a draft.
+    let reconcile = |extra: &[&str]| {
+        report_of(b.reconcile_cmd(acct, extra).env("TALLY_STRIPE_FINALIZE_MARGIN_SECS", "0").output().unwrap())
+    };
+    let (code, rep) = reconcile(&["--apply"]);
+    assert_eq!(code, 0, "{}", rep["problems"]);
+    b.assert_stripe_equals_tally(acct);
+    assert!(tally::invoice::reconcile::now_secs() < fin, "the run ended before the finalization");
+
+    // Two pushes of the closed period, as a run that died after their intents leaves them.
+    let db = b.w.ch.database();
+    let picked = b.w.rows(&format!(
+        "SELECT push_id, org_id, meter, toString(value) FROM stripe_ledger WHERE account = '{acct}' AND state = 'done' \
+         AND action = 'push' AND bucket_end <= toDateTime({end}) ORDER BY value DESC, push_id LIMIT 2"
+    ));
+    assert_eq!(picked.len(), 2, "pushes before the period's end");
+    let (unsure, late) = (&picked[0], &picked[1]);
+    let cols = "push_id, state, action, mode, account, org_id, customer, meter, target, event_name, bucket_start, \
+                bucket_end, seq, value, cancels, event_ts, run_id, detail, recorded_at";
+    let copy = |id: &str, state: &str, detail: &str, at: i64| {
+        b.w.ch
+            .execute(
+                &format!(
+                    "INSERT INTO {db}.stripe_ledger ({cols}) SELECT push_id, '{state}', action, mode, account, org_id, \
+                     customer, meter, target, event_name, bucket_start, bucket_end, seq, value, cancels, event_ts, \
+                     'test', '{detail}', toDateTime({at}) FROM {db}.stripe_ledger WHERE push_id = '{id}' AND \
+                     state = 'intent' LIMIT 1"
+                ),
+                false,
+            )
+            .unwrap();
+    };
+    // The late one's intent is dated after the finalization.
+    copy(&late[0], "intent", "", fin + 5);
+    b.w.ch
+        .execute(
+            &format!(
+                "ALTER TABLE {db}.stripe_ledger DELETE WHERE push_id IN ('{}', '{}') AND (state = 'done' OR \
+                 (push_id = '{}' AND recorded_at < toDateTime({fin})))",
+                unsure[0], late[0], late[0]
+            ),
+            false,
+        )
+        .unwrap();
+    wait_mutations(&b.w);
+    while tally::invoice::reconcile::now_secs() <= fin + 6 {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Resent after the finalization: Stripe holds both again, no invoice bills the late one.
+    let value = |r: &Vec<String>| r[3].parse::<u64>().unwrap();
+    let check = |code: i32, rep: &Value, unresolved: Vec<(String, String, u64)>| {
+        assert_eq!(code, if unresolved.is_empty() { 2 } else { 1 }, "{}", rep["problems"]);
+        assert_eq!(problems_with(rep, "unresolved"), unresolved);
+        assert_eq!(problems_with(rep, "period_closed"), [(late[1].clone(), late[2].clone(), value(late))]);
+        assert_eq!(rep["problems"].as_array().unwrap().len(), 1 + unresolved.len(), "{}", rep["problems"]);
+    };
+    let (code, rep) = reconcile(&["--apply"]);
+    check(code, &rep, vec![(unsure[1].clone(), unsure[2].clone(), 0)]);
+    b.assert_stripe_equals_tally(acct);
+    let note = rep["problems"].as_array().unwrap().iter().find(|p| p["status"] == "unresolved").unwrap();
+    assert!(note["note"].as_str().unwrap().contains(&unsure[0]), "{note}");
+    let (code, rep) = reconcile(&[]);
+    check(code, &rep, vec![(unsure[1].clone(), unsure[2].clone(), 0)]);
+
+    // A person finds the uncertain write on the invoice: it landed before the finalization.
+    copy(&unsure[0], "done", LANDED_BY_HAND, fin - 1);
+    let (code, rep) = reconcile(&["--apply"]);
+    check(code, &rep, vec![]);
+    eprintln!(
+        "[measure] meters mode, writes landing after the finalization: late {} units period_closed, uncertain resolved by hand",
+        value(late)
+    );
+}
+
 /// `tally-invoicer explain --format json` for one (customer, meter).
 fn explain(b: &Billing, customer: &str, meter: &str, extra: &[&str]) -> Value {
     let mut args: Vec<String> = vec!["explain".into()];

@@ -259,13 +259,13 @@ fn responses_match_stripes_schemas() {
 }
 
 /// Meters mode: a subscription's cycle invoice is a draft for an hour after its period ends, then
-/// finalized; `invoices::finalized_until` gives, per Stripe meter a subscription bills, the end of
-/// the latest period whose cycle invoice is final or about to be (within the margin) — nothing
-/// while only the create invoice exists, nothing for a meter no subscription bills or a customer
-/// without subscriptions.
+/// finalized; `invoices::finalized` gives, per Stripe meter a subscription bills, the periods
+/// whose cycle invoices are final (with Stripe's finalization time) or about to be (within the
+/// margin, no time yet) — nothing while only the create invoice exists, nothing for a meter no
+/// subscription bills or a customer without subscriptions.
 #[test]
 fn finalized_invoices_close_periods_per_meter() {
-    use tally::invoice::stripe::invoices::{finalized_until, FINALIZE_MARGIN_SECS};
+    use tally::invoice::stripe::invoices::{finalized, Closed, FinalPeriod, FINALIZE_MARGIN_SECS};
     use tally::stripe_emu::state::{FINALIZE_AFTER_SECS, PERIOD_SECS};
     let emu = emulator();
     let (cid, m) = customer_and_meter(&emu);
@@ -314,7 +314,13 @@ fn finalized_invoices_close_periods_per_meter() {
     let advance = |secs: i64| {
         ureq::post(&format!("{}_emulator/clock", emu.base_url())).send_string(&format!("advance_secs={secs}")).unwrap();
     };
-    let want = |until: i64| [(mid.clone(), until)].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let want = |start: i64, end: i64, finalized_at: Option<i64>| {
+        let closed = Closed { until: end, periods: vec![FinalPeriod { start, end, finalized_at }] };
+        [(mid.clone(), closed)].into_iter().collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let finalized_until = |c: &tally::invoice::stripe::client::StripeHttp, cid: &str, now: i64| {
+        finalized(c, cid, now, FINALIZE_MARGIN_SECS)
+    };
     let statuses = || {
         let (_, _, list) = call(&emu, "GET", &format!("/v1/invoices?customer={cid}"), "", None);
         list["data"].as_array().unwrap().iter().map(|i| i["status"].clone()).collect::<Vec<_>>()
@@ -326,12 +332,19 @@ fn finalized_invoices_close_periods_per_meter() {
     let end = start + PERIOD_SECS;
     assert!(finalized_until(&c, &cid, t0).unwrap().is_empty(), "a draft an hour from its finalization");
     let near = end + FINALIZE_AFTER_SECS - FINALIZE_MARGIN_SECS;
-    assert_eq!(finalized_until(&c, &cid, near).unwrap(), want(end), "a draft within the margin counts as final");
+    assert_eq!(
+        finalized_until(&c, &cid, near).unwrap(),
+        want(start, end, None),
+        "a draft within the margin counts as final"
+    );
+    // The margin is the caller's (the period ends 600 s after t0).
+    assert_eq!(finalized(&c, &cid, t0, FINALIZE_AFTER_SECS + 600).unwrap(), want(start, end, None));
+    assert!(finalized(&c, &cid, t0, FINALIZE_AFTER_SECS + 599).unwrap().is_empty());
     assert!(finalized_until(&c, &cid, near - 1).unwrap().is_empty());
     advance(FINALIZE_AFTER_SECS);
     assert_eq!(statuses(), [json!("open"), json!("open")], "finalized an hour after the period's end");
     let closed = finalized_until(&c, &cid, t0).unwrap();
-    assert_eq!(closed, want(end));
+    assert_eq!(closed, want(start, end, Some(end + FINALIZE_AFTER_SECS)), "with Stripe's finalization time");
     assert!(!closed.contains_key(other["id"].as_str().unwrap()), "no subscription bills the other meter");
     assert!(finalized_until(&c, lonely["id"].as_str().unwrap(), t0).unwrap().is_empty());
 }

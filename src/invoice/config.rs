@@ -66,6 +66,10 @@ pub struct StripeConfig {
     /// are older than this, Stripe holding less than the ledger is `stripe_missing`, not lag.
     #[serde(default = "default_settle_secs")]
     pub settle_secs: u32,
+    /// Meters mode: a draft cycle invoice that Stripe finalizes within this many seconds counts
+    /// as finalized, so no write is planned that could land after it (default 900; docs/invoicing.md).
+    #[serde(default = "default_finalize_margin_secs")]
+    pub finalize_margin_secs: u32,
 }
 
 impl std::fmt::Debug for StripeConfig {
@@ -78,6 +82,7 @@ impl std::fmt::Debug for StripeConfig {
             .field("max_requests_per_sec", &self.max_requests_per_sec)
             .field("concurrency", &self.concurrency)
             .field("settle_secs", &self.settle_secs)
+            .field("finalize_margin_secs", &self.finalize_margin_secs)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +178,9 @@ fn default_timeout_secs() -> u64 {
 }
 fn default_settle_secs() -> u32 {
     7200
+}
+fn default_finalize_margin_secs() -> u32 {
+    crate::invoice::stripe::invoices::FINALIZE_MARGIN_SECS as u32
 }
 fn default_mapping_path() -> PathBuf {
     "config/billing.toml".into()

@@ -151,9 +151,18 @@ pub struct Record {
 }
 
 /// Folds ledger rows into pushes: done if any `done` row, else failed if any `failed` row, else pending.
+///
+/// A `done` row whose detail is [`LANDED_BY_HAND`] is a person's finding of when the write
+/// arrived at Stripe (from the invoice that does or does not bill it): its `recorded_at` becomes
+/// both the intent and the answer time, over every other row (docs/invoicing.md, "Writes landing
+/// after the finalization").
 pub fn fold(records: Vec<Record>) -> Vec<Push> {
     let mut by_id: BTreeMap<String, Push> = BTreeMap::new();
+    let mut landed: BTreeMap<String, i64> = BTreeMap::new();
     for Record { entry, state, at, detail, run_id } in records {
+        if state == State::Done && detail == LANDED_BY_HAND {
+            landed.insert(entry.push_id.clone(), at);
+        }
         let p = by_id.entry(entry.push_id.clone()).or_insert_with(|| Push {
             entry: Entry { reason: String::new(), ..entry.clone() },
             outcome: Outcome::Pending,
@@ -183,8 +192,16 @@ pub fn fold(records: Vec<Record>) -> Vec<Push> {
             }
         }
     }
+    for (id, at) in landed {
+        if let Some(p) = by_id.get_mut(&id) {
+            (p.intent_at, p.done_at) = (at, Some(at));
+        }
+    }
     by_id.into_values().collect()
 }
+
+/// The detail of a `done` row recorded by hand to say when a write arrived at Stripe ([`fold`]).
+pub const LANDED_BY_HAND: &str = "landed";
 
 /// The ledger of one Stripe mode and account.
 pub struct Ledger<'a> {
@@ -351,6 +368,14 @@ mod tests {
         assert_eq!(p[1].outcome, Outcome::Done);
         assert_eq!((p[1].intent_at, p[1].done_at), (11, Some(12)));
         assert_eq!(p[2].outcome, Outcome::Failed("refused".into()));
+        // When a write landed, found by hand, is the strongest fact of its times.
+        let p = fold(vec![
+            rec("d", State::Intent, 20, ""),
+            rec("d", State::Done, 30, LANDED_BY_HAND),
+            rec("d", State::Done, 25, ""),
+            rec("d", State::Intent, 21, ""),
+        ]);
+        assert_eq!((p[0].intent_at, p[0].done_at, &p[0].outcome), (30, Some(30), &Outcome::Done));
     }
 
     #[test]

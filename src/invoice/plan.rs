@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::ledger::{push_id, Action, Entry, Outcome, Push};
+use super::stripe::invoices::{period_of, FinalPeriod};
 
 /// Stripe refuses meter events older than 35 days or more than 5 minutes ahead.
 pub const MAX_EVENT_AGE_SECS: i64 = 35 * 86_400;
@@ -57,6 +58,9 @@ pub struct Bucket<'a> {
     /// before it, but no invoice would bill it; `stripe::invoices`), `None` when no
     /// subscription's invoice has closed a period; Stripe's 35-day window applies as well.
     pub open_from: Option<i64>,
+    /// Meters mode: the closed billing periods (`stripe::invoices`) that end after the bucket
+    /// starts, with when Stripe finalized their invoices ([`Landing`]).
+    pub finals: Vec<FinalPeriod>,
     pub pushes: Vec<&'a Push>,
     /// Why the bucket's (org, meter) is refused: one of its totals needs more than 64 bits
     /// (PRODUCT.md §1). Nothing is written for a refused pair; it is reported as `total_overflow`.
@@ -224,12 +228,43 @@ impl BucketPlan {
     /// A bucket of a pair whose total needs more than 64 bits: nothing planned, what the ledger
     /// holds reported.
     fn refused(b: &Bucket, why: &str) -> Self {
-        let ledger = if b.unique {
-            last_set(b).map_or(0, |p| p.entry.value)
-        } else {
-            live_pushes(b).map(|p| p.entry.value).sum()
-        };
-        BucketPlan::status(Status::TotalOverflow, ledger, why)
+        BucketPlan::status(Status::TotalOverflow, ledger_of(b), why)
+    }
+}
+
+/// Meters mode: where a done write stands with the invoice of the billing period its timestamp
+/// falls in. Stripe bills a meter event on a subscription's cycle invoice only if it arrived
+/// before the invoice was finalized; it accepts later ones for 35 days, and counts them in the
+/// meter's summaries, but bills them nowhere. The ledger bounds when a write arrived: after its
+/// intent (`intent_at`), before its answer (`done_at`), both on the invoicer's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// Its timestamp is in a period no invoice has closed (or legacy mode).
+    Open,
+    /// Answered before the finalization (or the invoice is a draft inside the margin): billed.
+    OnTime,
+    /// Intent recorded after the finalization: billed by no invoice.
+    Late,
+    /// Sent before the finalization and answered after it (an earlier run's pending write resent
+    /// after it, or a slow request): only the invoice's lines can tell.
+    Uncertain,
+}
+
+impl Landing {
+    /// `p`'s landing for bucket `b` (meters mode).
+    pub fn of(b: &Bucket, p: &Push) -> Landing {
+        let ts = p.entry.event_ts;
+        if b.open_from.is_none_or(|open| ts >= open) {
+            return Landing::Open;
+        }
+        match period_of(&b.finals, ts).and_then(|f| f.finalized_at) {
+            None => Landing::OnTime,
+            Some(f) => match p.done_at {
+                Some(d) if d <= f => Landing::OnTime,
+                _ if p.intent_at > f => Landing::Late,
+                _ => Landing::Uncertain,
+            },
+        }
     }
 }
 
@@ -352,10 +387,48 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         last_add: last_done(&|a| a != Action::Cancel),
         last_cancel: last_done(&|a| a == Action::Cancel),
     };
+    // Meters mode: the writes of closed periods that landed after Stripe finalized the invoice.
+    let landings: Vec<(&Push, Landing)> = if meters_mode {
+        b.pushes.iter().filter(done).map(|p| (*p, Landing::of(b, p))).filter(|(_, l)| *l != Landing::Open).collect()
+    } else {
+        Vec::new()
+    };
+    if let Some((p, _)) = landings.iter().find(|(_, l)| *l == Landing::Uncertain) {
+        return BucketPlan::status(
+            Status::Unresolved,
+            ledger_of(b),
+            format!(
+                "write {} was sent before Stripe finalized the invoice of its period and answered after it: the \
+                 invoice's lines say whether it is billed; record when it landed by hand (docs/invoicing.md)",
+                p.entry.push_id
+            ),
+        );
+    }
+    let late: Vec<&Push> = landings.iter().filter(|(_, l)| *l == Landing::Late).map(|(p, _)| *p).collect();
+    let is_late = |p: &Push| late.iter().any(|q| std::ptr::eq(*q, p));
+    let late_note = |billed: u64| {
+        format!(
+            "{} write(s) landed after Stripe finalized the invoice of their period (first {}): billed by no \
+             invoice; billed {billed}",
+            late.len(),
+            late[0].entry.push_id
+        )
+    };
 
     if b.unique {
         let last = last_set(b);
         let ledger = last.map_or(0, |p| p.entry.value);
+        // The last value set landed after the finalization: the invoice billed the last one before.
+        if last.is_some_and(|p| is_late(p)) {
+            let billed = b
+                .pushes
+                .iter()
+                .filter(done)
+                .filter(|p| p.entry.action == Action::Set && !is_late(p))
+                .max_by_key(|p| p.entry.seq)
+                .map_or(0, |p| p.entry.value);
+            return billed_on_final_invoice(b.tally, ledger, billed, late_note(billed));
+        }
         let ts = match (ctx.can_cancel, last) {
             // Legacy `set` replaces the quantity at a timestamp: keep the first one.
             (false, Some(p)) => p.entry.event_ts,
@@ -435,6 +508,40 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         Some(open) => b.start.max(open).max(oldest_allowed),
         None => b.start.max(oldest_allowed),
     };
+    if !late.is_empty() {
+        // What the invoices bill: the writes that are not late (a cancel landing late leaves its
+        // push billed), less the repairs that landed late (the loss they make up stays unbilled).
+        let billed: i128 = b
+            .pushes
+            .iter()
+            .filter(done)
+            .map(|p| {
+                let v = i128::from(p.entry.value);
+                match (p.entry.action, is_late(p)) {
+                    (Action::Repair, true) => -v,
+                    (Action::Repair, false) | (_, true) => 0,
+                    (Action::Cancel, false) => -v,
+                    (_, false) => v,
+                }
+            })
+            .sum();
+        let billed = u64::try_from(billed.max(0)).unwrap_or(u64::MAX);
+        if b.tally > billed {
+            let amount = b.tally - billed;
+            match blocked(ledger, amount).or_else(|| closed(ts.min(b.end - 1), ledger, amount)) {
+                Some(p) if p.status == Status::PeriodClosed => {}
+                Some(p) => return p,
+                None => {
+                    // A bucket that straddles the finalized period's end: what the late writes
+                    // missed is billed after it.
+                    let mut p = BucketPlan::status(Status::Push, ledger, late_note(billed));
+                    p.actions.push(entry(Action::Push, next_seq, amount, "", ts, String::new()));
+                    return p;
+                }
+            }
+        }
+        return billed_on_final_invoice(b.tally, ledger, billed, late_note(billed));
+    }
     if b.tally == ledger {
         let c = compare(b, ledger, &settle);
         if c.status != Status::StripeMissing {
@@ -532,6 +639,35 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         ));
     }
     p
+}
+
+/// A bucket whose invoice is final, against what the invoice billed: `period_closed` for usage it
+/// did not bill, `needs_credit` for what it billed beyond tally, `ok` when they agree.
+fn billed_on_final_invoice(tally: u64, ledger: u64, billed: u64, note: String) -> BucketPlan {
+    match tally.cmp(&billed) {
+        std::cmp::Ordering::Greater => BucketPlan::unbilled(
+            Status::PeriodClosed,
+            ledger,
+            tally - billed,
+            format!("{note}: {} not billed; the invoice is final", tally - billed),
+        ),
+        std::cmp::Ordering::Equal => BucketPlan::status(Status::Ok, ledger, note),
+        std::cmp::Ordering::Less => {
+            let mut p = BucketPlan::status(Status::NeedsCredit, ledger, format!("{note}: over-reported"));
+            p.needs_credit = billed - tally;
+            p
+        }
+    }
+}
+
+/// What the ledger says Stripe holds for the bucket: a unique meter's last value, or the sum of
+/// the live pushes.
+fn ledger_of(b: &Bucket) -> u64 {
+    if b.unique {
+        last_set(b).map_or(0, |p| p.entry.value)
+    } else {
+        live_pushes(b).map(|p| p.entry.value).sum()
+    }
 }
 
 /// A unique meter's bucket: its last done `set`, whose value the ledger says Stripe holds.
@@ -833,6 +969,7 @@ fn compare(b: &Bucket, ledger: u64, settle: &Settle) -> BucketPlan {
 mod tests {
     use super::*;
     use crate::invoice::ledger::Push;
+    use crate::invoice::stripe::invoices::FinalPeriod;
 
     const NOW: i64 = 1_800_000_000 + 1800; // 1_800_000_000 is a whole hour
     const H: i64 = NOW - 1800 - 3 * 3600;
@@ -860,6 +997,7 @@ mod tests {
             tally,
             stripe: None,
             open_from: None,
+            finals: Vec::new(),
             pushes,
             overflow: None,
         }
@@ -1110,6 +1248,116 @@ mod tests {
         u.stripe = Some(0);
         let p = plan(&ctx(), &u);
         assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 40), "{}", p.note);
+    }
+
+    /// A write for a closed period is billed only if it landed before Stripe finalized the
+    /// invoice: after its intent, before its answer.
+    #[test]
+    fn meters_writes_landing_after_the_finalization_are_billed_by_no_invoice() {
+        // The bucket's period ended at H + 3600; Stripe finalized its invoice an hour later.
+        let fin = H + 7200;
+        let closed = |b: &mut Bucket| {
+            b.open_from = Some(H + 3600);
+            b.finals = vec![FinalPeriod { start: H - 86_400, end: H + 3600, finalized_at: Some(fin) }];
+        };
+        let at = |e: Entry, intent: i64, answer: i64| Push {
+            entry: e,
+            outcome: Outcome::Done,
+            intent_at: intent,
+            done_at: Some(answer),
+            run_id: "r".into(),
+        };
+        let first = plan(&ctx(), &bucket(100, vec![])).actions[0].clone();
+        // Landed before: billed, as before.
+        let on_time = at(first.clone(), fin - 60, fin);
+        let mut b = bucket(100, vec![&on_time]);
+        closed(&mut b);
+        b.stripe = Some(100);
+        assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+        // Planned after the finalization (a slow run): Stripe holds it, no invoice bills it.
+        let late = at(first.clone(), fin + 1, fin + 2);
+        b.pushes = vec![&late];
+        let p = plan(&ctx(), &b);
+        assert_eq!(
+            (p.status, p.ledger, p.unbilled, p.actions.len()),
+            (Status::PeriodClosed, 100, 100, 0),
+            "{}",
+            p.note
+        );
+        assert!(p.note.contains(&first.push_id), "{}", p.note);
+        // Sent before and answered after (a pending write resent): only the invoice can say.
+        let unsure = at(first.clone(), fin - 60, fin + 60);
+        b.pushes = vec![&unsure];
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.actions.len()), (Status::Unresolved, 0), "{}", p.note);
+        assert!(p.note.contains(&first.push_id), "{}", p.note);
+        // A draft within the margin (no finalization time yet): every write so far is on it.
+        b.finals[0].finalized_at = None;
+        assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+        b.finals[0].finalized_at = Some(fin);
+        // Late events pushed on time, then more late: only the late push is unbilled.
+        let e2 = plan(&ctx(), &bucket(130, vec![&on_time])).actions[0].clone();
+        let late2 = at(e2, fin + 10, fin + 11);
+        b.pushes = vec![&on_time, &late2];
+        b.tally = 130;
+        b.stripe = Some(130);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.ledger, p.unbilled), (Status::PeriodClosed, 130, 30), "{}", p.note);
+        // A cancel landing after the finalization leaves its push billed: tally went down to 60,
+        // the push of 100 was cancelled late and 60 pushed late; the invoice billed 100.
+        let id = |n: &str| format!("{}-{n}", first.push_id);
+        let cancel =
+            Entry { push_id: id("c"), action: Action::Cancel, seq: 2, cancels: first.push_id.clone(), ..first.clone() };
+        let repush = Entry { push_id: id("p"), seq: 3, value: 60, ..first.clone() };
+        let (cancel, repush) = (at(cancel, fin + 5, fin + 6), at(repush, fin + 7, fin + 8));
+        b.pushes = vec![&on_time, &cancel, &repush];
+        b.tally = 60;
+        b.stripe = Some(60);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.needs_credit), (Status::NeedsCredit, 40), "{}", p.note);
+        // A repair landing late: the loss it made up stays unbilled.
+        let repair = Entry { push_id: id("r"), action: Action::Repair, seq: 2, value: 25, ..first.clone() };
+        let repair = at(repair, fin + 5, fin + 6);
+        b.pushes = vec![&on_time, &repair];
+        b.tally = 100;
+        b.stripe = Some(100);
+        let p = plan(&ctx(), &b);
+        assert_eq!((p.status, p.unbilled), (Status::PeriodClosed, 25), "{}", p.note);
+        // A bucket straddling the period's end: what a late write missed is pushed after the end.
+        let mut s = bucket(100, vec![&late]);
+        s.open_from = Some(H + 1800);
+        s.finals = vec![FinalPeriod { start: H - 86_400, end: H + 1800, finalized_at: Some(fin) }];
+        let p = plan(&ctx(), &s);
+        assert_eq!((p.status, p.actions.len()), (Status::Push, 1), "{}", p.note);
+        assert_eq!((p.actions[0].value, p.actions[0].event_ts), (100, H + 1800));
+        let after = done(p.actions[0].clone(), NOW);
+        s.pushes = vec![&late, &after];
+        s.stripe = Some(200);
+        assert_eq!(plan(&ctx(), &s).status, Status::Ok, "billed once, after the end");
+        // Writes of the open period are judged as before.
+        let mut o = bucket(100, vec![&late]);
+        o.finals = s.finals.clone();
+        o.open_from = Some(H);
+        o.stripe = Some(100);
+        assert_eq!(plan(&ctx(), &o).status, Status::Ok);
+        // A unique meter whose last value was set late: the invoice billed the one before.
+        let mut u = bucket(40, vec![]);
+        u.unique = true;
+        let set1 = plan(&ctx(), &u).actions[0].clone();
+        let set2 = Entry {
+            push_id: format!("{}-2", set1.push_id),
+            seq: 2,
+            value: 55,
+            event_ts: set1.event_ts + 1,
+            ..set1.clone()
+        };
+        let (set1, set2) = (at(set1, fin - 100, fin - 99), at(set2, fin + 1, fin + 2));
+        u.pushes = vec![&set1, &set2];
+        u.tally = 55;
+        u.stripe = Some(55);
+        closed(&mut u);
+        let p = plan(&ctx(), &u);
+        assert_eq!((p.status, p.unbilled, p.actions.len()), (Status::PeriodClosed, 15, 0), "{}", p.note);
     }
 
     #[test]

@@ -14,8 +14,9 @@ use super::period::Period;
 use super::plan::{check_item, plan, Bucket, BucketPlan, Ctx, Item, ItemCheck, Refusal, Target};
 use super::progress::Progress;
 use super::report::{Report, Row};
+use super::stripe::invoices::{self, FinalPeriod};
 use super::stripe::meters::{self, MeterInfo};
-use super::stripe::{invoices, legacy, StripeError, StripeHttp};
+use super::stripe::{legacy, StripeError, StripeHttp};
 use super::usage::{self, Mismatch};
 use crate::meter::{Aggregation, Meters};
 use crate::sink::clickhouse::{ChError, ClickHouse};
@@ -431,6 +432,8 @@ pub struct StripeView {
     /// current billing period; meters mode, the end of the latest usage period Stripe finalized
     /// an invoice for (absent when no subscription bills the meter; [`invoices`]).
     pub open_from: BTreeMap<(String, String), i64>,
+    /// Meters mode: each (org, meter)'s closed billing periods, with when Stripe finalized them.
+    pub finals: BTreeMap<(String, String), Vec<FinalPeriod>>,
     /// Legacy mode: each (org, meter)'s usage record summaries and current billing period.
     pub items: BTreeMap<(String, String), LegacyItem>,
 }
@@ -450,6 +453,7 @@ impl StripeView {
         self.bucket.extend(other.bucket);
         self.pair.extend(other.pair);
         self.open_from.extend(other.open_from);
+        self.finals.extend(other.finals);
         self.items.extend(other.items);
     }
 }
@@ -500,15 +504,17 @@ fn read_stripe(
         let customers: Vec<&str> =
             list.iter().map(|(_, t)| t.customer.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
         let now = now_secs();
+        let margin = i64::from(env.cfg.stripe.finalize_margin_secs);
         let finalized =
-            parallel(&customers, env.cfg.stripe.concurrency, |c| invoices::finalized_until(env.stripe, c, now));
+            parallel(&customers, env.cfg.stripe.concurrency, |c| invoices::finalized(env.stripe, c, now, margin));
         let mut by_customer = BTreeMap::new();
         for (c, f) in customers.iter().zip(finalized) {
             by_customer.insert(*c, f?);
         }
         for ((org, meter), t) in &list {
-            if let Some(until) = by_customer.get(t.customer.as_str()).and_then(|f| f.get(&t.target)) {
-                view.open_from.insert((org.clone(), meter.clone()), *until);
+            if let Some(closed) = by_customer.get(t.customer.as_str()).and_then(|f| f.get(&t.target)) {
+                view.open_from.insert((org.clone(), meter.clone()), closed.until);
+                view.finals.insert((org.clone(), meter.clone()), closed.periods.clone());
             }
         }
     }
@@ -619,6 +625,11 @@ fn plan_all(
                     _ => None,
                 },
                 open_from: stripe.open_from.get(&(k.0.clone(), k.1.clone())).copied(),
+                finals: stripe
+                    .finals
+                    .get(&(k.0.clone(), k.1.clone()))
+                    .map(|f| f.iter().filter(|p| p.end > k.2).copied().collect())
+                    .unwrap_or_default(),
                 target,
                 tally: tally.buckets.get(k).copied().unwrap_or(0),
                 pushes: by_key.get(k).cloned().unwrap_or_default(),

@@ -16,10 +16,15 @@
 //! usage is billed by the next cycle invoice; a `subscription_create` invoice bills no usage.
 //! Subscriptions that never started (`incomplete`, `incomplete_expired`) bill nothing.
 //!
+//! Each closing invoice is also kept as a [`FinalPeriod`] with Stripe's finalization time
+//! (`status_transitions.finalized_at`): a write for a closed period counts on its invoice only if
+//! it landed before that time (`plan::Landing`). A write planned while the invoice was a draft
+//! can land after it: a slow run, or an earlier run's pending write resent after the
+//! finalization.
+//!
 //! Limits: the rule is a threshold, not a set of periods (an older cycle invoice kept in draft,
 //! `auto_advance=false`, after a newer one was finalized counts as closed too); usage after a
-//! subscription ended is billed by nothing and is not flagged; a push planned before the margin
-//! and landing after the finalization reads `ok`.
+//! subscription ended is billed by nothing and is not flagged.
 
 use std::collections::BTreeMap;
 
@@ -28,9 +33,44 @@ use serde::Deserialize;
 use super::client::{StripeError, StripeHttp};
 use crate::stripe_emu::form::encode as enc;
 
-/// A draft cycle invoice that Stripe finalizes within this long (`automatically_finalizes_at`,
-/// the invoicer's clock) counts as finalized: a push planned now could land after it.
+/// The default of `stripe.finalize_margin_secs`: a draft cycle invoice that Stripe finalizes
+/// within this long (`automatically_finalizes_at`, the invoicer's clock) counts as finalized, as a
+/// push planned now could land after it.
 pub const FINALIZE_MARGIN_SECS: i64 = 15 * 60;
+
+/// A billing period a cycle invoice has closed, for one meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinalPeriod {
+    /// The usage period the invoice bills, Unix seconds, `[start, end)`.
+    pub start: i64,
+    pub end: i64,
+    /// When Stripe finalized it (`status_transitions.finalized_at`, Stripe's clock); `None` for
+    /// a draft that counts as finalized because Stripe finalizes it within the margin.
+    pub finalized_at: Option<i64>,
+}
+
+/// What a customer's invoices closed for one Stripe meter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// The latest end of a closed period: usage before it is billed by no future invoice.
+    pub until: i64,
+    /// Every closed period, by `end`.
+    pub periods: Vec<FinalPeriod>,
+}
+
+impl Closed {
+    /// The closed period that bills a meter event at `ts`: the earliest one that ends after it
+    /// (a timestamp in a gap between periods is billed by the next invoice). `None` if `ts` is at
+    /// or after [`Closed::until`].
+    pub fn period_of(&self, ts: i64) -> Option<&FinalPeriod> {
+        period_of(&self.periods, ts)
+    }
+}
+
+/// [`Closed::period_of`] over any list of closed periods.
+pub fn period_of(periods: &[FinalPeriod], ts: i64) -> Option<&FinalPeriod> {
+    periods.iter().filter(|p| p.end > ts).min_by_key(|p| p.end)
+}
 
 #[derive(Debug, Deserialize)]
 struct Subscription {
@@ -71,22 +111,35 @@ struct Invoice {
     /// When Stripe finalizes a draft on its own (null for others, and for drafts with
     /// `auto_advance=false`).
     automatically_finalizes_at: Option<i64>,
-    /// End of the usage period the invoice bills (it looks back one period for a subscription
-    /// invoice: Stripe API, "The Invoice object").
+    /// The usage period the invoice bills (it looks back one period for a subscription invoice:
+    /// Stripe API, "The Invoice object").
+    period_start: i64,
     period_end: i64,
+    status_transitions: Option<StatusTransitions>,
 }
 
-/// For `customer` at `now` (Unix seconds): Stripe meter id → the end of the latest billing period
-/// Stripe has finalized a cycle invoice for (or finalizes within [`FINALIZE_MARGIN_SECS`]), over
-/// the customer's subscriptions whose metered prices bill that meter (`recurring.meter`). A
-/// meter no subscription bills is absent. Requests: one list of the customer's subscriptions,
-/// and one list of invoices per subscription with a metered price (more for long lists).
-pub fn finalized_until(c: &StripeHttp, customer: &str, now: i64) -> Result<BTreeMap<String, i64>, StripeError> {
+#[derive(Debug, Default, Deserialize)]
+struct StatusTransitions {
+    finalized_at: Option<i64>,
+}
+
+/// For `customer` at `now` (Unix seconds): Stripe meter id → the billing periods Stripe has
+/// finalized a cycle invoice for (or finalizes within `margin_secs`), over the customer's
+/// subscriptions whose metered prices bill that meter (`recurring.meter`). A meter no
+/// subscription bills, or none with a closed period, is absent. Requests: one list of the
+/// customer's subscriptions, and one list of invoices per subscription with a metered price
+/// (more for long lists).
+pub fn finalized(
+    c: &StripeHttp,
+    customer: &str,
+    now: i64,
+    margin_secs: i64,
+) -> Result<BTreeMap<String, Closed>, StripeError> {
     let subs: Vec<Subscription> =
         c.list_all("/subscriptions", &format!("customer={}&status=all", enc(customer)), |s: &Subscription| {
             s.id.clone()
         })?;
-    let mut out: BTreeMap<String, i64> = BTreeMap::new();
+    let mut out: BTreeMap<String, Closed> = BTreeMap::new();
     for sub in subs {
         if matches!(sub.status.as_str(), "incomplete" | "incomplete_expired") {
             continue;
@@ -102,12 +155,23 @@ pub fn finalized_until(c: &StripeHttp, customer: &str, now: i64) -> Result<BTree
         }
         let invoices: Vec<Invoice> =
             c.list_all("/invoices", &format!("subscription={}", enc(&sub.id)), |i: &Invoice| i.id.clone())?;
-        let Some(until) = invoices.iter().filter(|i| closes(i, now)).map(|i| i.period_end).max() else {
+        let periods: Vec<FinalPeriod> = invoices
+            .iter()
+            .filter(|i| closes(i, now, margin_secs))
+            .map(|i| FinalPeriod {
+                start: i.period_start,
+                end: i.period_end,
+                finalized_at: i.status_transitions.as_ref().and_then(|t| t.finalized_at),
+            })
+            .collect();
+        if periods.is_empty() {
             continue;
-        };
+        }
         for m in meters {
-            let e = out.entry(m).or_insert(until);
-            *e = (*e).max(until);
+            let e = out.entry(m).or_default();
+            e.periods.extend(&periods);
+            e.periods.sort_by_key(|p| (p.end, p.start));
+            e.until = e.periods.iter().map(|p| p.end).max().unwrap_or(0);
         }
     }
     Ok(out)
@@ -115,14 +179,14 @@ pub fn finalized_until(c: &StripeHttp, customer: &str, now: i64) -> Result<BTree
 
 /// Whether `invoice` closes the billing period it bills, at `now`: a cycle invoice finalized
 /// (`open`, `paid`, `uncollectible`) or voided after finalization, or a draft Stripe finalizes
-/// within [`FINALIZE_MARGIN_SECS`]. A deleted draft (no status) closes nothing.
-fn closes(invoice: &Invoice, now: i64) -> bool {
+/// within `margin_secs`. A deleted draft (no status) closes nothing.
+fn closes(invoice: &Invoice, now: i64, margin_secs: i64) -> bool {
     if invoice.billing_reason.as_deref() != Some("subscription_cycle") {
         return false;
     }
     match invoice.status.as_deref() {
         Some("open" | "paid" | "uncollectible" | "void") => true,
-        Some("draft") => invoice.automatically_finalizes_at.is_some_and(|t| t <= now + FINALIZE_MARGIN_SECS),
+        Some("draft") => invoice.automatically_finalizes_at.is_some_and(|t| t <= now + margin_secs),
         _ => false,
     }
 }
@@ -137,7 +201,9 @@ mod tests {
             status: status.map(str::to_string),
             billing_reason: Some(reason.into()),
             automatically_finalizes_at: finalizes_at,
+            period_start: 0,
             period_end: 1_000,
+            status_transitions: None,
         }
     }
 
@@ -152,15 +218,29 @@ mod tests {
             (Some("void"), true),
             (None, false),
         ] {
-            assert_eq!(closes(&invoice(s, "subscription_cycle", None), now), closed, "{s:?}");
+            assert_eq!(closes(&invoice(s, "subscription_cycle", None), now, FINALIZE_MARGIN_SECS), closed, "{s:?}");
         }
         // An update, manual, threshold or create invoice bills no running period's usage.
         for reason in ["subscription_update", "manual", "subscription_threshold", "subscription_create"] {
-            assert!(!closes(&invoice(Some("paid"), reason, None), now), "{reason}");
+            assert!(!closes(&invoice(Some("paid"), reason, None), now, FINALIZE_MARGIN_SECS), "{reason}");
         }
         // A draft about to be finalized counts as finalized: a push could land after it.
         let soon = now + FINALIZE_MARGIN_SECS;
-        assert!(closes(&invoice(Some("draft"), "subscription_cycle", Some(soon)), now));
-        assert!(!closes(&invoice(Some("draft"), "subscription_cycle", Some(soon + 1)), now));
+        assert!(closes(&invoice(Some("draft"), "subscription_cycle", Some(soon)), now, FINALIZE_MARGIN_SECS));
+        assert!(!closes(&invoice(Some("draft"), "subscription_cycle", Some(soon + 1)), now, FINALIZE_MARGIN_SECS));
+        // The margin is the configured one.
+        assert!(closes(&invoice(Some("draft"), "subscription_cycle", Some(now + 60)), now, 60));
+        assert!(!closes(&invoice(Some("draft"), "subscription_cycle", Some(now + 61)), now, 60));
+    }
+
+    #[test]
+    fn a_timestamp_belongs_to_the_earliest_closed_period_that_ends_after_it() {
+        let p = |start, end| FinalPeriod { start, end, finalized_at: Some(end + 3600) };
+        let c = Closed { until: 300, periods: vec![p(0, 100), p(100, 200), p(250, 300)] };
+        assert_eq!(c.period_of(0), Some(&p(0, 100)));
+        assert_eq!(c.period_of(99), Some(&p(0, 100)));
+        assert_eq!(c.period_of(100), Some(&p(100, 200)));
+        assert_eq!(c.period_of(220), Some(&p(250, 300)), "a gap is billed by the next invoice");
+        assert_eq!(c.period_of(300), None);
     }
 }
