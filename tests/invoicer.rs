@@ -1283,14 +1283,21 @@ fn meters_writes_landing_after_the_finalization_are_not_counted_as_billed() {
     let fin = tally::invoice::reconcile::now_secs() + 60;
     let end = fin - FINALIZE_AFTER_SECS;
     b.provision(acct, &["--subscription-start", &arg_time(end - PERIOD_SECS)]);
-    // No margin: every bucket is planned while the invoice is a draft.
+    // No margin: every bucket is planned while the invoice is a draft; writes within 5 s of the
+    // finalization are not judged.
     let reconcile = |extra: &[&str]| {
-        report_of(b.reconcile_cmd(acct, extra).env("TALLY_STRIPE_FINALIZE_MARGIN_SECS", "0").output().unwrap())
+        report_of(
+            b.reconcile_cmd(acct, extra)
+                .env("TALLY_STRIPE_FINALIZE_MARGIN_SECS", "0")
+                .env("TALLY_STRIPE_LANDING_TOLERANCE_SECS", "5")
+                .output()
+                .unwrap(),
+        )
     };
     let (code, rep) = reconcile(&["--apply"]);
     assert_eq!(code, 0, "{}", rep["problems"]);
     b.assert_stripe_equals_tally(acct);
-    assert!(tally::invoice::reconcile::now_secs() < fin, "the run ended before the finalization");
+    assert!(tally::invoice::reconcile::now_secs() < fin - 5, "the run ended before the finalization");
 
     // Two pushes of the closed period, as a run that died after their intents leaves them.
     let db = b.w.ch.database();
@@ -1316,7 +1323,7 @@ fn meters_writes_landing_after_the_finalization_are_not_counted_as_billed() {
             .unwrap();
     };
     // The late one's intent is dated after the finalization.
-    copy(&late[0], "intent", "", fin + 5);
+    copy(&late[0], "intent", "", fin + 10);
     b.w.ch
         .execute(
             &format!(
@@ -1328,7 +1335,7 @@ fn meters_writes_landing_after_the_finalization_are_not_counted_as_billed() {
         )
         .unwrap();
     wait_mutations(&b.w);
-    while tally::invoice::reconcile::now_secs() <= fin + 6 {
+    while tally::invoice::reconcile::now_secs() <= fin + 11 {
         std::thread::sleep(Duration::from_millis(500));
     }
 
@@ -1349,7 +1356,7 @@ fn meters_writes_landing_after_the_finalization_are_not_counted_as_billed() {
     check(code, &rep, vec![(unsure[1].clone(), unsure[2].clone(), 0)]);
 
     // A person finds the uncertain write on the invoice: it landed before the finalization.
-    copy(&unsure[0], "done", LANDED_BY_HAND, fin - 1);
+    copy(&unsure[0], "done", LANDED_BY_HAND, fin - 10);
     let (code, rep) = reconcile(&["--apply"]);
     check(code, &rep, vec![]);
     eprintln!(

@@ -70,6 +70,11 @@ pub struct StripeConfig {
     /// as finalized, so no write is planned that could land after it (default 900; docs/invoicing.md).
     #[serde(default = "default_finalize_margin_secs")]
     pub finalize_margin_secs: u32,
+    /// Meters mode: a write is judged on time only if answered this many seconds before Stripe
+    /// finalized its period's invoice, late only if planned this many seconds after; in between
+    /// it is `unresolved` (the invoicer's clock against Stripe's; default 120).
+    #[serde(default = "default_landing_tolerance_secs")]
+    pub landing_tolerance_secs: u32,
 }
 
 impl std::fmt::Debug for StripeConfig {
@@ -83,6 +88,7 @@ impl std::fmt::Debug for StripeConfig {
             .field("concurrency", &self.concurrency)
             .field("settle_secs", &self.settle_secs)
             .field("finalize_margin_secs", &self.finalize_margin_secs)
+            .field("landing_tolerance_secs", &self.landing_tolerance_secs)
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +187,9 @@ fn default_settle_secs() -> u32 {
 }
 fn default_finalize_margin_secs() -> u32 {
     crate::invoice::stripe::invoices::FINALIZE_MARGIN_SECS as u32
+}
+fn default_landing_tolerance_secs() -> u32 {
+    120
 }
 fn default_mapping_path() -> PathBuf {
     "config/billing.toml".into()

@@ -155,13 +155,16 @@ pub struct Record {
 /// A `done` row whose detail is [`LANDED_BY_HAND`] is a person's finding of when the write
 /// arrived at Stripe (from the invoice that does or does not bill it): its `recorded_at` becomes
 /// both the intent and the answer time, over every other row (docs/invoicing.md, "Writes landing
-/// after the finalization").
+/// after the finalization"). Several such rows span from the earliest to the latest: findings
+/// on both sides of the finalization leave the write undecided, whatever order they are read in.
 pub fn fold(records: Vec<Record>) -> Vec<Push> {
     let mut by_id: BTreeMap<String, Push> = BTreeMap::new();
-    let mut landed: BTreeMap<String, i64> = BTreeMap::new();
+    // Per push, the earliest and the latest time found by hand.
+    let mut landed: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for Record { entry, state, at, detail, run_id } in records {
         if state == State::Done && detail == LANDED_BY_HAND {
-            landed.insert(entry.push_id.clone(), at);
+            let l = landed.entry(entry.push_id.clone()).or_insert((at, at));
+            *l = (l.0.min(at), l.1.max(at));
         }
         let p = by_id.entry(entry.push_id.clone()).or_insert_with(|| Push {
             entry: Entry { reason: String::new(), ..entry.clone() },
@@ -192,9 +195,9 @@ pub fn fold(records: Vec<Record>) -> Vec<Push> {
             }
         }
     }
-    for (id, at) in landed {
+    for (id, (first, last)) in landed {
         if let Some(p) = by_id.get_mut(&id) {
-            (p.intent_at, p.done_at) = (at, Some(at));
+            (p.intent_at, p.done_at) = (first, Some(last));
         }
     }
     by_id.into_values().collect()
@@ -376,6 +379,10 @@ mod tests {
             rec("d", State::Intent, 21, ""),
         ]);
         assert_eq!((p[0].intent_at, p[0].done_at, &p[0].outcome), (30, Some(30), &Outcome::Done));
+        let two = |a, b| fold(vec![rec("e", State::Done, a, LANDED_BY_HAND), rec("e", State::Done, b, LANDED_BY_HAND)]);
+        for p in [two(40, 50), two(50, 40)] {
+            assert_eq!((p[0].intent_at, p[0].done_at), (40, Some(50)), "in either order");
+        }
     }
 
     #[test]

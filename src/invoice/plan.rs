@@ -214,6 +214,9 @@ pub struct Ctx<'a> {
     pub repair_missing: bool,
     /// Plan a bucket again although Stripe refused its last write (`--retry-failed`).
     pub retry_failed: bool,
+    /// Meters mode: how far a write's ledger times must be from Stripe's finalization of its
+    /// invoice to judge it on time or late ([`Landing`]; `stripe.landing_tolerance_secs`).
+    pub landing_tolerance_secs: i64,
 }
 
 impl BucketPlan {
@@ -251,8 +254,10 @@ pub enum Landing {
 }
 
 impl Landing {
-    /// `p`'s landing for bucket `b` (meters mode).
-    pub fn of(b: &Bucket, p: &Push) -> Landing {
+    /// `p`'s landing for bucket `b` (meters mode): on time only if answered `tolerance` seconds
+    /// before the finalization, late only if its intent is `tolerance` seconds after it (the
+    /// invoicer's clock against Stripe's; and Stripe processes meter events asynchronously).
+    pub fn of(b: &Bucket, p: &Push, tolerance: i64) -> Landing {
         let ts = p.entry.event_ts;
         if b.open_from.is_none_or(|open| ts >= open) {
             return Landing::Open;
@@ -260,8 +265,8 @@ impl Landing {
         match period_of(&b.finals, ts).and_then(|f| f.finalized_at) {
             None => Landing::OnTime,
             Some(f) => match p.done_at {
-                Some(d) if d <= f => Landing::OnTime,
-                _ if p.intent_at > f => Landing::Late,
+                Some(d) if d < f - tolerance => Landing::OnTime,
+                _ if p.intent_at > f + tolerance => Landing::Late,
                 _ => Landing::Uncertain,
             },
         }
@@ -270,6 +275,11 @@ impl Landing {
 
 /// Plans one bucket.
 pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
+    plan_bucket(ctx, b, false)
+}
+
+/// [`plan`]; `judged`: the bucket's tally was already shifted by its late writes (below).
+fn plan_bucket(ctx: &Ctx, b: &Bucket, judged: bool) -> BucketPlan {
     let Some(t) = &b.target else {
         if let Some(why) = &b.overflow {
             return BucketPlan::refused(b, why);
@@ -388,8 +398,14 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         last_cancel: last_done(&|a| a == Action::Cancel),
     };
     // Meters mode: the writes of closed periods that landed after Stripe finalized the invoice.
-    let landings: Vec<(&Push, Landing)> = if meters_mode {
-        b.pushes.iter().filter(done).map(|p| (*p, Landing::of(b, p))).filter(|(_, l)| *l != Landing::Open).collect()
+    let landings: Vec<(&Push, Landing)> = if meters_mode && !judged {
+        let tolerance = ctx.landing_tolerance_secs;
+        b.pushes
+            .iter()
+            .filter(done)
+            .map(|p| (*p, Landing::of(b, p, tolerance)))
+            .filter(|(_, l)| *l != Landing::Open)
+            .collect()
     } else {
         Vec::new()
     };
@@ -509,8 +525,9 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
         None => b.start.max(oldest_allowed),
     };
     if !late.is_empty() {
-        // What the invoices bill: the writes that are not late (a cancel landing late leaves its
-        // push billed), less the repairs that landed late (the loss they make up stays unbilled).
+        // What the invoices bill: the writes that are not late (a cancel that lands late leaves
+        // its push billed), less the repairs that landed late (the loss they make up stays
+        // unbilled).
         let billed: i128 = b
             .pushes
             .iter()
@@ -525,22 +542,20 @@ pub fn plan(ctx: &Ctx, b: &Bucket) -> BucketPlan {
                 }
             })
             .sum();
+        // The late writes are dead weight in the ledger: Stripe holds them, no invoice bills
+        // them. The bucket is planned as usual with tally raised by that weight, so that every
+        // rule (Stripe's drops, repairs, cancels of pushes after the period's end, the closed
+        // period's reports) measures what is billed against tally.
+        let shifted = i128::from(b.tally) + i128::from(ledger) - billed.max(0);
+        let Ok(shifted) = u64::try_from(shifted) else {
+            // Late cancels left more billed than the ledger and tally together.
+            let billed = u64::try_from(billed).unwrap_or(u64::MAX);
+            return billed_on_final_invoice(b.tally, ledger, billed, late_note(billed));
+        };
+        let p = plan_bucket(ctx, &Bucket { tally: shifted, ..b.clone() }, true);
         let billed = u64::try_from(billed.max(0)).unwrap_or(u64::MAX);
-        if b.tally > billed {
-            let amount = b.tally - billed;
-            match blocked(ledger, amount).or_else(|| closed(ts.min(b.end - 1), ledger, amount)) {
-                Some(p) if p.status == Status::PeriodClosed => {}
-                Some(p) => return p,
-                None => {
-                    // A bucket that straddles the finalized period's end: what the late writes
-                    // missed is billed after it.
-                    let mut p = BucketPlan::status(Status::Push, ledger, late_note(billed));
-                    p.actions.push(entry(Action::Push, next_seq, amount, "", ts, String::new()));
-                    return p;
-                }
-            }
-        }
-        return billed_on_final_invoice(b.tally, ledger, billed, late_note(billed));
+        let note = if p.note.is_empty() { late_note(billed) } else { format!("{}; {}", late_note(billed), p.note) };
+        return BucketPlan { note, ..p };
     }
     if b.tally == ledger {
         let c = compare(b, ledger, &settle);
@@ -983,6 +998,7 @@ mod tests {
             settle_secs: 7200,
             repair_missing: false,
             retry_failed: false,
+            landing_tolerance_secs: 0,
         }
     }
 
@@ -1269,7 +1285,7 @@ mod tests {
         };
         let first = plan(&ctx(), &bucket(100, vec![])).actions[0].clone();
         // Landed before: billed, as before.
-        let on_time = at(first.clone(), fin - 60, fin);
+        let on_time = at(first.clone(), fin - 60, fin - 1);
         let mut b = bucket(100, vec![&on_time]);
         closed(&mut b);
         b.stripe = Some(100);
@@ -1285,6 +1301,12 @@ mod tests {
             p.note
         );
         assert!(p.note.contains(&first.push_id), "{}", p.note);
+        // Within the clocks' tolerance of the finalization: not judged either way.
+        let near = Ctx { landing_tolerance_secs: 120, ..ctx() };
+        assert_eq!(plan(&near, &b).status, Status::Unresolved, "intent 1 s after, within 120 s");
+        b.pushes = vec![&on_time];
+        assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+        assert_eq!(plan(&near, &b).status, Status::Unresolved, "answered 1 s before, within 120 s");
         // Sent before and answered after (a pending write resent): only the invoice can say.
         let unsure = at(first.clone(), fin - 60, fin + 60);
         b.pushes = vec![&unsure];
@@ -1330,10 +1352,25 @@ mod tests {
         let p = plan(&ctx(), &s);
         assert_eq!((p.status, p.actions.len()), (Status::Push, 1), "{}", p.note);
         assert_eq!((p.actions[0].value, p.actions[0].event_ts), (100, H + 1800));
-        let after = done(p.actions[0].clone(), NOW);
+        let after = done(p.actions[0].clone(), NOW - 8000);
         s.pushes = vec![&late, &after];
         s.stripe = Some(200);
         assert_eq!(plan(&ctx(), &s).status, Status::Ok, "billed once, after the end");
+        // Stripe's drop of the push after the end is still seen (found by a review).
+        s.stripe = Some(100);
+        let settled = Ctx { settle_secs: 3600, ..ctx() };
+        let p = plan(&settled, &s);
+        assert_eq!((p.status, p.unbilled), (Status::StripeMissing, 100), "{}", p.note);
+        // And an over-report cancels the push after the end, which the next invoice bills.
+        s.stripe = Some(200);
+        s.tally = 80;
+        let p = plan(&ctx(), &s);
+        assert_eq!(
+            (p.status, p.actions.len(), p.actions[0].cancels.as_str()),
+            (Status::Correct, 1, after.entry.push_id.as_str()),
+            "{}",
+            p.note
+        );
         // Writes of the open period are judged as before.
         let mut o = bucket(100, vec![&late]);
         o.finals = s.finals.clone();

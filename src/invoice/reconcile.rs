@@ -549,6 +549,7 @@ fn ctx<'a>(env: &'a Env, opts: &Options, mode: &'a str) -> Ctx<'a> {
         settle_secs: i64::from(env.cfg.stripe.settle_secs),
         repair_missing: opts.repair_missing,
         retry_failed: opts.retry_failed,
+        landing_tolerance_secs: i64::from(env.cfg.stripe.landing_tolerance_secs),
     }
 }
 
