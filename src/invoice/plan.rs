@@ -58,8 +58,8 @@ pub struct Bucket<'a> {
     /// before it, but no invoice would bill it; `stripe::invoices`), `None` when no
     /// subscription's invoice has closed a period; Stripe's 35-day window applies as well.
     pub open_from: Option<i64>,
-    /// Meters mode: the closed billing periods (`stripe::invoices`) that end after the bucket
-    /// starts, with when Stripe finalized their invoices ([`Landing`]).
+    /// Meters mode: the billing periods of cycle invoices (`stripe::invoices`) that end after the
+    /// bucket starts, with when Stripe finalized them (`None`: a draft) ([`Landing`]).
     pub finals: Vec<FinalPeriod>,
     pub pushes: Vec<&'a Push>,
     /// Why the bucket's (org, meter) is refused: one of its totals needs more than 64 bits
@@ -1316,7 +1316,13 @@ mod tests {
         // A draft within the margin (no finalization time yet): every write so far is on it.
         b.finals[0].finalized_at = None;
         assert_eq!(plan(&ctx(), &b).status, Status::Ok);
-        b.finals[0].finalized_at = Some(fin);
+        // So is an older draft held after the next invoice was finalized: the write is judged
+        // by its own invoice, not the next one (found by a review).
+        let held = FinalPeriod { start: H - 86_400, end: H + 3600, finalized_at: None };
+        b.finals = vec![held, FinalPeriod { start: H + 3600, end: H + 7200, finalized_at: Some(fin) }];
+        b.open_from = Some(H + 7200);
+        assert_eq!(plan(&ctx(), &b).status, Status::Ok);
+        closed(&mut b);
         // Late events pushed on time, then more late: only the late push is unbilled.
         let e2 = plan(&ctx(), &bucket(130, vec![&on_time])).actions[0].clone();
         let late2 = at(e2, fin + 10, fin + 11);

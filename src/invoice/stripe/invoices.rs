@@ -38,14 +38,14 @@ use crate::stripe_emu::form::encode as enc;
 /// push planned now could land after it.
 pub const FINALIZE_MARGIN_SECS: i64 = 15 * 60;
 
-/// A billing period a cycle invoice has closed, for one meter.
+/// A billing period of a cycle invoice, for one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FinalPeriod {
     /// The usage period the invoice bills, Unix seconds, `[start, end)`.
     pub start: i64,
     pub end: i64,
     /// When Stripe finalized it (`status_transitions.finalized_at`, Stripe's clock); `None` for
-    /// a draft that counts as finalized because Stripe finalizes it within the margin.
+    /// a draft (one inside the margin counts as closed, but every write so far is on it).
     pub finalized_at: Option<i64>,
 }
 
@@ -54,7 +54,8 @@ pub struct FinalPeriod {
 pub struct Closed {
     /// The latest end of a closed period: usage before it is billed by no future invoice.
     pub until: i64,
-    /// Every closed period, by `end`.
+    /// Every cycle invoice's period, by `end`: the closed ones, and drafts (`finalized_at` `None`;
+    /// an older one held after a newer invoice was finalized is before `until`).
     pub periods: Vec<FinalPeriod>,
 }
 
@@ -155,23 +156,30 @@ pub fn finalized(
         }
         let invoices: Vec<Invoice> =
             c.list_all("/invoices", &format!("subscription={}", enc(&sub.id)), |i: &Invoice| i.id.clone())?;
+        let Some(until) = invoices.iter().filter(|i| closes(i, now, margin_secs)).map(|i| i.period_end).max() else {
+            continue;
+        };
+        // Every cycle invoice's period, drafts too: a write for an older draft held after a
+        // newer invoice was finalized is judged by that draft (not finalized: on it), not by the
+        // newer invoice.
         let periods: Vec<FinalPeriod> = invoices
             .iter()
-            .filter(|i| closes(i, now, margin_secs))
+            .filter(|i| i.billing_reason.as_deref() == Some("subscription_cycle") && i.status.is_some())
             .map(|i| FinalPeriod {
                 start: i.period_start,
                 end: i.period_end,
-                finalized_at: i.status_transitions.as_ref().and_then(|t| t.finalized_at),
+                finalized_at: if i.status.as_deref() == Some("draft") {
+                    None
+                } else {
+                    i.status_transitions.as_ref().and_then(|t| t.finalized_at)
+                },
             })
             .collect();
-        if periods.is_empty() {
-            continue;
-        }
         for m in meters {
             let e = out.entry(m).or_default();
             e.periods.extend(&periods);
             e.periods.sort_by_key(|p| (p.end, p.start));
-            e.until = e.periods.iter().map(|p| p.end).max().unwrap_or(0);
+            e.until = e.until.max(until);
         }
     }
     Ok(out)
