@@ -12,11 +12,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{sigkill, stop_all, World};
+use common::{sigkill, stop_all, Broker, World};
 use rand::Rng;
 
 const PARTITIONS: i32 = 12;
@@ -28,37 +28,6 @@ const SESSION_TIMEOUT: Duration = Duration::from_millis(6_000);
 const CLICKHOUSE_DOWN: Duration = Duration::from_secs(30);
 /// How long the broker is unreachable.
 const BROKER_CUT: Duration = Duration::from_secs(10);
-
-/// A tansu broker (memory storage) listening on a free port and advertising `advertised`.
-struct Broker(Child);
-
-impl Broker {
-    fn start(listen: &str, advertised: &str) -> Broker {
-        let tansu = common::state_dir().join("bin/tansu");
-        let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &format!("tcp://{listen}")])
-            .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e} (scripts/start.sh installs it)", tansu.display()));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not come up on {listen}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Broker(child)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// SIGKILLs the shared ClickHouse server (the pid `scripts/start.sh` recorded) as soon as an
 /// `INSERT … SELECT` into `events` runs (within 20 s), so that the kill is likely to land between

@@ -716,3 +716,41 @@ fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
     );
     w.assert_totals(&e);
 }
+
+/// A worker assigned partitions while the group coordinator does not answer OffsetFetch (Kafka
+/// API 9) cannot read their committed offsets, so where their reading starts cannot be checked
+/// at the assignment (docs/exactly-once.md, "Retention below the committed offset"). It checks
+/// them before its first commit of them, which overwrites that evidence, and holds the commit
+/// until then: here, on its own broker behind a proxy that drops every OffsetFetch answer until
+/// the worker said it could not read them, the check is made once the answers come back, nothing
+/// is counted skipped, every offset is committed and the totals are exact.
+#[test]
+fn starts_unread_at_the_assignment_are_checked_before_the_first_commit() {
+    const OFFSET_FETCH: i16 = 9;
+    let listen = common::free_addr();
+    let proxy = common::proxy::Proxy::start_kafka(&listen);
+    let _broker = common::Broker::start(&listen, &proxy.addr);
+    let w = World::on_broker("unreadstart", &proxy.addr, 4);
+    let e = w.generate(&w.gen_config(4_000, 67));
+
+    proxy.drop_kafka_answers(OFFSET_FETCH);
+    let metrics = common::free_addr();
+    let worker = w.worker_with_metrics("1", &metrics);
+    let log = || String::from_utf8_lossy(&std::fs::read(w.log_path("1")).unwrap_or_default()).into_owned();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !log().contains("could not read the committed offsets of assigned partitions") {
+        assert!(Instant::now() < deadline, "the worker read the committed offsets:\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.forward_kafka_answers();
+    w.wait_caught_up(&e);
+    let text = common::scrape(&metrics);
+    stop_all(vec![worker]);
+    let log = log();
+    assert_eq!(w.assignments("1"), 1, "one assignment, whose start was unread:\n{log}");
+    assert!(log.contains("where the reading of partitions started was checked"), "the start was checked:\n{log}");
+    assert!(!log.contains("is not checked, and its offsets are committed"), "not given up:\n{log}");
+    assert_eq!(common::sum_samples(&text, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
+    assert_eq!(common::sum_samples(&text, "tally_offset_gaps_unchecked_total", ""), 0.0);
+    w.assert_totals(&e);
+}

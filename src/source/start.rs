@@ -18,6 +18,9 @@
 //! otherwise normal (a transaction's commit marker, a compacted record) when the log start has
 //! not passed the committed offset.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 /// What the first record read after an assignment says about the records before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -52,9 +55,100 @@ pub fn needs_low(committed: i64, first: i64) -> bool {
     committed >= 0 && first > committed
 }
 
+/// Assigned partitions whose committed offset could not be read at the assignment (the group
+/// coordinator did not answer in time): their start is checked later, before this worker's first
+/// commit of the partition overwrites the committed offset, which is the evidence. Until then
+/// their offsets are not committed (not at revocation either: the next owner then checks the
+/// start itself). Given up after a while, counted as unchecked.
+#[derive(Debug, Default)]
+pub struct Unread {
+    /// Partition → (offset of the first record read since the assignment, when first unread).
+    parts: BTreeMap<i32, (Option<i64>, Instant)>,
+}
+
+impl Unread {
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// `p` was assigned and its committed offset could not be read.
+    pub fn add(&mut self, p: i32, now: Instant) {
+        self.parts.insert(p, (None, now));
+    }
+
+    /// `p` was revoked: its next owner checks its start.
+    pub fn forget(&mut self, p: i32) {
+        self.parts.remove(&p);
+    }
+
+    /// A record of `p` at `offset` was read.
+    pub fn observe(&mut self, p: i32, offset: i64) {
+        if let Some((first @ None, _)) = self.parts.get_mut(&p) {
+            *first = Some(offset);
+        }
+    }
+
+    /// Whether `p`'s offsets must not be committed yet.
+    pub fn holds(&self, p: i32) -> bool {
+        self.parts.contains_key(&p)
+    }
+
+    /// Of `partitions` (about to be committed), those to check now, with their first offsets.
+    pub fn due(&self, partitions: impl IntoIterator<Item = i32>) -> Vec<(i32, i64)> {
+        partitions.into_iter().filter_map(|p| Some((p, self.parts.get(&p)?.0?))).collect()
+    }
+
+    /// `p`'s committed offset was read: it is no longer held.
+    pub fn resolved(&mut self, p: i32) {
+        self.parts.remove(&p);
+    }
+
+    /// The committed offsets of `due` could not be read again: those unread for `ttl` or longer
+    /// are given up (no longer held; returned, to be counted), the others stay held.
+    pub fn failed(&mut self, due: &[i32], now: Instant, ttl: Duration) -> Vec<i32> {
+        let old: Vec<i32> = due
+            .iter()
+            .copied()
+            .filter(|p| self.parts.get(p).is_some_and(|(_, at)| now.duration_since(*at) >= ttl))
+            .collect();
+        for p in &old {
+            self.parts.remove(p);
+        }
+        old
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unread_start_is_held_until_read_or_given_up() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(300);
+        let mut u = Unread::default();
+        assert!(u.is_empty() && !u.holds(3));
+        u.add(3, t0);
+        u.add(4, t0);
+        assert!(u.holds(3) && u.holds(4));
+        // Nothing read yet: nothing to check (nothing of it to commit either).
+        assert!(u.due([3, 4]).is_empty());
+        u.observe(3, 120);
+        u.observe(3, 121);
+        assert_eq!(u.due([3, 4, 5]), [(3, 120)], "the first record read, not the latest");
+        // The coordinator still does not answer: held, until the ttl.
+        assert!(u.failed(&[3], t0 + Duration::from_secs(10), ttl).is_empty());
+        assert!(u.holds(3));
+        assert_eq!(u.failed(&[3], t0 + ttl, ttl), [3]);
+        assert!(!u.holds(3) && u.holds(4));
+        // Read at last; or revoked (the next owner checks it).
+        u.observe(4, 7);
+        u.resolved(4);
+        assert!(u.is_empty());
+        u.add(5, t0);
+        u.forget(5);
+        assert!(u.is_empty());
+    }
 
     #[test]
     fn reading_where_the_group_left_off_says_nothing() {

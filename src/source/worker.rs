@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use super::gaps::{self, Jump, Positions};
 use super::rebalance::{Change, Context, DeadLetterAcks, Unlanded};
-use super::start::{self, Start};
+use super::start::{self, Start, Unread};
 use crate::config::IngestConfig;
 use crate::dedupe::PartitionState;
 use crate::dlq::{DeadLetters, DlqRecord, Failure};
@@ -84,6 +84,9 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// Per partition assigned and not read from yet: the group's committed offset at the
     /// assignment (negative: none), checked against the first record read ([`super::start`]).
     starts: HashMap<i32, i64>,
+    /// Assigned partitions whose committed offset could not be read at the assignment: checked
+    /// before their first commit, which is held until then ([`Unread`]).
+    unread: Unread,
     /// The next offset expected per held partition ([`super::gaps`]).
     positions: Positions,
     /// The topic's name for librdkafka's C API (its cached watermarks).
@@ -119,6 +122,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             stash: Vec::new(),
             stalled: BTreeMap::new(),
             starts: HashMap::new(),
+            unread: Unread::default(),
             positions: Positions::default(),
             topic_c,
             unchecked: Vec::new(),
@@ -264,6 +268,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                         self.owned.remove(&p);
                         self.states.remove(&p);
                         self.starts.remove(&p);
+                        self.unread.forget(p);
                         self.positions.forget(p);
                     }
                     self.unstall(ps);
@@ -288,7 +293,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     }
 
     /// Reads the group's committed offsets of newly assigned `partitions` (one request), for
-    /// [`Self::check_start`]. Best effort: a partition whose offset cannot be read is not checked.
+    /// [`Self::check_start`]. A partition whose offset cannot be read is checked before its first
+    /// commit ([`Self::check_unread_starts`]).
     fn read_starts(&mut self, partitions: &[i32]) {
         let topic = &self.cfg.kafka.topic;
         let mut tpl = TopicPartitionList::new();
@@ -305,8 +311,63 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                     self.starts.insert(e.partition(), committed);
                 }
             }
-            Err(e) => warn!(partitions = ?partitions, error = %e,
-                "could not read the committed offsets of assigned partitions; where their reading starts is not checked"),
+            Err(e) => {
+                warn!(partitions = ?partitions, error = %e,
+                    "could not read the committed offsets of assigned partitions; where their reading starts is checked \
+                     before their first commit");
+                let now = Instant::now();
+                for &p in partitions {
+                    self.unread.add(p, now);
+                }
+            }
+        }
+    }
+
+    /// Before committing `partitions`: reads the committed offsets of those whose offsets could
+    /// not be read at their assignment, and checks where their reading started
+    /// ([`Self::judge_start`]). Returns the partitions whose commit is held: still unread, for
+    /// less than [`UNCHECKED_GAP_TTL`]; after it they are given up, counted in
+    /// `tally_offset_gaps_unchecked_total` (1 per partition) and committed.
+    fn check_unread_starts(&mut self, partitions: impl IntoIterator<Item = i32>) -> Vec<i32> {
+        let due = self.unread.due(partitions);
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let topic = self.cfg.kafka.topic.clone();
+        let mut tpl = TopicPartitionList::new();
+        for (p, _) in &due {
+            tpl.add_partition(&topic, *p);
+        }
+        match self.consumer.committed_offsets(tpl, START_CHECK_TIMEOUT) {
+            Ok(tpl) => {
+                for e in tpl.elements_for_topic(&topic) {
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => -1,
+                    };
+                    if let Some((p, first)) = due.iter().find(|(p, _)| *p == e.partition()) {
+                        self.unread.resolved(*p);
+                        self.judge_start(*p, committed, *first);
+                    }
+                }
+                info!(partitions = ?due, "where the reading of partitions started was checked before their first commit");
+                Vec::new()
+            }
+            Err(e) => {
+                let ps: Vec<i32> = due.iter().map(|(p, _)| *p).collect();
+                for p in self.unread.failed(&ps, Instant::now(), UNCHECKED_GAP_TTL) {
+                    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string()).increment(1);
+                    warn!(partition = p, error = %e,
+                        "the committed offset of a partition could not be read since its assignment: where its reading \
+                         started is not checked, and its offsets are committed");
+                }
+                let held: Vec<i32> = ps.into_iter().filter(|p| self.unread.holds(*p)).collect();
+                if !held.is_empty() {
+                    warn!(partitions = ?held, error = %e,
+                        "committed offsets still unreadable: the partitions' commits are held until their start is checked");
+                }
+                held
+            }
         }
     }
 
@@ -320,11 +381,19 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             Jump::None => {}
             jump => self.check_jump(msg.partition(), jump),
         }
-        if self.starts.is_empty() {
+        if self.starts.is_empty() && self.unread.is_empty() {
             return; // every message but the first of each assignment: no hashing on the hot path
         }
         let (p, first) = (msg.partition(), msg.offset());
+        self.unread.observe(p, first);
         let Some(committed) = self.starts.remove(&p) else { return };
+        self.judge_start(p, committed, first);
+    }
+
+    /// Classifies where partition `p`'s reading started (`first`, the first record read since
+    /// its assignment) against the group's `committed` offset ([`super::start`]); logs and counts
+    /// what was skipped.
+    fn judge_start(&mut self, p: i32, committed: i64, first: i64) {
         let low = if start::needs_low(committed, first) {
             match self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, START_CHECK_TIMEOUT) {
                 Ok((low, _)) => Some(low),
@@ -674,7 +743,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         // Only partitions still owned at the batch's epochs: one revoked during the land step of
         // the batch before (its rows just dropped by the look-up's `keep_owned`) is not this
         // batch's to commit. Nothing polls between that look-up and here.
-        let slot = Unlanded::new(&b.next, &b.epochs, |p, e| self.owns(p, e), dead_letters);
+        // Nor one whose start is not checked yet: its commit waits for that ([`Unread`]).
+        let slot = Unlanded::new(&b.next, &b.epochs, |p, e| self.owns(p, e) && !self.unread.holds(p), dead_letters);
         *unlanded.lock().expect("lock") = Some(slot);
         let t = Instant::now();
         let flight = b.staged.flight(&self.processor.meters, &self.cfg.kafka.topic, now_secs());
@@ -758,9 +828,15 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             histogram!(m::EVENT_LATENCY).record((written_ms - t).max(0) as f64 / 1000.0);
         }
         let t = Instant::now();
+        let held = if self.unread.is_empty() {
+            Vec::new()
+        } else {
+            let owned: Vec<i32> = s.next.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect();
+            self.check_unread_starts(owned)
+        };
         let mut tpl = TopicPartitionList::new();
         for (p, off) in &s.next {
-            if self.owns(*p, s.epochs[p]) {
+            if self.owns(*p, s.epochs[p]) && !held.contains(p) {
                 tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(*off)).expect("valid offset");
             }
         }

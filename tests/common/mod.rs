@@ -7,8 +7,8 @@ pub mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -552,4 +552,35 @@ pub fn merge(a: &mut tally::loadgen::expected::Expected, b: &tally::loadgen::exp
     }
     a.accepted += b.accepted;
     a.duplicates += b.duplicates;
+}
+
+/// A tansu broker (memory storage) listening on a free port and advertising `advertised`.
+pub struct Broker(Child);
+
+impl Broker {
+    pub fn start(listen: &str, advertised: &str) -> Broker {
+        let tansu = state_dir().join("bin/tansu");
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{listen}")])
+            .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/start.sh installs it)", tansu.display()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not come up on {listen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Broker(child)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -1,9 +1,10 @@
 //! A TCP proxy the test can cut, to simulate a dependency outage (connections refused, and
 //! connections in flight reset) without touching the shared server.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,9 @@ pub struct Proxy {
     hold_requests_ms: Arc<AtomicU64>,
     hold_next: HoldNext,
     lose_answers_to: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Kafka proxies: an API key (-1: none) whose requests' answers are dropped
+    /// ([`Proxy::drop_kafka_answers`]).
+    drop_kafka_api: Arc<AtomicI32>,
     live: Arc<Mutex<Vec<TcpStream>>>,
     /// After losing an answer to a `lose_answers_to` request, cut (as [`Proxy::cut`]).
     cut_after_loss: Arc<AtomicBool>,
@@ -26,6 +30,17 @@ type HoldNext = Arc<(Mutex<Option<(Vec<u8>, Duration)>>, AtomicU64)>;
 impl Proxy {
     /// Listens on 127.0.0.1:<free port> and forwards to `upstream` (host:port) while up.
     pub fn start(upstream: &str) -> Proxy {
+        Proxy::start_with(upstream, false)
+    }
+
+    /// Like [`Proxy::start`], for Kafka clients and a Kafka broker: it reads their requests and
+    /// responses as Kafka frames, so that [`Proxy::drop_kafka_answers`] can drop the answers to
+    /// one API's requests and forward all others.
+    pub fn start_kafka(upstream: &str) -> Proxy {
+        Proxy::start_with(upstream, true)
+    }
+
+    fn start_with(upstream: &str, kafka: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let up = Arc::new(AtomicBool::new(true));
@@ -40,6 +55,8 @@ impl Proxy {
         let answers2 = lose_answers_to.clone();
         let cut_after_loss = Arc::new(AtomicBool::new(false));
         let cut2 = cut_after_loss.clone();
+        let drop_kafka_api = Arc::new(AtomicI32::new(-1));
+        let api2 = drop_kafka_api.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -52,6 +69,14 @@ impl Proxy {
                     let mut l = live2.lock().unwrap();
                     l.push(client.try_clone().unwrap());
                     l.push(server.try_clone().unwrap());
+                }
+                if kafka {
+                    let dropped: Arc<Mutex<HashSet<i32>>> = Arc::default();
+                    let (c2, s2, d2, a2) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap(), dropped.clone(), api2.clone());
+                    std::thread::spawn(move || kafka_requests(c2, s2, &a2, &d2));
+                    std::thread::spawn(move || kafka_responses(server, client, &dropped));
+                    continue;
                 }
                 // This connection's request matched `lose_answers_to`: lose its answer.
                 let lose_this = Arc::new(AtomicBool::new(false));
@@ -128,7 +153,29 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, up, lose_responses, hold_requests_ms, hold_next, lose_answers_to, live, cut_after_loss }
+        Proxy {
+            addr,
+            up,
+            lose_responses,
+            hold_requests_ms,
+            hold_next,
+            lose_answers_to,
+            drop_kafka_api,
+            live,
+            cut_after_loss,
+        }
+    }
+
+    /// A proxy of [`Proxy::start_kafka`]: the answer to every request of API `key` (e.g. 9,
+    /// OffsetFetch) sent from now on never arrives (the connection stays up, other answers go
+    /// through), until [`Proxy::forward_kafka_answers`].
+    pub fn drop_kafka_answers(&self, key: i16) {
+        self.drop_kafka_api.store(i32::from(key), Ordering::SeqCst);
+    }
+
+    /// Ends [`Proxy::drop_kafka_answers`] for requests sent from now on.
+    pub fn forward_kafka_answers(&self) {
+        self.drop_kafka_api.store(-1, Ordering::SeqCst);
     }
 
     /// A proxy in front of the test ClickHouse server (`common::clickhouse_url`).
@@ -193,4 +240,66 @@ impl Proxy {
     pub fn lose_responses(&self) {
         self.lose_responses.store(true, Ordering::SeqCst);
     }
+}
+
+/// Forwards a Kafka client's requests to the broker, noting the correlation ids of those of API
+/// `drop_api` (when set) in `dropped`. A request is a 4-byte big-endian size, then a header of a
+/// 2-byte API key, a 2-byte version and a 4-byte correlation id (Kafka protocol guide).
+fn kafka_requests(mut from: TcpStream, mut to: TcpStream, drop_api: &AtomicI32, dropped: &Mutex<HashSet<i32>>) {
+    let mut buf = [0u8; 64 * 1024];
+    let (mut remaining, mut header) = (0usize, Vec::with_capacity(12));
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        let mut i = 0;
+        while i < n {
+            if remaining > 0 {
+                let take = remaining.min(n - i);
+                (remaining, i) = (remaining - take, i + take);
+                continue;
+            }
+            let take = (12 - header.len()).min(n - i);
+            header.extend_from_slice(&buf[i..i + take]);
+            i += take;
+            if header.len() == 12 {
+                let size = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+                let api = i16::from_be_bytes(header[4..6].try_into().unwrap());
+                if i32::from(api) == drop_api.load(Ordering::SeqCst) {
+                    dropped.lock().unwrap().insert(i32::from_be_bytes(header[8..12].try_into().unwrap()));
+                }
+                remaining = (size + 4).saturating_sub(12);
+                header.clear();
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Forwards the broker's responses to the client, frame by frame (a 4-byte size, then the
+/// correlation id), except those answering a request noted in `dropped`.
+fn kafka_responses(mut from: TcpStream, mut to: TcpStream, dropped: &Mutex<HashSet<i32>>) {
+    let mut buf = [0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        pending.extend_from_slice(&buf[..n]);
+        let mut out: Vec<u8> = Vec::new();
+        let mut at = 0;
+        while pending.len() - at >= 8 {
+            let size = u32::from_be_bytes(pending[at..at + 4].try_into().unwrap()) as usize;
+            if pending.len() - at < 4 + size {
+                break;
+            }
+            let corr = i32::from_be_bytes(pending[at + 4..at + 8].try_into().unwrap());
+            if !dropped.lock().unwrap().remove(&corr) {
+                out.extend_from_slice(&pending[at..at + 4 + size]);
+            }
+            at += 4 + size;
+        }
+        pending.drain(..at);
+        if to.write_all(&out).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }
