@@ -102,8 +102,9 @@ pub fn describe() {
     describe_counter!(
         OFFSET_GAPS_UNCHECKED,
         "Offsets between two records read from a held partition that no record was read for, not checked: the log \
-         start was unknown (the broker's fetch responses carry none), by partition (src/source/gaps.rs); and 1 per \
-         assignment whose committed offset could not be read before its first commit (src/source/start.rs)."
+         start was unknown (the broker's fetch responses carry none), by partition (src/source/gaps.rs); 1 per \
+         assignment whose committed offset could not be read before its first commit, and the offsets a start check \
+         passed over when the log start could not be had (src/source/start.rs)."
     );
     describe_counter!(
         crate::verify::jwks::JWKS_FETCHES,

@@ -721,9 +721,11 @@ fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
 /// API 9) cannot read their committed offsets, so where their reading starts cannot be checked
 /// at the assignment (docs/exactly-once.md, "Retention below the committed offset"). It checks
 /// them before its first commit of them, which overwrites that evidence, and holds the commit
-/// until then: here, on its own broker behind a proxy that drops every OffsetFetch answer until
-/// the worker said it could not read them, the check is made once the answers come back, nothing
-/// is counted skipped, every offset is committed and the totals are exact.
+/// until then: here, on its own broker behind a proxy, a first worker counts a first load and
+/// commits; a second load is produced; a second worker starts while the proxy drops every
+/// OffsetFetch answer, until it said it could not read them. Each partition's start is then
+/// checked against exactly the offset the first worker committed, nothing is counted skipped,
+/// every offset is committed and the totals of both loads are exact.
 #[test]
 fn starts_unread_at_the_assignment_are_checked_before_the_first_commit() {
     const OFFSET_FETCH: i16 = 9;
@@ -731,7 +733,12 @@ fn starts_unread_at_the_assignment_are_checked_before_the_first_commit() {
     let proxy = common::proxy::Proxy::start_kafka(&listen);
     let _broker = common::Broker::start(&listen, &proxy.addr);
     let w = World::on_broker("unreadstart", &proxy.addr, 4);
-    let e = w.generate(&w.gen_config(4_000, 67));
+    let first = w.generate(&w.gen_config(3_000, 67));
+    let worker = w.worker("0");
+    w.wait_caught_up(&first);
+    stop_all(vec![worker]);
+    let committed = tally::admin::committed(&w.kafka).unwrap();
+    let second = w.generate(&tally::loadgen::GenConfig { first_message_id: 10_000_000, ..w.gen_config(3_000, 68) });
 
     proxy.drop_kafka_answers(OFFSET_FETCH);
     let metrics = common::free_addr();
@@ -743,14 +750,28 @@ fn starts_unread_at_the_assignment_are_checked_before_the_first_commit() {
         std::thread::sleep(Duration::from_millis(200));
     }
     proxy.forward_kafka_answers();
-    w.wait_caught_up(&e);
+    w.wait_caught_up(&second);
     let text = common::scrape(&metrics);
     stop_all(vec![worker]);
     let log = log();
     assert_eq!(w.assignments("1"), 1, "one assignment, whose start was unread:\n{log}");
-    assert!(log.contains("where the reading of partitions started was checked"), "the start was checked:\n{log}");
+    // Each partition checked against the offset the first worker committed, where it resumed.
+    let checked: BTreeMap<i32, (i64, i64)> = log
+        .lines()
+        .filter(|l| l.contains("where the reading of a partition started was checked"))
+        .map(|l| {
+            let field = |k: &str| -> i64 {
+                l.split(&format!(" {k}=")).nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+            };
+            (field("partition") as i32, (field("committed"), field("first")))
+        })
+        .collect();
+    let want: BTreeMap<i32, (i64, i64)> = committed.iter().map(|(p, o)| (*p, (*o, *o))).collect();
+    assert_eq!(checked, want, "every partition's start checked against its committed offset:\n{log}");
     assert!(!log.contains("is not checked, and its offsets are committed"), "not given up:\n{log}");
     assert_eq!(common::sum_samples(&text, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
     assert_eq!(common::sum_samples(&text, "tally_offset_gaps_unchecked_total", ""), 0.0);
-    w.assert_totals(&e);
+    let mut all = first.clone();
+    merge(&mut all, &second);
+    w.assert_totals(&all);
 }

@@ -56,14 +56,24 @@ pub fn needs_low(committed: i64, first: i64) -> bool {
 }
 
 /// Assigned partitions whose committed offset could not be read at the assignment (the group
-/// coordinator did not answer in time): their start is checked later, before this worker's first
-/// commit of the partition overwrites the committed offset, which is the evidence. Until then
-/// their offsets are not committed (not at revocation either: the next owner then checks the
-/// start itself). Given up after a while, counted as unchecked.
+/// coordinator did not answer, or answered with an error for them): their start is checked
+/// later, before this worker's first commit of the partition overwrites the committed offset,
+/// which is the evidence. Until then their offsets are not committed (not at revocation either:
+/// the next owner then checks the start itself). Reads are retried at most every `retry` (the
+/// loop waits on each), and a partition whose reads keep failing for `ttl` is given up.
 #[derive(Debug, Default)]
 pub struct Unread {
-    /// Partition → (offset of the first record read since the assignment, when first unread).
-    parts: BTreeMap<i32, (Option<i64>, Instant)>,
+    parts: BTreeMap<i32, UnreadPartition>,
+}
+
+#[derive(Debug, Default)]
+struct UnreadPartition {
+    /// Offset of the first record read since the assignment.
+    first: Option<i64>,
+    /// When a read before a commit first failed.
+    failing_since: Option<Instant>,
+    /// No read before this.
+    next_try: Option<Instant>,
 }
 
 impl Unread {
@@ -72,8 +82,8 @@ impl Unread {
     }
 
     /// `p` was assigned and its committed offset could not be read.
-    pub fn add(&mut self, p: i32, now: Instant) {
-        self.parts.insert(p, (None, now));
+    pub fn add(&mut self, p: i32) {
+        self.parts.insert(p, UnreadPartition::default());
     }
 
     /// `p` was revoked: its next owner checks its start.
@@ -83,8 +93,8 @@ impl Unread {
 
     /// A record of `p` at `offset` was read.
     pub fn observe(&mut self, p: i32, offset: i64) {
-        if let Some((first @ None, _)) = self.parts.get_mut(&p) {
-            *first = Some(offset);
+        if let Some(u @ UnreadPartition { first: None, .. }) = self.parts.get_mut(&p) {
+            u.first = Some(offset);
         }
     }
 
@@ -93,9 +103,16 @@ impl Unread {
         self.parts.contains_key(&p)
     }
 
-    /// Of `partitions` (about to be committed), those to check now, with their first offsets.
-    pub fn due(&self, partitions: impl IntoIterator<Item = i32>) -> Vec<(i32, i64)> {
-        partitions.into_iter().filter_map(|p| Some((p, self.parts.get(&p)?.0?))).collect()
+    /// Of `partitions` (about to be committed), those to read now, with their first offsets:
+    /// read from, and not retried too recently.
+    pub fn due(&self, partitions: impl IntoIterator<Item = i32>, now: Instant) -> Vec<(i32, i64)> {
+        partitions
+            .into_iter()
+            .filter_map(|p| {
+                let u = self.parts.get(&p)?;
+                u.next_try.is_none_or(|t| now >= t).then_some((p, u.first?))
+            })
+            .collect()
     }
 
     /// `p`'s committed offset was read: it is no longer held.
@@ -103,18 +120,24 @@ impl Unread {
         self.parts.remove(&p);
     }
 
-    /// The committed offsets of `due` could not be read again: those unread for `ttl` or longer
-    /// are given up (no longer held; returned, to be counted), the others stay held.
-    pub fn failed(&mut self, due: &[i32], now: Instant, ttl: Duration) -> Vec<i32> {
-        let old: Vec<i32> = due
-            .iter()
-            .copied()
-            .filter(|p| self.parts.get(p).is_some_and(|(_, at)| now.duration_since(*at) >= ttl))
-            .collect();
-        for p in &old {
+    /// The committed offsets of `due` could not be read: each is tried again after `retry`;
+    /// those whose reads have failed for `ttl` are given up (no longer held; returned, to be
+    /// counted).
+    pub fn failed(&mut self, due: &[i32], now: Instant, retry: Duration, ttl: Duration) -> Vec<i32> {
+        let mut given_up = Vec::new();
+        for p in due {
+            let Some(u) = self.parts.get_mut(p) else { continue };
+            let since = *u.failing_since.get_or_insert(now);
+            if now.duration_since(since) >= ttl {
+                given_up.push(*p);
+            } else {
+                u.next_try = Some(now + retry);
+            }
+        }
+        for p in &given_up {
             self.parts.remove(p);
         }
-        old
+        given_up
     }
 }
 
@@ -125,27 +148,31 @@ mod tests {
     #[test]
     fn an_unread_start_is_held_until_read_or_given_up() {
         let t0 = Instant::now();
-        let ttl = Duration::from_secs(300);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (retry, ttl) = (Duration::from_secs(15), Duration::from_secs(300));
         let mut u = Unread::default();
         assert!(u.is_empty() && !u.holds(3));
-        u.add(3, t0);
-        u.add(4, t0);
+        u.add(3);
+        u.add(4);
         assert!(u.holds(3) && u.holds(4));
         // Nothing read yet: nothing to check (nothing of it to commit either).
-        assert!(u.due([3, 4]).is_empty());
+        assert!(u.due([3, 4], t0).is_empty());
         u.observe(3, 120);
         u.observe(3, 121);
-        assert_eq!(u.due([3, 4, 5]), [(3, 120)], "the first record read, not the latest");
-        // The coordinator still does not answer: held, until the ttl.
-        assert!(u.failed(&[3], t0 + Duration::from_secs(10), ttl).is_empty());
+        assert_eq!(u.due([3, 4, 5], t0), [(3, 120)], "the first record read, not the latest");
+        // The coordinator still does not answer: held, not asked again before `retry`.
+        assert!(u.failed(&[3], at(400), retry, ttl).is_empty(), "the time counts from the first failed read");
         assert!(u.holds(3));
-        assert_eq!(u.failed(&[3], t0 + ttl, ttl), [3]);
+        assert!(u.due([3], at(414)).is_empty());
+        assert_eq!(u.due([3], at(415)), [(3, 120)]);
+        assert!(u.failed(&[3], at(415), retry, ttl).is_empty());
+        assert_eq!(u.failed(&[3], at(700), retry, ttl), [3], "given up after failing for the ttl");
         assert!(!u.holds(3) && u.holds(4));
         // Read at last; or revoked (the next owner checks it).
         u.observe(4, 7);
         u.resolved(4);
         assert!(u.is_empty());
-        u.add(5, t0);
+        u.add(5);
         u.forget(5);
         assert!(u.is_empty());
     }

@@ -39,6 +39,9 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 const START_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a jump whose log start is unknown waits for a fetch that tells it, at most.
 const UNCHECKED_GAP_TTL: Duration = Duration::from_secs(300);
+/// How often a partition whose committed offset could not be read is asked again before a
+/// commit ([`start::Unread`]); its commits are held meanwhile.
+const UNREAD_RETRY: Duration = Duration::from_secs(15);
 /// Jumps waiting for a log start, at most; more are counted unchecked at once.
 const MAX_UNCHECKED_GAPS: usize = 1024;
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
@@ -304,20 +307,25 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         match self.consumer.committed_offsets(tpl, START_CHECK_TIMEOUT) {
             Ok(tpl) => {
                 for e in tpl.elements_for_topic(topic) {
-                    let committed = match e.offset() {
-                        Offset::Offset(o) => o,
-                        _ => -1,
-                    };
-                    self.starts.insert(e.partition(), committed);
+                    match committed_of(&e) {
+                        Some(committed) => {
+                            self.starts.insert(e.partition(), committed);
+                        }
+                        None => {
+                            warn!(partition = e.partition(), error = ?e.error(),
+                                "could not read the committed offset of an assigned partition; where its reading starts is \
+                                 checked before its first commit");
+                            self.unread.add(e.partition());
+                        }
+                    }
                 }
             }
             Err(e) => {
                 warn!(partitions = ?partitions, error = %e,
                     "could not read the committed offsets of assigned partitions; where their reading starts is checked \
                      before their first commit");
-                let now = Instant::now();
                 for &p in partitions {
-                    self.unread.add(p, now);
+                    self.unread.add(p);
                 }
             }
         }
@@ -325,50 +333,55 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
 
     /// Before committing `partitions`: reads the committed offsets of those whose offsets could
     /// not be read at their assignment, and checks where their reading started
-    /// ([`Self::judge_start`]). Returns the partitions whose commit is held: still unread, for
-    /// less than [`UNCHECKED_GAP_TTL`]; after it they are given up, counted in
-    /// `tally_offset_gaps_unchecked_total` (1 per partition) and committed.
-    fn check_unread_starts(&mut self, partitions: impl IntoIterator<Item = i32>) -> Vec<i32> {
-        let due = self.unread.due(partitions);
-        if due.is_empty() {
-            return Vec::new();
-        }
-        let topic = self.cfg.kafka.topic.clone();
-        let mut tpl = TopicPartitionList::new();
-        for (p, _) in &due {
-            tpl.add_partition(&topic, *p);
-        }
-        match self.consumer.committed_offsets(tpl, START_CHECK_TIMEOUT) {
-            Ok(tpl) => {
-                for e in tpl.elements_for_topic(&topic) {
-                    let committed = match e.offset() {
-                        Offset::Offset(o) => o,
-                        _ => -1,
-                    };
-                    if let Some((p, first)) = due.iter().find(|(p, _)| *p == e.partition()) {
-                        self.unread.resolved(*p);
-                        self.judge_start(*p, committed, *first);
+    /// ([`Self::judge_start`]); at most every [`UNREAD_RETRY`] per partition, as the loop waits
+    /// on each read. Returns the partitions whose commit is held: still unread. One whose reads
+    /// fail for [`UNCHECKED_GAP_TTL`] is given up, counted in `tally_offset_gaps_unchecked_total`
+    /// (1) and committed.
+    fn check_unread_starts(&mut self, partitions: Vec<i32>) -> Vec<i32> {
+        let now = Instant::now();
+        let due = self.unread.due(partitions.iter().copied(), now);
+        if !due.is_empty() {
+            let topic = self.cfg.kafka.topic.clone();
+            let mut tpl = TopicPartitionList::new();
+            for (p, _) in &due {
+                tpl.add_partition(&topic, *p);
+            }
+            let answer = self.consumer.committed_offsets(tpl, START_CHECK_TIMEOUT);
+            let mut failed = Vec::new();
+            for &(p, first) in &due {
+                let committed = match &answer {
+                    Ok(tpl) => {
+                        tpl.elements_for_topic(&topic).iter().find(|e| e.partition() == p).and_then(committed_of)
                     }
+                    Err(_) => None,
+                };
+                match committed {
+                    Some(committed) => {
+                        self.unread.resolved(p);
+                        info!(
+                            partition = p,
+                            committed,
+                            first,
+                            "where the reading of a partition started was checked before its first commit"
+                        );
+                        self.judge_start(p, committed, first);
+                    }
+                    None => failed.push(p),
                 }
-                info!(partitions = ?due, "where the reading of partitions started was checked before their first commit");
-                Vec::new()
             }
-            Err(e) => {
-                let ps: Vec<i32> = due.iter().map(|(p, _)| *p).collect();
-                for p in self.unread.failed(&ps, Instant::now(), UNCHECKED_GAP_TTL) {
-                    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string()).increment(1);
-                    warn!(partition = p, error = %e,
-                        "the committed offset of a partition could not be read since its assignment: where its reading \
-                         started is not checked, and its offsets are committed");
-                }
-                let held: Vec<i32> = ps.into_iter().filter(|p| self.unread.holds(*p)).collect();
-                if !held.is_empty() {
-                    warn!(partitions = ?held, error = %e,
-                        "committed offsets still unreadable: the partitions' commits are held until their start is checked");
-                }
-                held
+            let error = answer.err().map(|e| e.to_string());
+            for p in self.unread.failed(&failed, now, UNREAD_RETRY, UNCHECKED_GAP_TTL) {
+                counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string()).increment(1);
+                warn!(partition = p, error = ?error,
+                    "the committed offset of a partition could not be read for 5 minutes since its assignment: where its \
+                     reading started is not checked, and its offsets are committed");
             }
         }
+        let held: Vec<i32> = partitions.into_iter().filter(|p| self.unread.holds(*p)).collect();
+        if !held.is_empty() {
+            warn!(partitions = ?held, "commits held until the partitions' committed offsets are read (their start is checked)");
+        }
+        held
     }
 
     /// Checks the first record read from a partition since its assignment against the committed
@@ -394,12 +407,18 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
     /// its assignment) against the group's `committed` offset ([`super::start`]); logs and counts
     /// what was skipped.
     fn judge_start(&mut self, p: i32, committed: i64, first: i64) {
+        // The log start as of librdkafka's latest fetch (no request), else asked for.
         let low = if start::needs_low(committed, first) {
-            match self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, START_CHECK_TIMEOUT) {
-                Ok((low, _)) => Some(low),
+            match self.cached_low(p).map(Ok).unwrap_or_else(|| {
+                self.consumer.fetch_watermarks(&self.cfg.kafka.topic, p, START_CHECK_TIMEOUT).map(|(low, _)| low)
+            }) {
+                Ok(low) => Some(low),
                 Err(e) => {
+                    counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string())
+                        .increment((first - committed) as u64);
                     warn!(partition = p, committed, first, error = %e,
-                        "could not read the log start of a partition that resumed past its committed offset");
+                        "could not read the log start of a partition that resumed past its committed offset: the offsets \
+                         in between are not checked");
                     None
                 }
             }
@@ -1325,6 +1344,16 @@ fn gap_checked(p: i32, from: i64, to: i64, low: i64) {
              e.g. while it waited out an outage): they are not billed (docs/alerts.md#tallyoffsetsskipped)"
         );
     }
+}
+
+/// The committed offset of a partition in an OffsetFetch answer (negative: the group has none);
+/// `None` if the answer carries an error for it.
+fn committed_of(e: &rdkafka::topic_partition_list::TopicPartitionListElem) -> Option<i64> {
+    e.error().ok()?;
+    Some(match e.offset() {
+        Offset::Offset(o) => o,
+        _ => -1,
+    })
 }
 
 /// A jump `from..to` in `partition`'s offsets that could not be checked: counted, and logged.
