@@ -90,6 +90,10 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// Assigned partitions whose committed offset could not be read at the assignment: checked
     /// before their first commit, which is held until then ([`Unread`]).
     unread: Unread,
+    /// Offsets written and not committed because their partition's start is unread: (epoch,
+    /// next offset) per partition, committed once the start is checked or given up (at a later
+    /// land, or by [`Self::housekeeping`] when no batch of the partition comes).
+    held_offsets: BTreeMap<i32, (u64, i64)>,
     /// The next offset expected per held partition ([`super::gaps`]).
     positions: Positions,
     /// The topic's name for librdkafka's C API (its cached watermarks).
@@ -126,6 +130,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             stalled: BTreeMap::new(),
             starts: HashMap::new(),
             unread: Unread::default(),
+            held_offsets: BTreeMap::new(),
             positions: Positions::default(),
             topic_c,
             unchecked: Vec::new(),
@@ -272,6 +277,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                         self.states.remove(&p);
                         self.starts.remove(&p);
                         self.unread.forget(p);
+                        self.held_offsets.remove(&p);
                         self.positions.forget(p);
                     }
                     self.unstall(ps);
@@ -370,6 +376,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
             }
             let error = answer.err().map(|e| e.to_string());
+            if !failed.is_empty() {
+                warn!(partitions = ?failed, error = ?error,
+                    "committed offsets still unreadable: the partitions' commits are held until their start is checked");
+            }
             for p in self.unread.failed(&failed, now, UNREAD_RETRY, UNCHECKED_GAP_TTL) {
                 counter!(m::OFFSET_GAPS_UNCHECKED, "partition" => p.to_string()).increment(1);
                 warn!(partition = p, error = ?error,
@@ -377,11 +387,37 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                      reading started is not checked, and its offsets are committed");
             }
         }
-        let held: Vec<i32> = partitions.into_iter().filter(|p| self.unread.holds(*p)).collect();
-        if !held.is_empty() {
-            warn!(partitions = ?held, "commits held until the partitions' committed offsets are read (their start is checked)");
+        partitions.into_iter().filter(|p| self.unread.holds(*p)).collect()
+    }
+
+    /// Commits the offsets held for partitions whose start is checked (or given up) since, when
+    /// no later batch of theirs did ([`Self::held_offsets`]): a partition gone quiet is not left
+    /// uncommitted. Asks for the committed offsets of those still unread (at most every
+    /// [`UNREAD_RETRY`]). Called between batches: each held offset's batch was written.
+    fn commit_released(&mut self) {
+        self.held_offsets.retain(|p, (epoch, _)| self.owned.get(p) == Some(epoch));
+        let ps: Vec<i32> = self.held_offsets.keys().copied().collect();
+        let still = self.check_unread_starts(ps);
+        let released: Vec<(i32, i64)> =
+            self.held_offsets.iter().filter(|(p, _)| !still.contains(p)).map(|(p, (_, o))| (*p, *o)).collect();
+        if released.is_empty() {
+            return;
         }
-        held
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &released {
+            tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(*o)).expect("valid offset");
+            self.held_offsets.remove(p);
+        }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                counter!(m::COMMITS).increment(1);
+                info!(offsets = ?released, "held offsets committed: the partitions' start is checked");
+            }
+            Err(e) => {
+                counter!(m::COMMIT_ERRORS).increment(1);
+                warn!(error = %e, "commit of held offsets failed; the written batches are deduplicated on redelivery");
+            }
+        }
     }
 
     /// Checks the first record read from a partition since its assignment against the committed
@@ -560,6 +596,9 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         let now = Instant::now();
         if !self.unchecked.is_empty() {
             self.recheck_gaps(now);
+        }
+        if !self.held_offsets.is_empty() {
+            self.commit_released();
         }
         let v = &mut self.processor.verifier;
         match v.maybe_reload(now) {
@@ -853,6 +892,15 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             let owned: Vec<i32> = s.next.keys().copied().filter(|p| self.owns(*p, s.epochs[p])).collect();
             self.check_unread_starts(owned)
         };
+        for (p, off) in &s.next {
+            if self.owns(*p, s.epochs[p]) {
+                if held.contains(p) {
+                    self.held_offsets.insert(*p, (s.epochs[p], *off));
+                } else {
+                    self.held_offsets.remove(p);
+                }
+            }
+        }
         let mut tpl = TopicPartitionList::new();
         for (p, off) in &s.next {
             if self.owns(*p, s.epochs[p]) && !held.contains(p) {
