@@ -59,16 +59,9 @@ pub struct Closed {
     pub periods: Vec<FinalPeriod>,
 }
 
-impl Closed {
-    /// The closed period that bills a meter event at `ts`: the earliest one that ends after it
-    /// (a timestamp in a gap between periods is billed by the next invoice). `None` if `ts` is at
-    /// or after [`Closed::until`].
-    pub fn period_of(&self, ts: i64) -> Option<&FinalPeriod> {
-        period_of(&self.periods, ts)
-    }
-}
-
-/// [`Closed::period_of`] over any list of closed periods.
+/// Of `periods` (a [`Closed::periods`] list, or part of it), the one whose invoice bills a meter
+/// event at `ts`: the earliest that ends after it (a timestamp in a gap between periods is billed
+/// by the next invoice). `None` if `ts` is at or after the last end.
 pub fn period_of(periods: &[FinalPeriod], ts: i64) -> Option<&FinalPeriod> {
     periods.iter().filter(|p| p.end > ts).min_by_key(|p| p.end)
 }
@@ -245,10 +238,10 @@ mod tests {
     fn a_timestamp_belongs_to_the_earliest_closed_period_that_ends_after_it() {
         let p = |start, end| FinalPeriod { start, end, finalized_at: Some(end + 3600) };
         let c = Closed { until: 300, periods: vec![p(0, 100), p(100, 200), p(250, 300)] };
-        assert_eq!(c.period_of(0), Some(&p(0, 100)));
-        assert_eq!(c.period_of(99), Some(&p(0, 100)));
-        assert_eq!(c.period_of(100), Some(&p(100, 200)));
-        assert_eq!(c.period_of(220), Some(&p(250, 300)), "a gap is billed by the next invoice");
-        assert_eq!(c.period_of(300), None);
+        assert_eq!(period_of(&c.periods, 0), Some(&p(0, 100)));
+        assert_eq!(period_of(&c.periods, 99), Some(&p(0, 100)));
+        assert_eq!(period_of(&c.periods, 100), Some(&p(100, 200)));
+        assert_eq!(period_of(&c.periods, 220), Some(&p(250, 300)), "a gap is billed by the next invoice");
+        assert_eq!(period_of(&c.periods, 300), None);
     }
 }
