@@ -108,6 +108,35 @@ pub enum Verdict {
     Unknown,
 }
 
+/// `n` values whose bytes are all zero, from the allocator's zeroed memory (`alloc_zeroed`,
+/// like `calloc`): pages fresh from the kernel are already zero and are not written here, only
+/// faulted in when a key first reaches them. `vec![T::default(); n]` writes every byte of the
+/// megabytes of a partition's state at its assignment, then the kernel zeroes each page again as
+/// the write faults it in: that was ~20 % of a worker's CPU in `benches/ingest.rs` (perf,
+/// docs/measurements.md, "The dedupe state's allocation").
+fn zeroed<T: Zeroed>(n: usize) -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(n).expect("a dedupe state within the address space");
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout's size is not zero (checked above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `ptr` comes from the global allocator with `T`'s alignment and the size of `n`
+    // values of `T` (the layout a `Vec<T>` of capacity `n` frees with), and all `n` values are
+    // initialized: `Zeroed` is implemented only for the state's plain integer arrays below, for
+    // which all-zero bytes are a valid value (the one `Default` gives). (`Box::new_zeroed_slice`
+    // says this in one call, from Rust 1.92; the Dockerfile builds with 1.90.)
+    unsafe { Vec::from_raw_parts(ptr, n, n) }
+}
+
+/// Types whose all-zero bytes are a valid value equal to their `Default`.
+trait Zeroed: Default {}
+impl Zeroed for Block {}
+impl Zeroed for Set {}
+
 /// A blocked Bloom filter over 64-bit key hashes: the high bits pick one 512-bit block (one
 /// cache line), [`HASHES`] bits are set inside it. One cache miss per check instead of one per
 /// hash, for a false-positive rate slightly above a classic filter's of the same size.
@@ -132,7 +161,7 @@ impl Bloom {
     pub fn with_bytes(bytes: usize) -> Self {
         let budget = bytes.max(1024) / 64;
         let blocks = 1usize << (usize::BITS - 1 - budget.leading_zeros());
-        Bloom { blocks: vec![Block::default(); blocks], block_mask: blocks as u64 - 1, inserted: 0 }
+        Bloom { blocks: zeroed(blocks), block_mask: blocks as u64 - 1, inserted: 0 }
     }
 
     /// The block and, for each of the [`HASHES`] bits, (word, bit) inside it.
@@ -244,7 +273,7 @@ impl Recent {
             0 => 0,
             n => 1usize << (usize::BITS - 1 - n.leading_zeros()),
         };
-        Recent { sets: vec![Set::default(); sets], shift: 64 - sets.max(1).trailing_zeros() }
+        Recent { sets: zeroed(sets), shift: 64 - sets.max(1).trailing_zeros() }
     }
 
     /// The index of the set `k` belongs in: the top bits of its keyed high half times an odd
@@ -441,6 +470,13 @@ mod tests {
             assert_eq!(digest(org, project, first.as_bytes()), digest(org, project, second.as_bytes()), "{org}");
             assert_ne!(EventKey::new(org, project, first), EventKey::new(org, project, second));
         }
+    }
+
+    #[test]
+    fn zeroed_state_is_the_default_state() {
+        assert!(zeroed::<Block>(1000).iter().all(|b| b.0 == Block::default().0));
+        assert!(zeroed::<Set>(1000).iter().all(|s| s.0 == Set::default().0));
+        assert!(zeroed::<Block>(0).is_empty());
     }
 
     #[test]
