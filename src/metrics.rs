@@ -25,6 +25,7 @@ pub const DLQ_RECORDS: &str = "tally_dlq_records_total";
 pub const DLQ_ERRORS: &str = "tally_dlq_errors_total";
 pub const CONSUMER_LAG: &str = "tally_consumer_lag";
 pub const COMMITTED_OFFSET: &str = "tally_committed_offset";
+pub const UNSTABLE_MESSAGES: &str = "tally_consumer_unstable_messages";
 pub const COMMITS: &str = "tally_commits_total";
 pub const COMMIT_ERRORS: &str = "tally_commit_errors_total";
 pub const REVOCATION_COMMITS: &str = "tally_revocation_commits_total";
@@ -73,6 +74,11 @@ pub fn describe() {
     describe_counter!(DLQ_ERRORS, "Failed dead-letter writes (retried).");
     describe_gauge!(CONSUMER_LAG, "Messages behind the high watermark, per partition.");
     describe_gauge!(COMMITTED_OFFSET, "Last committed offset, per partition.");
+    describe_gauge!(
+        UNSTABLE_MESSAGES,
+        "Offsets between the last stable offset and the high watermark, per partition: messages held behind a \
+         producer's open transaction (read_committed), not counted in tally_consumer_lag until it ends."
+    );
     describe_counter!(COMMITS, "Offset commits.");
     describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
     describe_counter!(
@@ -96,8 +102,9 @@ pub fn describe() {
     );
     describe_counter!(
         OFFSET_GAPS,
-        "Offsets between two records read from a held partition that no record was read for (transaction markers, \
-         compaction, deleted records), checked against the partition's log start, by partition (src/source/gaps.rs)."
+        "Offsets of a held partition that no record was read for (transaction markers, compaction, deleted \
+         records), between two records read or from the last record read to the consumer's position while idle, \
+         checked against the partition's log start, by partition (src/source/gaps.rs)."
     );
     describe_counter!(
         OFFSET_GAPS_UNCHECKED,

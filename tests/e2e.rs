@@ -665,7 +665,9 @@ fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
 /// the offsets a worker reads jump (src/source/gaps.rs). Every jump is checked against the log
 /// start of librdkafka's latest fetch: the worker counts as checked exactly the offsets an independent `read_committed`
 /// consumer finds no record at, and nothing as skipped (the log starts at 0: markers, not
-/// deleted records); the totals are exact.
+/// deleted records); the totals are exact. Each partition's log ends in a marker: once idle, the
+/// worker commits past it, so the group's offsets reach the log ends and the lag reads 0 (it read
+/// 1 per partition for ever, and `TallyPartitionNoProgress` paged after 15 minutes).
 #[test]
 fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -694,26 +696,90 @@ fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
         }
     }
     assert!(gaps > 10, "the producer's commit markers leave gaps: {gaps}");
+    // Each partition's log ends in the last transaction's commit marker: librdkafka moves the
+    // position past it, to the log end, with no record returned.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let end: BTreeMap<i32, i64> = loop {
+        c.poll(Duration::from_millis(200));
+        let ends: BTreeMap<i32, i64> = last
+            .keys()
+            .map(|p| (*p, c.fetch_watermarks(&w.kafka.topic, *p, Duration::from_secs(5)).unwrap().1))
+            .collect();
+        let at: BTreeMap<i32, i64> = c
+            .position()
+            .unwrap()
+            .elements()
+            .iter()
+            .filter_map(|e| Some((e.partition(), e.offset().to_raw()?)))
+            .collect();
+        if ends.iter().all(|(p, end)| at.get(p) == Some(end)) {
+            break ends;
+        }
+        assert!(Instant::now() < deadline, "the oracle's positions {at:?} reached the log ends {ends:?}");
+    };
+    let trailing: i64 = end.iter().map(|(p, end)| end - (last[p] + 1)).sum();
+    assert!(trailing > 0, "the logs end in commit markers: {end:?} after the last records {last:?}");
 
     let metrics = common::free_addr();
     let worker = w.worker_with_metrics("1", &metrics);
     w.wait_caught_up(&e);
-    // Jumps are checked as they are read; the last records may still be on their way to the scrape.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let checked = loop {
+    // Jumps are checked as they are read, the markers after the last records once the worker is
+    // idle; the group's offsets then reach the log ends, and librdkafka's lag (from the committed
+    // offset to the last stable offset, in its statistics every 5 s) reads 0.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (checked, text, committed) = loop {
         let text = common::scrape(&metrics);
         let checked = common::sum_samples(&text, "tally_offset_gaps_checked_total", "") as i64;
-        if checked >= gaps || Instant::now() > deadline {
-            break (checked, text);
+        let committed = tally::admin::committed(&w.kafka).unwrap();
+        let lag = common::sum_samples(&text, "tally_consumer_lag", "");
+        let lags = text.lines().filter(|l| l.starts_with("tally_consumer_lag{")).count();
+        if (checked >= gaps + trailing && committed == end && lag == 0.0 && lags == end.len())
+            || Instant::now() > deadline
+        {
+            break (checked, text, committed);
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     stop_all(vec![worker]);
-    assert_eq!(checked.0, gaps, "every offset with no record was checked");
-    assert_eq!(common::sum_samples(&checked.1, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
-    eprintln!(
-        "[measure] transactional producer: {gaps} offsets without a record (commit markers), all checked, none skipped"
+    assert_eq!(
+        committed, end,
+        "the group's offsets are past the trailing commit markers (they were the last record + 1)"
     );
+    assert_eq!(checked, gaps + trailing, "every offset with no record was checked, the trailing markers once");
+    assert_eq!(common::sum_samples(&text, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
+    let lags: Vec<&str> = text.lines().filter(|l| l.starts_with("tally_consumer_lag{")).collect();
+    assert_eq!(lags.len(), end.len(), "a lag per partition: {lags:?}");
+    assert_eq!(common::sum_samples(&text, "tally_consumer_lag", ""), 0.0, "no lag left while idle: {lags:?}");
+    assert_eq!(common::sum_samples(&text, "tally_consumer_unstable_messages", ""), 0.0, "no transaction open");
+    eprintln!(
+        "[measure] transactional producer: {gaps} offsets without a record between records and {trailing} after the \
+         last ones (commit markers), all checked, none skipped; committed to the log ends"
+    );
+
+    // Offsets committed before the markers (as workers before this fix left them): a worker
+    // assigned there reads no record, checks its start at the position and commits it.
+    let g: BaseConsumer = tally::source::consumer_config(&w.kafka).create().unwrap();
+    let mut before = TopicPartitionList::new();
+    for p in end.keys() {
+        before.add_partition_offset(&w.kafka.topic, *p, Offset::Offset(last[p] + 1)).unwrap();
+    }
+    g.assign(&before).unwrap();
+    g.commit(&before, rdkafka::consumer::CommitMode::Sync).unwrap();
+    drop(g);
+    assert_ne!(tally::admin::committed(&w.kafka).unwrap(), end);
+    let worker = w.worker_with_metrics("2", &metrics);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (committed, text) = loop {
+        let committed = tally::admin::committed(&w.kafka).unwrap();
+        let text = common::scrape(&metrics);
+        if committed == end || Instant::now() > deadline {
+            break (committed, text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    stop_all(vec![worker]);
+    assert_eq!(committed, end, "a worker that read nothing commits its position past the markers");
+    assert_eq!(common::sum_samples(&text, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
     w.assert_totals(&e);
 }
 

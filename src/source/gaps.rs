@@ -59,6 +59,36 @@ impl Positions {
         }
     }
 
+    /// Notes that the consumer's position in `partition` (the next offset it will return)
+    /// reached `position` with no record returned in between, as librdkafka moves it over a
+    /// transaction's marker (or the aborted records, `read_committed`) after the last record:
+    /// the jump over offsets without a record, as [`Self::observe`] gives it for a record at
+    /// `position`; [`Jump::None`] when nothing was skipped. `None` (nothing noted) when nothing
+    /// was read since the assignment (the assignment's start check decides), and for a position
+    /// below the next offset expected (a log that restarted below is seen when its records are
+    /// read, as [`Jump::Back`]).
+    pub fn advance(&mut self, partition: i32, position: i64) -> Option<Jump> {
+        let next = self.next.get_mut(usize::try_from(partition).ok()?)?;
+        if *next < 0 || position < *next {
+            return None;
+        }
+        let from = std::mem::replace(next, position);
+        Some(if position == from { Jump::None } else { Jump::Gap { from, to: position } })
+    }
+
+    /// Starts `partition` at `position` when nothing was read from it since the assignment (its
+    /// start was checked against `position` instead of a first record): its first record is then
+    /// checked for a jump like any other.
+    pub fn start_at(&mut self, partition: i32, position: i64) {
+        let Ok(i) = usize::try_from(partition) else { return };
+        if i >= self.next.len() {
+            self.next.resize(i + 1, -1);
+        }
+        if self.next[i] < 0 {
+            self.next[i] = position;
+        }
+    }
+
     /// Forgets `partition` (assigned anew, or revoked): its next record starts over (the
     /// assignment's own start check covers it).
     pub fn forget(&mut self, partition: i32) {
@@ -115,6 +145,26 @@ mod tests {
         assert_eq!(p.observe(4, 5), Jump::None, "not a jump back: assigned anew");
         assert_eq!(p.observe(5, 20), Jump::Gap { from: 11, to: 20 }, "the other partition is kept");
         p.forget(99); // never held: nothing to do
+    }
+
+    #[test]
+    fn a_position_moved_past_markers_is_a_gap_once() {
+        let mut p = Positions::default();
+        assert_eq!(p.advance(2, 50), None, "nothing read since the assignment: the start check decides");
+        p.observe(2, 10);
+        assert_eq!(p.advance(2, 11), Some(Jump::None), "the position right after the last record");
+        assert_eq!(p.advance(2, 12), Some(Jump::Gap { from: 11, to: 12 }), "a commit marker at 11");
+        assert_eq!(p.advance(2, 12), Some(Jump::None), "noted: not counted again");
+        assert_eq!(p.observe(2, 12), Jump::None, "the next record follows the position");
+        assert_eq!(p.advance(2, 5), None, "below the next offset expected: left to the records");
+        assert_eq!(p.observe(2, 13), Jump::None, "and nothing changed");
+        assert_eq!(p.advance(-1, 5), None);
+        assert_eq!(p.advance(99, 5), None, "never held");
+
+        p.start_at(7, 30);
+        assert_eq!(p.observe(7, 32), Jump::Gap { from: 30, to: 32 }, "checked from the position the start was");
+        p.start_at(7, 100);
+        assert_eq!(p.observe(7, 33), Jump::None, "a partition already read keeps its next offset");
     }
 
     #[test]

@@ -220,6 +220,10 @@ impl ClientContext for Context {
                 if ps.consumer_lag >= 0 {
                     gauge!(m::CONSUMER_LAG, "partition" => label.clone()).set(ps.consumer_lag as f64);
                 }
+                if ps.hi_offset >= 0 && ps.ls_offset >= 0 {
+                    gauge!(m::UNSTABLE_MESSAGES, "partition" => label.clone())
+                        .set((ps.hi_offset - ps.ls_offset).max(0) as f64);
+                }
                 if ps.committed_offset >= 0 {
                     gauge!(m::COMMITTED_OFFSET, "partition" => label).set(ps.committed_offset as f64);
                 }

@@ -42,6 +42,9 @@ const UNCHECKED_GAP_TTL: Duration = Duration::from_secs(300);
 /// How often a partition whose committed offset could not be read is asked again before a
 /// commit ([`start::Unread`]); its commits are held meanwhile.
 const UNREAD_RETRY: Duration = Duration::from_secs(15);
+/// How often an idle worker compares its partitions' positions with the offsets it committed
+/// ([`Worker::commit_idle_positions`]).
+const IDLE_POSITION_EVERY: Duration = Duration::from_secs(1);
 /// Jumps waiting for a log start, at most; more are counted unchecked at once.
 const MAX_UNCHECKED_GAPS: usize = 1024;
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
@@ -102,6 +105,11 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// of the partition failed): (partition, from, to, read at), checked again at each poll
     /// until [`UNCHECKED_GAP_TTL`]. Kept across revocations: the log start is the log's.
     unchecked: Vec<(i32, i64, i64, Instant)>,
+    /// When [`Self::commit_idle_positions`] last ran.
+    idle_checked: Instant,
+    /// Partitions whose idle position's commit failed: committed again at the next idle pass
+    /// (their position is then noted already, so it is no longer a jump).
+    idle_uncommitted: Vec<i32>,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -134,6 +142,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             positions: Positions::default(),
             topic_c,
             unchecked: Vec::new(),
+            idle_checked: Instant::now(),
+            idle_uncommitted: Vec::new(),
         }
     }
 
@@ -572,7 +582,14 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 },
                 (None, Some(f)) if f.writer.is_finished() => return false,
                 (None, Some(_)) => LANDING_SLICE,
-                (None, None) => POLL_SLICE,
+                (None, None) => {
+                    // Idle: nothing gathered, staged or in flight, so every record read is landed.
+                    if self.idle_checked.elapsed() >= IDLE_POSITION_EVERY {
+                        self.commit_idle_positions();
+                        self.idle_checked = Instant::now();
+                    }
+                    POLL_SLICE
+                }
             };
             let polled = self.consumer.poll(slice);
             // Rebalance callbacks ran inside `poll`: apply them before tagging the message, which
@@ -588,6 +605,80 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 }
                 Some(Err(e)) => poll_failed(&e, false),
                 None => {}
+            }
+        }
+    }
+
+    /// Commits each held partition's consumer position where librdkafka moved it past offsets
+    /// that hold no record for the application: the commit marker of a transaction (and an
+    /// aborted transaction's records, `read_committed`) after the last record read. Called only
+    /// while the worker is idle (nothing gathered, staged or in flight: every record read is
+    /// written and its offset committed), so the position covers nothing unwritten.
+    ///
+    /// The worker's commits follow the records it read (last + 1), so a partition whose log ends
+    /// in a marker kept a committed offset one below its end: librdkafka measures
+    /// `consumer_lag` from the committed offset to the last stable offset, so the lag read 1 for
+    /// as long as the partition stayed idle and `TallyPartitionNoProgress` paged after 15
+    /// minutes. The offsets moved over are checked as a jump in the records read is
+    /// ([`Self::check_jump`]; the assignment's start check when nothing was read since): a
+    /// position moved to the log start because retention deleted records before this worker read
+    /// them is counted, not committed over unseen. Partitions whose start is unread, stalled or
+    /// with held offsets are left to their own paths.
+    fn commit_idle_positions(&mut self) {
+        if self.owned.is_empty() {
+            return;
+        }
+        let positions = match self.consumer.position() {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                debug!(error = %e, "could not read the consumer's positions");
+                return;
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        for e in positions.elements_for_topic(&self.cfg.kafka.topic) {
+            let (p, Offset::Offset(position)) = (e.partition(), e.offset()) else { continue };
+            if !self.owned.contains_key(&p)
+                || self.unread.holds(p)
+                || self.held_offsets.contains_key(&p)
+                || self.stalled.contains_key(&p)
+            {
+                continue;
+            }
+            match self.positions.advance(p, position) {
+                Some(Jump::None) if !self.idle_uncommitted.contains(&p) => continue,
+                Some(jump) => self.check_jump(p, jump),
+                None => match self.starts.get(&p) {
+                    // Nothing read since the assignment, and the position moved past the group's
+                    // committed offset: checked as a first record there would be.
+                    Some(&committed) if committed >= 0 && position > committed => {
+                        self.starts.remove(&p);
+                        self.judge_start(p, committed, position);
+                        self.positions.start_at(p, position);
+                    }
+                    _ => continue,
+                },
+            }
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(position)).expect("valid offset");
+        }
+        self.idle_uncommitted.clear();
+        if tpl.count() == 0 {
+            return;
+        }
+        let offsets: Vec<(i32, i64)> =
+            tpl.elements().iter().filter_map(|e| Some((e.partition(), e.offset().to_raw()?))).collect();
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                counter!(m::COMMITS).increment(1);
+                debug!(
+                    ?offsets,
+                    "committed past offsets without records (transaction markers) after the last record read"
+                );
+            }
+            Err(e) => {
+                counter!(m::COMMIT_ERRORS).increment(1);
+                warn!(error = %e, ?offsets, "commit of idle partitions' positions failed; retried at the next idle pass");
+                self.idle_uncommitted = offsets.iter().map(|(p, _)| *p).collect();
             }
         }
     }
