@@ -76,8 +76,9 @@ pub fn describe() {
     describe_gauge!(COMMITTED_OFFSET, "Last committed offset, per partition.");
     describe_gauge!(
         UNSTABLE_MESSAGES,
-        "Offsets between the last stable offset and the high watermark, per partition: messages held behind a \
-         producer's open transaction (read_committed), not counted in tally_consumer_lag until it ends."
+        "Offsets between the last stable offset and the high watermark, per partition: records (of every \
+         producer) and markers held behind the oldest open transaction (read_committed), not counted in \
+         tally_consumer_lag until it ends."
     );
     describe_counter!(COMMITS, "Offset commits.");
     describe_counter!(COMMIT_ERRORS, "Failed offset commits (the data is written; redelivery is deduplicated).");
@@ -103,7 +104,7 @@ pub fn describe() {
     describe_counter!(
         OFFSET_GAPS,
         "Offsets of a held partition that no record was read for (transaction markers, compaction, deleted \
-         records), between two records read or from the last record read to the consumer's position while idle, \
+         records), between two records read or from the last record read to a quiet partition's consumer position, \
          checked against the partition's log start, by partition (src/source/gaps.rs)."
     );
     describe_counter!(

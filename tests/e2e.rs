@@ -781,6 +781,56 @@ fn offset_gaps_of_transaction_markers_are_checked_not_skipped() {
     assert_eq!(committed, end, "a worker that read nothing commits its position past the markers");
     assert_eq!(common::sum_samples(&text, "tally_offsets_skipped_total", ""), 0.0, "nothing skipped");
     w.assert_totals(&e);
+
+    // A busy worker: records keep arriving on the other partitions (refused ones: dead letters),
+    // so a batch is nearly always gathered or in flight; the quiet partition is committed past
+    // its marker all the same.
+    let q = *end.keys().next().unwrap();
+    let g: BaseConsumer = tally::source::consumer_config(&w.kafka).create().unwrap();
+    let mut before = TopicPartitionList::new();
+    before.add_partition_offset(&w.kafka.topic, q, Offset::Offset(last[&q] + 1)).unwrap();
+    g.assign(&before).unwrap();
+    g.commit(&before, rdkafka::consumer::CommitMode::Sync).unwrap();
+    drop(g);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, topic, others) =
+            (stop.clone(), w.kafka.topic.clone(), end.keys().filter(|p| **p != q).copied().collect::<Vec<i32>>());
+        std::thread::spawn(move || {
+            use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+            let producer: BaseProducer =
+                rdkafka::ClientConfig::new().set("bootstrap.servers", common::brokers()).create().unwrap();
+            let mut sent = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = others[sent % others.len()];
+                let _ = producer.send(BaseRecord::<(), [u8]>::to(&topic).partition(p).payload(b"not json".as_slice()));
+                producer.poll(Duration::ZERO);
+                sent += 1;
+                if sent.is_multiple_of(20) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            producer.flush(Duration::from_secs(10)).unwrap();
+            sent
+        })
+    };
+    let worker = w.worker("3");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let committed = loop {
+        let committed = tally::admin::committed(&w.kafka).unwrap();
+        if committed[&q] == end[&q] || Instant::now() > deadline {
+            break committed;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(!traffic.is_finished(), "the traffic ran all along");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    stop_all(vec![worker]);
+    assert_eq!(
+        committed[&q], end[&q],
+        "the quiet partition of a busy worker is committed past its marker ({sent} sent)"
+    );
 }
 
 /// A worker assigned partitions while the group coordinator does not answer OffsetFetch (Kafka

@@ -42,9 +42,9 @@ const UNCHECKED_GAP_TTL: Duration = Duration::from_secs(300);
 /// How often a partition whose committed offset could not be read is asked again before a
 /// commit ([`start::Unread`]); its commits are held meanwhile.
 const UNREAD_RETRY: Duration = Duration::from_secs(15);
-/// How often an idle worker compares its partitions' positions with the offsets it committed
-/// ([`Worker::commit_idle_positions`]).
-const IDLE_POSITION_EVERY: Duration = Duration::from_secs(1);
+/// How often the worker compares its quiet partitions' positions with the offsets it committed
+/// ([`Worker::commit_quiet_positions`]).
+const QUIET_POSITIONS_EVERY: Duration = Duration::from_secs(1);
 /// Jumps waiting for a log start, at most; more are counted unchecked at once.
 const MAX_UNCHECKED_GAPS: usize = 1024;
 /// Poll slice while nothing is gathered and the previous batch's INSERT runs: how soon a finished
@@ -105,11 +105,12 @@ pub struct Worker<'c, S: EventStore + Clone + Send + 'static> {
     /// of the partition failed): (partition, from, to, read at), checked again at each poll
     /// until [`UNCHECKED_GAP_TTL`]. Kept across revocations: the log start is the log's.
     unchecked: Vec<(i32, i64, i64, Instant)>,
-    /// When [`Self::commit_idle_positions`] last ran.
-    idle_checked: Instant,
-    /// Partitions whose idle position's commit failed: committed again at the next idle pass
-    /// (their position is then noted already, so it is no longer a jump).
-    idle_uncommitted: Vec<i32>,
+    /// When [`Self::commit_quiet_positions`] last ran.
+    quiet_checked: Instant,
+    /// Per owned partition, the offset this worker last committed (or the group's committed
+    /// offset read at the assignment): a quiet partition's position beyond it is committed
+    /// ([`Self::commit_quiet_positions`]), so a failed commit is made good too.
+    committed: HashMap<i32, i64>,
 }
 
 impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
@@ -142,8 +143,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             positions: Positions::default(),
             topic_c,
             unchecked: Vec::new(),
-            idle_checked: Instant::now(),
-            idle_uncommitted: Vec::new(),
+            quiet_checked: Instant::now(),
+            committed: HashMap::new(),
         }
     }
 
@@ -289,6 +290,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                         self.unread.forget(p);
                         self.held_offsets.remove(&p);
                         self.positions.forget(p);
+                        self.committed.remove(&p);
                     }
                     self.unstall(ps);
                 }
@@ -326,6 +328,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                     match committed_of(&e) {
                         Some(committed) => {
                             self.starts.insert(e.partition(), committed);
+                            self.committed.insert(e.partition(), committed);
                         }
                         None => {
                             warn!(partition = e.partition(), error = ?e.error(),
@@ -421,6 +424,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 counter!(m::COMMITS).increment(1);
+                self.committed.extend(released.iter().copied());
                 info!(offsets = ?released, "held offsets committed: the partitions' start is checked");
             }
             Err(e) => {
@@ -582,15 +586,20 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 },
                 (None, Some(f)) if f.writer.is_finished() => return false,
                 (None, Some(_)) => LANDING_SLICE,
-                (None, None) => {
-                    // Idle: nothing gathered, staged or in flight, so every record read is landed.
-                    if self.idle_checked.elapsed() >= IDLE_POSITION_EVERY {
-                        self.commit_idle_positions();
-                        self.idle_checked = Instant::now();
-                    }
-                    POLL_SLICE
-                }
+                (None, None) => POLL_SLICE,
             };
+            if self.quiet_checked.elapsed() >= QUIET_POSITIONS_EVERY {
+                // Partitions with records gathered or in flight; every record read of the others
+                // is written (the stash is empty while gathering: it was taken into `held`).
+                let mut busy: Vec<i32> = held.iter().map(|(m, _)| m.partition()).collect();
+                if let Some(f) = flight {
+                    busy.extend(f.epochs.keys().chain(f.next.keys()));
+                }
+                busy.sort_unstable();
+                busy.dedup();
+                self.commit_quiet_positions(&busy);
+                self.quiet_checked = Instant::now();
+            }
             let polled = self.consumer.poll(slice);
             // Rebalance callbacks ran inside `poll`: apply them before tagging the message, which
             // belongs to the assignment in force after them.
@@ -609,22 +618,22 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
     }
 
-    /// Commits each held partition's consumer position where librdkafka moved it past offsets
-    /// that hold no record for the application: the commit marker of a transaction (and an
-    /// aborted transaction's records, `read_committed`) after the last record read. Called only
-    /// while the worker is idle (nothing gathered, staged or in flight: every record read is
-    /// written and its offset committed), so the position covers nothing unwritten.
+    /// Commits the consumer position of each quiet partition (none of its records gathered,
+    /// staged or in flight: every record read of it is written) where it is past the offset
+    /// this worker last committed: librdkafka moves the position past a transaction's commit
+    /// marker (and an aborted transaction's records, `read_committed`) with no record returned.
+    /// `busy`: the partitions with records gathered or in flight, ascending.
     ///
     /// The worker's commits follow the records it read (last + 1), so a partition whose log ends
     /// in a marker kept a committed offset one below its end: librdkafka measures
     /// `consumer_lag` from the committed offset to the last stable offset, so the lag read 1 for
-    /// as long as the partition stayed idle and `TallyPartitionNoProgress` paged after 15
-    /// minutes. The offsets moved over are checked as a jump in the records read is
-    /// ([`Self::check_jump`]; the assignment's start check when nothing was read since): a
-    /// position moved to the log start because retention deleted records before this worker read
-    /// them is counted, not committed over unseen. Partitions whose start is unread, stalled or
-    /// with held offsets are left to their own paths.
-    fn commit_idle_positions(&mut self) {
+    /// as long as the partition stayed quiet and `TallyPartitionNoProgress` paged after 15
+    /// minutes. The offsets passed over are checked as a jump in the records read is
+    /// ([`Self::check_jump`]: offsets below the log start are counted deleted), or by the
+    /// assignment's start check when nothing was read since. A commit that failed (here or after
+    /// a batch) is made good at the next pass. Partitions whose start is unread, stalled or with
+    /// held commits are left to those paths.
+    fn commit_quiet_positions(&mut self, busy: &[i32]) {
         if self.owned.is_empty() {
             return;
         }
@@ -639,6 +648,7 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         for e in positions.elements_for_topic(&self.cfg.kafka.topic) {
             let (p, Offset::Offset(position)) = (e.partition(), e.offset()) else { continue };
             if !self.owned.contains_key(&p)
+                || busy.binary_search(&p).is_ok()
                 || self.unread.holds(p)
                 || self.held_offsets.contains_key(&p)
                 || self.stalled.contains_key(&p)
@@ -646,7 +656,6 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 continue;
             }
             match self.positions.advance(p, position) {
-                Some(Jump::None) if !self.idle_uncommitted.contains(&p) => continue,
                 Some(jump) => self.check_jump(p, jump),
                 None => match self.starts.get(&p) {
                     // Nothing read since the assignment, and the position moved past the group's
@@ -659,9 +668,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                     _ => continue,
                 },
             }
-            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(position)).expect("valid offset");
+            if self.committed.get(&p).is_none_or(|c| position > *c) {
+                tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(position)).expect("valid offset");
+            }
         }
-        self.idle_uncommitted.clear();
         if tpl.count() == 0 {
             return;
         }
@@ -670,15 +680,15 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 counter!(m::COMMITS).increment(1);
+                self.committed.extend(offsets.iter().copied());
                 debug!(
                     ?offsets,
-                    "committed past offsets without records (transaction markers) after the last record read"
+                    "quiet partitions committed at their positions (past transaction markers, or a failed commit)"
                 );
             }
             Err(e) => {
                 counter!(m::COMMIT_ERRORS).increment(1);
-                warn!(error = %e, ?offsets, "commit of idle partitions' positions failed; retried at the next idle pass");
-                self.idle_uncommitted = offsets.iter().map(|(p, _)| *p).collect();
+                warn!(error = %e, ?offsets, "commit of quiet partitions' positions failed; retried in a second");
             }
         }
     }
@@ -1000,7 +1010,11 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         }
         if tpl.count() > 0 {
             match self.consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => counter!(m::COMMITS).increment(1),
+                Ok(()) => {
+                    counter!(m::COMMITS).increment(1);
+                    self.committed
+                        .extend(tpl.elements().iter().filter_map(|e| Some((e.partition(), e.offset().to_raw()?))));
+                }
                 Err(e) => {
                     counter!(m::COMMIT_ERRORS).increment(1);
                     warn!(error = %e, "offset commit failed; the batch is written and will be deduplicated on redelivery");
