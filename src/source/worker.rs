@@ -576,18 +576,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 return true;
             }
             self.housekeeping();
-            if held.len() >= max_messages || bytes >= BATCH_MAX_BYTES {
-                return false;
-            }
-            let slice = match (started, flight) {
-                (Some(t), _) => match max_wait.checked_sub(t.elapsed()) {
-                    Some(left) if !left.is_zero() => left.min(POLL_SLICE),
-                    _ => return false,
-                },
-                (None, Some(f)) if f.writer.is_finished() => return false,
-                (None, Some(_)) => LANDING_SLICE,
-                (None, None) => POLL_SLICE,
-            };
+            // Before the batch-full return: a saturated worker's stash fills a batch while the
+            // previous one is written, and returns there without polling.
             if self.quiet_checked.elapsed() >= QUIET_POSITIONS_EVERY {
                 // Partitions with records gathered or in flight; every record read of the others
                 // is written (the stash is empty while gathering: it was taken into `held`).
@@ -600,6 +590,18 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
                 self.commit_quiet_positions(&busy);
                 self.quiet_checked = Instant::now();
             }
+            if held.len() >= max_messages || bytes >= BATCH_MAX_BYTES {
+                return false;
+            }
+            let slice = match (started, flight) {
+                (Some(t), _) => match max_wait.checked_sub(t.elapsed()) {
+                    Some(left) if !left.is_zero() => left.min(POLL_SLICE),
+                    _ => return false,
+                },
+                (None, Some(f)) if f.writer.is_finished() => return false,
+                (None, Some(_)) => LANDING_SLICE,
+                (None, None) => POLL_SLICE,
+            };
             let polled = self.consumer.poll(slice);
             // Rebalance callbacks ran inside `poll`: apply them before tagging the message, which
             // belongs to the assignment in force after them.
