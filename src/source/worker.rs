@@ -421,15 +421,10 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(*o)).expect("valid offset");
             self.held_offsets.remove(p);
         }
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => {
-                counter!(m::COMMITS).increment(1);
-                self.committed.extend(released.iter().copied());
-                info!(offsets = ?released, "held offsets committed: the partitions' start is checked");
-            }
+        match self.commit_offsets(&tpl) {
+            Ok(()) => info!(offsets = ?released, "held offsets committed: the partitions' start is checked"),
             Err(e) => {
-                counter!(m::COMMIT_ERRORS).increment(1);
-                warn!(error = %e, "commit of held offsets failed; the written batches are deduplicated on redelivery");
+                warn!(error = %e, "commit of held offsets failed; the written batches are deduplicated on redelivery")
             }
         }
     }
@@ -677,22 +672,29 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
         if tpl.count() == 0 {
             return;
         }
-        let offsets: Vec<(i32, i64)> =
-            tpl.elements().iter().filter_map(|e| Some((e.partition(), e.offset().to_raw()?))).collect();
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
+        let offsets = offsets_of(&tpl);
+        match self.commit_offsets(&tpl) {
+            Ok(()) => debug!(
+                ?offsets,
+                "quiet partitions committed at their positions (past transaction markers, or a failed commit)"
+            ),
+            Err(e) => warn!(error = %e, ?offsets, "commit of quiet partitions' positions failed; retried in a second"),
+        }
+    }
+
+    /// Commits `tpl` synchronously and counts it (`tally_commits_total`, or
+    /// `tally_commit_errors_total`); once the broker took it, notes each offset in
+    /// [`Self::committed`]. Callers log the outcome in their own words.
+    fn commit_offsets(&mut self, tpl: &TopicPartitionList) -> rdkafka::error::KafkaResult<()> {
+        let result = self.consumer.commit(tpl, CommitMode::Sync);
+        match &result {
             Ok(()) => {
                 counter!(m::COMMITS).increment(1);
-                self.committed.extend(offsets.iter().copied());
-                debug!(
-                    ?offsets,
-                    "quiet partitions committed at their positions (past transaction markers, or a failed commit)"
-                );
+                self.committed.extend(offsets_of(tpl));
             }
-            Err(e) => {
-                counter!(m::COMMIT_ERRORS).increment(1);
-                warn!(error = %e, ?offsets, "commit of quiet partitions' positions failed; retried in a second");
-            }
+            Err(_) => counter!(m::COMMIT_ERRORS).increment(1),
         }
+        result
     }
 
     fn housekeeping(&mut self) {
@@ -1011,16 +1013,8 @@ impl<'c, S: EventStore + Clone + Send + 'static> Worker<'c, S> {
             }
         }
         if tpl.count() > 0 {
-            match self.consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => {
-                    counter!(m::COMMITS).increment(1);
-                    self.committed
-                        .extend(tpl.elements().iter().filter_map(|e| Some((e.partition(), e.offset().to_raw()?))));
-                }
-                Err(e) => {
-                    counter!(m::COMMIT_ERRORS).increment(1);
-                    warn!(error = %e, "offset commit failed; the batch is written and will be deduplicated on redelivery");
-                }
+            if let Err(e) = self.commit_offsets(&tpl) {
+                warn!(error = %e, "offset commit failed; the batch is written and will be deduplicated on redelivery");
             }
         }
         // Landed: a revocation has nothing left to commit for it.
@@ -1499,6 +1493,11 @@ fn gap_checked(p: i32, from: i64, to: i64, low: i64) {
              e.g. while it waited out an outage): they are not billed (docs/alerts.md#tallyoffsetsskipped)"
         );
     }
+}
+
+/// The (partition, offset) pairs of `tpl` that hold an offset.
+fn offsets_of(tpl: &TopicPartitionList) -> Vec<(i32, i64)> {
+    tpl.elements().iter().filter_map(|e| Some((e.partition(), e.offset().to_raw()?))).collect()
 }
 
 /// The committed offset of a partition in an OffsetFetch answer (negative: the group has none);
