@@ -588,8 +588,8 @@ fn a_correction_that_arrives_after_its_timeout_does_not_count_twice() {
     eprintln!("[measure] late correction: a mend's INSERT held 5 s past a 2 s timeout, then forwarded; totals exact");
 }
 
-/// Schema 006 drops and re-creates the aggregates' views (an INSERT in between would never be
-/// counted). On a database an older version left: `tally-ingest migrate` refuses it unless told
+/// Schemas 006 and 007 drop and re-create the aggregates' views (an INSERT in between would never
+/// be counted). On a database an older version left (before 006, then at 006): `tally-ingest migrate` refuses it unless told
 /// that ingestion is stopped, the invoicer's migrate leaves it pending, a worker refuses to start
 /// while it is missing, and a run interrupted after an `ADD COLUMN` can be run again.
 #[test]
@@ -621,7 +621,7 @@ fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
         Vec::<String>::new(),
         "the invoicer's migrate"
     );
-    assert_eq!(schema::missing(&old).unwrap(), vec!["006_carriers.sql"]);
+    assert_eq!(schema::missing(&old).unwrap(), vec!["006_carriers.sql", "007_carrier_filters.sql"]);
     // Spawned with a deadline: a worker that did not refuse would join the group and never exit.
     let mut worker = w
         .cli(&["run"])
@@ -658,6 +658,17 @@ fn migrations_that_recreate_views_wait_for_stopped_ingestion() {
     .trim()
     .to_string();
     assert_eq!(views, "3");
+    old.execute(&format!("DROP DATABASE {db}"), false).unwrap();
+    // A database at 006: 007 re-creates the views too, and is refused the same way.
+    let at_006: Vec<_> = all.iter().filter(|(n, _)| n.as_str() < "007").cloned().collect();
+    assert_eq!(schema::migrate(&old, &at_006, StopIngestion::Apply).unwrap().len(), at_006.len(), "a new database");
+    let refused = cli(&["migrate"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("007_carrier_filters.sql"), "{err}");
+    assert_eq!(schema::missing(&old).unwrap(), vec!["007_carrier_filters.sql"]);
+    let applied = cli(&["migrate", "--ingestion-stopped"]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    assert!(schema::missing(&old).unwrap().is_empty());
     old.execute(&format!("DROP DATABASE {db}"), false).unwrap();
 }
 

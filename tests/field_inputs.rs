@@ -355,6 +355,79 @@ fn ids_with_one_xxh3_digest_are_two_events() {
     assert!(w.dead_letters().is_empty(), "neither was rejected");
 }
 
+/// The views on ClickHouse 18.16 add what each kind of row bills (schemas/006_carriers.sql and
+/// 007_carrier_filters.sql; src/sink/carrier.rs): a row counted by its carrier adds nothing, a
+/// carrier adds its entries (sums first, then unique pairs; sums only; pairs only, with
+/// `agg_additive` 0), and a row written without carrier columns adds its own meters. The carriers'
+/// entries differ from their rows' own meters on purpose, so the test tells which the views read.
+/// `scripts/check_chdb.py` checks the same rows on current ClickHouse.
+#[test]
+fn the_views_add_what_each_kind_of_row_bills() {
+    let w = World::new("viewrows");
+    let hour = 1_796_097_600;
+    let cols = "org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, unique_meters, \
+                unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at";
+    let row = |project: &str, id: &str, meters: &str, unique: &str, carrier: &str| {
+        format!("('o', '{project}', '{id}', 't', {hour}, {hour}, 1, {meters}, {unique}, 'topic', 0, 0, -1, {hour}{carrier})")
+    };
+    let counted = ", 0, [], []";
+    let insert = |carrier_columns: bool, rows: &[String]| {
+        let cols =
+            if carrier_columns { format!("{cols}, agg_additive, agg_meters, agg_values") } else { cols.to_string() };
+        w.ch.execute(&format!("INSERT INTO events ({cols}) VALUES {}", rows.join(", ")), true).unwrap();
+    };
+    // Project pc: two counted rows and their carrier (2 sums, 3 pairs).
+    insert(
+        true,
+        &[
+            row("pc", "c1", "['events', 'input_tokens'], [1, 5]", "['unique_users'], [7]", counted),
+            row("pc", "c2", "['events', 'input_tokens'], [1, 6]", "['unique_users'], [8]", counted),
+            row(
+                "pc",
+                "c3",
+                "['events', 'input_tokens'], [1, 7]",
+                "['unique_users'], [7]",
+                ", 2, ['events', 'input_tokens', 'unique_users', 'unique_users', 'unique_users'], [30, 180, 7, 8, 10]",
+            ),
+        ],
+    );
+    // Project pc again: a row written without carrier columns counts itself (agg_additive -1).
+    insert(false, &[row("pc", "c4", "['events'], [1]", "['unique_users'], [9]", "")]);
+    // A carrier with sums only (pd) and one with pairs only (pe: agg_additive 0, entries present).
+    insert(
+        true,
+        &[
+            row("pd", "d1", "['events'], [1]", "[], []", ", 2, ['events', 'input_tokens'], [5, 50]"),
+            row(
+                "pe",
+                "e1",
+                "['events'], [1]",
+                "['unique_users'], [21]",
+                ", 0, ['unique_users', 'unique_users'], [21, 22]",
+            ),
+        ],
+    );
+    let key = |p: &str, m: &str| ("o".to_string(), p.to_string(), m.to_string(), hour);
+    assert_eq!(
+        w.usage_hourly(),
+        [
+            (key("pc", "events"), 31),
+            (key("pc", "input_tokens"), 180),
+            (key("pd", "events"), 5),
+            (key("pd", "input_tokens"), 50),
+        ]
+        .into()
+    );
+    let unique = [(key("pc", "unique_users"), 4), (key("pe", "unique_users"), 2)].into();
+    assert_eq!(w.unique_hourly(), unique);
+    let daily: Vec<Vec<String>> = w.rows(
+        "SELECT project_id, meter, toUInt32(day), uniqCombinedMerge(state) FROM usage_unique_daily \
+         GROUP BY project_id, meter, day ORDER BY project_id",
+    );
+    let day = (hour / 86_400 * 86_400).to_string();
+    assert_eq!(daily, [["pc", "unique_users", &day, "4"], ["pe", "unique_users", &day, "2"]]);
+}
+
 /// A mend's correction staged in a Memory table that a server restart emptied is not taken for
 /// added: its `INSERT … SELECT` checks the staging table's count and fails (code 395), and the
 /// next mend fences that table and adds the shortfall once (docs/exactly-once.md, "Rows that

@@ -18,6 +18,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("004_webhook_deliveries.sql", include_str!("../../schemas/004_webhook_deliveries.sql")),
     ("005_unique_daily.sql", include_str!("../../schemas/005_unique_daily.sql")),
     ("006_carriers.sql", include_str!("../../schemas/006_carriers.sql")),
+    ("007_carrier_filters.sql", include_str!("../../schemas/007_carrier_filters.sql")),
 ];
 
 /// The line that marks a migration which drops and re-creates materialized views: an INSERT into
