@@ -6,7 +6,8 @@
 //! * a replay: a new group re-reading the already-counted events,
 //! * the same narrow rows inserted into a plain copy of `events` (no views) and into the whole
 //!   schema (the views that keep the hourly aggregates, reading the worker's carrier rows); and,
-//!   for comparison, the same pair for the schema before carrier rows,
+//!   for comparison, the whole schema with schema 006's views (before 007 filtered them) and the
+//!   same pair for the schema before carrier rows,
 //!
 //! each as a ratio to its yardstick. Totals are checked against the generator after every run, so
 //! a fast wrong answer cannot pass. Results go to stdout and, as JSON, to `target/bench/ingest.json`
@@ -376,7 +377,8 @@ fn main() {
     // columns included) into today's schema, against the plain insert of the narrow rows (the
     // per-event columns, into a copy of `events` without views); and, to see what each part costs,
     // the rows with their carrier columns into a plain copy, and the narrow rows into the schema
-    // before carrier rows (views over every event's meters, schemas/001 + 005).
+    // before carrier rows (views over every event's meters, schemas/001 + 005), and with schema
+    // 006's views (before 007 filtered out the rows counted by carriers).
     let rows = rows_total;
     let all = format!("{}, {}", tally::sink::EVENTS_COLUMNS, tally::sink::carrier::CARRIER_COLUMNS);
     let (chunks, chunks_before) =
@@ -386,6 +388,7 @@ fn main() {
         ("plain", schema("005_unique_daily.sql", true), &tally::sink::EVENTS_COLUMNS.to_string(), &chunks_before),
         ("plain_carriers", schema(last, true), &all, &chunks),
         ("full", schema(last, false), &all, &chunks),
+        ("full_006", schema("006_carriers.sql", false), &all, &chunks),
         (
             "full_before",
             schema("005_unique_daily.sql", false),
@@ -407,18 +410,20 @@ fn main() {
     let (plain_s, full_s) = (&inserts["plain"], &inserts["full"]);
     println!(
         "insert {rows} narrow rows: plain {:.2} s, with the aggregates {:.2} s (plain with the carrier columns {:.2} s; \
-         the schema before carrier rows, views over every event's meters: {:.2} s)",
+         with schema 006's views {:.2} s; the schema before carrier rows, views over every event's meters: {:.2} s)",
         min(plain_s),
         min(full_s),
         min(&inserts["plain_carriers"]),
+        min(&inserts["full_006"]),
         min(&inserts["full_before"])
     );
     println!(
         "ClickHouse CPU for those inserts: plain {:.2} s, with the aggregates {:.2} s (plain with the carrier columns \
-         {:.2} s; before carrier rows {:.2} s)",
+         {:.2} s; 006's views {:.2} s; before carrier rows {:.2} s)",
         min(&insert_cpu["plain"]),
         min(&insert_cpu["full"]),
         min(&insert_cpu["plain_carriers"]),
+        min(&insert_cpu["full_006"]),
         min(&insert_cpu["full_before"])
     );
 
@@ -444,6 +449,7 @@ fn main() {
         "two_workers_together_s": together.secs, "two_workers_together_assignments": rebalances,
         "insert_plain_s": plain_s, "insert_full_s": full_s,
         "insert_plain_with_carrier_columns_s": inserts["plain_carriers"], "insert_full_before_carriers_s": inserts["full_before"],
+        "insert_full_006_views_s": inserts["full_006"],
         // The ClickHouse server's CPU seconds during each of those inserts (the work, not the wait).
         "insert_cpu_s": insert_cpu,
         "ratios": {
@@ -457,6 +463,8 @@ fn main() {
             "aggregates_vs_plain_insert_before_carriers_cpu": min(&insert_cpu["full_before"]) / min(&insert_cpu["plain"]),
             "aggregates_vs_plain_insert_before_carriers": min(&inserts["full_before"]) / plain_b,
             "carrier_columns_vs_plain_insert": min(&inserts["plain_carriers"]) / plain_b,
+            "aggregates_vs_plain_insert_006_views": min(&inserts["full_006"]) / plain_b,
+            "aggregates_vs_plain_insert_006_views_cpu": min(&insert_cpu["full_006"]) / min(&insert_cpu["plain"]),
         },
         "events_per_s": { "first_pass": e.events as f64 / first_b, "replay": e.events as f64 / replay_b },
         // Where the 2 cores go: CPU seconds of the best raw consume and of the best first pass.

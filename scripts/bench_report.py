@@ -54,6 +54,10 @@ if "aggregates_vs_plain_insert_cpu" in r:
     rows.append(("… the same inserts' ClickHouse work: the server's CPU seconds (user + system, /proc), best round",
                  f"{best(cpu['full']):.2f} s vs {best(cpu['plain']):.2f} s",
                  f"{r['aggregates_vs_plain_insert_cpu']:.2f}×", "≤ 1.5×", ok(r["aggregates_vs_plain_insert_cpu"] <= 1.5)))
+    if "aggregates_vs_plain_insert_006_views_cpu" in r:
+        rows.append(("… … with schema 006's views (before 007: every inserted row array-joined), CPU seconds",
+                     f"{best(cpu['full_006']):.2f} s vs {best(cpu['plain']):.2f} s",
+                     f"{r['aggregates_vs_plain_insert_006_views_cpu']:.2f}×", "(before)", "—"))
     rows.append(("… … the schema before carrier rows, CPU seconds",
                  f"{best(cpu['full_before']):.2f} s vs {best(cpu['plain']):.2f} s",
                  f"{r['aggregates_vs_plain_insert_before_carriers_cpu']:.2f}×", "(before)", "—"))
@@ -61,6 +65,10 @@ if "aggregates_vs_plain_insert_before_carriers" in r:
     rows.append(("… the schema before carrier rows (views over every event's meters), same rows, same run",
                  f"{best(ing['insert_full_before_carriers_s']):.2f} s vs {plain:.2f} s",
                  f"{r['aggregates_vs_plain_insert_before_carriers']:.2f}×", "(before)", "—"))
+    if "aggregates_vs_plain_insert_006_views" in r:
+        rows.append(("… with schema 006's views (before 007), same rows, same run",
+                     f"{best(ing['insert_full_006_views_s']):.2f} s vs {plain:.2f} s",
+                     f"{r['aggregates_vs_plain_insert_006_views']:.2f}×", "(before)", "—"))
     rows.append(("… of which the carrier columns alone (plain insert with them)",
                  f"{best(ing['insert_plain_with_carrier_columns_s']):.2f} s vs {plain:.2f} s",
                  f"{r['carrier_columns_vs_plain_insert']:.2f}×", "(part)", "—"))
