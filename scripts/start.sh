@@ -9,9 +9,31 @@ kafka_up() { "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/n
 
 # --- ClickHouse --------------------------------------------------------------------------------
 CH="$STATE/clickhouse"
+# The server's data (parts and metadata) lives in memory, on /dev/shm, by default: on a disk
+# whose ext4 has no journal (this development machine's), the kernel scans recently deleted
+# inodes for every file it creates, and that was half of the server's CPU on an insert
+# (docs/services.md, "ClickHouse's data directory"). Like tansu's memory storage, it lasts until
+# the machine restarts. TALLYDEV_CH_DATA_DIR puts it elsewhere (e.g. "$CH/data", on disk).
+# Each checkout has its own directory there, which names the checkout: one whose checkout is gone
+# (a removed CI clone) and whose server is stopped is removed, so memory is not left behind.
+if [[ -z ${TALLYDEV_CH_DATA_DIR:-} && -d /dev/shm && -w /dev/shm ]]; then
+  for d in /dev/shm/tally-*/; do
+    [[ -f $d/checkout ]] || continue
+    owner=$(cat "$d/checkout")
+    if [[ ! -d $owner ]] && ! pgrep -f -- "config-file=$owner/" >/dev/null; then
+      log "removing $d (its checkout $owner is gone)"
+      rm -rf "$d"
+    fi
+  done
+  SHM="/dev/shm/tally-$(printf %s "$ROOT" | sha256sum | cut -c1-12)"
+  mkdir -p "$SHM" && printf %s "$ROOT" >"$SHM/checkout"
+  CH_DATA="$SHM/clickhouse"
+else
+  CH_DATA="${TALLYDEV_CH_DATA_DIR:-$CH/data}"
+fi
 if ! ch_up >/dev/null 2>&1; then
-  mkdir -p "$CH/data" "$CH/tmp" "$CH/user_files" "$CH/format_schemas" "$CH/log"
-  sed -e "s|/var/lib/clickhouse/|$CH/data/|g; s|$CH/data/tmp/|$CH/tmp/|; s|$CH/data/user_files/|$CH/user_files/|; s|$CH/data/format_schemas/|$CH/format_schemas/|" \
+  mkdir -p "$CH_DATA" "$CH/tmp" "$CH/user_files" "$CH/format_schemas" "$CH/log"
+  sed -e "s|/var/lib/clickhouse/|$CH_DATA/|g; s|$CH_DATA/tmp/|$CH/tmp/|; s|$CH_DATA/user_files/|$CH/user_files/|; s|$CH_DATA/format_schemas/|$CH/format_schemas/|" \
       -e "s|/var/log/clickhouse-server/|$CH/log/|g" \
       -e "s|<http_port>8123</http_port>|<http_port>$CH_HTTP_PORT</http_port>|" \
       -e "s|<tcp_port>9000</tcp_port>|<tcp_port>$CH_TCP_PORT</tcp_port>|" \
@@ -21,7 +43,7 @@ if ! ch_up >/dev/null 2>&1; then
       -e "s|<keep_alive_timeout>3</keep_alive_timeout>|<keep_alive_timeout>30</keep_alive_timeout>|" \
       /etc/clickhouse-server/config.xml > "$CH/config.xml"
   cp /etc/clickhouse-server/users.xml "$CH/users.xml"
-  log "starting clickhouse-server (data in $CH)"
+  log "starting clickhouse-server (config in $CH, data in $CH_DATA)"
   # Its allocator (jemalloc), configured as ClickHouse's own builds configure it
   # (contrib/jemalloc-cmake/CMakeLists.txt: per-CPU arenas, no separate arena that returns large
   # allocations to the kernel at once, freed pages kept 5 s) and without transparent huge pages,

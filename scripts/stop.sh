@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stops the services that start.sh started. Data of ClickHouse stays in .local/ (tansu is in-memory).
+# Stops the services that start.sh started. ClickHouse's data stays where start.sh put it (in memory
+# on /dev/shm by default, until the machine restarts; tansu is in-memory).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # stop NAME PIDFILE PATTERN: the recorded pid and anything matching PATTERN (clickhouse-server
 # runs a watchdog parent and the server as its child).
