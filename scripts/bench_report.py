@@ -85,6 +85,10 @@ for c in core:
                  f"{c['yardstick_events_per_s'] / 1e6:.2f} M events/s yardstick",
                  f"{c['core_vs_yardstick']:.2f}×", "≥ 1.0×", ok(c["core_vs_yardstick"] >= 1.0)))
 
+# Where the server kept its data (scripts/bench.sh passes it; docs/services.md, "ClickHouse's data
+# directory"): the same inserts cost far more on this machine's journal-less ext4 disk.
+ch_data = os.environ.get("BENCH_CH_DATA", "not recorded")
+
 md = [
     "# Benchmarks",
     "",
@@ -92,6 +96,8 @@ md = [
     f"{os.cpu_count()} cores; ClickHouse 18.16 and tansu on the same machine). Every ratio compares two "
     "figures measured in the same run (this machine's absolute timings vary by ±40 % between runs); "
     "times are the best of the rounds. Totals are checked against the generator after every pass.",
+    "",
+    f"ClickHouse's data directory: {ch_data}.",
     "",
     f"Data: {ing['events']:,} generated events in {ing['messages']:,} messages, {ing['accepted']:,} accepted "
     f"({ing['rows']:,} narrow rows); produced in {ing['produce_s']:.1f} s.",

@@ -197,7 +197,8 @@ def check_move_whole(q, s):
 
 
 def check_carriers(q, s, h):
-    """Carrier rows (schemas/006_carriers.sql, src/sink/carrier.rs): a row with agg_additive 0 and
+    """Carrier rows (schemas/006_carriers.sql, the views' filters of 007_carrier_filters.sql,
+    src/sink/carrier.rs): a row with agg_additive 0 and
     empty arrays counts nothing, a carrier counts its entries (the first agg_additive as sums, the
     rest as unique pairs), and a row written without carriers (-1, the default) counts its own
     meters, in the hourly sums and in the hourly and daily sketches. (The carrier's entries differ

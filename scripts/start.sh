@@ -10,26 +10,46 @@ kafka_up() { "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/n
 # --- ClickHouse --------------------------------------------------------------------------------
 CH="$STATE/clickhouse"
 # The server's data (parts and metadata) lives in memory, on /dev/shm, by default: on a disk
-# whose ext4 has no journal (this development machine's), the kernel scans recently deleted
+# whose ext4 has no journal (this development machine's), the kernel checks recently deleted
 # inodes for every file it creates, and that was half of the server's CPU on an insert
 # (docs/services.md, "ClickHouse's data directory"). Like tansu's memory storage, it lasts until
 # the machine restarts. TALLYDEV_CH_DATA_DIR puts it elsewhere (e.g. "$CH/data", on disk).
-# Each checkout has its own directory there, which names the checkout: one whose checkout is gone
-# (a removed CI clone) and whose server is stopped is removed, so memory is not left behind.
-if [[ -z ${TALLYDEV_CH_DATA_DIR:-} && -d /dev/shm && -w /dev/shm ]]; then
+# The choice is recorded in $CH/data_dir when the server starts, and kept by every later start
+# (the tests stop and restart the server) until TALLYDEV_CH_DATA_DIR names another.
+# Each state directory has its own directory on /dev/shm, which names the state directory: one
+# whose state directory is gone (a removed CI clone) and whose server is stopped is removed, so
+# memory is not left behind.
+# running_with TEXT: some process's command line holds TEXT (a fixed string, not a pattern).
+running_with() { grep -qsF -- "$1" /proc/[0-9]*/cmdline; }
+if [[ -d /dev/shm && -w /dev/shm ]]; then
   for d in /dev/shm/tally-*/; do
-    [[ -f $d/checkout ]] || continue
-    owner=$(cat "$d/checkout")
-    if [[ ! -d $owner ]] && ! pgrep -f -- "config-file=$owner/" >/dev/null; then
-      log "removing $d (its checkout $owner is gone)"
+    [[ -s $d/state ]] || continue
+    owner=$(cat "$d/state")
+    if [[ ! -d $owner ]] && ! running_with "config-file=$owner/clickhouse/config.xml"; then
+      log "removing $d (its state directory $owner is gone)"
       rm -rf "$d"
     fi
   done
-  SHM="/dev/shm/tally-$(printf %s "$ROOT" | sha256sum | cut -c1-12)"
-  mkdir -p "$SHM" && printf %s "$ROOT" >"$SHM/checkout"
+fi
+if [[ -n ${TALLYDEV_CH_DATA_DIR:-} ]]; then
+  CH_DATA="${TALLYDEV_CH_DATA_DIR%/}"
+elif [[ -s $CH/data_dir ]]; then
+  CH_DATA=$(cat "$CH/data_dir")
+elif [[ -f $CH/config.xml ]] && ch_up >/dev/null 2>&1; then
+  # A server started before the choice was recorded: keep the data directory it runs on.
+  CH_DATA=$(sed -n 's|^ *<path>\(.*\)/</path>.*|\1|p' "$CH/config.xml" | head -1)
+elif [[ -d /dev/shm && -w /dev/shm ]]; then
+  SHM="/dev/shm/tally-$(printf %s "$STATE" | sha256sum | cut -c1-12)"
+  mkdir -p "$SHM" && printf %s "$STATE" >"$SHM/state"
   CH_DATA="$SHM/clickhouse"
 else
-  CH_DATA="${TALLYDEV_CH_DATA_DIR:-$CH/data}"
+  CH_DATA="$CH/data"
+fi
+mkdir -p "$CH"
+printf %s "$CH_DATA" >"$CH/data_dir"
+if [[ $CH_DATA == /dev/shm/tally-*/clickhouse ]]; then
+  # Named again on every start: after a restart of the machine the directory is made anew.
+  mkdir -p "${CH_DATA%/clickhouse}" && printf %s "$STATE" >"${CH_DATA%/clickhouse}/state"
 fi
 if ! ch_up >/dev/null 2>&1; then
   mkdir -p "$CH_DATA" "$CH/tmp" "$CH/user_files" "$CH/format_schemas" "$CH/log"
@@ -59,8 +79,22 @@ if ! ch_up >/dev/null 2>&1; then
   echo $! >"$CH/pid"
   wait_for clickhouse 60 ch_up
 fi
-# Whatever server answers must be usable (a server left running by another checkout whose data
-# directory is gone answers pings but fails every DDL).
+# Whatever server answers must be this state directory's (a server left running by a removed
+# checkout keeps its data in memory and would answer every query; one started elsewhere would be
+# killed and restarted by the tests through this directory's pid file), and usable.
+ch_data_path() {
+  python3 - "$CH_HTTP_PORT" <<'PY'
+import sys, urllib.request
+q = b"SELECT data_path FROM system.databases WHERE name = 'system'"
+url = f"http://127.0.0.1:{sys.argv[1]}/"
+print(urllib.request.urlopen(urllib.request.Request(url, data=q), timeout=10).read().decode().strip())
+PY
+}
+served=$(ch_data_path 2>/dev/null || true)
+if [[ -n $served && $served != "$CH_DATA/data/system/" ]]; then
+  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT keeps its data in ${served%/data/system/}, not in $CH_DATA (this state directory's, $CH/data_dir): stop it, or set TALLYDEV_CH_HTTP_PORT and TALLYDEV_CH_TCP_PORT"
+  exit 1
+fi
 ch_usable() {
   python3 - "$CH_HTTP_PORT" <<'PY'
 import sys, urllib.request

@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/start.sh
+# The databases of earlier test runs (it_*: each test's own, kept for inspection until the next
+# run) are dropped, so that ClickHouse's data, in memory by default (docs/services.md), does not
+# grow run after run.
+source scripts/lib.sh
+for db in $(clickhouse-client --port "$CH_TCP_PORT" -q "SELECT name FROM system.databases WHERE startsWith(name, 'it_')"); do
+  clickhouse-client --port "$CH_TCP_PORT" -q "DROP DATABASE IF EXISTS $db"
+done
 cargo test --release --locked --no-run
 # The fuzz targets build meanwhile at the lowest CPU priority: they take the cores the tests
 # leave idle while they wait on ClickHouse, the broker and their own timeouts. Their own session
