@@ -35,6 +35,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
+    // As the binaries run (no transparent huge pages): the core measured the same either way.
+    tally::disable_transparent_huge_pages();
     let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
     let keys = DevKeys::generate(10, 6, "https://issuer.bench", "tally-ingest");
     keys.write(&dir).unwrap();

@@ -30,6 +30,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    tally::disable_transparent_huge_pages();
     tally::init_logging("info");
     let cli = Cli::parse();
     match cli.command {

@@ -137,6 +137,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    tally::disable_transparent_huge_pages();
     tally::init_logging("info");
     let cli = Cli::parse();
     let cfg = IngestConfig::load(cli.config.as_deref(), std::env::vars()).context("failed to load config")?;

@@ -155,6 +155,7 @@ enum Command {
 }
 
 fn main() {
+    tally::disable_transparent_huge_pages();
     tally::init_logging("warn");
     let code = match run(Cli::parse()) {
         Ok(code) => code,
