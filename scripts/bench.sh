@@ -22,7 +22,7 @@ CH_DATA_DIR=$(cat "$STATE/clickhouse/data_dir" 2>/dev/null || echo unknown)
 CH_FS=$(stat -f -c %T "$CH_DATA_DIR" 2>/dev/null || echo unknown)
 case $CH_FS in
   tmpfs) CH_NOTE="in memory (tmpfs); on this machine's disk, ext4 without a journal, the kernel's inode allocation for each part's files was half of the server's CPU on inserts and the aggregates cost far more (docs/measurements.md, \"The views skip counted rows\")" ;;
-  *) CH_NOTE="on a $CH_FS filesystem" ;;
+  *) CH_NOTE="on disk (\`stat -f\` names its filesystem $CH_FS)" ;;
 esac
 BENCH_CH_DATA="\`$CH_DATA_DIR\`, $CH_NOTE" "$PY" "$ROOT/scripts/bench_report.py" target/bench docs/benchmarks.md docs/benchmarks.png
 log "wrote docs/benchmarks.md and docs/benchmarks.png"

@@ -14,7 +14,7 @@ CH="$STATE/clickhouse"
 # inodes for every file it creates, and that was half of the server's CPU on an insert
 # (docs/services.md, "ClickHouse's data directory"). Like tansu's memory storage, it lasts until
 # the machine restarts. TALLYDEV_CH_DATA_DIR puts it elsewhere (e.g. "$CH/data", on disk).
-# The choice is recorded in $CH/data_dir when the server starts, and kept by every later start
+# The choice is recorded in $CH/data_dir when a server starts on it, and kept by every later start
 # (the tests stop and restart the server) until TALLYDEV_CH_DATA_DIR names another.
 # Each state directory has its own directory on /dev/shm, which names the state directory: one
 # whose state directory is gone (a removed CI clone) and whose server is stopped is removed, so
@@ -23,21 +23,25 @@ CH="$STATE/clickhouse"
 running_with() { grep -qsF -- "$1" /proc/[0-9]*/cmdline; }
 if [[ -d /dev/shm && -w /dev/shm ]]; then
   for d in /dev/shm/tally-*/; do
-    [[ -s $d/state ]] || continue
+    # Only this user's (/dev/shm is shared: another user's state directory may be unreadable).
+    [[ -O $d && -s $d/state ]] || continue
     owner=$(cat "$d/state")
     if [[ ! -d $owner ]] && ! running_with "config-file=$owner/clickhouse/config.xml"; then
       log "removing $d (its state directory $owner is gone)"
-      rm -rf "$d"
+      rm -rf "$d" || log "could not remove $d"
     fi
   done
 fi
+record_data_dir=false
 if [[ -n ${TALLYDEV_CH_DATA_DIR:-} ]]; then
   CH_DATA="${TALLYDEV_CH_DATA_DIR%/}"
+  [[ $CH_DATA == /* ]] || CH_DATA="$PWD/$CH_DATA"
 elif [[ -s $CH/data_dir ]]; then
   CH_DATA=$(cat "$CH/data_dir")
 elif [[ -f $CH/config.xml ]] && ch_up >/dev/null 2>&1; then
   # A server started before the choice was recorded: keep the data directory it runs on.
   CH_DATA=$(sed -n 's|^ *<path>\(.*\)/</path>.*|\1|p' "$CH/config.xml" | head -1)
+  record_data_dir=true
 elif [[ -d /dev/shm && -w /dev/shm ]]; then
   SHM="/dev/shm/tally-$(printf %s "$STATE" | sha256sum | cut -c1-12)"
   mkdir -p "$SHM" && printf %s "$STATE" >"$SHM/state"
@@ -46,12 +50,14 @@ else
   CH_DATA="$CH/data"
 fi
 mkdir -p "$CH"
-printf %s "$CH_DATA" >"$CH/data_dir"
+if [[ $record_data_dir == true ]]; then printf %s "$CH_DATA" >"$CH/data_dir"; fi
 if [[ $CH_DATA == /dev/shm/tally-*/clickhouse ]]; then
   # Named again on every start: after a restart of the machine the directory is made anew.
   mkdir -p "${CH_DATA%/clickhouse}" && printf %s "$STATE" >"${CH_DATA%/clickhouse}/state"
 fi
 if ! ch_up >/dev/null 2>&1; then
+  # Recorded only when a server starts on it (a running server keeps the directory it has).
+  printf %s "$CH_DATA" >"$CH/data_dir"
   mkdir -p "$CH_DATA" "$CH/tmp" "$CH/user_files" "$CH/format_schemas" "$CH/log"
   sed -e "s|/var/lib/clickhouse/|$CH_DATA/|g; s|$CH_DATA/tmp/|$CH/tmp/|; s|$CH_DATA/user_files/|$CH/user_files/|; s|$CH_DATA/format_schemas/|$CH/format_schemas/|" \
       -e "s|/var/log/clickhouse-server/|$CH/log/|g" \
@@ -92,7 +98,7 @@ PY
 }
 served=$(ch_data_path 2>/dev/null || true)
 if [[ -n $served && $served != "$CH_DATA/data/system/" ]]; then
-  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT keeps its data in ${served%/data/system/}, not in $CH_DATA (this state directory's, $CH/data_dir): stop it, or set TALLYDEV_CH_HTTP_PORT and TALLYDEV_CH_TCP_PORT"
+  log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT keeps its data in ${served%/data/system/}, not in $CH_DATA, the one chosen for $STATE: stop it (scripts/stop.sh, if it is this state directory's server), or set TALLYDEV_CH_HTTP_PORT and TALLYDEV_CH_TCP_PORT"
   exit 1
 fi
 ch_usable() {

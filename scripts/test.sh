@@ -8,9 +8,18 @@ scripts/start.sh
 # run) are dropped, so that ClickHouse's data, in memory by default (docs/services.md), does not
 # grow run after run.
 source scripts/lib.sh
-for db in $(clickhouse-client --port "$CH_TCP_PORT" -q "SELECT name FROM system.databases WHERE startsWith(name, 'it_')"); do
-  clickhouse-client --port "$CH_TCP_PORT" -q "DROP DATABASE IF EXISTS $db"
-done
+# A database is named it_<test>_<pid>_<stamp>: one whose process still runs (a benchmark, another
+# test run) is left alone.
+if dbs=$(clickhouse-client --port "$CH_TCP_PORT" -q "SELECT name FROM system.databases WHERE startsWith(name, 'it_')"); then
+  for db in $dbs; do
+    pid=${db%_*}
+    pid=${pid##*_}
+    [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]] && continue
+    clickhouse-client --port "$CH_TCP_PORT" -q "DROP DATABASE IF EXISTS \`$db\`" || log "could not drop $db"
+  done
+else
+  log "could not list the databases of earlier test runs; left as they are"
+fi
 cargo test --release --locked --no-run
 # The fuzz targets build meanwhile at the lowest CPU priority: they take the cores the tests
 # leave idle while they wait on ClickHouse, the broker and their own timeouts. Their own session

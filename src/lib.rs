@@ -42,7 +42,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Bloom filter and 4 MiB of recent keys per partition, new at every assignment) and its batch
 /// buffers. `perf record -g -p <worker>` during a bench pass put 47 % of the worker's samples in
 /// the kernel zeroing those pages (`clear_page_erms` under `do_huge_pmd_wp_page` and
-/// `do_huge_pmd_anonymous_page`); with huge pages off, a first pass of 1 M events used 2.36–2.89
+/// `do_huge_pmd_anonymous_page`); with huge pages off, a first pass of 1 M events used 2.36–2.91
 /// CPU seconds of worker instead of 3.30–3.86 (docs/measurements.md, "Huge pages"). The core's
 /// speed, a long-lived process's, did not change measurably either way.
 ///
@@ -55,7 +55,15 @@ pub fn disable_transparent_huge_pages() -> bool {
     {
         // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and changes a flag
         // of this process's memory map; no memory is passed to the kernel.
-        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_THP_DISABLE,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) == 0
+        }
     }
     #[cfg(not(target_os = "linux"))]
     false
@@ -84,6 +92,7 @@ mod tests {
         }
         assert!(super::disable_transparent_huge_pages());
         // SAFETY: PR_GET_THP_DISABLE takes no pointers.
-        assert_eq!(unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) }, 1);
+        let zero: libc::c_ulong = 0;
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, zero, zero, zero, zero) }, 1);
     }
 }
