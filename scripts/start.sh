@@ -43,16 +43,14 @@ elif [[ -f $CH/config.xml ]] && ch_up >/dev/null 2>&1; then
   CH_DATA=$(sed -n 's|^ *<path>\(.*\)/</path>.*|\1|p' "$CH/config.xml" | head -1)
   record_data_dir=true
 elif [[ -d /dev/shm && -w /dev/shm ]]; then
-  SHM="/dev/shm/tally-$(printf %s "$STATE" | sha256sum | cut -c1-12)"
-  mkdir -p "$SHM" && printf %s "$STATE" >"$SHM/state"
-  CH_DATA="$SHM/clickhouse"
+  CH_DATA="/dev/shm/tally-$(printf %s "$STATE" | sha256sum | cut -c1-12)/clickhouse"
 else
   CH_DATA="$CH/data"
 fi
 mkdir -p "$CH"
 if [[ $record_data_dir == true ]]; then printf %s "$CH_DATA" >"$CH/data_dir"; fi
 if [[ $CH_DATA == /dev/shm/tally-*/clickhouse ]]; then
-  # Named again on every start: after a restart of the machine the directory is made anew.
+  # Named on every start: after a restart of the machine the directory is made anew.
   mkdir -p "${CH_DATA%/clickhouse}" && printf %s "$STATE" >"${CH_DATA%/clickhouse}/state"
 fi
 if ! ch_up >/dev/null 2>&1; then
@@ -85,34 +83,27 @@ if ! ch_up >/dev/null 2>&1; then
   echo $! >"$CH/pid"
   wait_for clickhouse 60 ch_up
 fi
+# ch_query SQL: runs SQL on the server, prints the answer; on an error, its message and exit 1.
+ch_query() {
+  python3 - "$CH_HTTP_PORT" "$1" <<'PY'
+import sys, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/"
+try:
+    print(urllib.request.urlopen(urllib.request.Request(url, data=sys.argv[2].encode()), timeout=10).read().decode().strip())
+except Exception as e:
+    body = getattr(e, "read", lambda: b"")().decode(errors="replace")[:300]
+    sys.exit(f"{e} {body}")
+PY
+}
 # Whatever server answers must be this state directory's (a server left running by a removed
 # checkout keeps its data in memory and would answer every query; one started elsewhere would be
 # killed and restarted by the tests through this directory's pid file), and usable.
-ch_data_path() {
-  python3 - "$CH_HTTP_PORT" <<'PY'
-import sys, urllib.request
-q = b"SELECT data_path FROM system.databases WHERE name = 'system'"
-url = f"http://127.0.0.1:{sys.argv[1]}/"
-print(urllib.request.urlopen(urllib.request.Request(url, data=q), timeout=10).read().decode().strip())
-PY
-}
-served=$(ch_data_path 2>/dev/null || true)
+served=$(ch_query "SELECT data_path FROM system.databases WHERE name = 'system'" 2>/dev/null || true)
 if [[ -n $served && $served != "$CH_DATA/data/system/" ]]; then
   log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT keeps its data in ${served%/data/system/}, not in $CH_DATA, the one chosen for $STATE: stop it (scripts/stop.sh, if it is this state directory's server), or set TALLYDEV_CH_HTTP_PORT and TALLYDEV_CH_TCP_PORT"
   exit 1
 fi
-ch_usable() {
-  python3 - "$CH_HTTP_PORT" <<'PY'
-import sys, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/"
-for q in ("CREATE DATABASE IF NOT EXISTS _tally_probe", "DROP DATABASE IF EXISTS _tally_probe"):
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, data=q.encode()), timeout=10).read()
-    except Exception as e:
-        body = getattr(e, "read", lambda: b"")().decode(errors="replace")[:300]
-        sys.exit(f"{e} {body}")
-PY
-}
+ch_usable() { ch_query "CREATE DATABASE IF NOT EXISTS _tally_probe" >/dev/null && ch_query "DROP DATABASE IF EXISTS _tally_probe" >/dev/null; }
 if ! ch_usable; then
   log "the ClickHouse server on 127.0.0.1:$CH_HTTP_PORT does not work (see above); stop it or set TALLYDEV_CH_HTTP_PORT"
   exit 1
