@@ -360,15 +360,37 @@ fn ids_with_one_xxh3_digest_are_two_events() {
 /// carrier adds its entries (sums first, then unique pairs; sums only; pairs only, with
 /// `agg_additive` 0), and a row written without carrier columns adds its own meters. The carriers'
 /// entries differ from their rows' own meters on purpose, so the test tells which the views read.
-/// `scripts/check_chdb.py` checks the same rows on current ClickHouse.
+/// The same rows go through a database at 006 first (one hour), then, after the upgrade to 007,
+/// again (the next hour): 006's views add the same, the upgrade keeps what they added, and 007's
+/// views add the next hour's alike. `scripts/check_chdb.py` checks the same rows on current
+/// ClickHouse.
 #[test]
 fn the_views_add_what_each_kind_of_row_bills() {
+    use tally::sink::schema::{self, StopIngestion};
     let w = World::new("viewrows");
-    let hour = 1_796_097_600;
+    let all = schema::load(None).unwrap();
+    let at_006: Vec<_> = all.iter().filter(|(n, _)| n.as_str() < "007").cloned().collect();
+    let db = w.rows("SELECT currentDatabase()")[0][0].clone();
+    w.ch.execute(&format!("DROP DATABASE {db}"), false).unwrap();
+    assert_eq!(schema::migrate(&w.ch, &at_006, StopIngestion::Apply).unwrap().len(), at_006.len());
+    assert_eq!(schema::missing(&w.ch).unwrap(), ["007_carrier_filters.sql"]);
+    let first = 1_796_097_600;
+    let second = first + 3600;
+    insert_each_kind_of_row(&w, first);
+    assert_each_kind_of_row_billed(&w, &[first]);
+    let applied = schema::migrate(&w.ch, &all, StopIngestion::Apply).unwrap();
+    assert_eq!(applied, ["007_carrier_filters.sql"]);
+    assert_each_kind_of_row_billed(&w, &[first]);
+    insert_each_kind_of_row(&w, second);
+    assert_each_kind_of_row_billed(&w, &[first, second]);
+}
+
+/// Inserts, for `hour`, each kind of row that [`the_views_add_what_each_kind_of_row_bills`] checks.
+fn insert_each_kind_of_row(w: &World, hour: u32) {
     let cols = "org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, unique_meters, \
                 unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at";
     let row = |project: &str, id: &str, meters: &str, unique: &str, carrier: &str| {
-        format!("('o', '{project}', '{id}', 't', {hour}, {hour}, 1, {meters}, {unique}, 'topic', 0, 0, -1, {hour}{carrier})")
+        format!("('o', '{project}', '{id}-{hour}', 't', {hour}, {hour}, 1, {meters}, {unique}, 'topic', 0, 0, -1, {hour}{carrier})")
     };
     let counted = ", 0, [], []";
     let insert = |carrier_columns: bool, rows: &[String]| {
@@ -407,24 +429,29 @@ fn the_views_add_what_each_kind_of_row_bills() {
             ),
         ],
     );
-    let key = |p: &str, m: &str| ("o".to_string(), p.to_string(), m.to_string(), hour);
-    assert_eq!(
-        w.usage_hourly(),
+}
+
+/// The three aggregate tables hold exactly what [`insert_each_kind_of_row`] bills, for each of
+/// `hours` (all within one day).
+fn assert_each_kind_of_row_billed(w: &World, hours: &[u32]) {
+    let key = |p: &str, m: &str, hour: u32| ("o".to_string(), p.to_string(), m.to_string(), i64::from(hour));
+    let sums = hours.iter().flat_map(|&h| {
         [
-            (key("pc", "events"), 31),
-            (key("pc", "input_tokens"), 180),
-            (key("pd", "events"), 5),
-            (key("pd", "input_tokens"), 50),
+            (key("pc", "events", h), 31),
+            (key("pc", "input_tokens", h), 180),
+            (key("pd", "events", h), 5),
+            (key("pd", "input_tokens", h), 50),
         ]
-        .into()
-    );
-    let unique = [(key("pc", "unique_users"), 4), (key("pe", "unique_users"), 2)].into();
-    assert_eq!(w.unique_hourly(), unique);
+    });
+    assert_eq!(w.usage_hourly(), sums.collect());
+    let unique = hours.iter().flat_map(|&h| [(key("pc", "unique_users", h), 4), (key("pe", "unique_users", h), 2)]);
+    assert_eq!(w.unique_hourly(), unique.collect());
     let daily: Vec<Vec<String>> = w.rows(
         "SELECT project_id, meter, toUInt32(day), uniqCombinedMerge(state) FROM usage_unique_daily \
          GROUP BY project_id, meter, day ORDER BY project_id",
     );
-    let day = (hour / 86_400 * 86_400).to_string();
+    // The same unique values every hour: the day's count is one hour's.
+    let day = (hours[0] / 86_400 * 86_400).to_string();
     assert_eq!(daily, [["pc", "unique_users", &day, "4"], ["pe", "unique_users", &day, "2"]]);
 }
 
