@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs scripts/check_chdb.py on chDB (current ClickHouse, in-process), from the project's
-# virtualenv (scripts/venv.sh installs it once).
+# Runs scripts/check_chdb.py on chDB (ClickHouse in-process), next to the 18.16 server of the
+# integration tests: on current ClickHouse (chdb-core 26.9) and on ClickHouse 24.8 (chdb 2.1.1,
+# the line of docker-compose.yml's server), each from its virtualenv (scripts/venv.sh installs
+# them once).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-PYTHON=$("$ROOT/scripts/venv.sh")
-"$PYTHON" "$ROOT/scripts/check_chdb.py"
+for engine in current clickhouse-24.8; do
+  if [ "$engine" = current ]; then PYTHON=$("$ROOT/scripts/venv.sh"); else PYTHON=$("$ROOT/scripts/venv.sh" "$engine"); fi
+  "$PYTHON" "$ROOT/scripts/check_chdb.py"
+done

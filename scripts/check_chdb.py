@@ -91,12 +91,17 @@ def main():
         check_api_queries(q)
         check_mend_queries(q, s, h)
         check_carriers(q, s, h)
-        check_move_settings(q, s)
-        check_move_whole(q, s)
-        check_fill_is_one_block(q, s)
+        if memory_tables_persist(q, s):
+            check_move_settings(q, s)
+            check_move_whole(q, s)
+            check_fill_is_one_block(q, s)
+        else:
+            print("this chDB starts its engine afresh for each query, so a Memory table is empty at the next one: "
+                  "the staging-table checks (move order, whole move, one-block fill) run on the other engines only")
         print("schema OK on chDB: usage_hourly, unique sketches, ledger query, the invoicer's and tally-api's queries and carrier rows verified")
     finally:
-        s.close()
+        # chDB 2.x sessions have no close().
+        getattr(s, "close", lambda: None)()
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -108,6 +113,16 @@ def move_settings():
     pairs = re.findall(r'\("([a-z_]+)",\s*"([0-9.]+)"\)', body)
     assert len(pairs) == 3, pairs
     return ", ".join(f"{k} = {v}" for k, v in pairs)
+
+
+def memory_tables_persist(q, s):
+    """Whether a Memory table keeps its rows from one query of the session to the next: chDB 2.x
+    (ClickHouse 24.8) starts its engine for each query, and a Memory table lives in the engine."""
+    s.query(f"CREATE TABLE {DB}.memory_probe (n UInt8) ENGINE = Memory")
+    s.query(f"INSERT INTO {DB}.memory_probe VALUES (1)")
+    kept = q(f"SELECT count() FROM {DB}.memory_probe") == "1"
+    s.query(f"DROP TABLE {DB}.memory_probe")
+    return kept
 
 
 def check_move_settings(q, s):
@@ -282,7 +297,9 @@ def check_mend_queries(q, s, h):
     rows = lambda sql: [l.split("\t") for l in q(sql).splitlines() if l]
     views = ("usage_hourly_mv", "usage_unique_hourly_mv", "usage_unique_daily_mv")
     for v in views:
-        s.query(f"DETACH TABLE {DB}.{v}")
+        # PERMANENTLY: chDB 2.x (ClickHouse 24.8) starts its engine afresh for each query of a
+        # session, which re-attaches a table detached for the engine's life only.
+        s.query(f"DETACH TABLE {DB}.{v} PERMANENTLY")
     s.query(
         f"INSERT INTO {DB}.events (org_id, project_id, event_id, type, ts, hour, key_hash, meters, meter_values, "
         f"unique_meters, unique_hashes, src_topic, src_partition, src_offset, batch_index, ingested_at) VALUES "

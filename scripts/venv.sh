@@ -5,7 +5,22 @@
 # library that signs the tokens the identity tests verify) and schemathesis (property-based
 # tests of tally-api against its OpenAPI document) and confluent-kafka (an independent Kafka
 # producer, with every compression codec). Prints the interpreter's path.
+#
+# `scripts/venv.sh clickhouse-24.8` instead prints the interpreter of a second virtualenv
+# ($STATE/venv-chdb-24.8) holding only chDB 2.1.1, whose engine is ClickHouse 24.8.4, the line of
+# docker-compose.yml's server: scripts/check-chdb.sh proves the schema on it too.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+if [ "${1:-}" = "clickhouse-24.8" ]; then
+  VENV="$STATE/venv-chdb-24.8"
+  CHDB_24_VERSION="2.1.1"
+  if ! "$VENV/bin/python" -c "import sys, chdb; sys.exit(chdb.__version__ != '$CHDB_24_VERSION')" 2>/dev/null; then
+    log "installing chdb==$CHDB_24_VERSION (ClickHouse 24.8) into $VENV" >&2
+    python3 -m venv "$VENV" >&2
+    "$VENV/bin/pip" install --quiet "chdb==$CHDB_24_VERSION" >&2
+  fi
+  echo "$VENV/bin/python"
+  exit 0
+fi
 VENV="$STATE/venv"
 CHDB_VERSION="26.9.0"
 PYJWT_VERSION="2.10.1"
