@@ -20,6 +20,9 @@ if [ "${1:-}" = "clickhouse-24.8" ]; then
   fi
   echo "$VENV/bin/python"
   exit 0
+elif [ -n "${1:-}" ]; then
+  echo "scripts/venv.sh: unknown argument '$1' (none, or clickhouse-24.8)" >&2
+  exit 2
 fi
 VENV="$STATE/venv"
 CHDB_VERSION="26.9.0"

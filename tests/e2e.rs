@@ -239,10 +239,22 @@ fn a_written_batch_is_committed_at_revocation() {
     let (e, written, committed, committed_at_revocation) = std::thread::scope(|s| {
         let traffic = s.spawn(|| w.generate(&gen));
         let _stop = OnDrop(|| stop.store(true, Ordering::Relaxed));
-        // A batch is written; then a second member joins while the worker gathers the next one.
+        // A batch is written and not yet committed (landed); then a second member joins while the
+        // worker gathers the next one. Rows are read before the committed offsets (which only
+        // grow): rows above them were not committed when they were read. (Waiting for any row
+        // was not enough: a batch whose INSERT finished while nothing new had been fetched is
+        // landed at once, and a revocation after that finds nothing to commit; a CI run of
+        // 2026-12-02 failed so.)
         let t = Instant::now();
-        while w.scalar("SELECT count() FROM events") == 0 {
-            assert!(t.elapsed() < Duration::from_secs(60), "nothing written");
+        loop {
+            let ends = w.rows("SELECT src_partition, max(src_offset) + 1 FROM events GROUP BY src_partition");
+            let committed = tally::admin::committed(&w.kafka).unwrap();
+            let ahead =
+                |r: &Vec<String>| committed.get(&r[0].parse().unwrap()).copied().unwrap_or(-1) < r[1].parse().unwrap();
+            if ends.iter().any(ahead) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no batch written ahead of the committed offsets");
             std::thread::sleep(Duration::from_millis(100));
         }
         let assigned = w.assignments("1");

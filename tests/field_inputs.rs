@@ -360,9 +360,9 @@ fn ids_with_one_xxh3_digest_are_two_events() {
 /// carrier adds its entries (sums first, then unique pairs; sums only; pairs only, with
 /// `agg_additive` 0), and a row written without carrier columns adds its own meters. The carriers'
 /// entries differ from their rows' own meters on purpose, so the test tells which the views read.
-/// The same rows go through a database at 006 first (one hour), then, after the upgrade to 007,
-/// again (the next hour): 006's views add the same, the upgrade keeps what they added, and 007's
-/// views add the next hour's alike. `scripts/check_chdb.py` checks the same rows on current
+/// The same rows go through a database at 006 first (one day), then, after the upgrade to 007,
+/// again (the next day, so that each day's sketch holds one pass only): 006's views add the same,
+/// the upgrade keeps what they added, and 007's views add the next day's alike. `scripts/check_chdb.py` checks the same rows on current
 /// ClickHouse.
 #[test]
 fn the_views_add_what_each_kind_of_row_bills() {
@@ -375,7 +375,7 @@ fn the_views_add_what_each_kind_of_row_bills() {
     assert_eq!(schema::migrate(&w.ch, &at_006, StopIngestion::Apply).unwrap().len(), at_006.len());
     assert_eq!(schema::missing(&w.ch).unwrap(), ["007_carrier_filters.sql"]);
     let first = 1_796_097_600;
-    let second = first + 3600;
+    let second = first + 86_400;
     insert_each_kind_of_row(&w, first);
     assert_each_kind_of_row_billed(&w, &[first]);
     let applied = schema::migrate(&w.ch, &all, StopIngestion::Apply).unwrap();
@@ -432,7 +432,7 @@ fn insert_each_kind_of_row(w: &World, hour: u32) {
 }
 
 /// The three aggregate tables hold exactly what [`insert_each_kind_of_row`] bills, for each of
-/// `hours` (all within one day).
+/// `hours` (each in a day of its own).
 fn assert_each_kind_of_row_billed(w: &World, hours: &[u32]) {
     let key = |p: &str, m: &str, hour: u32| ("o".to_string(), p.to_string(), m.to_string(), i64::from(hour));
     let sums = hours.iter().flat_map(|&h| {
@@ -448,11 +448,14 @@ fn assert_each_kind_of_row_billed(w: &World, hours: &[u32]) {
     assert_eq!(w.unique_hourly(), unique.collect());
     let daily: Vec<Vec<String>> = w.rows(
         "SELECT project_id, meter, toUInt32(day), uniqCombinedMerge(state) FROM usage_unique_daily \
-         GROUP BY project_id, meter, day ORDER BY project_id",
+         GROUP BY project_id, meter, day ORDER BY project_id, day",
     );
-    // The same unique values every hour: the day's count is one hour's.
-    let day = (hours[0] / 86_400 * 86_400).to_string();
-    assert_eq!(daily, [["pc", "unique_users", &day, "4"], ["pe", "unique_users", &day, "2"]]);
+    let days: Vec<String> = hours.iter().map(|h| (h / 86_400 * 86_400).to_string()).collect();
+    let want: Vec<[&str; 4]> = ["pc", "pe"]
+        .into_iter()
+        .flat_map(|p| days.iter().map(move |d| [p, "unique_users", d.as_str(), if p == "pc" { "4" } else { "2" }]))
+        .collect();
+    assert_eq!(daily, want);
 }
 
 /// A mend's correction staged in a Memory table that a server restart emptied is not taken for
