@@ -220,8 +220,8 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 /// A revocation that finds the last batch written but not yet landed commits its offsets
 /// (docs/exactly-once.md, "Commits at revocation"): the partitions' next owner starts after every
 /// row the worker wrote for them, instead of reading the batch again. Long batches (4 s) under a
-/// trickle of traffic keep the worker gathering the next batch for seconds after each INSERT,
-/// when a second member joins; without the commit at revocation, the batch written last is
+/// trickle of traffic keep the worker gathering the next batch for seconds after an INSERT (one
+/// that a fetch overlapped), when a second member joins; without the commit at revocation, the batch written last is
 /// above the committed offset of every partition it held.
 #[test]
 fn a_written_batch_is_committed_at_revocation() {
@@ -240,22 +240,34 @@ fn a_written_batch_is_committed_at_revocation() {
         let traffic = s.spawn(|| w.generate(&gen));
         let _stop = OnDrop(|| stop.store(true, Ordering::Relaxed));
         // A batch is written and not yet committed (landed); then a second member joins while the
-        // worker gathers the next one. Rows are read before the committed offsets (which only
-        // grow): rows above them were not committed when they were read. (Waiting for any row
-        // was not enough: a batch whose INSERT finished while nothing new had been fetched is
-        // landed at once, and a revocation after that finds nothing to commit; a CI run of
-        // 2026-12-02 failed so.)
+        // worker gathers the next one. A batch whose INSERT finished while nothing new had been
+        // fetched is landed at once (`Worker::gather`), and a revocation after that finds nothing
+        // to commit (a CI run of 2026-12-02 failed so, when the member joined on the first row
+        // seen). So: rows above a partition's committed offset (rows read first; committed offsets
+        // only grow), and that offset unchanged half a second later — a batch landed as its INSERT
+        // finished is committed within milliseconds; one still unlanded then is held while the
+        // next batch is gathered, for seconds.
         let t = Instant::now();
         loop {
+            assert!(t.elapsed() < Duration::from_secs(60), "no batch written ahead of the committed offsets");
             let ends = w.rows("SELECT src_partition, max(src_offset) + 1 FROM events GROUP BY src_partition");
-            let committed = tally::admin::committed(&w.kafka).unwrap();
-            let ahead =
-                |r: &Vec<String>| committed.get(&r[0].parse().unwrap()).copied().unwrap_or(-1) < r[1].parse().unwrap();
-            if ends.iter().any(ahead) {
+            let Ok(before) = tally::admin::committed(&w.kafka) else { continue };
+            let committed = |c: &BTreeMap<i32, i64>, p: i32| c.get(&p).copied().unwrap_or(-1);
+            let ahead: Vec<(i32, i64)> = ends
+                .iter()
+                .map(|r| (r[0].parse().unwrap(), r[1].parse::<i64>().unwrap()))
+                .filter(|&(p, end)| committed(&before, p) < end)
+                .map(|(p, _)| (p, committed(&before, p)))
+                .collect();
+            if ahead.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let Ok(after) = tally::admin::committed(&w.kafka) else { continue };
+            if ahead.iter().any(|&(p, c)| committed(&after, p) == c) {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "no batch written ahead of the committed offsets");
-            std::thread::sleep(Duration::from_millis(100));
         }
         let assigned = w.assignments("1");
         s.spawn(|| {
