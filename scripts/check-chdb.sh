@@ -4,7 +4,7 @@
 # the line of docker-compose.yml's server), each from its virtualenv (scripts/venv.sh installs
 # them once).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-for engine in current clickhouse-24.8; do
-  if [ "$engine" = current ]; then PYTHON=$("$ROOT/scripts/venv.sh"); else PYTHON=$("$ROOT/scripts/venv.sh" "$engine"); fi
+for engine in "" clickhouse-24.8; do
+  PYTHON=$("$ROOT/scripts/venv.sh" ${engine:+"$engine"})
   "$PYTHON" "$ROOT/scripts/check_chdb.py"
 done

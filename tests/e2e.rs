@@ -221,8 +221,8 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 /// (docs/exactly-once.md, "Commits at revocation"): the partitions' next owner starts after every
 /// row the worker wrote for them, instead of reading the batch again. Long batches (4 s) under a
 /// trickle of traffic keep the worker gathering the next batch for seconds after an INSERT (one
-/// that a fetch overlapped), when a second member joins; without the commit at revocation, the batch written last is
-/// above the committed offset of every partition it held.
+/// that a fetch overlapped), when a second member joins; without the commit at revocation, the
+/// batch written last is above the committed offset of every partition it held.
 #[test]
 fn a_written_batch_is_committed_at_revocation() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
