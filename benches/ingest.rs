@@ -14,6 +14,8 @@
 //! (`scripts/bench.sh` turns them into `docs/benchmarks.md` and its plot).
 //!
 //! `BENCH_EVENTS` (default 1,000,000) and `BENCH_ROUNDS` (default 2) size a run.
+//! `BENCH_FIRST_ONLY` (set to anything) stops after the rounds' raw consumes and first passes, for
+//! comparing two worker binaries run after run (docs/measurements.md, "librdkafka on mimalloc").
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -330,10 +332,16 @@ fn main() {
              ClickHouse {:.2} s, broker {:.2} s)",
             cpu.consumer, cpu.clickhouse, cpu.broker
         );
+        if std::env::var("BENCH_FIRST_ONLY").is_ok() {
+            continue;
+        }
         let s = ingest(&world, &format!("replay{r}"), 1, &e.end_offsets).secs;
         world.assert_totals(&e);
         replay.push(s);
         println!("tally-ingest, 1 worker, replay: {s:.2} s");
+    }
+    if std::env::var("BENCH_FIRST_ONLY").is_ok() {
+        return;
     }
     reset_store(&world);
     let two_pass = ingest(&world, "two", 2, &e.end_offsets);
