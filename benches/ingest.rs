@@ -341,6 +341,7 @@ fn main() {
         println!("tally-ingest, 1 worker, replay: {s:.2} s");
     }
     if std::env::var("BENCH_FIRST_ONLY").is_ok() {
+        world.delete_topics();
         return;
     }
     reset_store(&world);
@@ -483,6 +484,7 @@ fn main() {
     println!("{}", serde_json::to_string_pretty(&out["ratios"]).unwrap());
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/ingest.json", serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    world.delete_topics();
 }
 
 /// Sends `rate` events/s for 10 s while one worker consumes from the end of the topic (a new

@@ -385,6 +385,23 @@ impl Drop for World {
     }
 }
 
+impl World {
+    /// Deletes this world's topic and dead-letter topic. The development broker keeps every
+    /// record in memory until its topic is deleted: a benchmark's 1 M events hold ~1 GB of it,
+    /// and with a few runs' topics left behind (13 GB measured) the kernel's memory monitor
+    /// (`kdamond`) took a core of this 2-core machine (docs/measurements.md, "librdkafka on
+    /// mimalloc").
+    pub fn delete_topics(&self) {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let names = [self.kafka.topic.as_str(), self.kafka.dlq_topic.as_str()];
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for r in tokio_block_on(admin.delete_topics(&names, &opts)).unwrap() {
+            r.unwrap();
+        }
+    }
+}
+
 pub fn create_topics(names: &[&str]) {
     create_topics_on(&brokers(), names, PARTITIONS)
 }
