@@ -6,6 +6,8 @@
 # in one run, and writes docs/benchmarks.md with a table and docs/benchmarks.png.
 # BENCH_EVENTS (default 1,000,000) and BENCH_ROUNDS (default 2) size the run; ~12 min on 2 cores.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# The report needs every pass (benches/ingest.rs: BENCH_FIRST_ONLY stops after the first passes).
+unset BENCH_FIRST_ONLY
 cd "$ROOT"
 "$ROOT/scripts/start.sh"
 PY="$("$ROOT/scripts/venv.sh")"

@@ -33,7 +33,7 @@ pub mod verify;
 /// With the crate's `override` feature, mimalloc also defines the C `malloc`, `free` and their
 /// kin in each binary, and the linker exports them, so librdkafka (a fetch response buffer, an
 /// op, a message and its parsed headers per record) and libc's own allocations (`strdup`) use it
-/// too: a first pass of 1 M events used ~7 % less worker CPU (docs/measurements.md, "librdkafka
+/// too: a first pass of 1 M events used ~8 % less worker CPU (docs/measurements.md, "librdkafka
 /// on mimalloc").
 #[cfg(feature = "mimalloc")]
 #[global_allocator]

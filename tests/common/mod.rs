@@ -387,8 +387,8 @@ impl Drop for World {
 
 impl World {
     /// Deletes this world's topic and dead-letter topic. The development broker keeps every
-    /// record in memory until its topic is deleted: a benchmark's 1 M events hold ~1 GB of it,
-    /// and with a few runs' topics left behind (13 GB measured) the kernel's memory monitor
+    /// record in memory until its topic is deleted: a benchmark's 1 M events are 818 MB of JSON,
+    /// and with many runs' topics left behind (13 GB measured) the kernel's memory monitor
     /// (`kdamond`) took a core of this 2-core machine (docs/measurements.md, "librdkafka on
     /// mimalloc").
     pub fn delete_topics(&self) {
