@@ -295,6 +295,7 @@ fn main() {
     }
     let events = env_or("BENCH_EVENTS", 1_000_000);
     let rounds = env_or("BENCH_ROUNDS", 2) as usize;
+    let first_only = std::env::var_os("BENCH_FIRST_ONLY").is_some();
     let world = World::tenants("bench", 10, 6);
     let t = Instant::now();
     let e = world.generate(&world.gen_config(events, 7));
@@ -332,7 +333,7 @@ fn main() {
              ClickHouse {:.2} s, broker {:.2} s)",
             cpu.consumer, cpu.clickhouse, cpu.broker
         );
-        if std::env::var("BENCH_FIRST_ONLY").is_ok() {
+        if first_only {
             continue;
         }
         let s = ingest(&world, &format!("replay{r}"), 1, &e.end_offsets).secs;
@@ -340,7 +341,7 @@ fn main() {
         replay.push(s);
         println!("tally-ingest, 1 worker, replay: {s:.2} s");
     }
-    if std::env::var("BENCH_FIRST_ONLY").is_ok() {
+    if first_only {
         world.delete_topics();
         return;
     }

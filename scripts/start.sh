@@ -13,7 +13,8 @@ CH="$STATE/clickhouse"
 # whose ext4 has no journal (this development machine's), the kernel checks recently deleted
 # inodes for every file it creates, and that was half of the server's CPU on an insert
 # (docs/services.md, "ClickHouse's data directory"). It lasts until the machine restarts (tansu's
-# memory storage does not: a broker restart empties it). TALLYDEV_CH_DATA_DIR puts it elsewhere (e.g. "$CH/data", on disk).
+# memory storage does not: a broker restart empties it). TALLYDEV_CH_DATA_DIR puts it elsewhere
+# (e.g. "$CH/data", on disk).
 # The choice is recorded in $CH/data_dir when a server starts on it, and kept by every later start
 # (the tests stop and restart the server) until TALLYDEV_CH_DATA_DIR names another.
 # Each state directory has its own directory on /dev/shm, which names the state directory: one

@@ -106,6 +106,19 @@ impl World {
         World::build(name, &clickhouse_url(), "127.0.0.1:0", 10, 6, brokers, partitions)
     }
 
+    /// Deletes this world's topic and dead-letter topic. The development broker keeps every
+    /// record in memory until its topic is deleted: a benchmark's 1 M events are 818 MB of JSON,
+    /// and with many runs' topics left behind (13 GB measured) the kernel's memory monitor
+    /// (`kdamond`) took a core of this 2-core machine (docs/measurements.md, "librdkafka on
+    /// mimalloc").
+    pub fn delete_topics(&self) {
+        let names = [self.kafka.topic.as_str(), self.kafka.dlq_topic.as_str()];
+        let admin = admin(&self.brokers);
+        for r in tokio_block_on(admin.delete_topics(&names, &admin_options())).unwrap() {
+            r.unwrap();
+        }
+    }
+
     /// A world with `orgs` × `projects_per_org` tenants.
     pub fn tenants(name: &str, orgs: usize, projects_per_org: usize) -> World {
         World::build(name, &clickhouse_url(), "127.0.0.1:0", orgs, projects_per_org, &brokers(), PARTITIONS)
@@ -385,39 +398,27 @@ impl Drop for World {
     }
 }
 
-impl World {
-    /// Deletes this world's topic and dead-letter topic. The development broker keeps every
-    /// record in memory until its topic is deleted: a benchmark's 1 M events are 818 MB of JSON,
-    /// and with many runs' topics left behind (13 GB measured) the kernel's memory monitor
-    /// (`kdamond`) took a core of this 2-core machine (docs/measurements.md, "librdkafka on
-    /// mimalloc").
-    pub fn delete_topics(&self) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
-        let names = [self.kafka.topic.as_str(), self.kafka.dlq_topic.as_str()];
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for r in tokio_block_on(admin.delete_topics(&names, &opts)).unwrap() {
-            r.unwrap();
-        }
-    }
-}
-
 pub fn create_topics(names: &[&str]) {
     create_topics_on(&brokers(), names, PARTITIONS)
 }
 
 /// Creates `names` with `partitions` partitions each on the broker at `brokers`.
 pub fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let topics: Vec<NewTopic> =
         names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
-    let rt = tokio_block_on(
-        admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))),
-    );
-    for r in rt.unwrap() {
+    for r in tokio_block_on(admin(brokers).create_topics(&topics, &admin_options())).unwrap() {
         r.unwrap();
     }
+}
+
+/// An admin client of the broker at `brokers`.
+fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap()
+}
+
+/// Topic creation and deletion wait up to 10 s for the broker.
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
 }
 
 pub fn tokio_block_on<F: std::future::Future>(f: F) -> F::Output {
